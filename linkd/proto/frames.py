@@ -1,0 +1,301 @@
+"""The closed vocabulary of wire frames, and their one encoder/decoder.
+
+Every frame body is one msgpack map whose key ``"t"`` names the type
+(CONTRACT §9). Decoding is strict about what we rely on and lenient about
+what we do not: every field we read is type- and range-checked (a violation
+raises RemoteProtocolError, which closes the session), unknown extra keys are
+ignored so that a later minor version may add fields.
+
+Short keys keep the per-chunk overhead small; docs/PROTOCOL.md is the
+reference for each field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Union
+
+import msgpack
+
+from ..errors import LocalProtocolError, RemoteProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_NAME_BYTES = 255
+MAX_REASON_CHARS = 1000
+MAX_U64 = (1 << 64) - 1
+CHANNEL_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+NODE_RE = re.compile(r"[A-Za-z0-9_.-]{1,253}\Z")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChannelHello:
+    """What one side says about a channel in its hello.
+
+    `max` is the largest message it accepts on the channel; `committed` the
+    highest sequence it has durably delivered from this peer; `resume` the
+    (seq, offset) of a checkpointed partial it can continue; `credit` the
+    initial number of data bytes the peer may send before more is granted.
+    """
+
+    name: str
+    max: int
+    priority: int = 0
+    committed: int = 0
+    resume: tuple[int, int] | None = None
+    credit: int = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Hello:
+    version: int
+    node: str
+    channels: tuple[ChannelHello, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Bye:
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Ping:
+    id: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Pong:
+    id: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Msg:
+    """Start (or, with offset > 0, resume) message `seq` on channel `ch`.
+
+    `rewind` marks the first message sent after a Nack on the channel: the
+    receiver discards every frame of the channel between its Nack and this.
+    """
+
+    ch: str
+    seq: int
+    name: str
+    size: int
+    sha256: bytes
+    offset: int = 0
+    rewind: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Data:
+    ch: str
+    seq: int
+    data: bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Ack:
+    """Cumulative: every message of `ch` with sequence <= `seq` is durable."""
+
+    ch: str
+    seq: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Nack:
+    """Message `seq` of `ch` was not accepted. `retry`: send it again (from
+    a Msg with rewind); otherwise the refusal is final."""
+
+    ch: str
+    seq: int
+    reason: str
+    retry: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Credit:
+    ch: str
+    bytes: int
+
+
+Frame = Union[Hello, Bye, Ping, Pong, Msg, Data, Ack, Nack, Credit]
+
+
+def plain_name_problem(name: str) -> str | None:
+    """None if `name` is one plain path component we would write; else why not."""
+    if not name:
+        return "empty file name"
+    if "/" in name or "\x00" in name:
+        return "file name contains '/' or NUL"
+    if name.startswith("."):
+        return "file name starts with '.'"
+    try:
+        raw = name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "file name is not valid UTF-8"
+    if len(raw) > MAX_NAME_BYTES:
+        return f"file name longer than {MAX_NAME_BYTES} bytes"
+    return None
+
+
+# -- encoding ---------------------------------------------------------------
+
+def _channel_hello(c: ChannelHello) -> dict[str, Any]:
+    return {"n": c.name, "max": c.max, "p": c.priority, "c": c.committed,
+            "r": list(c.resume) if c.resume else None, "cr": c.credit}
+
+
+def frame_to_map(frame: Frame) -> dict[str, Any]:
+    if isinstance(frame, Data):
+        return {"t": "data", "ch": frame.ch, "s": frame.seq, "d": frame.data}
+    if isinstance(frame, Msg):
+        return {"t": "msg", "ch": frame.ch, "s": frame.seq, "n": frame.name, "z": frame.size,
+                "h": frame.sha256, "o": frame.offset, "rw": frame.rewind}
+    if isinstance(frame, Ack):
+        return {"t": "ack", "ch": frame.ch, "s": frame.seq}
+    if isinstance(frame, Credit):
+        return {"t": "credit", "ch": frame.ch, "b": frame.bytes}
+    if isinstance(frame, Nack):
+        return {"t": "nack", "ch": frame.ch, "s": frame.seq, "why": frame.reason,
+                "retry": frame.retry}
+    if isinstance(frame, Ping):
+        return {"t": "ping", "id": frame.id}
+    if isinstance(frame, Pong):
+        return {"t": "pong", "id": frame.id}
+    if isinstance(frame, Hello):
+        return {"t": "hello", "v": frame.version, "node": frame.node,
+                "ch": [_channel_hello(c) for c in frame.channels]}
+    if isinstance(frame, Bye):
+        return {"t": "bye", "why": frame.reason}
+    raise LocalProtocolError(f"not a frame: {frame!r}")
+
+
+def encode_body(frame: Frame) -> bytes:
+    body: bytes = msgpack.packb(frame_to_map(frame), use_bin_type=True)
+    return body
+
+
+# -- decoding ---------------------------------------------------------------
+
+def _get(m: dict[Any, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    if key not in m:
+        raise RemoteProtocolError(f"{what} frame lacks field {key!r}")
+    value = m[key]
+    if isinstance(value, bool) and kind is not bool:
+        raise RemoteProtocolError(f"{what} frame field {key!r} has the wrong type")
+    if not isinstance(value, kind):
+        raise RemoteProtocolError(f"{what} frame field {key!r} has the wrong type")
+    return value
+
+
+def _uint(m: dict[Any, Any], key: str, what: str, low: int = 0, high: int = MAX_U64) -> int:
+    value: int = _get(m, key, int, what)
+    if not low <= value <= high:
+        raise RemoteProtocolError(f"{what} frame field {key!r} out of range: {value}")
+    return value
+
+
+def _channel(m: dict[Any, Any], what: str) -> str:
+    ch: str = _get(m, "ch", str, what)
+    if not CHANNEL_RE.match(ch) or ch in (".", ".."):
+        raise RemoteProtocolError(f"{what} frame names an invalid channel {ch[:80]!r}")
+    return ch
+
+
+def _reason(m: dict[Any, Any], what: str) -> str:
+    reason: str = _get(m, "why", str, what)
+    return reason[:MAX_REASON_CHARS]
+
+
+def _decode_hello(m: dict[Any, Any]) -> Hello:
+    version = _uint(m, "v", "hello", 0, 1 << 32)
+    node: str = _get(m, "node", str, "hello")
+    if not NODE_RE.match(node):
+        raise RemoteProtocolError(f"hello names an invalid node {node[:80]!r}")
+    raw_channels = _get(m, "ch", list, "hello")
+    if len(raw_channels) > 1024:
+        raise RemoteProtocolError("hello lists more than 1024 channels")
+    channels = []
+    seen = set()
+    for item in raw_channels:
+        if not isinstance(item, dict):
+            raise RemoteProtocolError("hello channel entry is not a map")
+        name: str = _get(item, "n", str, "hello channel")
+        if not CHANNEL_RE.match(name) or name in (".", "..") or name in seen:
+            raise RemoteProtocolError(f"hello lists an invalid or repeated channel {name[:80]!r}")
+        seen.add(name)
+        resume_raw = item.get("r")
+        resume: tuple[int, int] | None = None
+        if resume_raw is not None:
+            if (not isinstance(resume_raw, list) or len(resume_raw) != 2
+                    or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_U64
+                               for x in resume_raw)):
+                raise RemoteProtocolError(f"hello channel {name!r} has a malformed resume point")
+            resume = (resume_raw[0], resume_raw[1])
+        priority = item.get("p", 0)
+        if not isinstance(priority, int) or isinstance(priority, bool) or abs(priority) > 1 << 31:
+            raise RemoteProtocolError(f"hello channel {name!r} has a malformed priority")
+        channels.append(ChannelHello(
+            name=name, max=_uint(item, "max", "hello channel"), priority=priority,
+            committed=_uint(item, "c", "hello channel"), resume=resume,
+            credit=_uint(item, "cr", "hello channel")))
+    return Hello(version=version, node=node, channels=tuple(channels))
+
+
+def _decode_msg(m: dict[Any, Any]) -> Msg:
+    name: str = _get(m, "n", str, "msg")
+    problem = plain_name_problem(name)
+    if problem:
+        raise RemoteProtocolError(f"msg names a bad file: {problem}")
+    sha: bytes = _get(m, "h", bytes, "msg")
+    if len(sha) != 32:
+        raise RemoteProtocolError("msg carries a SHA-256 that is not 32 bytes")
+    size = _uint(m, "z", "msg")
+    offset = _uint(m, "o", "msg")
+    if offset > size:
+        raise RemoteProtocolError(f"msg offset {offset} is beyond its size {size}")
+    rewind = m.get("rw", False)
+    if not isinstance(rewind, bool):
+        raise RemoteProtocolError("msg field 'rw' has the wrong type")
+    return Msg(ch=_channel(m, "msg"), seq=_uint(m, "s", "msg", 1), name=name, size=size,
+               sha256=sha, offset=offset, rewind=rewind)
+
+
+def map_to_frame(m: Any) -> Frame:
+    if not isinstance(m, dict):
+        raise RemoteProtocolError("frame body is not a msgpack map")
+    kind = m.get("t")
+    if not isinstance(kind, str):
+        raise RemoteProtocolError("frame has no string type key 't'")
+    if kind == "data":
+        return Data(ch=_channel(m, "data"), seq=_uint(m, "s", "data", 1),
+                    data=_get(m, "d", bytes, "data"))
+    if kind == "msg":
+        return _decode_msg(m)
+    if kind == "ack":
+        return Ack(ch=_channel(m, "ack"), seq=_uint(m, "s", "ack"))
+    if kind == "credit":
+        return Credit(ch=_channel(m, "credit"), bytes=_uint(m, "b", "credit", 0, 1 << 40))
+    if kind == "nack":
+        retry = _get(m, "retry", bool, "nack")
+        return Nack(ch=_channel(m, "nack"), seq=_uint(m, "s", "nack", 1),
+                    reason=_reason(m, "nack"), retry=retry)
+    if kind == "ping":
+        return Ping(id=_uint(m, "id", "ping"))
+    if kind == "pong":
+        return Pong(id=_uint(m, "id", "pong"))
+    if kind == "hello":
+        return _decode_hello(m)
+    if kind == "bye":
+        return Bye(reason=_reason(m, "bye"))
+    raise RemoteProtocolError(f"unknown frame type {kind[:40]!r}")
+
+
+def decode_body(body: bytes, max_bin: int) -> Frame:
+    try:
+        m = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True,
+                            max_bin_len=max_bin, max_str_len=64 * 1024,
+                            max_array_len=4096, max_map_len=64, max_ext_len=0)
+    except (ValueError, TypeError, msgpack.UnpackException, msgpack.ExtraData,
+            RecursionError) as exc:
+        raise RemoteProtocolError(f"frame body is not valid msgpack: {exc}") from None
+    return map_to_frame(m)

@@ -1,0 +1,130 @@
+"""The frame codec: round trips, byte-at-a-time feeding, limits checked before buffering."""
+
+import struct
+
+import msgpack
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from linkd.errors import RemoteProtocolError
+from linkd.proto import frames as F
+from linkd.proto.framing import FrameDecoder, encode_frame
+
+channel_names = st.from_regex(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,20}", fullmatch=True)
+file_names = st.text(st.characters(blacklist_characters="/\x00", blacklist_categories=("Cs",)),
+                     min_size=1, max_size=40).filter(lambda n: not n.startswith("."))
+u64 = st.integers(0, (1 << 64) - 1)
+seqs = st.integers(1, (1 << 64) - 1)
+
+
+@st.composite
+def msgs(draw):
+    size = draw(st.integers(0, 1 << 40))
+    return F.Msg(draw(channel_names), draw(seqs), draw(file_names), size,
+                 draw(st.binary(min_size=32, max_size=32)), draw(st.integers(0, size)),
+                 draw(st.booleans()))
+
+
+hellos = st.builds(
+    F.Hello, st.just(F.PROTOCOL_VERSION), st.from_regex(r"[a-z][a-z0-9.-]{0,20}", fullmatch=True),
+    st.lists(st.builds(F.ChannelHello, channel_names, u64, st.integers(-100, 100), u64,
+                       st.none() | st.tuples(u64, u64), u64),
+             max_size=5, unique_by=lambda c: c.name).map(tuple))
+
+frames = st.one_of(
+    hellos,
+    st.builds(F.Bye, st.text(max_size=100)),
+    st.builds(F.Ping, u64), st.builds(F.Pong, u64),
+    msgs(),
+    st.builds(F.Data, channel_names, seqs, st.binary(max_size=2048)),
+    st.builds(F.Ack, channel_names, u64),
+    st.builds(F.Nack, channel_names, seqs, st.text(max_size=100), st.booleans()),
+    st.builds(F.Credit, channel_names, st.integers(0, 1 << 40)),
+)
+
+
+@given(st.lists(frames, min_size=1, max_size=8))
+def test_frames_round_trip_fed_whole_and_byte_at_a_time(sequence):
+    wire = b"".join(encode_frame(f) for f in sequence)
+    whole = FrameDecoder()
+    whole.feed(wire)
+    assert [whole.next_frame() for _ in sequence] == sequence
+    assert whole.next_frame() is None
+
+    trickle = FrameDecoder()
+    got = []
+    for i in range(len(wire)):
+        trickle.feed(wire[i:i + 1])
+        while (frame := trickle.next_frame()) is not None:
+            got.append(frame)
+    assert got == sequence
+
+
+def test_oversized_length_is_refused_before_the_body_arrives():
+    decoder = FrameDecoder(max_frame=1000)
+    with pytest.raises(RemoteProtocolError, match="over the limit"):
+        decoder.feed(struct.pack(">I", 1001))
+    assert decoder.buffered == 4
+
+
+def test_zero_length_frame_is_a_violation():
+    with pytest.raises(RemoteProtocolError):
+        FrameDecoder().feed(b"\0\0\0\0")
+
+
+def raw(obj) -> bytes:
+    body = msgpack.packb(obj, use_bin_type=True)
+    return struct.pack(">I", len(body)) + body
+
+
+@pytest.mark.parametrize("body,match", [
+    ([1, 2], "not a msgpack map"),
+    ({"x": 1}, "no string type"),
+    ({"t": "warp"}, "unknown frame type"),
+    ({"t": "ack", "ch": "data"}, "lacks field"),
+    ({"t": "ack", "ch": "data", "s": -1}, "out of range"),
+    ({"t": "ack", "ch": "data", "s": True}, "wrong type"),
+    ({"t": "ack", "ch": "../etc", "s": 1}, "invalid channel"),
+    ({"t": "msg", "ch": "d", "s": 1, "n": "../x", "z": 1, "h": b"\0" * 32, "o": 0}, "bad file"),
+    ({"t": "msg", "ch": "d", "s": 1, "n": ".hidden", "z": 1, "h": b"\0" * 32, "o": 0},
+     "bad file"),
+    ({"t": "msg", "ch": "d", "s": 1, "n": "a" * 256, "z": 1, "h": b"\0" * 32, "o": 0},
+     "bad file"),
+    ({"t": "msg", "ch": "d", "s": 1, "n": "ok", "z": 1, "h": b"\0" * 31, "o": 0}, "SHA-256"),
+    ({"t": "msg", "ch": "d", "s": 1, "n": "ok", "z": 1, "h": b"\0" * 32, "o": 2}, "beyond"),
+    ({"t": "msg", "ch": "d", "s": 0, "n": "ok", "z": 1, "h": b"\0" * 32, "o": 0}, "range"),
+    ({"t": "hello", "v": 1, "node": "a/b", "ch": []}, "invalid node"),
+    ({"t": "hello", "v": 1, "node": "a", "ch": [{"n": "x", "max": 1, "c": 0, "cr": 0},
+                                                 {"n": "x", "max": 1, "c": 0, "cr": 0}]},
+     "repeated"),
+])
+def test_malformed_frames_are_protocol_errors(body, match):
+    decoder = FrameDecoder()
+    decoder.feed(raw(body))
+    with pytest.raises(RemoteProtocolError, match=match):
+        decoder.next_frame()
+
+
+def test_garbage_body_is_a_protocol_error():
+    decoder = FrameDecoder()
+    decoder.feed(struct.pack(">I", 3) + b"\xc1\xc1\xc1")
+    with pytest.raises(RemoteProtocolError, match="msgpack"):
+        decoder.next_frame()
+
+
+@given(st.binary(min_size=1, max_size=300))
+def test_arbitrary_bytes_never_crash_the_decoder(blob):
+    decoder = FrameDecoder(max_frame=4096)
+    try:
+        decoder.feed(blob)
+        while decoder.next_frame() is not None:
+            pass
+    except RemoteProtocolError:
+        pass
+
+
+def test_unknown_extra_keys_are_ignored_for_forward_compatibility():
+    decoder = FrameDecoder()
+    decoder.feed(raw({"t": "ack", "ch": "data", "s": 7, "future": [1, 2]}))
+    assert decoder.next_frame() == F.Ack("data", 7)
