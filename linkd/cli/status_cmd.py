@@ -1,0 +1,82 @@
+"""`linkctl status [--json]` and `linkctl metrics`: read the daemon's status socket.
+
+Theory of operation: one synchronous HTTP GET over the UNIX socket (no trio),
+then print. Every way of "no daemon answers" (no socket file, refused,
+timeout, permission denied, garbage reply) becomes exactly one line on stderr
+naming the socket and the likely fix, and exit status 1 — never a traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import http.client
+import json
+import os
+import sys
+from pathlib import Path
+
+from ..status import format_status, http_get
+
+_HINT = "is the daemon running? check `systemctl status linkd`"
+
+
+def _fail(line: str) -> int:
+    print(f"linkctl: {line}", file=sys.stderr)
+    return 1
+
+
+def _get(socket_path: Path, url_path: str) -> bytes | int:
+    """The body of a 200 answer, or 1 after printing the one-line reason."""
+    try:
+        code, body = http_get(socket_path, url_path)
+    except PermissionError:
+        return _fail(f"permission denied on {socket_path} "
+                     f"(run as root or as a member of the linkd group)")
+    except (TimeoutError, http.client.HTTPException, ConnectionResetError) as exc:
+        reason = "no answer in time" if isinstance(exc, TimeoutError) else "no valid answer"
+        return _fail(f"no linkd answers on {socket_path}: {reason} ({_HINT})")
+    except OSError as exc:
+        if exc.errno == errno.EACCES:
+            return _fail(f"permission denied on {socket_path} "
+                         f"(run as root or as a member of the linkd group)")
+        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        return _fail(f"no linkd answers on {socket_path}: {reason} ({_HINT})")
+    if code != 200:
+        first = body.decode("utf-8", "replace").strip().splitlines()[:1]
+        return _fail(f"linkd on {socket_path} answered {url_path} with HTTP {code}"
+                     + (f": {first[0][:200]}" if first else ""))
+    return body
+
+
+def _emit(text: str) -> int:
+    """Print to stdout; a reader that went away (`| head`) is not an error."""
+    try:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return 0
+
+
+def run_status(socket_path: Path, as_json: bool) -> int:
+    """Print the status table (or the /status JSON, pretty, keys as served)."""
+    body = _get(socket_path, "/status")
+    if isinstance(body, int):
+        return body
+    try:
+        doc = json.loads(body)
+        if not isinstance(doc, dict):
+            raise ValueError("not an object")
+    except ValueError:
+        return _fail(f"linkd on {socket_path} sent a /status that is not a JSON object")
+    return _emit(json.dumps(doc, indent=2) if as_json else format_status(doc))
+
+
+def run_metrics(socket_path: Path) -> int:
+    """Print the Prometheus text of /metrics."""
+    body = _get(socket_path, "/metrics")
+    if isinstance(body, int):
+        return body
+    return _emit(body.decode("utf-8", "replace"))
