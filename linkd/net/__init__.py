@@ -1,0 +1,1 @@
+"""trio shells around the protocol core: TLS, connections, reconnection."""

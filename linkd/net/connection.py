@@ -1,0 +1,498 @@
+"""SessionRunner: drives one protocol Session over one trio stream for a PeerLink.
+
+Theory of operation
+-------------------
+Tasks, all in one nursery that dies with the session:
+
+* reader  - bytes from the stream into the Session; inbound message events go
+            to the inbound worker's queue (bounded in bytes by the credit we
+            grant), acks to the ack worker, nacks and credit wake the sender.
+* timer   - sleeps until Session.get_timer() and calls handle_timer (pings,
+            heartbeat death, handshake timeout).
+* inbound - (after the hello) takes every queued event, applies the batch to
+            the spool in one thread hop (begin/write/finish, then one group
+            commit per channel), then acks, grants credit and logs.
+* acks    - (after the hello) resolves acknowledged outbound files in batches.
+* sender  - (after the hello) picks a channel with the Scheduler, sends the
+            next Msg or Data chunk within the credit, flushes, repeats.
+
+All writes to the stream go through `flush()` under one StrictFIFOLock. The
+session counts as up (`link_up`) only after the peer's hello has arrived,
+because a TLS 1.3 client learns of its refusal only on its first read.
+
+Nothing durable is done on a cancelled path: spool work runs in threads that
+are not abandoned, so cancelling the session waits for the batch in hand.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from typing import Any
+
+import trio
+
+from ..proto import frames as F
+from ..proto import session as S
+from ..proto.framing import CHUNK_SIZE
+from ..proto.scheduler import Scheduler
+from ..spool import ChecksumMismatch, Claimed, Completed, InboundRefused
+from ..wakeup import Wakeup
+
+INITIAL_CREDIT = 4 << 20
+MAX_IN_FLIGHT = 1024          # unacknowledged messages per channel
+MAX_ATTEMPTS = 3              # sends of one message that fail its checksum before it is failed
+READ_SIZE = 64 * 1024
+
+
+@dataclasses.dataclass
+class _OutChannel:
+    name: str
+    priority: int
+    next_seq: int = 0                        # send items with seq >= this next
+    in_flight: collections.deque[int] = dataclasses.field(default_factory=collections.deque)
+    current: Claimed | None = None
+    fh: Any = None
+    offset: int = 0
+    resume: tuple[int, int] | None = None
+
+
+class SessionEnded(Exception):
+    pass
+
+
+class SessionRunner:
+    def __init__(self, link: Any, stream: trio.abc.Stream, *, remote: str, dialed_by_us: bool,
+                 tls_info: dict[str, Any] | None, now: float | None = None) -> None:
+        self.link = link
+        self.stream = stream
+        self.remote = remote
+        self.dialed_by_us = dialed_by_us
+        self.tls_info = tls_info
+        self.log = link.log.bind(remote=remote)
+        self.lock = trio.StrictFIFOLock()
+        self.sender_wake = Wakeup()
+        self.inbound_q_send, self.inbound_q = trio.open_memory_channel[Any](math.inf)
+        self.ack_q_send, self.ack_q = trio.open_memory_channel[tuple[str, int]](math.inf)
+        self.nacks: list[S.NackReceived] = []
+        self.out: dict[str, _OutChannel] = {}
+        self.scheduler = Scheduler()
+        self.opened = trio.Event()
+        self.reason: str | None = None
+        self.error = True
+        self.attempts: dict[tuple[str, int], int] = {}
+        self.session: S.Session | None = None
+        self.nursery: trio.Nursery | None = None
+        self.was_open = False
+
+    # -- plumbing -------------------------------------------------------------
+
+    async def flush(self) -> None:
+        assert self.session is not None
+        async with self.lock:
+            data = self.session.data_to_send(trio.current_time())
+            if data:
+                await self.stream.send_all(data)
+
+    def end(self, reason: str, error: bool) -> None:
+        if self.reason is None:
+            self.reason, self.error = reason, error
+        if self.nursery is not None:
+            self.nursery.cancel_scope.cancel()
+
+    def hello_channels(self) -> list[F.ChannelHello]:
+        result = []
+        for name, ch in self.link.channels.items():
+            inbound = self.link.inbound[name]
+            result.append(F.ChannelHello(name=name, max=ch.max_message_bytes,
+                                         priority=ch.priority, committed=inbound.committed,
+                                         resume=inbound.resume_point(), credit=INITIAL_CREDIT))
+        return result
+
+    # -- the run --------------------------------------------------------------
+
+    async def run(self) -> tuple[str, bool]:
+        """Run the session until it ends; return (reason, error). The caller holds the slot."""
+        link = self.link
+        lcfg = link.cfg.link
+        problems = []
+        for name in list(link.channels):
+            problems += await trio.to_thread.run_sync(link.inbound[name].recover)
+        for p in problems:
+            self.log.warning("recovery", problem=p)
+        self.session = S.Session(
+            node=link.cfg.node.name, peer=link.name, channels=self.hello_channels(),
+            now=trio.current_time(), heartbeat_interval=lcfg.heartbeat_interval,
+            heartbeat_timeout=lcfg.heartbeat_timeout, handshake_timeout=lcfg.handshake_timeout)
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                nursery.start_soon(self._reader)
+                nursery.start_soon(self._timer)
+                await self.flush()
+                await self.opened.wait()
+                self._on_open()
+                nursery.start_soon(self._inbound_worker)
+                nursery.start_soon(self._ack_worker)
+                nursery.start_soon(self._sender)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self.end(f"connection lost: {exc or type(exc).__name__}", True)
+        finally:
+            self.nursery = None
+            with trio.CancelScope(shield=True):
+                await self._cleanup()
+        return self.reason or "session ended", self.error
+
+    async def close(self, reason: str) -> None:
+        """A clean goodbye (shutdown, reload, losing a tie-break)."""
+        if self.session is not None and self.session.state is not S.State.CLOSED:
+            self.session.close(reason)
+            with trio.move_on_after(2):
+                try:
+                    await self.flush()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+        self.end(reason, False)
+
+    async def _cleanup(self) -> None:
+        for ch in self.out.values():
+            if ch.fh is not None:
+                ch.fh.close()
+                ch.fh = None
+        for name, inbound in list(self.link.inbound.items()):
+            try:
+                await trio.to_thread.run_sync(inbound.abort)
+            except OSError as exc:
+                self.log.error("inbound_abort_failed", channel=name, reason=str(exc))
+        if self.session is not None and self.session.state is S.State.CLOSED:
+            with trio.move_on_after(1):
+                try:
+                    await self.flush()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+        await trio.aclose_forcefully(self.stream)
+
+    # -- reader and timer -----------------------------------------------------
+
+    async def _reader(self) -> None:
+        assert self.session is not None
+        while True:
+            try:
+                data = await self.stream.receive_some(READ_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                if not self.opened.is_set():
+                    # TLS 1.3: a refused client learns it here, on its first read.
+                    self.end(f"refused during handshake: {exc.__cause__ or exc}", True)
+                else:
+                    self.end(f"connection lost: {exc.__cause__ or exc}", True)
+                return
+            events = self.session.receive_data(data, trio.current_time())
+            self._dispatch(events)
+            await self.flush()
+
+    async def _timer(self) -> None:
+        assert self.session is not None
+        while True:
+            deadline = self.session.get_timer()
+            if deadline is None:
+                await trio.sleep_forever()
+            await trio.sleep_until(deadline)   # type: ignore[arg-type]
+            self._dispatch(self.session.handle_timer(trio.current_time()))
+            await self.flush()
+
+    def _dispatch(self, events: list[S.Event]) -> None:
+        for ev in events:
+            if isinstance(ev, (S.MessageStart, S.MessageData, S.MessageComplete)):
+                self.inbound_q_send.send_nowait(ev)
+            elif isinstance(ev, S.AckReceived):
+                self.ack_q_send.send_nowait((ev.ch, ev.seq))
+            elif isinstance(ev, S.CreditReceived):
+                self.sender_wake.set()
+            elif isinstance(ev, S.NackReceived):
+                self.nacks.append(ev)
+                self.sender_wake.set()
+            elif isinstance(ev, S.RttMeasured):
+                self.link.status.rtt_ms = round(ev.seconds * 1000, 3)
+            elif isinstance(ev, S.PeerHello):
+                self.opened.set()
+            elif isinstance(ev, S.SessionClosed):
+                self.end(ev.reason, ev.error)
+
+    # -- opening --------------------------------------------------------------
+
+    def _on_open(self) -> None:
+        assert self.session is not None and self.session.peer_hello is not None
+        self.was_open = True
+        link = self.link
+        for ch in self.session.peer_hello.channels:
+            link.peer_max[ch.name] = ch.max
+        for name, cfg in link.channels.items():
+            peer_ch = self.session.peer_channels.get(name)
+            state = _OutChannel(name, cfg.priority)
+            if peer_ch is not None:
+                state.next_seq = peer_ch.committed + 1
+                state.resume = peer_ch.resume
+                if peer_ch.committed:
+                    self.ack_q_send.send_nowait((name, peer_ch.committed))
+            self.out[name] = state
+        link.status.set_state("connected", remote=self.remote, tls=self.tls_info)
+        self.log.info("link_up", peer=link.name, remote=self.remote,
+                      direction="out" if self.dialed_by_us else "in")
+
+    # -- inbound --------------------------------------------------------------
+
+    async def _inbound_worker(self) -> None:
+        assert self.session is not None
+        discarding: set[str] = set()
+        skipping: dict[str, int] = {}     # channel -> seq whose data we ignore (duplicate/refused)
+        while True:
+            batch = [await self.inbound_q.receive()]
+            while len(batch) < 512:
+                try:
+                    batch.append(self.inbound_q.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            result = await trio.to_thread.run_sync(self._apply_inbound, batch, discarding,
+                                                   skipping)
+            acks, nacks, delivered, credit, quarantined = result
+            for ch, seq, reason, retry in nacks:
+                self.session.send_nack(ch, seq, reason, retry)
+            for d in delivered:
+                stats = self.link.status.channel(d.channel)
+                stats.note_received(d.size)
+                fields: dict[str, Any] = dict(peer=self.link.name, channel=d.channel, name=d.name,
+                                              seq=d.seq, size=d.size, sha256=d.sha256)
+                if d.sent_name != d.name:
+                    fields["sent_name"] = d.sent_name
+                self.log.info("message_delivered", **fields)
+            for ch, name, seq, reason, where in quarantined:
+                self.link.status.channel(ch).quarantined += 1
+                self.log.warning("message_quarantined", peer=self.link.name, channel=ch,
+                                 name=name, seq=seq, reason=reason, path=str(where))
+            for ch, seq in acks.items():
+                self.session.send_ack(ch, seq)
+            for ch, n in credit.items():
+                self.session.grant(ch, n)
+            await self.flush()
+
+    def _apply_inbound(self, batch: list[Any], discarding: set[str],
+                       skipping: dict[str, int]) -> tuple[Any, ...]:
+        """Blocking: apply a batch of inbound events to the spool (one thread hop)."""
+        link = self.link
+        acks: dict[str, int] = {}
+        nacks: list[tuple[str, int, str, bool]] = []
+        credit: dict[str, int] = collections.defaultdict(int)
+        quarantined: list[tuple[str, str, int, str, Any]] = []
+        done: dict[str, list[Completed]] = collections.defaultdict(list)
+        names: dict[tuple[str, int], str] = {}
+        for ev in batch:
+            ch = ev.ch
+            inbound = link.inbound.get(ch)
+            if isinstance(ev, S.MessageData):
+                credit[ch] += len(ev.data)
+            if inbound is None:
+                continue
+            if ch in discarding:
+                if isinstance(ev, S.MessageStart) and ev.rewind:
+                    discarding.discard(ch)
+                else:
+                    continue
+            if isinstance(ev, S.MessageStart):
+                skipping.pop(ch, None)
+                names[(ch, ev.seq)] = ev.name
+                if ev.seq <= inbound.committed:
+                    skipping[ch] = ev.seq
+                    acks[ch] = inbound.committed
+                    continue
+                if done[ch] and ev.seq <= done[ch][-1].seq:
+                    skipping[ch] = ev.seq
+                    continue
+                try:
+                    inbound.begin(ev.seq, ev.name, ev.size, ev.sha256.hex(), ev.offset)
+                except InboundRefused as exc:
+                    skipping[ch] = ev.seq
+                    nacks.append((ch, ev.seq, str(exc), False))
+                    discarding.add(ch)
+            elif isinstance(ev, S.MessageData):
+                if skipping.get(ch) == ev.seq:
+                    continue
+                inbound.write(ev.data)
+            elif isinstance(ev, S.MessageComplete):
+                if skipping.get(ch) == ev.seq:
+                    continue
+                try:
+                    done[ch].append(inbound.finish())
+                except ChecksumMismatch as exc:
+                    nacks.append((ch, ev.seq, str(exc), True))
+                    discarding.add(ch)
+                    quarantined.append((ch, names.get((ch, ev.seq), "?"), ev.seq, str(exc),
+                                        getattr(exc, "quarantined", None)))
+                except InboundRefused as exc:
+                    nacks.append((ch, ev.seq, str(exc), False))
+                    discarding.add(ch)
+        delivered = []
+        for ch, completed in done.items():
+            if completed:
+                delivered += link.inbound[ch].commit(completed)
+                acks[ch] = link.inbound[ch].committed
+        return acks, nacks, delivered, dict(credit), quarantined
+
+    # -- acknowledgements -----------------------------------------------------
+
+    async def _ack_worker(self) -> None:
+        link = self.link
+        while True:
+            acks = dict([await self.ack_q.receive()])
+            while True:
+                try:
+                    ch, seq = self.ack_q.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                acks[ch] = max(seq, acks.get(ch, 0))
+            for ch, seq in acks.items():
+                out = link.outbound.get(ch)
+                if out is None:
+                    continue
+                resolved = await trio.to_thread.run_sync(out.ack, seq)
+                state = self.out.get(ch)
+                if state is not None:
+                    while state.in_flight and state.in_flight[0] <= seq:
+                        state.in_flight.popleft()
+                    state.next_seq = max(state.next_seq, seq + 1) if not state.current else \
+                        state.next_seq
+                stats = link.status.channel(ch)
+                for item in resolved:
+                    stats.note_sent(item.size)
+                    self.log.info("message_sent", peer=link.name, channel=ch, name=item.name,
+                                  seq=item.seq, size=item.size, sha256=item.sha256)
+            link.refresh_queued()
+            self.sender_wake.set()
+
+    # -- sender ---------------------------------------------------------------
+
+    def _next_item(self, state: _OutChannel) -> Claimed | None:
+        if len(state.in_flight) >= MAX_IN_FLIGHT:
+            return None
+        out = self.link.outbound.get(state.name)
+        if out is None:
+            return None
+        for item in out.pending():
+            if item.seq >= state.next_seq:
+                return item
+        return None
+
+    def _ready(self) -> list[tuple[str, int]]:
+        assert self.session is not None
+        ready = []
+        for name, state in self.out.items():
+            if name not in self.session.peer_channels and state.current is None:
+                if self._next_item(state) is not None:
+                    ready.append((name, state.priority))
+                continue
+            if state.current is not None:
+                if self.session.sendable(name) > 0:
+                    ready.append((name, state.priority))
+            elif self._next_item(state) is not None:
+                ready.append((name, state.priority))
+        return ready
+
+    async def _sender(self) -> None:
+        assert self.session is not None
+        while True:
+            if self.nacks:
+                await self._handle_nacks()
+                continue
+            ready = self._ready()
+            if not ready:
+                await self.sender_wake.wait()
+                continue
+            name = self.scheduler.pick(ready)
+            assert name is not None
+            await self._step(self.out[name])
+            await self.flush()
+            await trio.lowlevel.checkpoint()
+
+    async def _fail(self, item: Claimed, reason: str) -> None:
+        out = self.link.outbound.get(item.channel)
+        if out is None:
+            return
+        failed = await trio.to_thread.run_sync(out.fail, item, reason)
+        self.link.log_failed([failed])
+        self.link.refresh_queued()
+
+    async def _step(self, state: _OutChannel) -> None:
+        assert self.session is not None
+        session = self.session
+        if state.current is None:
+            item = self._next_item(state)
+            assert item is not None
+            state.next_seq = item.seq + 1
+            peer_ch = session.peer_channels.get(state.name)
+            if peer_ch is None:
+                await self._fail(item, f"peer {self.link.name} does not accept channel "
+                                       f"{state.name!r}")
+                return
+            if item.size > peer_ch.max:
+                await self._fail(item, f"{item.size} bytes is over {self.link.name}'s "
+                                       f"max_message_bytes of {peer_ch.max} on {state.name!r}")
+                return
+            offset = 0
+            if state.resume is not None and state.resume[0] == item.seq \
+                    and state.resume[1] <= item.size:
+                offset = state.resume[1]
+            state.resume = None
+            out = self.link.outbound[state.name]
+            try:
+                fh = await trio.to_thread.run_sync(out.open, item)
+                if offset:
+                    await trio.to_thread.run_sync(fh.seek, offset)
+            except OSError as exc:
+                await self._fail(item, f"cannot read the file: {exc.strerror or exc}")
+                return
+            session.send_msg(state.name, item.seq, item.name, item.size,
+                             bytes.fromhex(item.sha256), offset)
+            state.in_flight.append(item.seq)
+            if offset == item.size:
+                fh.close()
+                return
+            state.current, state.fh, state.offset = item, fh, offset
+            return
+        n = session.sendable(state.name)
+        data = await trio.to_thread.run_sync(state.fh.read, n)
+        if not data:
+            # The file shrank under us: send zeros is wrong; end the session and fail it.
+            item = state.current
+            state.fh.close()
+            state.current, state.fh = None, None
+            await self._fail(item, "file changed size after it was queued")
+            self.end(f"file {item.name} changed size while being sent", True)
+            return
+        session.send_data(state.name, data)
+        state.offset += len(data)
+        if session.remaining(state.name) == 0:
+            state.fh.close()
+            state.current, state.fh = None, None
+
+    async def _handle_nacks(self) -> None:
+        nacks, self.nacks = self.nacks, []
+        for nack in nacks:
+            state = self.out.get(nack.ch)
+            out = self.link.outbound.get(nack.ch)
+            if state is None or out is None:
+                continue
+            if state.fh is not None:
+                state.fh.close()
+            state.current, state.fh = None, None
+            while state.in_flight and state.in_flight[-1] >= nack.seq:
+                state.in_flight.pop()
+            item = next((i for i in out.pending() if i.seq == nack.seq), None)
+            key = (nack.ch, nack.seq)
+            self.attempts[key] = self.attempts.get(key, 0) + 1
+            if item is not None and (not nack.retry or self.attempts[key] >= MAX_ATTEMPTS):
+                await self._fail(item, f"refused by {self.link.name}: {nack.reason}")
+                state.next_seq = nack.seq + 1
+            else:
+                self.log.warning("message_retry", channel=nack.ch, seq=nack.seq,
+                                 reason=nack.reason)
+                state.next_seq = nack.seq

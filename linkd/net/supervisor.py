@@ -1,0 +1,182 @@
+"""Per-peer supervision: dial with backoff, accept and identify, one session per peer.
+
+* `dial_loop` (peers with `connect`): wait until the peer has no session,
+  dial, TLS handshake, check identity, run the session; on any failure back
+  off (capped exponential with jitter, reset after a session that reached
+  its hello) and try again, forever. While waiting it sleeps: no CPU.
+* `handle_inbound` (the listener): TLS handshake within handshake_timeout,
+  map the certificate to a configured peer; a client naming no configured
+  peer is closed without a single byte of ours.
+* `run_session`: the slot. If the peer already has a session, the tie-break
+  is deterministic on both sides: a re-dial from the same side replaces the
+  old session (the dialler believes it dead); between sessions dialled from
+  different sides, the one dialled by the node whose name sorts first wins.
+  The loser gets a bare goodbye before any hello is read.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import ssl
+from typing import Any
+
+import trio
+
+from ..proto import frames as F
+from ..proto.framing import encode_frame
+from .backoff import Backoff
+from .connection import SessionRunner
+from .tls import IdentityError, PeerIdentity, describe_ssl_error, identify
+
+
+def _remote_of(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except OSError:
+        return "?"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def tls_info(ssl_stream: trio.SSLStream[Any], identity: PeerIdentity) -> dict[str, Any]:
+    cipher = ssl_stream.cipher()
+    return {"version": ssl_stream.version(), "cipher": cipher[0] if cipher else None,
+            "peer_subject": identity.subject,
+            "peer_not_after": identity.not_after.isoformat().replace("+00:00", "Z")}
+
+
+def _cause(exc: BaseException) -> str:
+    inner = exc.__cause__ or exc.__context__
+    if isinstance(inner, ssl.SSLError | OSError):
+        return describe_ssl_error(inner)
+    return str(exc) or type(exc).__name__
+
+
+def new_wins(node: str, peer: str, existing: SessionRunner, new: SessionRunner) -> bool:
+    if existing.dialed_by_us == new.dialed_by_us:
+        return True
+    first = min(node, peer)
+    new_dialer = node if new.dialed_by_us else peer
+    return new_dialer == first
+
+
+async def refuse(stream: trio.abc.Stream, reason: str) -> None:
+    with trio.move_on_after(2):
+        try:
+            await stream.send_all(encode_frame(F.Bye(reason)))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+    await trio.aclose_forcefully(stream)
+
+
+async def run_session(daemon: Any, link: Any, runner: SessionRunner) -> None:
+    async with link.slot_lock:
+        existing = link.active
+        if existing is not None:
+            if not new_wins(daemon.cfg.node.name, link.name, existing, runner):
+                dialer = daemon.cfg.node.name if existing.dialed_by_us else link.name
+                reason = f"duplicate session: keeping the one dialled by {dialer}"
+                link.log.info("session_refused", remote=runner.remote, reason=reason)
+                await refuse(runner.stream, reason)
+                return
+            await existing.close("replaced by a newer session")
+            await link.wait_idle()
+        link.take_slot(runner)
+    try:
+        reason, error = await runner.run()
+    finally:
+        link.release_slot(runner)
+    if runner.was_open:
+        level = link.log.warning if error else link.log.info
+        level("link_down", peer=link.name, remote=runner.remote, reason=reason,
+              clean=not error)
+        link.status.rtt_ms = link.status.rtt_ms
+    else:
+        link.log.warning("session_failed", peer=link.name, remote=runner.remote, reason=reason)
+    link.status.last_error = reason if error else link.status.last_error
+    if link.active is None:
+        idle = "waiting" if link.peer.connect is None else "backoff"
+        link.status.set_state(idle, error=reason if error else None)
+
+
+async def dial_loop(daemon: Any, link: Any) -> None:
+    lcfg = daemon.cfg.link
+    backoff = Backoff(lcfg.reconnect_min, lcfg.reconnect_max)
+    while True:
+        await link.wait_idle()
+        connect = link.peer.connect
+        if connect is None:
+            return
+        host, port = connect
+        remote = f"{host}:{port}"
+        link.status.set_state("connecting")
+        outcome = await _dial(daemon, link, host, port, remote)
+        if outcome is not None:
+            error_reason = outcome
+            link.status.set_state("backoff", error=error_reason)
+        elif link.last_session_open:
+            backoff.reset()
+        delay = backoff.next_delay()
+        if link.active is None:
+            link.status.set_state("backoff")
+        link.status.next_attempt_at = None
+        await trio.sleep(delay)
+
+
+async def _dial(daemon: Any, link: Any, host: str, port: int, remote: str) -> str | None:
+    """One attempt. Returns a failure reason, or None if a session ran."""
+    lcfg = daemon.cfg.link
+    link.last_session_open = False
+    try:
+        with trio.fail_after(lcfg.handshake_timeout):
+            tcp = await trio.open_tcp_stream(host, port)
+    except (OSError, trio.TooSlowError) as exc:
+        reason = f"cannot connect to {remote}: " + (
+            "timed out" if isinstance(exc, trio.TooSlowError) else (exc.strerror or str(exc)))
+        link.log.debug("connect_failed", reason=reason)
+        return reason
+    remote = _remote_of(tcp)
+    sni = None
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        sni = host
+    ssl_stream = trio.SSLStream(tcp, daemon.tls.client, server_hostname=sni)
+    try:
+        with trio.fail_after(lcfg.handshake_timeout):
+            await ssl_stream.do_handshake()
+        identity = identify(ssl_stream.getpeercert(True), [link.peer])
+    except (trio.BrokenResourceError, trio.TooSlowError, IdentityError, OSError) as exc:
+        reason = ("TLS handshake timed out" if isinstance(exc, trio.TooSlowError) else
+                  str(exc) if isinstance(exc, IdentityError) else _cause(exc))
+        link.log.warning("tls_refused", remote=remote, reason=reason, peer=link.name)
+        await trio.aclose_forcefully(ssl_stream)
+        return f"TLS with {remote} refused: {reason}"
+    runner = SessionRunner(link, ssl_stream, remote=remote, dialed_by_us=True,
+                           tls_info=tls_info(ssl_stream, identity))
+    await run_session(daemon, link, runner)
+    link.last_session_open = runner.was_open
+    return None if runner.was_open else (runner.reason or "session failed")
+
+
+async def handle_inbound(daemon: Any, tcp: trio.SocketStream) -> None:
+    remote = _remote_of(tcp)
+    lcfg = daemon.cfg.link
+    ssl_stream = trio.SSLStream(tcp, daemon.tls.server, server_side=True)
+    try:
+        with trio.fail_after(lcfg.handshake_timeout):
+            await ssl_stream.do_handshake()
+        identity = identify(ssl_stream.getpeercert(True), list(daemon.cfg.peers))
+    except (trio.BrokenResourceError, trio.TooSlowError, IdentityError, OSError) as exc:
+        reason = ("TLS handshake timed out" if isinstance(exc, trio.TooSlowError) else
+                  str(exc) if isinstance(exc, IdentityError) else _cause(exc))
+        daemon.log.warning("tls_refused", remote=remote, reason=reason)
+        await trio.aclose_forcefully(ssl_stream)
+        return
+    link = daemon.links.get(identity.peer.name)
+    if link is None:
+        daemon.log.warning("tls_refused", remote=remote, reason="peer no longer configured")
+        await trio.aclose_forcefully(ssl_stream)
+        return
+    runner = SessionRunner(link, ssl_stream, remote=remote, dialed_by_us=False,
+                           tls_info=tls_info(ssl_stream, identity))
+    await run_session(daemon, link, runner)

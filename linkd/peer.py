@@ -1,0 +1,211 @@
+"""PeerLink: everything linkd keeps for one configured peer across sessions.
+
+It owns the peer's spool objects (one Outbound and one Inbound per channel),
+its status entry, the pick-up task (inotify plus a periodic rescan), and the
+*slot* that guarantees at most one active session per peer: a session must
+hold the slot before it touches the spool, and the tie-break between two
+sessions of the same peer (both sides dialled) is decided here.
+
+Spool calls are blocking and go through `trio.to_thread.run_sync`, a batch
+per hop; they are never cancelled half-way (threads are not abandoned), so a
+cancelled session cannot leave half a state change behind.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import os
+from typing import Any, Callable, TypeVar
+
+import trio
+
+from . import log as logmod
+from .config import ChannelConfig, Config, PeerConfig
+from .spool import FailedFile, Inbound, Outbound, SpoolLayout
+from .status import PeerStatus
+from .wakeup import Wakeup
+
+T = TypeVar("T")
+RESCAN_INTERVAL = 2.0
+
+try:
+    import inotify_simple
+except ImportError:  # pragma: no cover - the dependency is declared; be robust anyway
+    inotify_simple = None
+
+
+async def in_thread(fn: Callable[..., T], *args: Any) -> T:
+    return await trio.to_thread.run_sync(fn, *args)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class PeerLink:
+    def __init__(self, cfg: Config, peer: PeerConfig, status: PeerStatus) -> None:
+        self.cfg = cfg
+        self.peer = peer
+        self.name = peer.name
+        self.status = status
+        self.log = logmod.get(peer=peer.name)
+        self.layout = SpoolLayout(cfg.node.spool_dir, cfg.node.state_dir, peer.name)
+        self.outbound: dict[str, Outbound] = {}
+        self.inbound: dict[str, Inbound] = {}
+        self.channels: dict[str, ChannelConfig] = {}
+        self.peer_max: dict[str, int] = {}      # the peer's limits from its last hello
+        self.work = Wakeup()                    # new outbound files claimed
+        self.active: Any = None                 # the SessionRunner holding the slot
+        self._slot_free = trio.Event()
+        self._slot_free.set()
+        self.slot_lock = trio.Lock()
+        self.last_session_open = False
+        self._rescan = Wakeup()
+        self.cancel_scope: trio.CancelScope | None = None
+        self._set_channels(peer.channels)
+
+    def _set_channels(self, channels: tuple[ChannelConfig, ...]) -> None:
+        for ch in channels:
+            self.channels[ch.name] = ch
+            if ch.name not in self.outbound:
+                self.outbound[ch.name] = Outbound(self.layout, ch.name, ch.max_message_bytes,
+                                                  self.cfg.link.archive_sent)
+                self.inbound[ch.name] = Inbound(self.layout, ch.name, ch.max_message_bytes,
+                                                self.cfg.node.file_mode)
+            self.status.channel(ch.name)
+
+    # -- start-up -------------------------------------------------------------
+
+    def prepare(self) -> list[str]:
+        """Blocking: create folders and run crash recovery for every channel."""
+        self.layout.create(list(self.channels), self.cfg.link.archive_sent)
+        problems: list[str] = []
+        for name in self.channels:
+            problems += self.outbound[name].recover()
+            problems += self.inbound[name].recover()
+        return problems
+
+    async def reconfigure(self, cfg: Config, peer: PeerConfig) -> None:
+        """Apply a reloaded config: new channels are added; removed ones stop being sent."""
+        self.cfg = cfg
+        self.peer = peer
+        removed = set(self.channels) - {c.name for c in peer.channels}
+        for name in removed:
+            self.channels.pop(name, None)
+            self.outbound.pop(name, None)
+            self.inbound.pop(name, None)
+            self.status.channels.pop(name, None)
+        added = [c for c in peer.channels if c.name not in self.outbound]
+        self.channels = {c.name: c for c in peer.channels}
+        self._set_channels(peer.channels)
+        if added:
+            layout = self.layout
+            await in_thread(layout.create, [c.name for c in added], cfg.link.archive_sent)
+            for c in added:
+                await in_thread(self.outbound[c.name].recover)
+                await in_thread(self.inbound[c.name].recover)
+        self._rescan.set()
+
+    # -- the slot -------------------------------------------------------------
+
+    async def wait_idle(self) -> None:
+        while self.active is not None:
+            await self._slot_free.wait()
+
+    def take_slot(self, runner: Any) -> None:
+        self.active = runner
+        self._slot_free = trio.Event()
+
+    def release_slot(self, runner: Any) -> None:
+        if self.active is runner:
+            self.active = None
+            self._slot_free.set()
+
+    # -- counters -------------------------------------------------------------
+
+    def refresh_queued(self) -> None:
+        for name, out in self.outbound.items():
+            stats = self.status.channel(name)
+            pending = out.pending()
+            waiting_count, waiting_bytes = out.waiting()
+            stats.queued = len(pending) + waiting_count
+            stats.queued_bytes = sum(i.size for i in pending) + waiting_bytes
+
+    def log_failed(self, failed: list[FailedFile]) -> None:
+        for f in failed:
+            self.status.channel(f.channel).failed += 1
+            fields: dict[str, Any] = {"peer": self.name, "channel": f.channel, "name": f.name,
+                                      "reason": f.reason}
+            if f.seq is not None:
+                fields["seq"] = f.seq
+            if f.size is not None:
+                fields["size"] = f.size
+            self.log.warning("message_failed", **fields)
+
+    # -- pick-up --------------------------------------------------------------
+
+    def _scan_all(self) -> list[FailedFile]:
+        failed: list[FailedFile] = []
+        for name, out in list(self.outbound.items()):
+            try:
+                _claimed, bad = out.scan(self.peer_max.get(name))
+            except OSError as exc:
+                self.log.error("pickup_failed", channel=name, reason=str(exc))
+                continue
+            failed += bad
+        self.refresh_queued()
+        return failed
+
+    async def scan_now(self) -> None:
+        failed = await in_thread(self._scan_all)
+        self.log_failed(failed)
+        self.work.set()
+        if self.active is not None:
+            self.active.sender_wake.set()
+
+    async def pickup(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Claim files as they are renamed into out/<channel>/ (inotify + rescan)."""
+        notifier = None
+        if inotify_simple is not None:
+            try:
+                notifier = inotify_simple.INotify()
+            except OSError as exc:
+                self.log.warning("inotify_unavailable", reason=str(exc))
+        watched: dict[str, int] = {}
+        mask = 0
+        if notifier is not None:
+            flags = inotify_simple.flags
+            mask = flags.MOVED_TO | flags.CLOSE_WRITE | flags.CREATE
+        try:
+            await self.scan_now()
+            task_status.started()
+            while True:
+                if notifier is not None:
+                    for name in self.channels:
+                        if name not in watched:
+                            try:
+                                watched[name] = notifier.add_watch(
+                                    str(self.layout.out_dir(name)), mask)
+                            except OSError as exc:
+                                if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                                    raise
+                with trio.move_on_after(RESCAN_INTERVAL):
+                    if notifier is not None:
+                        async with trio.open_nursery() as nursery:
+                            async def on_fs(nursery: trio.Nursery = nursery) -> None:
+                                await trio.lowlevel.wait_readable(notifier.fileno())
+                                notifier.read(timeout=0)
+                                nursery.cancel_scope.cancel()
+
+                            async def on_rescan(nursery: trio.Nursery = nursery) -> None:
+                                await self._rescan.wait()
+                                nursery.cancel_scope.cancel()
+                            nursery.start_soon(on_fs)
+                            nursery.start_soon(on_rescan)
+                    else:
+                        await self._rescan.wait()
+                await self.scan_now()
+        finally:
+            if notifier is not None:
+                notifier.close()
