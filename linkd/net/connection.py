@@ -33,6 +33,7 @@ from typing import Any
 
 import trio
 
+from ..errors import LocalProtocolError
 from ..proto import frames as F
 from ..proto import session as S
 from ..proto.framing import CHUNK_SIZE
@@ -136,8 +137,22 @@ class SessionRunner:
                 nursery.start_soon(self._inbound_worker)
                 nursery.start_soon(self._ack_worker)
                 nursery.start_soon(self._sender)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            self.end(f"connection lost: {exc or type(exc).__name__}", True)
+        except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
+            exc = group.exceptions[0]
+            self.end(f"connection lost: {exc.__cause__ or exc or type(exc).__name__}", True)
+        except* OSError as group:
+            # The inbound spool failed (ENOSPC, EIO, EROFS...): nothing was acknowledged.
+            exc = group.exceptions[0]
+            self.log.error("inbound_storage_failed", reason=str(exc))
+            self.end(f"local storage failure: {exc}", True)
+        except* Exception as group:  # one session's bug must not stop the daemon
+            exc = group.exceptions[0]
+            if self.session is not None and self.session.state is S.State.CLOSED \
+                    and isinstance(exc, LocalProtocolError):
+                self.end(self.reason or "session closed", self.error)
+            else:
+                self.log.error("session_crashed", reason=repr(exc), exc_info=group)
+                self.end(f"internal error: {exc!r}", True)
         finally:
             self.nursery = None
             with trio.CancelScope(shield=True):
@@ -399,7 +414,7 @@ class SessionRunner:
 
     async def _sender(self) -> None:
         assert self.session is not None
-        while True:
+        while self.session.state is S.State.OPEN:
             if self.nacks:
                 await self._handle_nacks()
                 continue

@@ -347,11 +347,15 @@ class Session:
     # -- receiver actions -----------------------------------------------------
 
     def send_ack(self, ch: str, seq: int) -> None:
+        if self.state is State.CLOSED:
+            return      # the commit is durable; the next hello reports it
         self._require_open()
         self._queue(F.Ack(ch, seq), control=True)
 
     def send_nack(self, ch: str, seq: int, reason: str, retry: bool) -> None:
         """Refuse message `seq`; discard the channel's frames until the sender rewinds."""
+        if self.state is State.CLOSED:
+            return
         self._require_open()
         self._queue(F.Nack(ch, seq, reason[:F.MAX_REASON_CHARS], retry), control=True)
         self._discarding.add(ch)
