@@ -1,0 +1,245 @@
+"""Real linkd processes for fault tests: a small harness over the installed package.
+
+`make_pair(tmp_path, ...)` writes a throwaway PKI (linkd.pki) and two configs,
+and returns two `Daemon` objects that start `python -m linkd.cli.linkd_main`
+as child processes with JSON logs in files. Everything is reached through the
+outside contract (configs, spool folders, the status socket, signals, logs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from linkd import pki
+from linkd.status import http_get
+
+FAST = {"reconnect_min": 0.2, "reconnect_max": 1.0, "heartbeat_interval": 0.5,
+        "heartbeat_timeout": 2.0}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.02,
+             message: str | Callable[[], str] = "") -> Any:
+    """Poll a condition of the outside world (files, status) until it holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = predicate()
+        except (OSError, ValueError, KeyError):
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            text = message() if callable(message) else message
+            raise AssertionError(f"timed out after {timeout}s: {text}")
+        time.sleep(interval)
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+class Daemon:
+    def __init__(self, root: Path, name: str, pki_dir: Path, *, port: int | None = None,
+                 link: dict[str, Any] | None = None, file_mode: str | None = None) -> None:
+        self.name = name
+        self.dir = root / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.spool = self.dir / "spool"
+        self.state = self.dir / "state"
+        self.socket = Path(f"/tmp/linkd-test-{os.getpid()}-{name}-{id(self)}.sock")
+        self.config_path = self.dir / "linkd.toml"
+        self.log_path = self.dir / "linkd.log"
+        self.pki_dir = pki_dir
+        self.port = port
+        self.link = {**FAST, **(link or {})}
+        self.file_mode = file_mode
+        self.peers: list[dict[str, Any]] = []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.wrap: list[str] = []
+
+    def add_peer(self, name: str, channels: list[dict[str, Any]], connect: str | None = None,
+                 ) -> None:
+        self.peers.append({"name": name, "connect": connect, "channels": channels})
+
+    def write_config(self) -> None:
+        lines = ["[node]", f"name = {_toml(self.name)}", f"spool_dir = {_toml(self.spool)}",
+                 f"state_dir = {_toml(self.state)}", f"status_socket = {_toml(self.socket)}"]
+        if self.file_mode:
+            lines.append(f"file_mode = {_toml(self.file_mode)}")
+        lines += ["", "[tls]", f"cert = {_toml(self.pki_dir / (self.name + '.crt'))}",
+                  f"key = {_toml(self.pki_dir / (self.name + '.key'))}",
+                  f"ca = {_toml(self.pki_dir / 'ca.crt')}", ""]
+        if self.port:
+            lines += ["[listen]", 'address = "127.0.0.1"', f"port = {self.port}", ""]
+        lines += ["[link]"] + [f"{k} = {_toml(v)}" for k, v in self.link.items()] + [""]
+        for peer in self.peers:
+            lines += ["[[peer]]", f"name = {_toml(peer['name'])}"]
+            if peer["connect"]:
+                lines.append(f"connect = {_toml(peer['connect'])}")
+            for ch in peer["channels"]:
+                lines += ["", "  [[peer.channel]]"] + [f"  {k} = {_toml(v)}" for k, v in ch.items()]
+            lines.append("")
+        self.config_path.write_text("\n".join(lines) + "\n")
+
+    # -- process ---------------------------------------------------------------
+
+    def start(self, wait: bool = True) -> "Daemon":
+        self.write_config()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [*self.wrap, sys.executable, "-m", "linkd.cli.linkd_main", "-c",
+                 str(self.config_path), "--log-format", "json"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        if wait:
+            wait_for(self.healthy, 30, message=lambda: f"{self.name} not healthy\n{self.tail()}")
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def healthy(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"{self.name} exited with {self.proc.returncode}\n{self.tail()}")
+        try:
+            return http_get(self.socket, "/healthz", timeout=2)[0] == 200
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        if self.running:
+            assert self.proc is not None
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    # -- observing -------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        code, body = http_get(self.socket, "/status", timeout=2)
+        assert code == 200
+        return dict(json.loads(body))
+
+    def peer_state(self, peer: str) -> str | None:
+        try:
+            for p in self.status()["peers"]:
+                if p["name"] == peer:
+                    return str(p["state"])
+        except (OSError, AssertionError, ValueError):
+            return None
+        return None
+
+    def wait_state(self, peer: str, state: str = "connected", timeout: float = 30) -> None:
+        wait_for(lambda: self.peer_state(peer) == state, timeout,
+                 message=lambda: f"{self.name}: {peer} is {self.peer_state(peer)}\n{self.tail()}")
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        out = []
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return []
+        for line in text.splitlines():
+            if line.startswith("{"):
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if event.get("event") == name:
+                    out.append(event)
+        return out
+
+    def tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except FileNotFoundError:
+            return ""
+
+    # -- spool -----------------------------------------------------------------
+
+    def out_dir(self, peer: str, ch: str) -> Path:
+        return self.spool / peer / "out" / ch
+
+    def in_dir(self, peer: str, ch: str) -> Path:
+        return self.spool / peer / "in" / ch
+
+    def drop(self, peer: str, ch: str, name: str, data: bytes) -> Path:
+        out = self.out_dir(peer, ch)
+        out.mkdir(parents=True, exist_ok=True)
+        temp = out / f".{name}.tmp"
+        with open(temp, "wb") as f:
+            f.write(data)
+        os.rename(temp, out / name)
+        return out / name
+
+    def inbound(self, peer: str, ch: str) -> dict[str, bytes]:
+        folder = self.in_dir(peer, ch)
+        if not folder.is_dir():
+            return {}
+        return {p.name: p.read_bytes() for p in sorted(folder.iterdir())
+                if p.is_file() and not p.name.startswith(".")}
+
+
+def make_pki(directory: Path, names: list[str]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    pki.init_ca(directory)
+    for name in names:
+        pki.issue(directory, name)
+    return directory
+
+
+def make_pair(tmp_path: Path, channels: list[dict[str, Any]] | None = None,
+              link: dict[str, Any] | None = None, start: bool = True,
+              connect_via: str | None = None) -> tuple[Daemon, Daemon]:
+    """alpha dials bravo (bravo listens); both run and are connected when start=True."""
+    channels = channels or [{"name": "data"}]
+    pki_dir = make_pki(tmp_path / "pki", ["alpha", "bravo"])
+    b = Daemon(tmp_path, "bravo", pki_dir, port=free_port(), link=link)
+    a = Daemon(tmp_path, "alpha", pki_dir, link=link)
+    a.add_peer("bravo", channels, connect=connect_via or f"127.0.0.1:{b.port}")
+    b.add_peer("alpha", channels)
+    if start:
+        b.start()
+        a.start()
+        a.wait_state("bravo")
+        b.wait_state("alpha")
+    return a, b
+
+
+def stop_all(*daemons: Daemon) -> None:
+    for d in daemons:
+        try:
+            d.kill()
+        except Exception:
+            pass
+        try:
+            d.socket.unlink()
+        except OSError:
+            pass
