@@ -74,6 +74,7 @@ class SessionRunner:
         self.log = link.log.bind(remote=remote)
         self.lock = trio.StrictFIFOLock()
         self.sender_wake = Wakeup()
+        self.timer_wake = Wakeup()
         self.inbound_q_send, self.inbound_q = trio.open_memory_channel[Any](math.inf)
         self.ack_q_send, self.ack_q = trio.open_memory_channel[tuple[str, int]](math.inf)
         self.nacks: list[S.NackReceived] = []
@@ -207,12 +208,16 @@ class SessionRunner:
             await self.flush()
 
     async def _timer(self) -> None:
+        """Sleep until the session's next deadline. Deadlines only move later while the
+        session is open (sending delays the ping, receiving delays death), so a stale,
+        earlier wake-up is harmless; the one move to an earlier deadline, handshake ->
+        open, sets `timer_wake`."""
         assert self.session is not None
         while True:
             deadline = self.session.get_timer()
-            if deadline is None:
-                await trio.sleep_forever()
-            await trio.sleep_until(deadline)   # type: ignore[arg-type]
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                await self.timer_wake.wait()
+                continue
             self._dispatch(self.session.handle_timer(trio.current_time()))
             await self.flush()
 
@@ -231,6 +236,7 @@ class SessionRunner:
                 self.link.status.rtt_ms = round(ev.seconds * 1000, 3)
             elif isinstance(ev, S.PeerHello):
                 self.opened.set()
+                self.timer_wake.set()
             elif isinstance(ev, S.SessionClosed):
                 self.end(ev.reason, ev.error)
 
@@ -326,8 +332,10 @@ class SessionRunner:
                 try:
                     inbound.begin(ev.seq, ev.name, ev.size, ev.sha256.hex(), ev.offset)
                 except InboundRefused as exc:
+                    # A resume we cannot honour is retried from byte 0; anything else
+                    # (size over our limit...) is final.
                     skipping[ch] = ev.seq
-                    nacks.append((ch, ev.seq, str(exc), False))
+                    nacks.append((ch, ev.seq, str(exc), ev.offset > 0))
                     discarding.add(ch)
             elif isinstance(ev, S.MessageData):
                 if skipping.get(ch) == ev.seq:
