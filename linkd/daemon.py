@@ -109,6 +109,7 @@ class Daemon:
                                       if cfg.listen else None))
                 systemd.ready(f"serving {len(self.links)} peer(s)")
                 nursery.start_soon(systemd.watchdog_loop, lambda: True)
+                nursery.start_soon(self._status_loop)
                 async for signum in sigs:
                     if signum == signal.SIGHUP:
                         await self.reload()
@@ -117,6 +118,21 @@ class Daemon:
                         nursery.cancel_scope.cancel()
                         break
         self.log.info("stopped")
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS=: how many peers are up, what is queued."""
+        up = sum(1 for p in self.board.peers.values() if p.state == "connected")
+        queued = sum(c.queued for p in self.board.peers.values() for c in p.channels.values())
+        down = [p.name for p in self.board.peers.values() if p.state != "connected"]
+        text = f"{up}/{len(self.board.peers)} peers connected, {queued} queued"
+        return text + (f"; down: {', '.join(down[:5])}" if down else "")
+
+    async def _status_loop(self) -> None:
+        if not systemd.watchdog_interval() and not systemd.notify("STATUS=" + self.summary()):
+            return      # not under systemd: nothing to tell
+        while True:
+            await trio.sleep(5)
+            systemd.status(self.summary())
 
     async def _accept(self, listener: trio.SocketListener) -> None:
         async with listener, trio.open_nursery() as nursery:
