@@ -400,10 +400,7 @@ class SessionRunner:
         out = self.link.outbound.get(state.name)
         if out is None:
             return None
-        for item in out.pending():
-            if item.seq >= state.next_seq:
-                return item
-        return None
+        return out.next_pending(state.next_seq)
 
     def _ready(self) -> list[tuple[str, int]]:
         assert self.session is not None
