@@ -45,6 +45,7 @@ INITIAL_CREDIT = 4 << 20
 MAX_IN_FLIGHT = 1024          # unacknowledged messages per channel
 MAX_ATTEMPTS = 3              # sends of one message that fail its checksum before it is failed
 READ_SIZE = 64 * 1024
+MAX_INBOUND_BACKLOG = 4096    # queued inbound events before the reader stops reading
 
 
 @dataclasses.dataclass
@@ -75,6 +76,7 @@ class SessionRunner:
         self.lock = trio.StrictFIFOLock()
         self.sender_wake = Wakeup()
         self.timer_wake = Wakeup()
+        self.inbound_drained = Wakeup()
         self.inbound_q_send, self.inbound_q = trio.open_memory_channel[Any](math.inf)
         self.ack_q_send, self.ack_q = trio.open_memory_channel[tuple[str, int]](math.inf)
         self.nacks: list[S.NackReceived] = []
@@ -87,6 +89,16 @@ class SessionRunner:
         self.session: S.Session | None = None
         self.nursery: trio.Nursery | None = None
         self.was_open = False
+        self.opened_at: float | None = None     # trio time of the peer's hello
+        self.ended_at: float | None = None
+
+    @property
+    def open_seconds(self) -> float:
+        """How long the session was (or has been) open; 0 if it never opened."""
+        if self.opened_at is None:
+            return 0.0
+        end = self.ended_at if self.ended_at is not None else trio.current_time()
+        return end - self.opened_at
 
     # -- plumbing -------------------------------------------------------------
 
@@ -156,6 +168,8 @@ class SessionRunner:
                 self.end(f"internal error: {exc!r}", True)
         finally:
             self.nursery = None
+            if self.opened_at is not None:
+                self.ended_at = trio.current_time()
             with trio.CancelScope(shield=True):
                 await self._cleanup()
         return self.reason or "session ended", self.error
@@ -194,6 +208,10 @@ class SessionRunner:
     async def _reader(self) -> None:
         assert self.session is not None
         while True:
+            # Back-pressure: data is bounded by credit, but zero-byte messages, acks and
+            # pings are not; stop reading while the inbound worker is far behind.
+            while self.inbound_q.statistics().current_buffer_used > MAX_INBOUND_BACKLOG:
+                await self.inbound_drained.wait()
             try:
                 data = await self.stream.receive_some(READ_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -245,7 +263,12 @@ class SessionRunner:
     def _on_open(self) -> None:
         assert self.session is not None and self.session.peer_hello is not None
         self.was_open = True
+        self.opened_at = trio.current_time()
         link = self.link
+        # `reconnects` counts the sessions established after the first one.
+        if link.sessions_opened:
+            link.status.reconnects += 1
+        link.sessions_opened += 1
         for ch in self.session.peer_hello.channels:
             link.peer_max[ch.name] = ch.max
         for name, cfg in link.channels.items():
@@ -276,6 +299,7 @@ class SessionRunner:
                     break
             result = await trio.to_thread.run_sync(self._apply_inbound, batch, discarding,
                                                    skipping)
+            self.inbound_drained.set()
             acks, nacks, delivered, credit, quarantined = result
             for ch, seq, reason, retry in nacks:
                 self.session.send_nack(ch, seq, reason, retry)
