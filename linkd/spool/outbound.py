@@ -47,7 +47,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import re
 import stat
 import time
 from collections import deque
@@ -56,15 +55,26 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import SpoolError
-from .files import (dump_json, is_int, is_sha256, listdir, move_aside, place_noreplace,
-                    place_with_reason, read_json, unlink_quietly, write_reason_only)
+from .files import (
+    dump_json,
+    place_noreplace,
+    place_with_reason,
+    unlink_quietly,
+    write_reason_only,
+)
 from .fs import DEFAULT_FS, FS, write_atomic
-from .layout import (FOLDER_MODE, STATE_MODE, SpoolLayout, check_channel, make_folder,
-                     plain_name_problem)
+from .layout import (
+    FOLDER_MODE,
+    STATE_MODE,
+    SpoolLayout,
+    check_channel,
+    make_folder,
+    plain_name_problem,
+)
+from .recovery import recover_outbound
 
 READ_SIZE = 1 << 20
 CLAIM_BATCH = 256
-_RECORD = re.compile(r"(\d{12})\.(meta|data|fail)")
 _SKIP_ERRNOS = {errno.ENOENT, errno.ELOOP, errno.ENXIO, errno.ENOTDIR}
 
 
@@ -126,10 +136,8 @@ class Outbound:
         """The claimed item with the smallest seq >= from_seq (the sender's hot path:
         O(1) in the usual contiguous case, no sort)."""
         item = self._pending.get(from_seq)
-        if item is not None or not self._pending:
+        if item is not None or not self._pending or from_seq > self._high:
             return item
-        if from_seq > max(self._pending):
-            return None
         return min((i for s, i in self._pending.items() if s >= from_seq),
                    key=lambda i: i.seq, default=None)
 
@@ -145,98 +153,11 @@ class Outbound:
         try:
             make_folder(self._claimed, STATE_MODE, self.fs)
             make_folder(self._failed, FOLDER_MODE, self.fs)
-            self._recover(problems)
+            recover_outbound(self, problems)
         except OSError as exc:
             raise self._broken("recovery", exc) from None
         self._ready = True
         return problems
-
-    def _recover(self, problems: list[str]) -> None:
-        self.last_done = self._load_last_done(problems)
-        groups: dict[int, set[str]] = {}
-        changed = False
-        for name in listdir(self._claimed):
-            match = _RECORD.fullmatch(name)
-            if match:
-                groups.setdefault(int(match[1]), set()).add(match[2])
-            elif name.startswith("."):
-                changed = unlink_quietly(self.fs, self._claimed / name)  # cut write's temporary
-            else:
-                problems.append(f"unknown file {self._claimed / name} left alone")
-        for name in listdir(self._failed):
-            if name.startswith(".") and name.endswith(".reason.tmp"):
-                unlink_quietly(self.fs, self._failed / name)
-        top_data = max((s for s, k in groups.items() if k & {"data", "fail"}), default=0)
-        self._pending, self._tombstones = {}, set()
-        for seq in sorted(groups):
-            kinds = set(groups[seq])
-            meta = self._read_meta(seq) if "meta" in kinds else None
-            if "fail" in kinds:
-                if "data" in kinds:
-                    rec, _ = read_json(self._rec(seq, "fail"))
-                    name = str((rec or {}).get("name") or (meta.name if meta else
-                                                            f"{seq:012d}.data"))
-                    reason = str((rec or {}).get("reason") or "failed (reason lost in a crash)")
-                    path = place_with_reason(self.fs, self._rec(seq, "data"), self._failed,
-                                             name, reason)
-                    problems.append(f"seq {seq}: finished moving it to {path}")
-                self._tombstones.add(seq)
-            elif seq <= self.last_done:
-                if "data" in kinds:
-                    self._dispose(seq, meta.name if meta else f"{seq:012d}.data")
-                    problems.append(f"seq {seq}: was acknowledged; finished removing it")
-                self._tombstones.add(seq)
-            elif "data" in kinds and meta is not None:
-                self._pending[seq] = meta
-            elif "data" in kinds:
-                reason = f"its claim record {self._rec(seq, 'meta')} is missing or unreadable"
-                write_atomic(self.fs, self._rec(seq, "fail"),
-                             dump_json({"seq": seq, "name": f"{seq:012d}.data",
-                                        "reason": reason}))
-                path = place_with_reason(self.fs, self._rec(seq, "data"), self._failed,
-                                         f"{seq:012d}.data", reason)
-                problems.append(f"seq {seq}: {reason}: moved to {path}")
-                self._tombstones.add(seq)
-            elif seq < top_data:
-                problems.append(f"seq {seq}: claim record without its file below seq "
-                                f"{top_data}: number skipped")
-                self._tombstones.add(seq)
-            else:
-                self.fs.unlink(self._rec(seq, "meta"))  # claim cut short: file still in out/
-                del groups[seq]
-                changed = True
-        self._high = max([self.last_done, *groups])
-        self._advance(0)
-        if problems or changed:
-            self.fs.fsync_dir(self._claimed)
-
-    def _load_last_done(self, problems: list[str]) -> int:
-        record, problem = read_json(self._state)
-        if record is None and problem is None:
-            return 0
-        if record is not None and is_int(record.get("last_done")):
-            return int(record["last_done"])
-        try:
-            raw = self._state.read_bytes().decode("utf-8", "replace")
-        except OSError:
-            raw = ""
-        found = re.findall(r'"last_done"\s*:\s*(\d+)', raw)
-        salvaged = max((int(n) for n in found), default=0)
-        aside = move_aside(self.fs, self._state)
-        problems.append(f"{self._state} was unusable ({problem or 'bad last_done'}); moved to "
-                        f"{aside}; last_done falls back to {salvaged}: the daemon must ack() "
-                        f"the peer's committed seq before sending")
-        return salvaged
-
-    def _read_meta(self, seq: int) -> Claimed | None:
-        rec, _ = read_json(self._rec(seq, "meta"))
-        if rec is None or rec.get("seq") != seq or not is_int(rec.get("size")) \
-                or not is_sha256(rec.get("sha256")) or not isinstance(rec.get("name"), str) \
-                or plain_name_problem(rec["name"]):
-            return None
-        at = rec.get("claimed_at")
-        return Claimed(self.channel, seq, rec["name"], rec["size"], rec["sha256"],
-                       self._rec(seq, "data"), float(at) if isinstance(at, (int, float)) else 0.0)
 
     # -- pick-up -----------------------------------------------------------
     def _candidates(self) -> list[str]:

@@ -1,0 +1,16 @@
+"""Durable spool files: claim, send in order, deliver exactly once (docs/DELIVERY.md).
+
+Synchronous on purpose: the daemon calls into it from worker threads
+(`trio.to_thread.run_sync`, one call per batch). Never imports trio, proto or net.
+"""
+
+from .fs import FS, Crash
+from .inbound import ChecksumMismatch, Completed, Delivered, Inbound, InboundRefused
+from .layout import LockHandle, SpoolLayout, lock_state_dir, plain_name_problem, tilde_name
+from .outbound import Claimed, FailedFile, Outbound
+
+__all__ = [
+    "FS", "Crash", "ChecksumMismatch", "Claimed", "Completed", "Delivered", "FailedFile",
+    "Inbound", "InboundRefused", "LockHandle", "Outbound", "SpoolLayout", "lock_state_dir",
+    "plain_name_problem", "tilde_name",
+]

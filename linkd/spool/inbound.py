@@ -1,0 +1,391 @@
+"""Inbound: receive into a partial, checkpoint it, group-commit into in/<ch>/.
+
+Theory of operation
+-------------------
+Per channel the state file `<state>/peers/<peer>/in/<ch>.json` holds
+`committed` (every seq <= it is durably in in/<ch>/: a frame at or below it is
+a duplicate, acked again and not written), `intent` (a commit in progress)
+and `partial` (the checkpoint {seq, name, size, sha256, offset} of the one
+transfer that can be resumed). It is only ever replaced atomically (tmp +
+fsync + rename + fsync folder), so it is always the old or the new version.
+In memory `committed` only moves once the new value is durable.
+
+Receive: begin() opens `tmp/<ch>.<seq>.part` (never in in/); write() appends
+and, every `checkpoint_bytes`, fsyncs it and records the checkpoint; abort()
+does the same for whatever was written. Crash points:
+  R1 between checkpoints: recovery truncates the partial to the recorded offset
+     (bytes past it were never promised), so a resume continues from there;
+  R2 a partial with no checkpoint (or a checkpoint at or below committed, or a
+     file shorter than its checkpoint) is deleted: the sender sends it again.
+finish() checks size and SHA-256 (a resumed prefix is re-hashed from disk at
+begin); a mismatch moves the partial to quarantine/ with a .reason.
+
+Group commit of finished messages (one channel, seq order):
+  1. chmod each partial to file_mode and fsync it (or chmod all + one syncfs
+     when the batch is large): data and mode durable;
+  2. pick each final name (sender's name, else name~N, smallest free N >= 1);
+  3. write intent = [(seq, partial, final, sent_name, size, sha256)] durably;
+  4. rename each partial into in/<ch>/ (never overwriting); fsync in/<ch>/;
+  5. write committed = max seq, intent = null durably.
+Crash points:
+  K1 before 3 is durable: nothing is in in/; partials are strays that recovery
+     deletes; nothing was acked, so the sender resends them;
+  K2 after 3, during 4: recovery renames every intent partial that still exists
+     (rename is atomic: it is either still in tmp/ or already in in/, never
+     half) -- choosing the next free name if its name got taken meanwhile, and
+     recognising the same inode left by a link+unlink fallback -- fsyncs
+     in/<ch>/ and records the commit; those are reported in `recovered`;
+  K3 after 4, before 5 is durable: as K2, every partial is already gone;
+  K4 after 5: done; the sender's ack may be lost, the resend is a duplicate.
+Any OSError inside begin/write/commit/abort leaves the object "broken": nothing
+more is reported committed and begin()/commit() raise SpoolError until
+recover() has redone the intent from disk (recover() is cheap; the daemon calls
+it at every session start). A corrupt state file is moved aside as
+`<name>.corrupt-<time>`; `committed` falls back to the highest seq evidenced
+by its text or a leftover temporary (else 0). Risk: messages committed but not
+yet acknowledged when the file was damaged can then be delivered twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import SpoolError
+from .files import (
+    is_int,
+    is_sha256,
+    pick_free,
+    place_noreplace,
+    place_with_reason,
+    unlink_quietly,
+    write_reason_only,
+)
+from .fs import DEFAULT_FS, FS, fsync_file
+from .layout import (
+    FOLDER_MODE,
+    SpoolLayout,
+    check_channel,
+    make_folder,
+    plain_name_problem,
+    safe_name,
+)
+from .recovery import InState, load_state, recover_inbound
+
+SYNCFS_MIN = 16          # batches this large use one syncfs instead of an fsync per file
+READ_SIZE = 1 << 20
+
+
+@dataclass(frozen=True)
+class Completed:
+    channel: str
+    seq: int
+    name: str
+    size: int
+    sha256: str
+    partial: Path
+
+
+@dataclass(frozen=True)
+class Delivered:
+    channel: str
+    seq: int
+    name: str           # as delivered (may carry ~N)
+    sent_name: str      # as the sender named it
+    size: int
+    sha256: str
+    path: Path
+
+
+class InboundRefused(SpoolError):
+    """The peer asked for something this spool will not do; `reason` says what."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ChecksumMismatch(SpoolError):
+    """The received bytes do not match the announced SHA-256; kept in quarantine/."""
+
+    def __init__(self, message: str, quarantined: Path) -> None:
+        super().__init__(message)
+        self.quarantined = quarantined
+
+
+@dataclass
+class _Transfer:
+    seq: int
+    name: str
+    size: int
+    sha256: str
+    fd: int
+    path: Path
+    written: int
+    durable: int
+    digest: Any
+
+
+class Inbound:
+    """One peer's inbound channel (see the module docstring)."""
+
+    def __init__(self, layout: SpoolLayout, channel: str, max_bytes: int, file_mode: int,
+                 checkpoint_bytes: int = 8 << 20, fs: FS | None = None) -> None:
+        self.layout, self.channel = layout, check_channel(channel)
+        self.max_bytes, self.file_mode = max_bytes, file_mode
+        self.checkpoint_bytes = max(1, checkpoint_bytes)
+        self.fs = fs or DEFAULT_FS
+        self._in, self._tmp = layout.in_dir(channel), layout.tmp_dir()
+        self._st = InState(layout.state_file_in(channel))
+        self._xfer: _Transfer | None = None
+        self._finished: dict[int, Completed] = {}
+        self._unreported: list[Delivered] = []   # renamed in a commit that then failed
+        self._ready = False
+        self.recovered: list[Delivered] = []     # deliveries the last recover() completed
+
+    @property
+    def committed(self) -> int:
+        return self._st.committed
+
+    def _require(self) -> None:
+        if not self._ready:
+            raise SpoolError(f"inbound {self.layout.peer}/{self.channel} needs recover() "
+                             f"(not yet run, or a disk operation failed)")
+
+    def _broken(self, what: str, exc: OSError) -> SpoolError:
+        self._ready = False
+        if self._xfer is not None:
+            try:
+                self.fs.close(self._xfer.fd)
+            except OSError:
+                pass
+            self._xfer = None
+        return SpoolError(f"{what} on {self.layout.peer}/{self.channel} failed: "
+                          f"{exc.strerror or exc} ({exc.filename})")
+
+    def _partial_path(self, seq: int) -> Path:
+        return self._tmp / f"{self.channel}.{seq}.part"
+
+    # -- recovery ----------------------------------------------------------
+    def recover(self) -> list[str]:
+        """Finish or roll back whatever a crash or an I/O error cut short."""
+        if self._xfer is not None:
+            try:
+                self.abort()
+            except SpoolError:
+                pass  # recovery below truncates to the last durable checkpoint
+        self._ready, self._finished = False, {}
+        problems: list[str] = []
+        try:
+            for folder in (self._in, self._tmp, self.layout.quarantine_dir()):
+                make_folder(folder, FOLDER_MODE, self.fs)
+            make_folder(self._st.path.parent, 0o700, self.fs)
+            self._st = load_state(self.fs, self._st.path, self.channel, problems)
+            self.recovered = recover_inbound(self, problems)
+        except OSError as exc:
+            raise self._broken("recovery", exc) from None
+        self._unreported = []
+        self._ready = True
+        return problems
+
+    def resume_point(self) -> tuple[int, int] | None:
+        """(seq, durable offset) of the checkpointed partial, if any."""
+        ck = self._st.partial
+        if ck is None or ck["seq"] <= self.committed or ck["seq"] in self._finished:
+            return None
+        return ck["seq"], ck["offset"]
+
+    # -- receiving ---------------------------------------------------------
+    def begin(self, seq: int, name: str, size: int, sha256: str, offset: int = 0) -> int:
+        """Start (offset 0) or resume (offset = the durable checkpoint) message `seq`;
+        returns the offset used. InboundRefused for anything this spool won't take."""
+        self._require()
+        if self._xfer is not None:
+            raise SpoolError(f"seq {self._xfer.seq} is still open: finish() or abort() it")
+        if not is_int(seq, 1):
+            raise InboundRefused(f"seq {seq!r} is not a positive integer")
+        if seq <= self.committed:
+            raise InboundRefused(f"seq {seq} is a duplicate (committed is {self.committed})")
+        if self._finished and seq <= max(self._finished):
+            raise InboundRefused(f"seq {seq} was already received (commit pending)")
+        problem = plain_name_problem(name)
+        if problem:
+            raise InboundRefused(f"file name {name!r} {problem}")
+        if not is_int(size) or size > self.max_bytes:
+            raise InboundRefused(f"size {size!r} is over max_message_bytes ({self.max_bytes})")
+        sha = sha256.lower() if isinstance(sha256, str) else ""
+        if not is_sha256(sha):
+            raise InboundRefused(f"sha256 {sha256!r} is not 64 hex digits")
+        if not is_int(offset) or offset > size:
+            raise InboundRefused(f"offset {offset!r} is not within 0..{size}")
+        path = self._partial_path(seq)
+        ck = self._st.partial
+        try:
+            if offset:
+                if ck is None or (ck["seq"], ck["name"], ck["size"], ck["sha256"],
+                                  ck["offset"]) != (seq, name, size, sha, offset):
+                    durable = ck["offset"] if ck and ck["seq"] == seq else 0
+                    raise InboundRefused(f"cannot resume seq {seq} at offset {offset}: the "
+                                         f"durable offset is {durable}")
+                fd = self.fs.open(path, os.O_RDWR | os.O_NOFOLLOW)
+                try:
+                    digest = self._rehash(fd, offset)
+                except BaseException:
+                    self.fs.close(fd)
+                    raise
+            else:
+                if ck is not None and ck["seq"] not in self._finished:
+                    # offset 0 discards any older resumable partial of the channel
+                    unlink_quietly(self.fs, self._partial_path(ck["seq"]))
+                    self._st = self._st.saved(self.fs, partial=None)
+                fd = self.fs.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW)
+                digest = hashlib.sha256()
+        except OSError as exc:
+            raise self._broken(f"starting seq {seq}", exc) from None
+        self._xfer = _Transfer(seq, name, size, sha, fd, path, offset, offset, digest)
+        return offset
+
+    def _rehash(self, fd: int, offset: int) -> Any:
+        digest = hashlib.sha256()
+        if os.fstat(fd).st_size < offset:
+            raise InboundRefused(f"partial file is shorter than its checkpoint ({offset})")
+        self.fs.truncate(fd, offset)
+        pos = 0
+        while pos < offset:
+            chunk = os.pread(fd, min(READ_SIZE, offset - pos), pos)
+            if not chunk:
+                raise OSError(5, "partial file shrank while re-reading it")
+            digest.update(chunk)
+            pos += len(chunk)
+        os.lseek(fd, offset, os.SEEK_SET)
+        return digest
+
+    def _transfer(self) -> _Transfer:
+        if self._xfer is None:
+            raise SpoolError(f"no transfer is open on {self.layout.peer}/{self.channel}")
+        return self._xfer
+
+    def write(self, data: bytes) -> None:
+        x = self._transfer()
+        if x.written + len(data) > x.size:
+            raise InboundRefused(f"seq {x.seq}: more than the announced {x.size} bytes")
+        try:
+            self.fs.write(x.fd, data)
+            x.digest.update(data)
+            x.written += len(data)
+            if x.written - x.durable >= self.checkpoint_bytes:
+                self._checkpoint(x)
+        except OSError as exc:
+            raise self._broken(f"writing seq {x.seq}", exc) from None
+
+    def _checkpoint(self, x: _Transfer) -> None:
+        self.fs.fsync(x.fd)
+        self._st = self._st.saved(self.fs, partial={
+            "seq": x.seq, "name": x.name, "size": x.size, "sha256": x.sha256,
+            "offset": x.written})
+        x.durable = x.written
+
+    def finish(self) -> Completed:
+        """All `size` bytes are in: check the SHA-256. No fsync (commit does it)."""
+        x = self._transfer()
+        if x.written != x.size:
+            raise InboundRefused(f"seq {x.seq} ended at {x.written} of {x.size} bytes")
+        self._xfer = None
+        self.fs.close(x.fd)
+        got = x.digest.hexdigest()
+        if got != x.sha256:
+            reason = f"seq {x.seq}: sha256 is {got}, the sender announced {x.sha256}"
+            try:
+                where = place_with_reason(self.fs, x.path, self.layout.quarantine_dir(),
+                                          x.name, reason)
+                if self._st.partial is not None and self._st.partial["seq"] == x.seq:
+                    self._st = self._st.saved(self.fs, partial=None)
+            except OSError as exc:
+                raise self._broken(f"quarantining seq {x.seq}", exc) from None
+            raise ChecksumMismatch(reason, where)
+        done = Completed(self.channel, x.seq, x.name, x.size, x.sha256, x.path)
+        self._finished[x.seq] = done
+        return done
+
+    def abort(self) -> None:
+        """The session ended mid-transfer: make what was written durable and record
+        it as the checkpoint, so that the next session can resume from it."""
+        x, self._xfer = self._xfer, None
+        if x is None:
+            return
+        try:
+            if self._ready and x.written > x.durable:
+                self._checkpoint(x)
+            elif self._ready and x.written == 0:
+                self.fs.unlink(x.path)
+        except OSError as exc:
+            raise self._broken(f"checkpointing seq {x.seq}", exc) from None
+        finally:
+            self.fs.close(x.fd)
+
+    # -- commit ------------------------------------------------------------
+    def commit(self, batch: list[Completed]) -> list[Delivered]:
+        """Make a batch of finished messages visible in in/<ch>/, durably, in seq
+        order; returns them as delivered. Raises SpoolError (nothing reported
+        committed) on any I/O error; recover() then completes or rolls it back."""
+        self._require()
+        items = sorted(batch, key=lambda c: c.seq)
+        for c in items:
+            if self._finished.get(c.seq) != c:
+                raise SpoolError(f"seq {c.seq} on {self.layout.peer}/{self.channel} is not a "
+                                 f"finished, uncommitted message of this object")
+        if not items:
+            return []
+        try:
+            if len(items) >= SYNCFS_MIN:
+                for c in items:
+                    self.fs.chmod(c.partial, self.file_mode)
+                self.fs.syncfs(self._tmp)
+            else:
+                for c in items:
+                    fsync_file(self.fs, c.partial, self.file_mode)
+            taken: set[str] = set()
+            plan = []
+            for c in items:
+                final = pick_free(self._in, c.name, taken)
+                taken.add(final)
+                plan.append((c, final))
+            intent = [[c.seq, c.partial.name, final, c.name, c.size, c.sha256]
+                      for c, final in plan]
+            self._st = self._st.saved(self.fs, intent=intent)
+            for c, final in plan:
+                path = place_noreplace(self.fs, c.partial, self._in, c.name,
+                                       taken=taken - {final}, preferred=final)
+                self._unreported.append(Delivered(self.channel, c.seq, path.name, c.name,
+                                                  c.size, c.sha256, path))
+            self.fs.fsync_dir(self._in)
+            last = items[-1].seq
+            ck = self._st.partial
+            self._st = self._st.saved(self.fs, committed=last, intent=None,
+                                      partial=ck if ck and ck["seq"] > last else None)
+        except OSError as exc:
+            raise self._broken(f"committing seq {items[0].seq}..{items[-1].seq}", exc) \
+                from None
+        done, self._unreported = self._unreported, []
+        for c in items:
+            del self._finished[c.seq]
+        return done
+
+    def quarantine(self, name: str, data_path: Path | None, reason: str) -> Path:
+        """Keep `data_path` (or, if None, just a reason) in quarantine/ as `name`
+        (made plain if it is not), beside a one-line .reason; returns the path."""
+        folder = self.layout.quarantine_dir()
+        plain = name if isinstance(name, str) and plain_name_problem(name) is None \
+            else safe_name(name)
+        try:
+            make_folder(folder, FOLDER_MODE, self.fs)
+            if data_path is None:
+                return write_reason_only(self.fs, folder, plain, reason)
+            return place_with_reason(self.fs, Path(data_path), folder, plain, reason)
+        except OSError as exc:
+            raise SpoolError(f"cannot quarantine {plain!r} in {folder}: {exc.strerror}") \
+                from None
+

@@ -1,0 +1,270 @@
+"""Where everything lives (CONTRACT §3), the one-daemon lock, and file-name rules.
+
+Theory of operation
+-------------------
+Spool (applications see it), per peer::
+
+    <spool>/<peer>/out/<ch>/        dropped files; claimed ones leave by rename
+    <spool>/<peer>/in/<ch>/         delivered files, complete or absent
+    <spool>/<peer>/sent/<ch>/       acknowledged files (archive_sent only)
+    <spool>/<peer>/failed/<ch>/     <name> + <name>.reason
+    <spool>/<peer>/quarantine/      <name> + <name>.reason
+    <spool>/<peer>/tmp/             inbound partials <ch>.<seq>.part
+
+State (ours alone, 0700)::
+
+    <state>/linkd.lock                          flock: one daemon per state dir
+    <state>/peers/<peer>/out/<ch>/<seq>.meta    claim record (JSON)
+    <state>/peers/<peer>/out/<ch>/<seq>.data    the claimed file itself
+    <state>/peers/<peer>/out/<ch>/<seq>.fail    "this seq is being failed" record
+    <state>/peers/<peer>/out/<ch>.json          {"last_done": N}
+    <state>/peers/<peer>/in/<ch>.json           {"committed", "intent", "partial"}
+
+A claimed file moves from out/<ch>/ to the state dir by rename(2), so both must
+be on one file system *and one mount* (systemd's ReadWritePaths= makes separate
+bind mounts!). `create()` checks this once with a probe rename and refuses with
+a clear SpoolError rather than failing later with EXDEV.
+
+Crash points of `create()`: each folder is made by mkdir (atomic) then chmod'ed;
+a crash in between leaves a folder with the umask's mode that the next start
+treats as "existing, leave as is" -- harmless, and the parent is fsync'd after
+each mkdir so that an fsync'd claim inside can never lose its folder.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from ..errors import SpoolError
+from .fs import DEFAULT_FS, FS
+
+FOLDER_MODE = 0o750
+STATE_MODE = 0o700
+NAME_MAX = 255
+_CHANNEL_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def plain_name_problem(name: str) -> str | None:
+    """None if `name` is one plain path component; else a short reason."""
+    if not isinstance(name, str):
+        return "is not a string"
+    if not name:
+        return "is empty"
+    if name in (".", ".."):
+        return f"is {name!r}"
+    if "/" in name:
+        return "contains '/'"
+    if "\0" in name:
+        return "contains a NUL byte"
+    if name.startswith("."):
+        return "starts with '.'"
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "is not valid UTF-8"
+    if size > NAME_MAX:
+        return f"is {size} bytes long (at most {NAME_MAX})"
+    return None
+
+
+def _bytes(name: str) -> int:
+    return len(name.encode("utf-8", "surrogateescape"))
+
+
+def tilde_name(name: str, n: int, reserve: int = 0) -> str:
+    """`name` with `~n` before its first extension (n = 0: `name` itself), cut to
+    fit NAME_MAX - reserve bytes: report.txt -> report~1.txt, a.tar.gz ->
+    a~1.tar.gz, README -> README~1. Only over-long names are cut (stem first)."""
+    dot = name.find(".", 1)
+    stem, ext = (name, "") if dot < 0 else (name[:dot], name[dot:])
+    tag = f"~{n}" if n else ""
+    while _bytes(stem) + len(tag) + _bytes(ext) > NAME_MAX - reserve and (stem or ext):
+        if len(stem) > 1 or not ext:
+            stem = stem[:-1]
+        else:
+            ext = ext[:-1]
+    return stem + tag + ext
+
+
+def safe_name(name: str) -> str:
+    """A plain name made from an untrusted one (for quarantine of bad names)."""
+    cleaned = "".join("_" if c in "/\0" else c for c in str(name)).lstrip(".")
+    cleaned = cleaned.encode("utf-8", "replace").decode("utf-8")
+    while _bytes(cleaned) > NAME_MAX:
+        cleaned = cleaned[:-1]
+    return cleaned or "unnamed"
+
+
+def check_channel(channel: str) -> str:
+    if not isinstance(channel, str) or not _CHANNEL_RE.fullmatch(channel) \
+            or channel in (".", ".."):
+        raise SpoolError(f"channel name {channel!r} is not [A-Za-z0-9_.-]{{1,64}} "
+                         f"(and not '.' or '..'): rename it in the config")
+    return channel
+
+
+class SpoolLayout:
+    """Paths of one peer's spool and state (see the module docstring)."""
+
+    def __init__(self, spool_dir: Path, state_dir: Path, peer: str) -> None:
+        problem = plain_name_problem(peer)
+        if problem:
+            raise SpoolError(f"peer name {peer!r} {problem}: it cannot be a spool folder")
+        self.spool_dir = Path(spool_dir)
+        self.state_dir = Path(state_dir)
+        self.peer = peer
+        self.peer_dir = self.spool_dir / peer
+        self.state_peer_dir = self.state_dir / "peers" / peer
+
+    def out_dir(self, ch: str) -> Path:
+        return self.peer_dir / "out" / check_channel(ch)
+
+    def in_dir(self, ch: str) -> Path:
+        return self.peer_dir / "in" / check_channel(ch)
+
+    def sent_dir(self, ch: str) -> Path:
+        return self.peer_dir / "sent" / check_channel(ch)
+
+    def failed_dir(self, ch: str) -> Path:
+        return self.peer_dir / "failed" / check_channel(ch)
+
+    def quarantine_dir(self) -> Path:
+        return self.peer_dir / "quarantine"
+
+    def tmp_dir(self) -> Path:
+        return self.peer_dir / "tmp"
+
+    def claimed_dir(self, ch: str) -> Path:
+        return self.state_peer_dir / "out" / check_channel(ch)
+
+    def state_file_out(self, ch: str) -> Path:
+        return self.state_peer_dir / "out" / f"{check_channel(ch)}.json"
+
+    def state_file_in(self, ch: str) -> Path:
+        return self.state_peer_dir / "in" / f"{check_channel(ch)}.json"
+
+    def create(self, channels: Iterable[str], archive_sent: bool, fs: FS | None = None) -> None:
+        """Make every missing folder (spool 0750, state 0700), leave existing ones
+        as they are, then check that claims can be renamed into the state dir."""
+        fs = fs or DEFAULT_FS
+        channels = [check_channel(ch) for ch in channels]
+        spool = [self.spool_dir, self.peer_dir, self.quarantine_dir(), self.tmp_dir()]
+        for ch in channels:
+            spool += [self.out_dir(ch), self.in_dir(ch), self.failed_dir(ch)]
+            if archive_sent:
+                spool.append(self.sent_dir(ch))
+        for folder in spool:
+            make_folder(folder, FOLDER_MODE, fs)
+        make_folder(self.state_dir, STATE_MODE, fs)
+        for ch in channels:
+            make_folder(self.claimed_dir(ch), STATE_MODE, fs)
+        make_folder(self.state_peer_dir / "in", STATE_MODE, fs)
+        self._probe_same_mount(channels)
+
+    def _probe_same_mount(self, channels: list[str]) -> None:
+        if not channels:
+            return
+        probe = self.tmp_dir() / f".linkd-probe-{os.getpid()}"
+        target = self.claimed_dir(channels[0]) / f".linkd-probe-{os.getpid()}.tmp"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            os.close(fd)
+            try:
+                os.rename(probe, target)
+            except OSError as exc:
+                if exc.errno == errno.EXDEV:
+                    raise SpoolError(
+                        f"state_dir {self.state_dir} and spool_dir {self.spool_dir} are on "
+                        f"different file systems or mounts, so claimed files cannot be moved "
+                        f"by rename: put state_dir inside the spool's file system (the "
+                        f"default is <spool_dir>/.linkd)") from None
+                raise
+            os.unlink(target)
+        except OSError as exc:
+            raise SpoolError(f"cannot use {self.tmp_dir()} and {self.claimed_dir(channels[0])}:"
+                             f" {exc.strerror}: check their owner and permissions") from None
+        finally:
+            for leftover in (probe, target):
+                try:
+                    os.unlink(leftover)
+                except OSError:
+                    pass
+
+
+def make_folder(path: Path, mode: int, fs: FS | None = None) -> None:
+    """mkdir -p where every folder we create gets exactly `mode` (chmod after
+    mkdir: umask-proof) and its parent is fsync'd; existing folders untouched."""
+    fs = fs or DEFAULT_FS
+    path = Path(path)
+    missing: list[Path] = []
+    probe = path
+    while not probe.is_dir():
+        if os.path.lexists(probe):
+            raise SpoolError(f"{probe} exists but is not a folder: move it away")
+        missing.append(probe)
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    for folder in reversed(missing):
+        try:
+            fs.mkdir(folder, mode)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise SpoolError(f"cannot create {folder}: {exc.strerror}: "
+                             f"check the permissions of {folder.parent}") from None
+        try:
+            fs.chmod(folder, mode)
+            fs.fsync_dir(folder.parent)
+        except OSError as exc:
+            raise SpoolError(f"cannot set up {folder}: {exc.strerror}") from None
+
+
+class LockHandle:
+    """An flock held on <state_dir>/linkd.lock until `release()` (or exit)."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path, self.fd = path, fd
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing the only descriptor drops the flock
+            self.fd = -1
+
+    def __enter__(self) -> LockHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def lock_state_dir(state_dir: Path) -> LockHandle:
+    """Take the one-daemon lock (creating state_dir 0700 if missing)."""
+    state_dir = Path(state_dir)
+    make_folder(state_dir, STATE_MODE)
+    path = state_dir / "linkd.lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise SpoolError(f"cannot open {path}: {exc.strerror}: check its owner and "
+                         f"permissions") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            other = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        finally:
+            os.close(fd)
+        raise SpoolError(f"state dir {state_dir} is in use by another linkd (pid {other}): "
+                         f"stop it first") from None
+    except OSError as exc:
+        os.close(fd)
+        raise SpoolError(f"cannot lock {path}: {exc.strerror}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return LockHandle(path, fd)
