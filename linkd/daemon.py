@@ -100,6 +100,7 @@ class Daemon:
                     problems = await in_thread(link.prepare)
                     for problem in problems:
                         self.log.warning("recovery", peer=link.name, problem=problem)
+                    link.log_recovered()
                 for listener in listeners:
                     nursery.start_soon(self._accept, listener)
                 for link in self.links.values():

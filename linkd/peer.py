@@ -60,7 +60,12 @@ class PeerLink:
         self._slot_free = trio.Event()
         self._slot_free.set()
         self.slot_lock = trio.Lock()
-        self.last_session_open = False
+        # Outbound objects are not thread-safe and every call runs in a worker thread:
+        # scan (pick-up), ack and fail must never overlap, or a claim and an ack race
+        # on the sequence counters (seen: numbers reused, claimed files overwritten).
+        self.spool_lock = trio.Lock()
+        self.last_session_open = False          # the last dialled session was stable
+        self.sessions_opened = 0                # sessions that reached the hello (any side)
         self._rescan = Wakeup()
         self.cancel_scope: trio.CancelScope | None = None
         self._set_channels(peer.channels)
@@ -132,6 +137,19 @@ class PeerLink:
             stats.queued = len(pending) + waiting_count
             stats.queued_bytes = sum(i.size for i in pending) + waiting_bytes
 
+    def log_recovered(self) -> None:
+        """Log deliveries that crash recovery completed (their session never did)."""
+        for name, inbound in self.inbound.items():
+            for d in inbound.recovered:
+                self.status.channel(name).note_received(d.size)
+                fields: dict[str, Any] = dict(peer=self.name, channel=d.channel, name=d.name,
+                                              seq=d.seq, size=d.size, sha256=d.sha256,
+                                              recovered=True)
+                if d.sent_name != d.name:
+                    fields["sent_name"] = d.sent_name
+                self.log.info("message_delivered", **fields)
+            inbound.recovered = []
+
     def log_failed(self, failed: list[FailedFile]) -> None:
         for f in failed:
             self.status.channel(f.channel).failed += 1
@@ -158,7 +176,8 @@ class PeerLink:
         return failed
 
     async def scan_now(self) -> None:
-        failed = await in_thread(self._scan_all)
+        async with self.spool_lock:
+            failed = await in_thread(self._scan_all)
         self.log_failed(failed)
         self.work.set()
         if self.active is not None:

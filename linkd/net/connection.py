@@ -17,6 +17,14 @@ Tasks, all in one nursery that dies with the session:
             next Msg or Data chunk within the credit, flushes, repeats.
 
 All writes to the stream go through `flush()` under one StrictFIFOLock. The
+reader, the timer and the inbound worker never wait for that lock themselves:
+they queue frames in the Session and wake the *writer* task, which flushes.
+Otherwise a send blocked by a peer that is not reading (frozen, partitioned,
+or itself blocked in a send) would stop our reading (both sides sending bulk
+at once would deadlock, each waiting for the other to read) and our heartbeat
+deadline (a frozen peer would never be declared dead). The reader only waits
+for the writer when more than MAX_PENDING_OUTPUT bytes are queued (a peer
+flooding pings while not reading), which bounds memory. The
 session counts as up (`link_up`) only after the peer's hello has arrived,
 because a TLS 1.3 client learns of its refusal only on its first read.
 
@@ -33,7 +41,7 @@ from typing import Any
 
 import trio
 
-from ..errors import LocalProtocolError
+from ..errors import LocalProtocolError, SpoolError
 from ..proto import frames as F
 from ..proto import session as S
 from ..proto.framing import CHUNK_SIZE
@@ -46,6 +54,7 @@ MAX_IN_FLIGHT = 1024          # unacknowledged messages per channel
 MAX_ATTEMPTS = 3              # sends of one message that fail its checksum before it is failed
 READ_SIZE = 64 * 1024
 MAX_INBOUND_BACKLOG = 4096    # queued inbound events before the reader stops reading
+MAX_PENDING_OUTPUT = 1 << 20  # queued control bytes (pongs, acks...) before the reader waits
 
 
 @dataclasses.dataclass
@@ -76,6 +85,7 @@ class SessionRunner:
         self.lock = trio.StrictFIFOLock()
         self.sender_wake = Wakeup()
         self.timer_wake = Wakeup()
+        self.writer_wake = Wakeup()
         self.inbound_drained = Wakeup()
         self.inbound_q_send, self.inbound_q = trio.open_memory_channel[Any](math.inf)
         self.ack_q_send, self.ack_q = trio.open_memory_channel[tuple[str, int]](math.inf)
@@ -135,6 +145,7 @@ class SessionRunner:
             problems += await trio.to_thread.run_sync(link.inbound[name].recover)
         for p in problems:
             self.log.warning("recovery", problem=p)
+        link.log_recovered()
         self.session = S.Session(
             node=link.cfg.node.name, peer=link.name, channels=self.hello_channels(),
             now=trio.current_time(), heartbeat_interval=lcfg.heartbeat_interval,
@@ -144,6 +155,7 @@ class SessionRunner:
                 self.nursery = nursery
                 nursery.start_soon(self._reader)
                 nursery.start_soon(self._timer)
+                nursery.start_soon(self._writer)
                 await self.flush()
                 await self.opened.wait()
                 self._on_open()
@@ -193,7 +205,7 @@ class SessionRunner:
         for name, inbound in list(self.link.inbound.items()):
             try:
                 await trio.to_thread.run_sync(inbound.abort)
-            except OSError as exc:
+            except (OSError, SpoolError) as exc:
                 self.log.error("inbound_abort_failed", channel=name, reason=str(exc))
         if self.session is not None and self.session.state is S.State.CLOSED:
             with trio.move_on_after(1):
@@ -223,7 +235,10 @@ class SessionRunner:
                 return
             events = self.session.receive_data(data, trio.current_time())
             self._dispatch(events)
-            await self.flush()
+            if self.session.pending_output > MAX_PENDING_OUTPUT + CHUNK_SIZE:
+                await self.flush()      # bounded memory: wait for a peer that does not read
+            else:
+                self.writer_wake.set()  # never block reading on a send (see the top)
 
     async def _timer(self) -> None:
         """Sleep until the session's next deadline. Deadlines only move later while the
@@ -237,6 +252,12 @@ class SessionRunner:
                 await self.timer_wake.wait()
                 continue
             self._dispatch(self.session.handle_timer(trio.current_time()))
+            self.writer_wake.set()      # a blocked send must not stop the heartbeat deadline
+
+    async def _writer(self) -> None:
+        """Flush whatever the reader, timer and inbound worker queued."""
+        while True:
+            await self.writer_wake.wait()
             await self.flush()
 
     def _dispatch(self, events: list[S.Event]) -> None:
@@ -319,7 +340,7 @@ class SessionRunner:
                 self.session.send_ack(ch, seq)
             for ch, n in credit.items():
                 self.session.grant(ch, n)
-            await self.flush()
+            self.writer_wake.set()
 
     def _apply_inbound(self, batch: list[Any], discarding: set[str],
                        skipping: dict[str, int]) -> tuple[Any, ...]:
@@ -401,7 +422,8 @@ class SessionRunner:
                 out = link.outbound.get(ch)
                 if out is None:
                     continue
-                resolved = await trio.to_thread.run_sync(out.ack, seq)
+                async with link.spool_lock:
+                    resolved = await trio.to_thread.run_sync(out.ack, seq)
                 state = self.out.get(ch)
                 if state is not None:
                     while state.in_flight and state.in_flight[0] <= seq:
@@ -413,7 +435,8 @@ class SessionRunner:
                     stats.note_sent(item.size)
                     self.log.info("message_sent", peer=link.name, channel=ch, name=item.name,
                                   seq=item.seq, size=item.size, sha256=item.sha256)
-            link.refresh_queued()
+            async with link.spool_lock:
+                link.refresh_queued()
             self.sender_wake.set()
 
     # -- sender ---------------------------------------------------------------
@@ -424,7 +447,12 @@ class SessionRunner:
         out = self.link.outbound.get(state.name)
         if out is None:
             return None
-        return out.next_pending(state.next_seq)
+        try:
+            return out.next_pending(state.next_seq)
+        except (RuntimeError, KeyError):
+            # A pick-up or ack in a worker thread is changing the pending set right now;
+            # it wakes the sender when it is done.
+            return None
 
     def _ready(self) -> list[tuple[str, int]]:
         assert self.session is not None
@@ -461,16 +489,18 @@ class SessionRunner:
         out = self.link.outbound.get(item.channel)
         if out is None:
             return
-        failed = await trio.to_thread.run_sync(out.fail, item, reason)
+        async with self.link.spool_lock:
+            failed = await trio.to_thread.run_sync(out.fail, item, reason)
+            self.link.refresh_queued()
         self.link.log_failed([failed])
-        self.link.refresh_queued()
 
     async def _step(self, state: _OutChannel) -> None:
         assert self.session is not None
         session = self.session
         if state.current is None:
             item = self._next_item(state)
-            assert item is not None
+            if item is None:        # the pending set changed since _ready() looked
+                return
             state.next_seq = item.seq + 1
             peer_ch = session.peer_channels.get(state.name)
             if peer_ch is None:
@@ -530,7 +560,8 @@ class SessionRunner:
             state.current, state.fh = None, None
             while state.in_flight and state.in_flight[-1] >= nack.seq:
                 state.in_flight.pop()
-            item = next((i for i in out.pending() if i.seq == nack.seq), None)
+            async with self.link.spool_lock:
+                item = next((i for i in out.pending() if i.seq == nack.seq), None)
             key = (nack.ch, nack.seq)
             self.attempts[key] = self.attempts.get(key, 0) + 1
             if item is not None and (not nack.retry or self.attempts[key] >= MAX_ATTEMPTS):

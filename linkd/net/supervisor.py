@@ -16,8 +16,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import ssl
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -29,10 +31,10 @@ from .connection import SessionRunner
 from .tls import IdentityError, PeerIdentity, describe_ssl_error, identify
 
 
-def _remote_of(stream: trio.SocketStream) -> str:
+def _remote_of(stream: trio.abc.Stream) -> str:
     try:
-        host, port = stream.socket.getpeername()[:2]
-    except OSError:
+        host, port = stream.socket.getpeername()[:2]  # type: ignore[attr-defined]
+    except (OSError, AttributeError):   # AttributeError: a non-socket stream (tests)
         return "?"
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -76,6 +78,7 @@ async def run_session(daemon: Any, link: Any, runner: SessionRunner) -> None:
                 dialer = daemon.cfg.node.name if existing.dialed_by_us else link.name
                 reason = f"duplicate session: keeping the one dialled by {dialer}"
                 link.log.info("session_refused", remote=runner.remote, reason=reason)
+                runner.reason, runner.error = reason, False    # not a fault: the link is up
                 await refuse(runner.stream, reason)
                 return
             await existing.close("replaced by a newer session")
@@ -98,7 +101,22 @@ async def run_session(daemon: Any, link: Any, runner: SessionRunner) -> None:
         link.status.set_state(idle, error=reason if error else None)
 
 
-async def dial_loop(daemon: Any, link: Any) -> None:
+OpenStream = Callable[[str, int], Awaitable[trio.abc.Stream]]
+
+
+def stable_after(lcfg: Any) -> float:
+    """Seconds a session must stay open for the backoff to start again from the floor.
+
+    A session that dies right after its hello (a peer in a crash loop, a flapping
+    link) must not make us redial at `reconnect_min` forever; one that outlived a
+    full heartbeat timeout has proven the path works.
+    """
+    return float(lcfg.heartbeat_timeout)
+
+
+async def dial_loop(daemon: Any, link: Any, *,
+                    open_stream: OpenStream = trio.open_tcp_stream) -> None:
+    """`open_stream` is a test seam (MockClock tests inject an unreachable network)."""
     lcfg = daemon.cfg.link
     backoff = Backoff(lcfg.reconnect_min, lcfg.reconnect_max)
     while True:
@@ -109,29 +127,40 @@ async def dial_loop(daemon: Any, link: Any) -> None:
         host, port = connect
         remote = f"{host}:{port}"
         link.status.set_state("connecting")
-        outcome = await _dial(daemon, link, host, port, remote)
+        outcome = await _dial(daemon, link, host, port, remote, open_stream)
         if outcome is not None:
-            error_reason = outcome
-            link.status.set_state("backoff", error=error_reason)
+            # Only while no other session holds the slot: an attempt that lost the
+            # tie-break to the peer's dial-in must not turn "connected" into "backoff".
+            if link.active is None:
+                link.status.set_state("backoff", error=outcome)
         elif link.last_session_open:
             backoff.reset()
         delay = backoff.next_delay()
         if link.active is None:
-            link.status.set_state("backoff")
-        link.status.next_attempt_at = None
+            link.status.set_state(
+                "backoff", next_attempt_at=dt.datetime.now(dt.timezone.utc)
+                + dt.timedelta(seconds=delay))
         await trio.sleep(delay)
 
 
-async def _dial(daemon: Any, link: Any, host: str, port: int, remote: str) -> str | None:
+async def _dial(daemon: Any, link: Any, host: str, port: int, remote: str,
+                open_stream: OpenStream = trio.open_tcp_stream) -> str | None:
     """One attempt. Returns a failure reason, or None if a session ran."""
     lcfg = daemon.cfg.link
     link.last_session_open = False
     try:
         with trio.fail_after(lcfg.handshake_timeout):
-            tcp = await trio.open_tcp_stream(host, port)
+            tcp = await open_stream(host, port)
     except (OSError, trio.TooSlowError) as exc:
+        # trio's "all attempts to connect ... failed" carries the real errors in its cause.
+        cause: BaseException = exc
+        if isinstance(exc.__cause__, BaseExceptionGroup) and exc.__cause__.exceptions:
+            cause = exc.__cause__.exceptions[-1]
+        if not isinstance(cause, OSError):
+            cause = exc
         reason = f"cannot connect to {remote}: " + (
-            "timed out" if isinstance(exc, trio.TooSlowError) else (exc.strerror or str(exc)))
+            "timed out" if isinstance(exc, trio.TooSlowError) else
+            (getattr(cause, "strerror", None) or str(cause)))
         link.log.debug("connect_failed", reason=reason)
         return reason
     remote = _remote_of(tcp)
@@ -154,8 +183,11 @@ async def _dial(daemon: Any, link: Any, host: str, port: int, remote: str) -> st
     runner = SessionRunner(link, ssl_stream, remote=remote, dialed_by_us=True,
                            tls_info=tls_info(ssl_stream, identity))
     await run_session(daemon, link, runner)
-    link.last_session_open = runner.was_open
-    return None if runner.was_open else (runner.reason or "session failed")
+    # Only a stable session resets the backoff (see stable_after).
+    link.last_session_open = runner.was_open and runner.open_seconds >= stable_after(lcfg)
+    if runner.was_open or (runner.reason is not None and not runner.error):
+        return None     # a session ran, or we lost the tie-break to a live one
+    return runner.reason or "session failed"
 
 
 async def handle_inbound(daemon: Any, tcp: trio.SocketStream) -> None:

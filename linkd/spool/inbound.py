@@ -75,7 +75,7 @@ from .layout import (
 )
 from .recovery import InState, load_state, recover_inbound
 
-SYNCFS_MIN = 16          # batches this large use one syncfs instead of an fsync per file
+SYNCFS_MIN = 8           # batches this large use one syncfs instead of an fsync per file
 READ_SIZE = 1 << 20
 
 

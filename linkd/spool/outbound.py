@@ -130,7 +130,10 @@ class Outbound:
                           f"{exc.strerror or exc} ({exc.filename})")
 
     def pending(self) -> list[Claimed]:
-        return [self._pending[s] for s in sorted(self._pending)]
+        """Claimed, unresolved items in seq order. Like `next_pending`, `waiting` and
+        `last_done`, safe to call while another thread runs scan/ack/fail."""
+        snapshot = self._pending.copy()          # one C-level copy: atomic under the GIL
+        return [snapshot[s] for s in sorted(snapshot)]
 
     def next_pending(self, from_seq: int) -> Claimed | None:
         """The claimed item with the smallest seq >= from_seq (the sender's hot path:
@@ -138,7 +141,7 @@ class Outbound:
         item = self._pending.get(from_seq)
         if item is not None or not self._pending or from_seq > self._high:
             return item
-        return min((i for s, i in self._pending.items() if s >= from_seq),
+        return min((i for s, i in self._pending.copy().items() if s >= from_seq),
                    key=lambda i: i.seq, default=None)
 
     def open(self, item: Claimed) -> BinaryIO:

@@ -1,4 +1,4 @@
-"""The inbound state file and the inbound recovery pass.
+"""The inbound state file and the recovery passes of both directions.
 
 Theory of operation
 -------------------
@@ -25,6 +25,16 @@ when there is nothing to do: one small read and one listdir). In order:
    unsynced starts): their seqs were never acknowledged, so they are resent.
 4. Save the state if anything changed (or if the previous commit failed: the
    durability of its last steps is unknown, so they are re-done).
+
+`recover_outbound` (crash points in outbound.py): reads last_done (a corrupt
+file is moved aside and last_done salvaged from its text), deletes dot-file
+temporaries, then per seq: with a .fail record, finishes moving its .data to
+failed/ (tombstone); <= last_done, finishes the acknowledgement (delete or
+archive the .data); .meta + .data, pending; .data alone, failed ("claim record
+missing") so that start-up is never blocked; .meta alone above every .data,
+deleted (a cut claim: the file is still in out/); .meta alone below one, kept
+as a skipped number. Then last_done advances over the resolved numbers. Each
+step is idempotent, so a crash during recovery is recovered the same way.
 """
 
 from __future__ import annotations
