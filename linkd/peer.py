@@ -22,6 +22,7 @@ import trio
 
 from . import log as logmod
 from .config import ChannelConfig, Config, PeerConfig
+from .errors import SpoolError
 from .spool import FailedFile, Inbound, Outbound, SpoolLayout
 from .status import PeerStatus
 from .wakeup import Wakeup
@@ -61,9 +62,11 @@ class PeerLink:
         self._slot_free.set()
         self.slot_lock = trio.Lock()
         # Outbound objects are not thread-safe and every call runs in a worker thread:
-        # scan (pick-up), ack and fail must never overlap, or a claim and an ack race
-        # on the sequence counters (seen: numbers reused, claimed files overwritten).
-        self.spool_lock = trio.Lock()
+        # scan (pick-up), ack and fail of one channel must never overlap, or a claim and
+        # an ack race on the sequence counters (seen: numbers reused, claimed files
+        # overwritten). One lock per channel, not per peer: hashing a 1 GiB file at
+        # pick-up must not hold back another channel's pick-up or acks (CONTRACT §4.4).
+        self.spool_locks: dict[str, trio.Lock] = {}
         self.last_session_open = False          # the last dialled session was stable
         self.sessions_opened = 0                # sessions that reached the hello (any side)
         self._rescan = Wakeup()
@@ -129,8 +132,19 @@ class PeerLink:
 
     # -- counters -------------------------------------------------------------
 
-    def refresh_queued(self) -> None:
-        for name, out in self.outbound.items():
+    def spool_lock(self, channel: str) -> trio.Lock:
+        """The lock that serialises spool calls on `channel`'s Outbound."""
+        lock = self.spool_locks.get(channel)
+        if lock is None:
+            lock = self.spool_locks[channel] = trio.Lock()
+        return lock
+
+    def refresh_queued(self, channels: list[str] | None = None) -> None:
+        """Recount `queued` for `channels` (all by default); call under their locks."""
+        for name in list(self.outbound) if channels is None else channels:
+            out = self.outbound.get(name)
+            if out is None:
+                continue
             stats = self.status.channel(name)
             pending = out.pending()
             waiting_count, waiting_bytes = out.waiting()
@@ -163,28 +177,41 @@ class PeerLink:
 
     # -- pick-up --------------------------------------------------------------
 
-    def _scan_all(self) -> list[FailedFile]:
-        failed: list[FailedFile] = []
-        for name, out in list(self.outbound.items()):
-            try:
-                _claimed, bad = out.scan(self.peer_max.get(name))
-            except OSError as exc:
-                self.log.error("pickup_failed", channel=name, reason=str(exc))
-                continue
-            failed += bad
-        self.refresh_queued()
+    def _scan_one(self, name: str, out: Outbound) -> list[FailedFile]:
+        """Blocking: claim what waits in out/<name>/ (hashing every new file)."""
+        try:
+            _claimed, failed = out.scan(self.peer_max.get(name))
+        except (OSError, SpoolError) as exc:
+            self.log.error("pickup_failed", channel=name, reason=str(exc))
+            return []
+        self.refresh_queued([name])
         return failed
 
-    async def scan_now(self) -> None:
-        async with self.spool_lock:
-            failed = await in_thread(self._scan_all)
+    async def scan_channel(self, name: str) -> None:
+        out = self.outbound.get(name)
+        if out is None:
+            return
+        async with self.spool_lock(name):
+            failed = await in_thread(self._scan_one, name, out)
         self.log_failed(failed)
         self.work.set()
         if self.active is not None:
             self.active.sender_wake.set()
 
+    async def scan_now(self) -> None:
+        """Pick up on every channel at once, each on its own."""
+        async with trio.open_nursery() as nursery:
+            for name in list(self.outbound):
+                nursery.start_soon(self.scan_channel, name)
+
     async def pickup(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Claim files as they are renamed into out/<channel>/ (inotify + rescan)."""
+        """Claim files as they are renamed into out/<channel>/ (inotify + rescan).
+
+        One task per channel waits for its own inotify events (or the periodic
+        rescan) and claims that channel's files, so a big file being hashed on
+        one channel never delays pick-up on another. This task reads inotify,
+        wakes the channels concerned, and starts tasks for channels added by a
+        reload (a removed channel's task ends by itself)."""
         notifier = None
         if inotify_simple is not None:
             try:
@@ -192,39 +219,70 @@ class PeerLink:
             except OSError as exc:
                 self.log.warning("inotify_unavailable", reason=str(exc))
         watched: dict[str, int] = {}
+        wakeups: dict[str, Wakeup] = {}
         mask = 0
         if notifier is not None:
             flags = inotify_simple.flags
             mask = flags.MOVED_TO | flags.CLOSE_WRITE | flags.CREATE
+
+        async def channel_task(name: str, wakeup: Wakeup) -> None:
+            try:
+                while name in self.outbound:
+                    await self.scan_channel(name)
+                    with trio.move_on_after(RESCAN_INTERVAL):
+                        await wakeup.wait()
+            finally:
+                if wakeups.get(name) is wakeup:
+                    del wakeups[name]
+
         try:
             await self.scan_now()
             task_status.started()
-            while True:
-                if notifier is not None:
-                    for name in self.channels:
-                        if name not in watched:
+            async with trio.open_nursery() as nursery:
+                while True:
+                    for name in list(self.channels):
+                        if name not in wakeups:
+                            wakeups[name] = Wakeup()
+                            nursery.start_soon(channel_task, name, wakeups[name])
+                        if notifier is not None and name not in watched:
                             try:
                                 watched[name] = notifier.add_watch(
                                     str(self.layout.out_dir(name)), mask)
                             except OSError as exc:
                                 if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
                                     raise
-                with trio.move_on_after(RESCAN_INTERVAL):
-                    if notifier is not None:
-                        async with trio.open_nursery() as nursery:
-                            async def on_fs(nursery: trio.Nursery = nursery) -> None:
-                                await trio.lowlevel.wait_readable(notifier.fileno())
-                                notifier.read(timeout=0)
-                                nursery.cancel_scope.cancel()
-
-                            async def on_rescan(nursery: trio.Nursery = nursery) -> None:
-                                await self._rescan.wait()
-                                nursery.cancel_scope.cancel()
-                            nursery.start_soon(on_fs)
-                            nursery.start_soon(on_rescan)
-                    else:
-                        await self._rescan.wait()
-                await self.scan_now()
+                    woken: list[str] = []
+                    with trio.move_on_after(RESCAN_INTERVAL):   # also retries failed watches
+                        if notifier is None:
+                            await self._rescan.wait()
+                            woken = list(wakeups)
+                        else:
+                            woken = await self._next_events(notifier, watched)
+                    for name in woken:
+                        if name in wakeups:
+                            wakeups[name].set()
         finally:
             if notifier is not None:
                 notifier.close()
+
+    async def _next_events(self, notifier: Any, watched: dict[str, int]) -> list[str]:
+        """Wait for inotify events (-> the channels they concern) or a reload (-> all)."""
+        woken: list[str] = []
+        async with trio.open_nursery() as nursery:
+            async def on_fs() -> None:
+                await trio.lowlevel.wait_readable(notifier.fileno())
+                by_wd = {wd: name for name, wd in watched.items()}
+                for event in notifier.read(timeout=0):
+                    name = by_wd.get(event.wd)
+                    if name is not None and name not in woken:
+                        woken.append(name)
+                nursery.cancel_scope.cancel()
+
+            async def on_rescan() -> None:
+                await self._rescan.wait()
+                woken.extend(watched)
+                woken.extend(self.channels)
+                nursery.cancel_scope.cancel()
+            nursery.start_soon(on_fs)
+            nursery.start_soon(on_rescan)
+        return woken

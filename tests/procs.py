@@ -74,6 +74,7 @@ class Daemon:
         self.peers: list[dict[str, Any]] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self.wrap: list[str] = []
+        self.listen_address = "127.0.0.1"    # e.g. an address inside a test netns
 
     def add_peer(self, name: str, channels: list[dict[str, Any]], connect: str | None = None,
                  ) -> None:
@@ -88,7 +89,8 @@ class Daemon:
                   f"key = {_toml(self.pki_dir / (self.name + '.key'))}",
                   f"ca = {_toml(self.pki_dir / 'ca.crt')}", ""]
         if self.port:
-            lines += ["[listen]", 'address = "127.0.0.1"', f"port = {self.port}", ""]
+            lines += ["[listen]", f"address = {_toml(self.listen_address)}", f"port = {self.port}",
+                      ""]
         lines += ["[link]"] + [f"{k} = {_toml(v)}" for k, v in self.link.items()] + [""]
         for peer in self.peers:
             lines += ["[[peer]]", f"name = {_toml(peer['name'])}"]
@@ -125,10 +127,21 @@ class Daemon:
             return False
 
     def kill(self) -> None:
-        if self.running:
-            assert self.proc is not None
-            self.proc.kill()
-            self.proc.wait(10)
+        """SIGKILL the daemon and everything in its process group (a wrapper such as
+        strace and its tracee, or setpriv's exec), then reap it."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                self.proc.kill()
+        else:
+            try:  # the wrapper is gone; a detached tracee may live on in its group
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self.proc.wait(10)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
         assert self.proc is not None
@@ -226,10 +239,14 @@ def make_pair(tmp_path: Path, channels: list[dict[str, Any]] | None = None,
     a.add_peer("bravo", channels, connect=connect_via or f"127.0.0.1:{b.port}")
     b.add_peer("alpha", channels)
     if start:
-        b.start()
-        a.start()
-        a.wait_state("bravo")
-        b.wait_state("alpha")
+        try:
+            b.start()
+            a.start()
+            a.wait_state("bravo")
+            b.wait_state("alpha")
+        except BaseException:
+            stop_all(a, b)      # the caller never got them: do not leak processes
+            raise
     return a, b
 
 
@@ -243,3 +260,129 @@ def stop_all(*daemons: Daemon) -> None:
             d.socket.unlink()
         except OSError:
             pass
+
+
+# -- helpers for fault tests ------------------------------------------------------
+
+
+def make_pair_via_proxy(tmp_path: Path, channels: list[dict[str, Any]] | None = None,
+                        link: dict[str, Any] | None = None, start: bool = True,
+                        ) -> tuple[Daemon, Daemon, Any]:
+    """Like make_pair, but alpha dials bravo through a tcpproxy.Proxy (returned third;
+    the caller closes it)."""
+    from tcpproxy import Proxy
+
+    a, b = make_pair(tmp_path, channels=channels, link=link, start=False)
+    assert b.port is not None
+    proxy = Proxy(b.port)
+    a.peers[0]["connect"] = proxy.address
+    if start:
+        try:
+            b.start()
+            a.start()
+            a.wait_state("bravo")
+            b.wait_state("alpha")
+        except BaseException:
+            stop_all(a, b)      # the caller never got them: do not leak processes
+            proxy.close()
+            raise
+    return a, b, proxy
+
+
+def entries(folder: Path) -> list[str]:
+    """Every name in `folder` (dot-files included); [] if it does not exist."""
+    try:
+        return sorted(os.listdir(folder))
+    except FileNotFoundError:
+        return []
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_file(path: Path, size: int, seed: int | None = None) -> str:
+    """Write `size` random bytes to `path` in 1 MiB pieces; return their SHA-256."""
+    import hashlib
+    import random
+
+    digest = hashlib.sha256()
+    rng = random.Random(seed) if seed is not None else None
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 1 << 20)
+            chunk = rng.randbytes(n) if rng is not None else os.urandom(n)
+            f.write(chunk)
+            digest.update(chunk)
+            left -= n
+    return digest.hexdigest()
+
+
+# -- helpers for resilience tests (issue 4) ---------------------------------------
+
+
+def make_mutual_pair(tmp_path: Path, channels: list[dict[str, Any]] | None = None,
+                     link: dict[str, Any] | None = None, start: bool = True,
+                     ) -> tuple[Daemon, Daemon]:
+    """alpha and bravo both listen AND both dial each other (the tie-break case)."""
+    channels = channels or [{"name": "data"}]
+    pki_dir = make_pki(tmp_path / "pki", ["alpha", "bravo"])
+    a = Daemon(tmp_path, "alpha", pki_dir, port=free_port(), link=link)
+    b = Daemon(tmp_path, "bravo", pki_dir, port=free_port(), link=link)
+    a.add_peer("bravo", channels, connect=f"127.0.0.1:{b.port}")
+    b.add_peer("alpha", channels, connect=f"127.0.0.1:{a.port}")
+    if start:
+        try:
+            a.start(wait=False)
+            b.start(wait=False)
+            for d, p in ((a, "bravo"), (b, "alpha")):
+                wait_for(d.healthy, 30, message=lambda d=d: f"{d.name} not healthy\n{d.tail()}")
+                d.wait_state(p)
+        except BaseException:
+            stop_all(a, b)
+            raise
+    return a, b
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (from /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def proc_rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def delivered_seqs(d: Daemon, peer: str, channel: str) -> list[int]:
+    """Every seq the daemon logged as delivered from `peer` on `channel` (in log order)."""
+    return [int(e["seq"]) for e in d.events("message_delivered")
+            if e.get("peer") == peer and e.get("channel") == channel]
+
+
+def assert_exactly_once(receiver: Daemon, peer: str, channel: str,
+                        expected: dict[str, bytes], logs_complete: bool = True) -> None:
+    """`in/<channel>/` holds exactly `expected` (no copies, no ~N names), and the log
+    shows each seq delivered once (`logs_complete=False` after a SIGKILL of the
+    receiver, which may die between a commit and its log line)."""
+    got = receiver.inbound(peer, channel)
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    assert not missing and not extra, f"missing {missing[:5]}, extra {extra[:5]}"
+    bad = [n for n in expected if got[n] != expected[n]]
+    assert not bad, f"content differs: {bad[:5]}"
+    seqs = delivered_seqs(receiver, peer, channel)
+    assert len(seqs) == len(set(seqs)), "a seq was delivered twice"
+    if logs_complete:
+        assert len(seqs) == len(expected), (len(seqs), len(expected))

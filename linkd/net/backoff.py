@@ -1,8 +1,8 @@
 """Capped exponential backoff with jitter, as a pure value object (urllib3 Retry).
 
 delay(n) = uniform(d/2, d) with d = min(max, min * 2**n): never below half the
-floor, never above the ceiling, never giving up. `reset()` after a session
-that reached the hello stage.
+floor, never above the ceiling, never giving up. `reset()` after a *stable*
+session (open at least heartbeat_timeout: see supervisor.stable_after).
 """
 
 from __future__ import annotations

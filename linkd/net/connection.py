@@ -9,6 +9,7 @@ Tasks, all in one nursery that dies with the session:
             grant), acks to the ack worker, nacks and credit wake the sender.
 * timer   - sleeps until Session.get_timer() and calls handle_timer (pings,
             heartbeat death, handshake timeout).
+* writer  - flushes what the reader, timer and inbound workers queued.
 * inbound - (after the hello) takes every queued event, applies the batch to
             the spool in one thread hop (begin/write/finish, then one group
             commit per channel), then acks, grants credit and logs.
@@ -318,8 +319,16 @@ class SessionRunner:
                     batch.append(self.inbound_q.receive_nowait())
                 except trio.WouldBlock:
                     break
-            result = await trio.to_thread.run_sync(self._apply_inbound, batch, discarding,
-                                                   skipping)
+            try:
+                result = await trio.to_thread.run_sync(self._apply_inbound, batch, discarding,
+                                                       skipping)
+            except (OSError, SpoolError) as exc:
+                # The inbound spool failed (ENOSPC, EIO, EROFS...; the spool reports it as
+                # SpoolError): nothing of this batch was acknowledged; the next session
+                # starts with recover() and the sender sends it again.
+                self.log.error("inbound_storage_failed", reason=str(exc))
+                self.end(f"local storage failure: {exc}", True)
+                return
             self.inbound_drained.set()
             acks, nacks, delivered, credit, quarantined = result
             for ch, seq, reason, retry in nacks:
@@ -422,8 +431,9 @@ class SessionRunner:
                 out = link.outbound.get(ch)
                 if out is None:
                     continue
-                async with link.spool_lock:
+                async with link.spool_lock(ch):
                     resolved = await trio.to_thread.run_sync(out.ack, seq)
+                    link.refresh_queued([ch])
                 state = self.out.get(ch)
                 if state is not None:
                     while state.in_flight and state.in_flight[0] <= seq:
@@ -435,8 +445,6 @@ class SessionRunner:
                     stats.note_sent(item.size)
                     self.log.info("message_sent", peer=link.name, channel=ch, name=item.name,
                                   seq=item.seq, size=item.size, sha256=item.sha256)
-            async with link.spool_lock:
-                link.refresh_queued()
             self.sender_wake.set()
 
     # -- sender ---------------------------------------------------------------
@@ -489,9 +497,9 @@ class SessionRunner:
         out = self.link.outbound.get(item.channel)
         if out is None:
             return
-        async with self.link.spool_lock:
+        async with self.link.spool_lock(item.channel):
             failed = await trio.to_thread.run_sync(out.fail, item, reason)
-            self.link.refresh_queued()
+            self.link.refresh_queued([item.channel])
         self.link.log_failed([failed])
 
     async def _step(self, state: _OutChannel) -> None:
@@ -560,7 +568,7 @@ class SessionRunner:
             state.current, state.fh = None, None
             while state.in_flight and state.in_flight[-1] >= nack.seq:
                 state.in_flight.pop()
-            async with self.link.spool_lock:
+            async with self.link.spool_lock(nack.ch):
                 item = next((i for i in out.pending() if i.seq == nack.seq), None)
             key = (nack.ch, nack.seq)
             self.attempts[key] = self.attempts.get(key, 0) + 1

@@ -2,8 +2,10 @@
 
 * `dial_loop` (peers with `connect`): wait until the peer has no session,
   dial, TLS handshake, check identity, run the session; on any failure back
-  off (capped exponential with jitter, reset after a session that reached
-  its hello) and try again, forever. While waiting it sleeps: no CPU.
+  off (capped exponential with jitter, reset after a stable session: one
+  that stayed open at least heartbeat_timeout) and try again, forever. While
+  waiting it sleeps: no CPU. It changes the peer's state only while no
+  session holds the slot (a dial that lost the tie-break leaves "connected").
 * `handle_inbound` (the listener): TLS handshake within handshake_timeout,
   map the certificate to a configured peer; a client naming no configured
   peer is closed without a single byte of ours.
@@ -138,7 +140,7 @@ async def dial_loop(daemon: Any, link: Any, *,
         delay = backoff.next_delay()
         if link.active is None:
             link.status.set_state(
-                "backoff", next_attempt_at=dt.datetime.now(dt.timezone.utc)
+                "backoff", next_attempt_at=dt.datetime.now(dt.UTC)
                 + dt.timedelta(seconds=delay))
         await trio.sleep(delay)
 

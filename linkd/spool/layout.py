@@ -169,6 +169,13 @@ class SpoolLayout:
     def _probe_same_mount(self, channels: list[str]) -> None:
         if not channels:
             return
+        # Probes left by a daemon killed during this very check (we hold the lock now).
+        for folder in (self.tmp_dir(), self.claimed_dir(channels[0])):
+            for stale in folder.glob(".linkd-probe-*"):
+                try:
+                    os.unlink(stale)
+                except OSError:
+                    pass
         probe = self.tmp_dir() / f".linkd-probe-{os.getpid()}"
         target = self.claimed_dir(channels[0]) / f".linkd-probe-{os.getpid()}.tmp"
         try:
