@@ -1,0 +1,223 @@
+"""In-memory helpers for resilience tests under trio's MockClock.
+
+* `node_config` / `make_link`: a real `Config` and `PeerLink` (real spool on a
+  tmp folder, real TLS material from trustme) without a daemon process.
+* `FakePeer`: the far end of a session, driven by our own sans-IO `Session`,
+  that the test can make silent, slow, or flood with pings; it records every
+  frame it receives with the (virtual) time it arrived.
+* `Throttled`: a stream wrapper that moves bytes at a fixed rate in virtual
+  time, i.e. a bandwidth-limited link with no buffering ahead of the sender.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Any
+
+import trio
+import trustme
+
+from linkd.config import (
+    ChannelConfig,
+    Config,
+    LinkConfig,
+    ListenConfig,
+    NodeConfig,
+    PeerConfig,
+    TLSConfig,
+)
+from linkd.proto import frames as F
+from linkd.proto import session as S
+from linkd.proto.framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
+
+FAR = 1e9     # a deadline that never comes
+
+
+def node_config(tmp_path: Path, ca: trustme.CA, name: str, peers: list[PeerConfig],
+                link: LinkConfig | None = None) -> Config:
+    folder = tmp_path / name
+    folder.mkdir(parents=True, exist_ok=True)
+    cert = ca.issue_cert(name, common_name=name)
+    cert.private_key_pem.write_to_path(str(folder / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(folder / "cert.pem"))
+    ca.cert_pem.write_to_path(str(folder / "ca.pem"))
+    return Config(
+        path=folder / "linkd.toml",
+        node=NodeConfig(name=name, spool_dir=folder / "spool", state_dir=folder / "state",
+                        status_socket=folder / "status.sock"),
+        tls=TLSConfig(cert=folder / "cert.pem", key=folder / "key.pem", ca=folder / "ca.pem"),
+        listen=ListenConfig("127.0.0.1", 7443), link=link or LinkConfig(), peers=tuple(peers))
+
+
+def make_link(cfg: Config, peer_name: str) -> Any:
+    """A prepared PeerLink (folders made, recovery run) for `peer_name` of `cfg`."""
+    from linkd.peer import PeerLink
+    from linkd.status import PeerStatus, _utcnow
+    peer = next(p for p in cfg.peers if p.name == peer_name)
+    status = PeerStatus(peer.name, "connecting" if peer.connect else "waiting", _utcnow())
+    for ch in peer.channels:
+        status.channel(ch.name)
+    link = PeerLink(cfg, peer, status)
+    link.prepare()
+    return link
+
+
+def peer_config(name: str, channels: tuple[str | tuple[str, int], ...] = ("data",),
+                connect: tuple[str, int] | None = None) -> PeerConfig:
+    """`channels`: names, or (name, priority) pairs."""
+    return PeerConfig(name=name, connect=connect, channels=tuple(
+        ChannelConfig(c) if isinstance(c, str) else ChannelConfig(c[0], priority=c[1])
+        for c in channels))
+
+
+def drop(link: Any, channel: str, name: str, data: bytes) -> Path:
+    out = link.layout.out_dir(channel)
+    tmp = out / f".{name}.tmp"
+    tmp.write_bytes(data)
+    final = out / name
+    tmp.rename(final)
+    return final
+
+
+class Throttled(trio.abc.Stream):
+    """Sends at `rate` bytes per second of (virtual) time, each write `delay` late
+    (the writer waits for it: no buffering ahead); receiving is untouched."""
+
+    def __init__(self, inner: trio.abc.Stream, rate: float, delay: float = 0.0) -> None:
+        self.inner = inner
+        self.rate = rate
+        self.delay = delay
+        self.broken = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        # Like trio.SSLStream, a send cancelled half-way leaves the stream broken.
+        if self.broken:
+            raise trio.BrokenResourceError("an earlier send was cancelled half-way")
+        self.broken = True
+        # Delivered in 16 KiB segments, as TCP would: the front of a write arrives first.
+        await trio.sleep(self.delay)
+        view = memoryview(data)
+        for i in range(0, len(view), 16384):
+            piece = view[i:i + 16384]
+            await trio.sleep(len(piece) / self.rate)
+            await self.inner.send_all(piece)
+        self.broken = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()   # type: ignore[attr-defined]
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class FakePeer:
+    """The far side of a session, speaking the real protocol through a sans-IO Session.
+
+    `silent=True`: send the hello, then never write again (but keep reading).
+    Otherwise it answers pings (the Session queues pongs), grants back credit as
+    data arrives and acknowledges every complete message.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, *, node: str = "bravo", peer: str = "alpha",
+                 channels: tuple[str, ...] = ("data",), credit: int = 4 << 20,
+                 silent: bool = False, ack: bool = True,
+                 withhold: frozenset[str] = frozenset()) -> None:
+        self.stream = stream
+        self.silent = silent
+        self.ack = ack
+        self.withhold = set(withhold)      # channels whose credit we do not give back
+        self.session = S.Session(
+            node=node, peer=peer, now=trio.current_time(),
+            channels=[F.ChannelHello(name=c, max=1 << 40, credit=credit) for c in channels],
+            heartbeat_interval=FAR, heartbeat_timeout=FAR, handshake_timeout=FAR)
+        self.lock = trio.StrictFIFOLock()
+        self.decoder = FrameDecoder(DEFAULT_MAX_FRAME)
+        self.frames: list[tuple[float, F.Frame]] = []
+        self.bodies: dict[tuple[str, int], bytearray] = {}
+        self.complete: dict[tuple[str, int], float] = {}
+        self.closed = trio.Event()
+        self.eof_at: float | None = None
+        self.withheld: dict[str, int] = {}
+
+    async def release(self, ch: str) -> None:
+        """Give back all the credit withheld on `ch` and stop withholding it."""
+        self.withhold.discard(ch)
+        self.session.grant(ch, self.withheld.pop(ch, 0))
+        await self.flush()
+
+    def of(self, kind: type) -> list[tuple[float, Any]]:
+        return [(t, f) for t, f in self.frames if isinstance(f, kind)]
+
+    async def flush(self, extra: bytes = b"") -> None:
+        if self.silent:
+            return
+        async with self.lock:
+            data = self.session.data_to_send(trio.current_time()) + extra
+            if data:
+                await self.stream.send_all(data)
+
+    async def send_raw(self, data: bytes) -> None:
+        async with self.lock:
+            await self.stream.send_all(data)
+
+    async def run(self) -> None:
+        """Say hello, then read until EOF."""
+        async with self.lock:
+            await self.stream.send_all(self.session.data_to_send(trio.current_time()))
+        try:
+            while True:
+                data = await self.stream.receive_some(1 << 20)
+                now = trio.current_time()
+                if not data:
+                    self.eof_at = now
+                    return
+                self.decoder.feed(data)
+                while (frame := self.decoder.next_frame()) is not None:
+                    self.frames.append((now, frame))
+                for ev in self.session.receive_data(data, now):
+                    if isinstance(ev, S.MessageStart):
+                        self.bodies[(ev.ch, ev.seq)] = bytearray()
+                        if ev.size == ev.offset:
+                            self._done(ev.ch, ev.seq, now)
+                    elif isinstance(ev, S.MessageData):
+                        self.bodies[(ev.ch, ev.seq)] += ev.data
+                        if ev.ch in self.withhold:
+                            self.withheld[ev.ch] = self.withheld.get(ev.ch, 0) + len(ev.data)
+                        else:
+                            self.session.grant(ev.ch, len(ev.data))
+                    elif isinstance(ev, S.MessageComplete):
+                        self._done(ev.ch, ev.seq, now)
+                await self.flush()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.eof_at = trio.current_time()
+        finally:
+            self.closed.set()
+
+    def _done(self, ch: str, seq: int, now: float) -> None:
+        self.complete[(ch, seq)] = now
+        if self.ack and not self.silent:
+            self.session.send_ack(ch, seq)
+
+    def sha(self, ch: str, seq: int) -> str:
+        return hashlib.sha256(bytes(self.bodies[(ch, seq)])).hexdigest()
+
+
+def ping_bytes(first_id: int, count: int) -> bytes:
+    return b"".join(encode_frame(F.Ping(i)) for i in range(first_id, first_id + count))
+
+
+INF = math.inf
+
+
+def scan_sync(link: Any) -> None:
+    """Claim what was dropped, on every channel (blocking; outside trio)."""
+    for name, out in link.outbound.items():
+        link._scan_one(name, out)
