@@ -493,12 +493,6 @@ async def test_backoff_resets_only_after_a_stable_session(tmp_path, ca, autojump
 # -- a slow channel on the receiving side (real time: real worker threads) -----------------------
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "one inbound worker applies every channel's events in turn, so a channel's slow disk "
-    "work holds back the others (worst ~4.6 s here); one worker per channel fixes it "
-    "(worst ~8 ms) but thins tests/test_faults_delivery.py's strace sweep, which counts "
-    "renames per thread -- see the issue 4 report"))
 @pytest.mark.parametrize("inline_threads", [None])      # keep real threads here
 async def test_a_slow_channel_disk_does_not_hold_back_another_channel(tmp_path, ca,
                                                                       inline_threads):

@@ -5,14 +5,15 @@ Theory of operation
 Tasks, all in one nursery that dies with the session:
 
 * reader  - bytes from the stream into the Session; inbound message events go
-            to the inbound worker's queue (bounded in bytes by the credit we
+            to their channel's inbound queue (bounded in bytes by the credit we
             grant), acks to the ack worker, nacks and credit wake the sender.
 * timer   - sleeps until Session.get_timer() and calls handle_timer (pings,
             heartbeat death, handshake timeout).
 * writer  - flushes what the reader, timer and inbound workers queued.
-* inbound - (after the hello) takes every queued event, applies the batch to
-            the spool in one thread hop (begin/write/finish, then one group
-            commit per channel), then acks, grants credit and logs.
+* inbound - (after the hello) one per channel: takes every queued event of
+            its channel, applies the batch to the spool in one thread hop
+            (begin/write/finish, then one group commit), then acks, grants
+            credit and logs. Channels never wait for each other's disk work.
 * acks    - (after the hello) resolves acknowledged outbound files in batches.
 * sender  - (after the hello) picks a channel with the Scheduler, sends the
             next Msg or Data chunk within the credit, flushes, repeats.
@@ -88,7 +89,10 @@ class SessionRunner:
         self.timer_wake = Wakeup()
         self.writer_wake = Wakeup()
         self.inbound_drained = Wakeup()
-        self.inbound_q_send, self.inbound_q = trio.open_memory_channel[Any](math.inf)
+        # One inbound queue and worker per channel (made in run()): a channel whose disk
+        # work is slow (a big file's checkpoint fsyncs, a slow consumer disk) never holds
+        # back another channel's deliveries (CONTRACT §4.4).
+        self.inbound_qs: dict[str, tuple[Any, Any]] = {}
         self.ack_q_send, self.ack_q = trio.open_memory_channel[tuple[str, int]](math.inf)
         self.nacks: list[S.NackReceived] = []
         self.out: dict[str, _OutChannel] = {}
@@ -147,8 +151,10 @@ class SessionRunner:
         for p in problems:
             self.log.warning("recovery", problem=p)
         link.log_recovered()
+        channels = self.hello_channels()
+        self.inbound_qs = {c.name: trio.open_memory_channel[Any](math.inf) for c in channels}
         self.session = S.Session(
-            node=link.cfg.node.name, peer=link.name, channels=self.hello_channels(),
+            node=link.cfg.node.name, peer=link.name, channels=channels,
             now=trio.current_time(), heartbeat_interval=lcfg.heartbeat_interval,
             heartbeat_timeout=lcfg.heartbeat_timeout, handshake_timeout=lcfg.handshake_timeout)
         try:
@@ -160,7 +166,8 @@ class SessionRunner:
                 await self.flush()
                 await self.opened.wait()
                 self._on_open()
-                nursery.start_soon(self._inbound_worker)
+                for _send, receive in self.inbound_qs.values():
+                    nursery.start_soon(self._inbound_worker, receive)
                 nursery.start_soon(self._ack_worker)
                 nursery.start_soon(self._sender)
         except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
@@ -223,7 +230,7 @@ class SessionRunner:
         while True:
             # Back-pressure: data is bounded by credit, but zero-byte messages, acks and
             # pings are not; stop reading while the inbound worker is far behind.
-            while self.inbound_q.statistics().current_buffer_used > MAX_INBOUND_BACKLOG:
+            while self._inbound_backlog() > MAX_INBOUND_BACKLOG:
                 await self.inbound_drained.wait()
             try:
                 data = await self.stream.receive_some(READ_SIZE)
@@ -264,7 +271,7 @@ class SessionRunner:
     def _dispatch(self, events: list[S.Event]) -> None:
         for ev in events:
             if isinstance(ev, (S.MessageStart, S.MessageData, S.MessageComplete)):
-                self.inbound_q_send.send_nowait(ev)
+                self.inbound_qs[ev.ch][0].send_nowait(ev)   # the session checked ev.ch
             elif isinstance(ev, S.AckReceived):
                 self.ack_q_send.send_nowait((ev.ch, ev.seq))
             elif isinstance(ev, S.CreditReceived):
@@ -308,15 +315,19 @@ class SessionRunner:
 
     # -- inbound --------------------------------------------------------------
 
-    async def _inbound_worker(self) -> None:
+    def _inbound_backlog(self) -> int:
+        return sum(r.statistics().current_buffer_used for _s, r in self.inbound_qs.values())
+
+    async def _inbound_worker(self, queue: Any) -> None:
+        """Applies one channel's inbound events to its spool, a batch per thread hop."""
         assert self.session is not None
         discarding: set[str] = set()
         skipping: dict[str, int] = {}     # channel -> seq whose data we ignore (duplicate/refused)
         while True:
-            batch = [await self.inbound_q.receive()]
+            batch = [await queue.receive()]
             while len(batch) < 512:
                 try:
-                    batch.append(self.inbound_q.receive_nowait())
+                    batch.append(queue.receive_nowait())
                 except trio.WouldBlock:
                     break
             try:
