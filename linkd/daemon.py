@@ -189,12 +189,13 @@ class Daemon:
                 self.link_scopes.pop(name).cancel()
                 self.board.remove_peer(name)
         for peer in cfg.peers:
-            link = self.links.get(peer.name)
-            if link is None:
+            existing = self.links.get(peer.name)
+            if existing is None:
                 link = self._make_link(peer)
                 await in_thread(link.prepare)
                 await self.nursery.start(self._run_link, link)
                 continue
+            link = existing
             before = old.peer(peer.name)
             link.cfg = cfg
             if before != peer:
@@ -247,4 +248,4 @@ def _find(exc: BaseException, kind: type[BaseException]) -> BaseException | None
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
-import os
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import trio
 
@@ -41,7 +41,7 @@ async def in_thread(fn: Callable[..., T], *args: Any) -> T:
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 class PeerLink:

@@ -127,7 +127,7 @@ def run_demo(seconds: float | None, keep_dir: Path | None) -> int:
         tick = 0
         try:
             while seconds is None or time.monotonic() - started < seconds:
-                for proc, name in zip(procs, NODES):
+                for proc, name in zip(procs, NODES, strict=True):
                     if proc.poll() is not None:
                         print(f"{name} exited with {proc.returncode}; see "
                               f"{root / name / 'linkd.log'}", file=sys.stderr)

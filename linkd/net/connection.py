@@ -170,14 +170,14 @@ class SessionRunner:
                     nursery.start_soon(self._inbound_worker, receive)
                 nursery.start_soon(self._ack_worker)
                 nursery.start_soon(self._sender)
-        except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
-            exc = group.exceptions[0]
-            self.end(f"connection lost: {exc.__cause__ or exc or type(exc).__name__}", True)
-        except* OSError as group:
+        except* (trio.BrokenResourceError, trio.ClosedResourceError) as broken:
+            lost = broken.exceptions[0]
+            self.end(f"connection lost: {lost.__cause__ or lost or type(lost).__name__}", True)
+        except* OSError as failed:
             # The inbound spool failed (ENOSPC, EIO, EROFS...): nothing was acknowledged.
-            exc = group.exceptions[0]
-            self.log.error("inbound_storage_failed", reason=str(exc))
-            self.end(f"local storage failure: {exc}", True)
+            fault = failed.exceptions[0]
+            self.log.error("inbound_storage_failed", reason=str(fault))
+            self.end(f"local storage failure: {fault}", True)
         except* Exception as group:  # one session's bug must not stop the daemon
             exc = group.exceptions[0]
             if self.session is not None and self.session.state is S.State.CLOSED \
@@ -467,7 +467,8 @@ class SessionRunner:
         if out is None:
             return None
         try:
-            return out.next_pending(state.next_seq)
+            item: Claimed | None = out.next_pending(state.next_seq)
+            return item
         except (RuntimeError, KeyError):
             # A pick-up or ack in a worker thread is changing the pending set right now;
             # it wakes the sender when it is done.

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Union
+from typing import Any
 
 import msgpack
 
@@ -117,7 +117,7 @@ class Credit:
     bytes: int
 
 
-Frame = Union[Hello, Bye, Ping, Pong, Msg, Data, Ack, Nack, Credit]
+Frame = Hello | Bye | Ping | Pong | Msg | Data | Ack | Nack | Credit
 
 
 def plain_name_problem(name: str) -> str | None:

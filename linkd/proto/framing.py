@@ -28,7 +28,7 @@ class FrameDecoder:
         self._buf = bytearray()
         self._need: int | None = None   # body length of the frame being read
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         self._buf += data
         if self._need is None:
             self._check_header()

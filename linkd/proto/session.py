@@ -219,7 +219,7 @@ class Session:
 
     # -- input ----------------------------------------------------------------
 
-    def receive_data(self, data: bytes, now: float) -> list[Event]:
+    def receive_data(self, data: bytes | bytearray, now: float) -> list[Event]:
         if self.state is State.CLOSED:
             return []
         events: list[Event] = []
@@ -228,7 +228,7 @@ class Session:
         self.heartbeat.received(now)
         try:
             self._decoder.feed(data)
-            while self.state is not State.CLOSED:
+            while self.state is not State.CLOSED:  # type: ignore[comparison-overlap]
                 frame = self._decoder.next_frame()
                 if frame is None:
                     break
