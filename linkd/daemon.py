@@ -46,6 +46,8 @@ class Daemon:
         self.tls: TLSContexts = make_contexts(cfg)
         self.nursery: trio.Nursery | None = None
         self.stopping = False
+        self.reload_lock = trio.Lock()
+        self.reload_scope = trio.CancelScope()   # the running reload; shutdown cancels it
 
     # -- peers ------------------------------------------------------------------
 
@@ -113,8 +115,11 @@ class Daemon:
                 nursery.start_soon(self._status_loop)
                 async for signum in sigs:
                     if signum == signal.SIGHUP:
-                        await self.reload()
+                        # In its own task: a SIGTERM during a long reload is not delayed.
+                        nursery.start_soon(self._reload_task)
                     else:
+                        self.stopping = True
+                        self.reload_scope.cancel()
                         await self.shutdown(signal.Signals(signum).name)
                         nursery.cancel_scope.cancel()
                         break
@@ -147,6 +152,13 @@ class Daemon:
                         continue
                     raise
                 nursery.start_soon(handle_inbound, self, stream)
+
+    async def _reload_task(self) -> None:
+        async with self.reload_lock:
+            if self.stopping:
+                return
+            with trio.CancelScope() as self.reload_scope:
+                await self.reload()
 
     async def shutdown(self, why: str) -> None:
         self.stopping = True

@@ -29,6 +29,7 @@ from .wakeup import Wakeup
 
 T = TypeVar("T")
 RESCAN_INTERVAL = 2.0
+CLAIM_BATCH = 256               # files claimed per thread hop
 
 try:
     import inotify_simple
@@ -67,6 +68,7 @@ class PeerLink:
         # overwritten). One lock per channel, not per peer: hashing a 1 GiB file at
         # pick-up must not hold back another channel's pick-up or acks (CONTRACT §4.4).
         self.spool_locks: dict[str, trio.Lock] = {}
+        self.send_attempts: dict[tuple[str, int], int] = {}   # (channel, seq) -> sends nacked
         self.last_session_open = False          # the last dialled session was stable
         self.sessions_opened = 0                # sessions that reached the hello (any side)
         self._rescan = Wakeup()
@@ -177,26 +179,35 @@ class PeerLink:
 
     # -- pick-up --------------------------------------------------------------
 
-    def _scan_one(self, name: str, out: Outbound) -> list[FailedFile]:
-        """Blocking: claim what waits in out/<name>/ (hashing every new file)."""
+    def _scan_one(self, name: str, out: Outbound) -> tuple[int, list[FailedFile]]:
+        """Blocking: claim up to CLAIM_BATCH files waiting in out/<name>/ (hashing
+        each). Returns (files handled, failures)."""
         try:
-            _claimed, failed = out.scan(self.peer_max.get(name))
+            if not out.usable:          # an earlier I/O error: finish what it cut short
+                for problem in out.recover():
+                    self.log.warning("recovery", channel=name, problem=problem)
+            claimed, failed = out.scan(self.peer_max.get(name), CLAIM_BATCH)
         except (OSError, SpoolError) as exc:
             self.log.error("pickup_failed", channel=name, reason=str(exc))
-            return []
+            return 0, []
         self.refresh_queued([name])
-        return failed
+        return len(claimed) + len(failed), failed
 
     async def scan_channel(self, name: str) -> None:
-        out = self.outbound.get(name)
-        if out is None:
-            return
-        async with self.spool_lock(name):
-            failed = await in_thread(self._scan_one, name, out)
-        self.log_failed(failed)
-        self.work.set()
-        if self.active is not None:
-            self.active.sender_wake.set()
+        """Claim everything waiting on `name`, a batch per thread hop, releasing the
+        channel's spool lock between batches so acks and shutdown never wait long."""
+        while True:
+            out = self.outbound.get(name)
+            if out is None:
+                return
+            async with self.spool_lock(name):
+                handled, failed = await in_thread(self._scan_one, name, out)
+            self.log_failed(failed)
+            self.work.set()
+            if self.active is not None:
+                self.active.sender_wake.set()
+            if handled < CLAIM_BATCH:
+                return
 
     async def scan_now(self) -> None:
         """Pick up on every channel at once, each on its own."""

@@ -100,9 +100,11 @@ class SessionRunner:
         self.opened = trio.Event()
         self.reason: str | None = None
         self.error = True
-        self.attempts: dict[tuple[str, int], int] = {}
+        # Kept by the peer, not the session: the retry limit must hold across reconnects.
+        self.attempts: dict[tuple[str, int], int] = link.send_attempts
         self.session: S.Session | None = None
         self.nursery: trio.Nursery | None = None
+        self.scope = trio.CancelScope()
         self.was_open = False
         self.opened_at: float | None = None     # trio time of the peer's hello
         self.ended_at: float | None = None
@@ -127,8 +129,9 @@ class SessionRunner:
     def end(self, reason: str, error: bool) -> None:
         if self.reason is None:
             self.reason, self.error = reason, error
-        if self.nursery is not None:
-            self.nursery.cancel_scope.cancel()
+        # The scope wraps all of run(), so an end() that comes before the session's
+        # nursery exists (a close() during start-up recovery) still stops it.
+        self.scope.cancel()
 
     def hello_channels(self) -> list[F.ChannelHello]:
         result = []
@@ -145,36 +148,35 @@ class SessionRunner:
         """Run the session until it ends; return (reason, error). The caller holds the slot."""
         link = self.link
         lcfg = link.cfg.link
-        problems = []
-        for name in list(link.channels):
-            problems += await trio.to_thread.run_sync(link.inbound[name].recover)
-        for p in problems:
-            self.log.warning("recovery", problem=p)
-        link.log_recovered()
-        channels = self.hello_channels()
-        self.inbound_qs = {c.name: trio.open_memory_channel[Any](math.inf) for c in channels}
-        self.session = S.Session(
-            node=link.cfg.node.name, peer=link.name, channels=channels,
-            now=trio.current_time(), heartbeat_interval=lcfg.heartbeat_interval,
-            heartbeat_timeout=lcfg.heartbeat_timeout, handshake_timeout=lcfg.handshake_timeout)
         try:
-            async with trio.open_nursery() as nursery:
-                self.nursery = nursery
-                nursery.start_soon(self._reader)
-                nursery.start_soon(self._timer)
-                nursery.start_soon(self._writer)
-                await self.flush()
-                await self.opened.wait()
-                self._on_open()
-                for _send, receive in self.inbound_qs.values():
-                    nursery.start_soon(self._inbound_worker, receive)
-                nursery.start_soon(self._ack_worker)
-                nursery.start_soon(self._sender)
+            with self.scope:
+                await self._recover()
+                channels = self.hello_channels()
+                self.inbound_qs = {c.name: trio.open_memory_channel[Any](math.inf)
+                                   for c in channels}
+                self.session = S.Session(
+                    node=link.cfg.node.name, peer=link.name, channels=channels,
+                    now=trio.current_time(), heartbeat_interval=lcfg.heartbeat_interval,
+                    heartbeat_timeout=lcfg.heartbeat_timeout,
+                    handshake_timeout=lcfg.handshake_timeout)
+                async with trio.open_nursery() as nursery:
+                    self.nursery = nursery
+                    nursery.start_soon(self._reader)
+                    nursery.start_soon(self._timer)
+                    nursery.start_soon(self._writer)
+                    await self.flush()
+                    await self.opened.wait()
+                    self._on_open()
+                    for _send, receive in self.inbound_qs.values():
+                        nursery.start_soon(self._inbound_worker, receive)
+                    nursery.start_soon(self._ack_worker)
+                    nursery.start_soon(self._sender)
         except* (trio.BrokenResourceError, trio.ClosedResourceError) as broken:
             lost = broken.exceptions[0]
             self.end(f"connection lost: {lost.__cause__ or lost or type(lost).__name__}", True)
-        except* OSError as failed:
-            # The inbound spool failed (ENOSPC, EIO, EROFS...): nothing was acknowledged.
+        except* (OSError, SpoolError) as failed:
+            # The spool failed (ENOSPC, EIO, EROFS...): nothing was acknowledged. The next
+            # session's _recover() makes the spool usable again.
             fault = failed.exceptions[0]
             self.log.error("inbound_storage_failed", reason=str(fault))
             self.end(f"local storage failure: {fault}", True)
@@ -193,6 +195,24 @@ class SessionRunner:
             with trio.CancelScope(shield=True):
                 await self._cleanup()
         return self.reason or "session ended", self.error
+
+    async def _recover(self) -> None:
+        """Finish whatever a crash or an I/O error interrupted, before any hello: the
+        inbound side always (cheap when there is nothing to do), the outbound side of a
+        channel whose last spool call failed."""
+        link = self.link
+        problems: list[str] = []
+        for name in list(link.channels):
+            inbound = link.inbound.get(name)
+            if inbound is not None:
+                problems += await trio.to_thread.run_sync(inbound.recover)
+            out = link.outbound.get(name)
+            if out is not None and not out.usable:
+                async with link.spool_lock(name):
+                    problems += await trio.to_thread.run_sync(out.recover)
+        for p in problems:
+            self.log.warning("recovery", problem=p)
+        link.log_recovered()
 
     async def close(self, reason: str) -> None:
         """A clean goodbye (shutdown, reload, losing a tie-break)."""
@@ -514,6 +534,12 @@ class SessionRunner:
             self.link.refresh_queued([item.channel])
         self.link.log_failed([failed])
 
+    def _nacked(self, ch: str) -> bool:
+        """A nack for `ch` arrived and is not handled yet: whatever _step was about to
+        send on `ch` is stale (the session dropped the message; sending the next one
+        would carry the rewind flag past the nacked message)."""
+        return any(n.ch == ch for n in self.nacks)
+
     async def _step(self, state: _OutChannel) -> None:
         assert self.session is not None
         session = self.session
@@ -544,6 +570,10 @@ class SessionRunner:
             except OSError as exc:
                 await self._fail(item, f"cannot read the file: {exc.strerror or exc}")
                 return
+            if self._nacked(state.name) or session.state is not S.State.OPEN:
+                fh.close()
+                state.next_seq = item.seq       # _handle_nacks decides where to resume
+                return
             session.send_msg(state.name, item.seq, item.name, item.size,
                              bytes.fromhex(item.sha256), offset)
             state.in_flight.append(item.seq)
@@ -554,6 +584,10 @@ class SessionRunner:
             return
         n = session.sendable(state.name)
         data = await trio.to_thread.run_sync(state.fh.read, n)
+        if self._nacked(state.name) or session.state is not S.State.OPEN:
+            return                              # _handle_nacks closes the file
+        if state.fh is None:
+            return
         if not data:
             # The file shrank under us: send zeros is wrong; end the session and fail it.
             item = state.current
@@ -586,6 +620,7 @@ class SessionRunner:
             self.attempts[key] = self.attempts.get(key, 0) + 1
             if item is not None and (not nack.retry or self.attempts[key] >= MAX_ATTEMPTS):
                 await self._fail(item, f"refused by {self.link.name}: {nack.reason}")
+                self.attempts.pop(key, None)
                 state.next_seq = nack.seq + 1
             else:
                 self.log.warning("message_retry", channel=nack.ch, seq=nack.seq,

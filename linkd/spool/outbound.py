@@ -148,6 +148,11 @@ class Outbound:
         fd = self.fs.open(item.path, os.O_RDONLY | os.O_NOFOLLOW)
         return os.fdopen(fd, "rb")
 
+    @property
+    def usable(self) -> bool:
+        """False after an I/O error until recover() has run again."""
+        return self._ready
+
     # -- recovery ----------------------------------------------------------
     def recover(self) -> list[str]:
         """Rebuild the view from disk, finishing whatever a crash cut short."""
