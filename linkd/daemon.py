@@ -196,6 +196,7 @@ class Daemon:
         for name in list(self.links):
             if name not in new_names:
                 link = self.links.pop(name)
+                link.removed = True
                 if link.active is not None:
                     await link.active.close("peer removed from the configuration")
                 self.link_scopes.pop(name).cancel()

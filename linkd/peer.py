@@ -69,6 +69,7 @@ class PeerLink:
         # pick-up must not hold back another channel's pick-up or acks (CONTRACT §4.4).
         self.spool_locks: dict[str, trio.Lock] = {}
         self.send_attempts: dict[tuple[str, int], int] = {}   # (channel, seq) -> sends nacked
+        self.removed = False                    # set by a reload that dropped this peer
         self.last_session_open = False          # the last dialled session was stable
         self.sessions_opened = 0                # sessions that reached the hello (any side)
         self._rescan = Wakeup()

@@ -449,7 +449,6 @@ class SessionRunner:
     # -- acknowledgements -----------------------------------------------------
 
     async def _ack_worker(self) -> None:
-        link = self.link
         while True:
             acks = dict([await self.ack_q.receive()])
             while True:
@@ -458,25 +457,33 @@ class SessionRunner:
                 except trio.WouldBlock:
                     break
                 acks[ch] = max(seq, acks.get(ch, 0))
-            for ch, seq in acks.items():
-                out = link.outbound.get(ch)
-                if out is None:
-                    continue
-                async with link.spool_lock(ch):
-                    resolved = await trio.to_thread.run_sync(out.ack, seq)
-                    link.refresh_queued([ch])
-                state = self.out.get(ch)
-                if state is not None:
-                    while state.in_flight and state.in_flight[0] <= seq:
-                        state.in_flight.popleft()
-                    state.next_seq = max(state.next_seq, seq + 1) if not state.current else \
-                        state.next_seq
-                stats = link.status.channel(ch)
-                for item in resolved:
-                    stats.note_sent(item.size)
-                    self.log.info("message_sent", peer=link.name, channel=ch, name=item.name,
-                                  seq=item.seq, size=item.size, sha256=item.sha256)
+            # Channels resolve their acks side by side: one channel's spool lock (held
+            # while it hashes a big file at pick-up) must not hold back another's acks.
+            async with trio.open_nursery() as nursery:
+                for ch, seq in acks.items():
+                    nursery.start_soon(self._resolve_acks, ch, seq)
             self.sender_wake.set()
+
+    async def _resolve_acks(self, ch: str, seq: int) -> None:
+        link = self.link
+        out = link.outbound.get(ch)
+        if out is None:
+            return
+        async with link.spool_lock(ch):
+            resolved = await trio.to_thread.run_sync(out.ack, seq)
+            link.refresh_queued([ch])
+        state = self.out.get(ch)
+        if state is not None:
+            while state.in_flight and state.in_flight[0] <= seq:
+                state.in_flight.popleft()
+            if state.current is None:
+                state.next_seq = max(state.next_seq, seq + 1)
+        stats = link.status.channel(ch)
+        for item in resolved:
+            self.attempts.pop((ch, item.seq), None)
+            stats.note_sent(item.size)
+            self.log.info("message_sent", peer=link.name, channel=ch, name=item.name,
+                          seq=item.seq, size=item.size, sha256=item.sha256)
 
     # -- sender ---------------------------------------------------------------
 

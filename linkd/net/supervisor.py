@@ -74,6 +74,9 @@ async def refuse(stream: trio.abc.Stream, reason: str) -> None:
 
 async def run_session(daemon: Any, link: Any, runner: SessionRunner) -> None:
     async with link.slot_lock:
+        if link.removed:        # a SIGHUP removed the peer while this session waited
+            await refuse(runner.stream, "peer is no longer configured")
+            return
         existing = link.active
         if existing is not None:
             if not new_wins(daemon.cfg.node.name, link.name, existing, runner):
