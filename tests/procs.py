@@ -239,15 +239,23 @@ def make_pair(tmp_path: Path, channels: list[dict[str, Any]] | None = None,
     a.add_peer("bravo", channels, connect=connect_via or f"127.0.0.1:{b.port}")
     b.add_peer("alpha", channels)
     if start:
-        try:
-            b.start()
-            a.start()
-            a.wait_state("bravo")
-            b.wait_state("alpha")
-        except BaseException:
-            stop_all(a, b)      # the caller never got them: do not leak processes
-            raise
+        start_connected(a, b)
     return a, b
+
+
+def start_connected(a: Daemon, b: Daemon, on_failure: Callable[[], Any] | None = None) -> None:
+    """Start bravo then alpha and wait until each reports the other connected; on any
+    failure stop both (the caller never got them: do not leak processes)."""
+    try:
+        b.start()
+        a.start()
+        a.wait_state("bravo")
+        b.wait_state("alpha")
+    except BaseException:
+        stop_all(a, b)
+        if on_failure is not None:
+            on_failure()
+        raise
 
 
 def stop_all(*daemons: Daemon) -> None:
@@ -277,15 +285,7 @@ def make_pair_via_proxy(tmp_path: Path, channels: list[dict[str, Any]] | None = 
     proxy = Proxy(b.port)
     a.peers[0]["connect"] = proxy.address
     if start:
-        try:
-            b.start()
-            a.start()
-            a.wait_state("bravo")
-            b.wait_state("alpha")
-        except BaseException:
-            stop_all(a, b)      # the caller never got them: do not leak processes
-            proxy.close()
-            raise
+        start_connected(a, b, on_failure=proxy.close)
     return a, b, proxy
 
 

@@ -31,6 +31,7 @@ from linkd.certs import (
 from linkd.check import run_check, startup_problems
 from linkd.config import Config, LinkConfig, NodeConfig, TLSConfig
 from linkd.errors import ConfigError
+from fsmodes import modes_are_enforced
 
 NOW = dt.datetime.now(dt.UTC)
 DAY = dt.timedelta(days=1)
@@ -120,20 +121,6 @@ def config(tmp_path: Path, cert: Path, key: Path, ca: Path, crl: Path | None = N
 def alpha(tmp_path: Path, ca: CA) -> Config:
     crt, key = ca.issue("alpha")
     return config(tmp_path, crt, key, ca.cert_path)
-
-
-def modes_are_enforced(tmp_path: Path) -> bool:
-    """False when we bypass file modes (root with CAP_DAC_OVERRIDE)."""
-    probe = tmp_path / ".mode-probe"
-    probe.write_text("")
-    probe.chmod(0)
-    try:
-        probe.read_text()
-    except PermissionError:
-        return True
-    finally:
-        probe.unlink()
-    return False
 
 
 def one_problem(problems: list[str], *mentions: str) -> str:

@@ -20,6 +20,7 @@ from linkd.config import (
     load_config,
 )
 from linkd.errors import ConfigError
+from fsmodes import modes_are_enforced
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "config"
@@ -67,20 +68,6 @@ def write(tmp_path: Path, doc: dict[str, Any] | str, name: str = "linkd.toml") -
     path = tmp_path / name
     path.write_text(doc if isinstance(doc, str) else to_toml(doc))
     return path
-
-
-def modes_are_enforced(tmp_path: Path) -> bool:
-    """False when we bypass file modes (root with CAP_DAC_OVERRIDE)."""
-    probe = tmp_path / ".mode-probe"
-    probe.write_text("")
-    probe.chmod(0)
-    try:
-        probe.read_text()
-    except PermissionError:
-        return True
-    finally:
-        probe.unlink()
-    return False
 
 
 def load(tmp_path: Path, change: Callable[[dict[str, Any]], None] | None = None):  # type: ignore[no-untyped-def]

@@ -7,25 +7,11 @@ import pytest
 import trio
 import trio.testing
 import trustme
+from memlink import node_config
 
 from linkd.config import (ChannelConfig, Config, LinkConfig, ListenConfig, NodeConfig,
                           PeerConfig, TLSConfig)
 from linkd.net.tls import IdentityError, identify, make_contexts
-
-
-def node_config(tmp_path: Path, ca: trustme.CA, name: str, peers: list[PeerConfig]) -> Config:
-    folder = tmp_path / name
-    folder.mkdir()
-    cert = ca.issue_cert(name, common_name=name)
-    cert.private_key_pem.write_to_path(str(folder / "key.pem"))
-    cert.cert_chain_pems[0].write_to_path(str(folder / "cert.pem"))
-    ca.cert_pem.write_to_path(str(folder / "ca.pem"))
-    return Config(
-        path=folder / "linkd.toml",
-        node=NodeConfig(name=name, spool_dir=folder / "spool", state_dir=folder / "state",
-                        status_socket=folder / "status.sock"),
-        tls=TLSConfig(cert=folder / "cert.pem", key=folder / "key.pem", ca=folder / "ca.pem"),
-        listen=ListenConfig("127.0.0.1", 7443), link=LinkConfig(), peers=tuple(peers))
 
 
 def peer(name: str, pin: str | None = None) -> PeerConfig:
