@@ -6,15 +6,17 @@ its status entry, the pick-up task (inotify plus a periodic rescan), and the
 hold the slot before it touches the spool, and the tie-break between two
 sessions of the same peer (both sides dialled) is decided here.
 
-Spool calls are blocking and go through `trio.to_thread.run_sync`, a batch
-per hop; they are never cancelled half-way (threads are not abandoned), so a
-cancelled session cannot leave half a state change behind.
+Each channel's outbound spool has one async owner (`net.spoolio.ChannelSpool`):
+pick-up, the session's sender and its acknowledgement handling all go through
+it. Pick-up is two hops per batch: hash without the lock, claim under it.
+READY is reported before the backlog is scanned: a large queue never delays
+start-up or signal handling.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import errno
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -23,13 +25,14 @@ import trio
 from . import log as logmod
 from .config import ChannelConfig, Config, PeerConfig
 from .errors import SpoolError
-from .spool import FailedFile, Inbound, Outbound, SpoolLayout
+from .net.spoolio import ChannelSpool
+from .spool import Claimed, FailedFile, Inbound, Outbound, ResourceBusy, SpoolLayout
 from .status import PeerStatus
 from .wakeup import Wakeup
 
 T = TypeVar("T")
 RESCAN_INTERVAL = 2.0
-CLAIM_BATCH = 256               # files claimed per thread hop
+RESOURCE_BACKOFF = (0.2, 5.0)   # pick-up retry after EMFILE & co: first, at most
 
 try:
     import inotify_simple
@@ -39,10 +42,6 @@ except ImportError:  # pragma: no cover - the dependency is declared; be robust 
 
 async def in_thread(fn: Callable[..., T], *args: Any) -> T:
     return await trio.to_thread.run_sync(fn, *args)
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 class PeerLink:
@@ -55,24 +54,21 @@ class PeerLink:
         self.layout = SpoolLayout(cfg.node.spool_dir, cfg.node.state_dir, peer.name)
         self.outbound: dict[str, Outbound] = {}
         self.inbound: dict[str, Inbound] = {}
+        self.spools: dict[str, ChannelSpool] = {}
         self.channels: dict[str, ChannelConfig] = {}
-        self.peer_max: dict[str, int] = {}      # the peer's limits from its last hello
-        self.work = Wakeup()                    # new outbound files claimed
+        self.peer_max: dict[str, int] = {}      # the peer's limits from its last session
         self.active: Any = None                 # the SessionRunner holding the slot
         self._slot_free = trio.Event()
         self._slot_free.set()
         self.slot_lock = trio.Lock()
-        # Outbound objects are not thread-safe and every call runs in a worker thread:
-        # scan (pick-up), ack and fail of one channel must never overlap, or a claim and
-        # an ack race on the sequence counters (seen: numbers reused, claimed files
-        # overwritten). One lock per channel, not per peer: hashing a 1 GiB file at
-        # pick-up must not hold back another channel's pick-up or acks (CONTRACT §4.4).
-        self.spool_locks: dict[str, trio.Lock] = {}
+        # is_paused(channel) -> bool; the daemon wires it to its pause control
+        self.is_paused: Callable[[str], bool] = lambda channel: False
         self.send_attempts: dict[tuple[str, int], int] = {}   # (channel, seq) -> sends nacked
         self.removed = False                    # set by a reload that dropped this peer
         self.last_session_open = False          # the last dialled session was stable
         self.sessions_opened = 0                # sessions that reached the hello (any side)
         self._rescan = Wakeup()
+        self.oldest_claim: dict[str, float | None] = {}
         self.cancel_scope: trio.CancelScope | None = None
         self._set_channels(peer.channels)
 
@@ -84,7 +80,17 @@ class PeerLink:
                                                   self.cfg.link.archive_sent)
                 self.inbound[ch.name] = Inbound(self.layout, ch.name, ch.max_message_bytes,
                                                 self.cfg.node.file_mode)
+                self.spools[ch.name] = ChannelSpool(ch.name, self.outbound[ch.name],
+                                                    self.inbound[ch.name])
+            else:       # a reload: the new limits apply to the existing channel too
+                self.outbound[ch.name].configure(ch.max_message_bytes,
+                                                 self.cfg.link.archive_sent)
+                self.inbound[ch.name].configure(ch.max_message_bytes, self.cfg.node.file_mode)
             self.status.channel(ch.name)
+
+    def wake_sender(self) -> None:
+        if self.active is not None:
+            self.active.sender_wake.set()
 
     # -- start-up -------------------------------------------------------------
 
@@ -106,6 +112,7 @@ class PeerLink:
             self.channels.pop(name, None)
             self.outbound.pop(name, None)
             self.inbound.pop(name, None)
+            self.spools.pop(name, None)
             self.status.channels.pop(name, None)
         added = [c for c in peer.channels if c.name not in self.outbound]
         self.channels = {c.name: c for c in peer.channels}
@@ -114,7 +121,7 @@ class PeerLink:
             layout = self.layout
             await in_thread(layout.create, [c.name for c in added], cfg.link.archive_sent)
             for c in added:
-                await in_thread(self.outbound[c.name].recover)
+                await self.spools[c.name].recover_outbound()
                 await in_thread(self.inbound[c.name].recover)
         self._rescan.set()
 
@@ -135,15 +142,9 @@ class PeerLink:
 
     # -- counters -------------------------------------------------------------
 
-    def spool_lock(self, channel: str) -> trio.Lock:
-        """The lock that serialises spool calls on `channel`'s Outbound."""
-        lock = self.spool_locks.get(channel)
-        if lock is None:
-            lock = self.spool_locks[channel] = trio.Lock()
-        return lock
-
     def refresh_queued(self, channels: list[str] | None = None) -> None:
-        """Recount `queued` for `channels` (all by default); call under their locks."""
+        """Recount `queued` (and the oldest queued file's age) for `channels`."""
+        now = time.time()
         for name in list(self.outbound) if channels is None else channels:
             out = self.outbound.get(name)
             if out is None:
@@ -153,6 +154,44 @@ class PeerLink:
             waiting_count, waiting_bytes = out.waiting()
             stats.queued = len(pending) + waiting_count
             stats.queued_bytes = sum(i.size for i in pending) + waiting_bytes
+            oldest = min((i.claimed_at for i in pending), default=None)
+            self.oldest_claim[name] = oldest
+            if hasattr(stats, "oldest_queued_age_s"):
+                stats.oldest_queued_age_s = None if oldest is None else round(now - oldest, 3)
+
+    def queue_entries(self, channel: str | None = None) -> list[dict[str, Any]]:
+        """Every queued file of this peer (CONTRACT §10 `linkctl queue`), oldest first
+        per channel; files still waiting in out/ come last with seq None."""
+        now = time.time()
+        entries: list[dict[str, Any]] = []
+        runner = self.active
+        for name, out in list(self.outbound.items()):
+            if channel is not None and name != channel:
+                continue
+            held = None
+            if self.is_paused(name):
+                held = "paused by an operator (linkctl resume)"
+            elif runner is not None:
+                held = runner.held_reason(name)
+            for item in out.pending():
+                sent_bytes, in_flight = 0, False
+                if runner is not None:
+                    sent_bytes, in_flight = runner.progress(name, item.seq)
+                state = "held" if held and not in_flight else (
+                    "in_flight" if in_flight else "waiting")
+                entries.append({"peer": self.name, "channel": name, "seq": item.seq,
+                                "name": item.name, "size": item.size,
+                                "age_s": round(max(0.0, now - item.claimed_at), 3),
+                                "sent_bytes": sent_bytes, "state": state,
+                                "reason": held if state == "held" else None,
+                                "sha256": item.sha256})
+            for fname, size, ctime in out.waiting_files():
+                entries.append({"peer": self.name, "channel": name, "seq": None,
+                                "name": fname, "size": size,
+                                "age_s": round(max(0.0, now - ctime), 3), "sent_bytes": 0,
+                                "state": "held" if held else "waiting", "reason": held,
+                                "sha256": None})
+        return entries
 
     def log_recovered(self) -> None:
         """Log deliveries that crash recovery completed (their session never did)."""
@@ -180,50 +219,56 @@ class PeerLink:
 
     # -- pick-up --------------------------------------------------------------
 
-    def _scan_one(self, name: str, out: Outbound) -> tuple[int, list[FailedFile]]:
-        """Blocking: claim up to CLAIM_BATCH files waiting in out/<name>/ (hashing
-        each). Returns (files handled, failures)."""
-        try:
-            if not out.usable:          # an earlier I/O error: finish what it cut short
-                for problem in out.recover():
-                    self.log.warning("recovery", channel=name, problem=problem)
-            claimed, failed = out.scan(self.peer_max.get(name), CLAIM_BATCH)
-        except (OSError, SpoolError) as exc:
-            self.log.error("pickup_failed", channel=name, reason=str(exc))
-            return 0, []
-        self.refresh_queued([name])
-        return len(claimed) + len(failed), failed
+    def log_queued(self, claimed: list[Claimed]) -> None:
+        for item in claimed:
+            self.log.info("message_queued", peer=self.name, channel=item.channel,
+                          name=item.name, seq=item.seq, size=item.size, sha256=item.sha256)
 
-    async def scan_channel(self, name: str) -> None:
-        """Claim everything waiting on `name`, a batch per thread hop, releasing the
-        channel's spool lock between batches so acks and shutdown never wait long."""
+    async def pick_up(self, name: str, relist: bool) -> float | None:
+        """Claim what is ready on `name` now, a bounded batch per hop, until nothing
+        more is ready. Returns when to look again for files not ready yet (a writer
+        still has them open), or None."""
+        delay = RESOURCE_BACKOFF[0]
         while True:
-            out = self.outbound.get(name)
-            if out is None:
-                return
-            async with self.spool_lock(name):
-                handled, failed = await in_thread(self._scan_one, name, out)
-            self.log_failed(failed)
-            self.work.set()
-            if self.active is not None:
-                self.active.sender_wake.set()
-            if handled < CLAIM_BATCH:
-                return
-
-    async def scan_now(self) -> None:
-        """Pick up on every channel at once, each on its own."""
-        async with trio.open_nursery() as nursery:
-            for name in list(self.outbound):
-                nursery.start_soon(self.scan_channel, name)
+            spool = self.spools.get(name)
+            if spool is None:
+                return None
+            try:
+                if not spool.outbound.usable:   # an earlier I/O error: rebuild first
+                    for problem in await spool.recover_outbound():
+                        self.log.warning("recovery", channel=name, problem=problem)
+                found = await spool.examine(self.peer_max.get(name), relist)
+                claimed, failed = await spool.claim(found.ready)
+            except ResourceBusy as exc:
+                # Out of descriptors or memory: nothing is wrong with the files.
+                self.log.warning("pickup_delayed", channel=name, reason=str(exc))
+                await trio.sleep(delay)
+                delay = min(delay * 2, RESOURCE_BACKOFF[1])
+                continue
+            except (OSError, SpoolError) as exc:
+                self.log.error("pickup_failed", channel=name, reason=str(exc))
+                return RESCAN_INTERVAL
+            relist = False
+            self.log_failed(found.failed + failed)
+            self.log_queued(claimed)
+            self.refresh_queued([name])
+            if claimed:
+                self.wake_sender()
+            if not found.more:
+                return found.retry_after
+            await trio.lowlevel.checkpoint()
 
     async def pickup(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Claim files as they are renamed into out/<channel>/ (inotify + rescan).
+        """Claim files as they arrive in out/<channel>/ (inotify + rescan).
 
         One task per channel waits for its own inotify events (or the periodic
         rescan) and claims that channel's files, so a big file being hashed on
         one channel never delays pick-up on another. This task reads inotify,
         wakes the channels concerned, and starts tasks for channels added by a
-        reload (a removed channel's task ends by itself)."""
+        reload (a removed channel's task ends by itself). Only IN_MOVED_TO and
+        IN_CLOSE_WRITE wake a channel: IN_CREATE comes before a `cp` has
+        written anything. It reports started at once: the backlog is claimed
+        after READY."""
         notifier = None
         if inotify_simple is not None:
             try:
@@ -232,24 +277,29 @@ class PeerLink:
                 self.log.warning("inotify_unavailable", reason=str(exc))
         watched: dict[str, int] = {}
         wakeups: dict[str, Wakeup] = {}
+        notified: set[str] = set()
         mask = 0
         if notifier is not None:
             flags = inotify_simple.flags
-            mask = flags.MOVED_TO | flags.CLOSE_WRITE | flags.CREATE
+            mask = flags.MOVED_TO | flags.CLOSE_WRITE
 
         async def channel_task(name: str, wakeup: Wakeup) -> None:
             try:
+                relist = True
                 while name in self.outbound:
-                    await self.scan_channel(name)
-                    with trio.move_on_after(RESCAN_INTERVAL):
+                    again = await self.pick_up(name, relist)
+                    wait = RESCAN_INTERVAL if again is None else min(again, RESCAN_INTERVAL)
+                    relist = True
+                    with trio.move_on_after(wait):
                         await wakeup.wait()
+                        relist = name in notified
+                    notified.discard(name)
             finally:
                 if wakeups.get(name) is wakeup:
                     del wakeups[name]
 
+        task_status.started()
         try:
-            await self.scan_now()
-            task_status.started()
             async with trio.open_nursery() as nursery:
                 while True:
                     for name in list(self.channels):
@@ -272,6 +322,7 @@ class PeerLink:
                             woken = await self._next_events(notifier, watched)
                     for name in woken:
                         if name in wakeups:
+                            notified.add(name)
                             wakeups[name].set()
         finally:
             if notifier is not None:

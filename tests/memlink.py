@@ -142,6 +142,7 @@ class FakePeer:
         self.decoder = FrameDecoder(DEFAULT_MAX_FRAME)
         self.frames: list[tuple[float, F.Frame]] = []
         self.bodies: dict[tuple[str, int], bytearray] = {}
+        self.names: dict[tuple[str, int], str] = {}
         self.complete: dict[tuple[str, int], float] = {}
         self.closed = trio.Event()
         self.eof_at: float | None = None
@@ -185,6 +186,7 @@ class FakePeer:
                 for ev in self.session.receive_data(data, now):
                     if isinstance(ev, S.MessageStart):
                         self.bodies[(ev.ch, ev.seq)] = bytearray()
+                        self.names[(ev.ch, ev.seq)] = ev.name
                         if ev.size == ev.offset:
                             self._done(ev.ch, ev.seq, now)
                     elif isinstance(ev, S.MessageData):
@@ -204,7 +206,10 @@ class FakePeer:
     def _done(self, ch: str, seq: int, now: float) -> None:
         self.complete[(ch, seq)] = now
         if self.ack and not self.silent:
-            self.session.send_ack(ch, seq)
+            body = bytes(self.bodies[(ch, seq)])
+            name = self.names[(ch, seq)]
+            self.session.send_ack(ch, [F.AckEntry(seq, hashlib.sha256(body).digest(), len(body),
+                                                  name, name, now)])
 
     def sha(self, ch: str, seq: int) -> str:
         return hashlib.sha256(bytes(self.bodies[(ch, seq)])).hexdigest()

@@ -386,11 +386,11 @@ def test_consumer_took_it_wire_resend(tmp_path: Path) -> None:
             assert peer_ch.committed == 1
             fake.send_file("data", 1, "took.bin", payload)      # the duplicate, in full
             acks = fake.pump_until(lambda evs: [e for e in evs if isinstance(e, S.AckReceived)])
-            assert acks[0].seq == 1
+            assert acks[0].entries[0].seq == 1
             assert not [e for e in fake.events if isinstance(e, S.NackReceived)]
             fake.send_file("data", 2, "next.bin", b"next")       # a barrier: in order after 1
             fake.pump_until(lambda evs: [e for e in evs if isinstance(e, S.AckReceived)
-                                         and e.seq == 2])
+                                         and e.entries[0].seq == 2])
         finally:
             fake.close()
         assert b.inbound("alpha", "data") == {"next.bin": b"next"}

@@ -12,10 +12,10 @@ from linkd.proto import frames as F
 from linkd.proto.framing import FrameDecoder, encode_frame
 
 channel_names = st.from_regex(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,20}", fullmatch=True)
-file_names = st.text(st.characters(blacklist_characters="/\x00", blacklist_categories=("Cs",)),
+file_names = st.text(st.characters(blacklist_characters="/\x00\x7f", blacklist_categories=("Cs", "Cc")),
                      min_size=1, max_size=40).filter(lambda n: not n.startswith("."))
 u64 = st.integers(0, (1 << 64) - 1)
-seqs = st.integers(1, (1 << 64) - 1)
+seqs = st.integers(1, F.MAX_SEQ)
 
 
 @st.composite
@@ -26,9 +26,13 @@ def msgs(draw):
                  draw(st.booleans()))
 
 
+ack_entries = st.builds(F.AckEntry, seqs, st.binary(min_size=32, max_size=32), u64,
+                        file_names, file_names, st.floats(0, 1e10))
+
 hellos = st.builds(
     F.Hello, st.just(F.PROTOCOL_VERSION), st.from_regex(r"[a-z][a-z0-9.-]{0,20}", fullmatch=True),
-    st.lists(st.builds(F.ChannelHello, channel_names, u64, st.integers(-100, 100), u64,
+    st.lists(st.builds(F.ChannelHello, channel_names, u64, st.integers(-100, 100),
+                       st.integers(0, F.MAX_SEQ),
                        st.none() | st.tuples(u64, u64), u64),
              max_size=5, unique_by=lambda c: c.name).map(tuple))
 
@@ -38,8 +42,10 @@ frames = st.one_of(
     st.builds(F.Ping, u64), st.builds(F.Pong, u64),
     msgs(),
     st.builds(F.Data, channel_names, seqs, st.binary(max_size=2048)),
-    st.builds(F.Ack, channel_names, u64),
-    st.builds(F.Nack, channel_names, seqs, st.text(max_size=100), st.booleans()),
+    st.builds(F.Ack, channel_names, st.lists(ack_entries, min_size=1, max_size=5).map(tuple)),
+    st.builds(F.Nack, channel_names, seqs, st.text(max_size=100), st.booleans(),
+              st.sampled_from([F.NACK_RETRY, F.NACK_BUSY, F.NACK_STALE]),
+              st.floats(0, 3600)),
     st.builds(F.Credit, channel_names, st.integers(0, 1 << 40)),
 )
 
@@ -73,6 +79,9 @@ def test_zero_length_frame_is_a_violation():
         FrameDecoder().feed(b"\0\0\0\0")
 
 
+ENTRY = {"s": 7, "h": b"h" * 32, "z": 3, "n": "a", "d": "a", "at": 1.0}
+
+
 def raw(obj) -> bytes:
     body = msgpack.packb(obj, use_bin_type=True)
     return struct.pack(">I", len(body)) + body
@@ -83,9 +92,20 @@ def raw(obj) -> bytes:
     ({"x": 1}, "no string type"),
     ({"t": "warp"}, "unknown frame type"),
     ({"t": "ack", "ch": "data"}, "lacks field"),
-    ({"t": "ack", "ch": "data", "s": -1}, "out of range"),
-    ({"t": "ack", "ch": "data", "s": True}, "wrong type"),
-    ({"t": "ack", "ch": "../etc", "s": 1}, "invalid channel"),
+    ({"t": "ack", "ch": "data", "a": []}, "entries"),
+    ({"t": "ack", "ch": "data", "a": [{**ENTRY, "s": -1}]}, "out of range"),
+    ({"t": "ack", "ch": "data", "a": [{**ENTRY, "s": 1 << 60}]}, "out of range"),
+    ({"t": "ack", "ch": "data", "a": [{**ENTRY, "s": True}]}, "wrong type"),
+    ({"t": "ack", "ch": "data", "a": [{**ENTRY, "h": b"x"}]}, "SHA-256"),
+    ({"t": "ack", "ch": "data", "a": [{**ENTRY, "d": "a/b"}]}, "bad file"),
+    ({"t": "ack", "ch": "../etc", "a": [ENTRY]}, "invalid channel"),
+    ({"t": "data", "ch": "d", "s": 1, "d": b"x" * (256 * 1024 + 1)}, "at most"),
+    ({"t": "nack", "ch": "d", "s": 1, "why": "", "retry": True, "k": "other"}, "kind"),
+    ({"t": "nack", "ch": "d", "s": 1, "why": "", "retry": True, "w": -1}, "seconds"),
+    ({"t": "msg", "ch": "d", "s": 1, "n": "a\nb", "z": 1, "h": b"\0" * 32, "o": 0},
+     "control character"),
+    ({"t": "hello", "v": 2, "node": "a", "ch": [{"n": "x", "max": 1, "c": (1 << 64) - 1,
+                                                 "cr": 0}]}, "out of range"),
     ({"t": "msg", "ch": "d", "s": 1, "n": "../x", "z": 1, "h": b"\0" * 32, "o": 0}, "bad file"),
     ({"t": "msg", "ch": "d", "s": 1, "n": ".hidden", "z": 1, "h": b"\0" * 32, "o": 0},
      "bad file"),
@@ -126,5 +146,5 @@ def test_arbitrary_bytes_never_crash_the_decoder(blob):
 
 def test_unknown_extra_keys_are_ignored_for_forward_compatibility():
     decoder = FrameDecoder()
-    decoder.feed(raw({"t": "ack", "ch": "data", "s": 7, "future": [1, 2]}))
-    assert decoder.next_frame() == F.Ack("data", 7)
+    decoder.feed(raw({"t": "ack", "ch": "data", "a": [ENTRY], "future": [1, 2]}))
+    assert decoder.next_frame() == F.Ack("data", (F.AckEntry(7, b"h" * 32, 3, "a", "a", 1.0),))

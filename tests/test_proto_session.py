@@ -71,9 +71,10 @@ def test_a_message_flows_in_chunks_and_completes(trickle):
     assert events[0] == S.MessageStart("data", 1, "x.bin", len(payload), sha, 0, False)
     assert b"".join(e.data for e in events if isinstance(e, S.MessageData)) == payload
     assert events[-1] == S.MessageComplete("data", 1)
-    p.b.send_ack("data", 1)
+    entry = F.AckEntry(1, sha, len(payload), "x.bin", "x.bin", 1.0)
+    p.b.send_ack("data", [entry])
     p.pump()
-    assert p.take("a") == [S.AckReceived("data", 1)]
+    assert p.take("a") == [S.AckReceived("data", (entry,))]
 
 
 def test_empty_message_completes_at_once():
@@ -128,7 +129,7 @@ def test_nack_discards_until_rewind_and_returns_credit():
     p.b.send_nack("data", 1, "sha256 mismatch", retry=True)
     p.pump()
     back = p.take("a")
-    assert S.NackReceived("data", 1, "sha256 mismatch", True) in back
+    assert S.NackReceived("data", 1, "sha256 mismatch", True, "", 0.0) in back
     assert S.CreditReceived("data", 10) in back   # the discarded bytes' credit came back
     assert p.take("b") == []                      # the stale msg 2 was discarded
     p.a.send_msg("data", 1, "one", 10, sha)
@@ -173,8 +174,8 @@ def test_wrong_node_in_hello_is_refused():
 
 def test_unsupported_version_is_refused_with_a_reason():
     a = S.Session(node="alpha", peer="bravo", channels=chans(), now=0)
-    events = a.receive_data(encode_frame(F.Hello(2, "bravo", ())), 0)
-    assert "unsupported protocol version 2" in events[-1].reason
+    events = a.receive_data(encode_frame(F.Hello(1, "bravo", ())), 0)
+    assert "unsupported protocol version 1" in events[-1].reason
     bye = a.data_to_send(0)
     assert b"unsupported protocol version" in bye
 

@@ -63,7 +63,7 @@ def outcome(layout: SpoolLayout, channel: str, ino: int) -> tuple[str, str | Non
     """('waiting'|'failed'|'done', reason)."""
     if ino in _inodes(layout.out_dir(channel)):
         return "waiting", None
-    if ino in _inodes(layout.claimed_dir(channel)):
+    if ino in _inodes(layout.queue_dir(channel)):
         return "waiting", None
     failed = _inodes(layout.failed_dir(channel))
     if ino in failed:

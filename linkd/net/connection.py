@@ -12,11 +12,31 @@ Tasks, all in one nursery that dies with the session:
 * writer  - flushes what the reader, timer and inbound workers queued.
 * inbound - (after the hello) one per channel: takes every queued event of
             its channel, applies the batch to the spool in one thread hop
-            (begin/write/finish, then one group commit), then acks, grants
-            credit and logs. Channels never wait for each other's disk work.
-* acks    - (after the hello) resolves acknowledged outbound files in batches.
+            (begin/write/finish, then one group commit), then acks (naming the
+            content of each message), grants credit and logs. Channels never
+            wait for each other's disk work. A storage error on one channel
+            (disk full, EIO) nacks its message as "busy" (the sender waits and
+            sends it again, not counted as an attempt); it does not end the
+            session, so the other channels and the other direction go on.
+* acks    - (after the hello) checks each acknowledgement against the file it
+            names (seq, SHA-256, size, name: an ack is evidence, not a number)
+            and resolves the matching files in batches; an ack naming other
+            content for a message sent in this session is a protocol violation.
 * sender  - (after the hello) picks a channel with the Scheduler, sends the
             next Msg or Data chunk within the credit, flushes, repeats.
+
+Numbering that went wrong (our state lost or restored from a backup): a queued
+file whose seq is at or below the peer's committed seq is first sent as a
+*probe* (its Msg with offset = size, no data); the peer answers with an ack
+naming what it holds under that seq (the same content: delivered, resolve it;
+other content: renumber the file above the peer's committed seq and send it)
+or with a "stale" nack when it cannot say (renumber, send, and log
+`duplicate_possible`). A peer whose committed seq went *backwards* (its state
+was lost) may hold files we are about to send again: `duplicate_possible` is
+logged for those that may have been on the wire.
+
+Channels the peer does not offer are *held*: their files stay queued (status
+and `linkctl queue` say why) and flow once a later session offers the channel.
 
 All writes to the stream go through `flush()` under one StrictFIFOLock. The
 reader, the timer and the inbound worker never wait for that lock themselves:
@@ -38,6 +58,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import errno
+import hashlib
 import math
 from typing import Any
 
@@ -48,7 +70,16 @@ from ..proto import frames as F
 from ..proto import session as S
 from ..proto.framing import CHUNK_SIZE
 from ..proto.scheduler import Scheduler
-from ..spool import ChecksumMismatch, Claimed, Completed, InboundRefused
+from ..spool import (
+    ChecksumMismatch,
+    Claimed,
+    Completed,
+    Delivered,
+    FileChanged,
+    InboundRefused,
+    ResourceBusy,
+)
+from ..spool.outbound import is_resource_error
 from ..wakeup import Wakeup
 
 INITIAL_CREDIT = 4 << 20
@@ -57,22 +88,30 @@ MAX_ATTEMPTS = 3              # sends of one message that fail its checksum befo
 READ_SIZE = 64 * 1024
 MAX_INBOUND_BACKLOG = 4096    # queued inbound events before the reader stops reading
 MAX_PENDING_OUTPUT = 1 << 20  # queued control bytes (pongs, acks...) before the reader waits
+BUSY_WAIT = (1.0, 30.0)       # a channel whose disk work failed nacks "busy" (first, max wait)
+READ_RETRY = 2.0              # seconds before a queued file that could not be read is retried
+
+
+@dataclasses.dataclass
+class _InFlight:
+    item: Claimed
+    probe: bool                              # sent as a probe (seq <= the peer's committed)
 
 
 @dataclasses.dataclass
 class _OutChannel:
     name: str
     priority: int
-    next_seq: int = 0                        # send items with seq >= this next
-    in_flight: collections.deque[int] = dataclasses.field(default_factory=collections.deque)
+    next_seq: int = 1                        # send items with seq >= this next
+    in_flight: dict[int, _InFlight] = dataclasses.field(default_factory=dict)
     current: Claimed | None = None
     fh: Any = None
     offset: int = 0
+    digest: Any = None                       # SHA-256 of what we read, when sent from 0
     resume: tuple[int, int] | None = None
-
-
-class SessionEnded(Exception):
-    pass
+    peer_committed: int = 0                  # from the peer's hello
+    held: str | None = None                  # why its files wait (peer lacks the channel)
+    wait_until: float = 0.0                  # trio time before which nothing is sent
 
 
 class SessionRunner:
@@ -93,7 +132,7 @@ class SessionRunner:
         # work is slow (a big file's checkpoint fsyncs, a slow consumer disk) never holds
         # back another channel's deliveries (CONTRACT §4.4).
         self.inbound_qs: dict[str, tuple[Any, Any]] = {}
-        self.ack_q_send, self.ack_q = trio.open_memory_channel[tuple[str, int]](math.inf)
+        self.ack_q_send, self.ack_q = trio.open_memory_channel[S.AckReceived](math.inf)
         self.nacks: list[S.NackReceived] = []
         self.out: dict[str, _OutChannel] = {}
         self.scheduler = Scheduler()
@@ -133,6 +172,21 @@ class SessionRunner:
         # nursery exists (a close() during start-up recovery) still stops it.
         self.scope.cancel()
 
+    def held_reason(self, channel: str) -> str | None:
+        state = self.out.get(channel)
+        return state.held if state is not None else None
+
+    def progress(self, channel: str, seq: int) -> tuple[int, bool]:
+        """(bytes of `seq` sent so far, whether it is on the wire now)."""
+        state = self.out.get(channel)
+        if state is None:
+            return 0, False
+        if state.current is not None and state.current.seq == seq:
+            return state.offset, True
+        if seq in state.in_flight:
+            return state.in_flight[seq].item.size, True
+        return 0, False
+
     def hello_channels(self) -> list[F.ChannelHello]:
         result = []
         for name, ch in self.link.channels.items():
@@ -167,6 +221,7 @@ class SessionRunner:
                     await self.flush()
                     await self.opened.wait()
                     self._on_open()
+                    await self._prepare_sending()
                     for _send, receive in self.inbound_qs.values():
                         nursery.start_soon(self._inbound_worker, receive)
                     nursery.start_soon(self._ack_worker)
@@ -206,10 +261,9 @@ class SessionRunner:
             inbound = link.inbound.get(name)
             if inbound is not None:
                 problems += await trio.to_thread.run_sync(inbound.recover)
-            out = link.outbound.get(name)
-            if out is not None and not out.usable:
-                async with link.spool_lock(name):
-                    problems += await trio.to_thread.run_sync(out.recover)
+            spool = link.spools.get(name)
+            if spool is not None and not spool.outbound.usable:
+                problems += await spool.recover_outbound()
         for p in problems:
             self.log.warning("recovery", problem=p)
         link.log_recovered()
@@ -293,7 +347,7 @@ class SessionRunner:
             if isinstance(ev, (S.MessageStart, S.MessageData, S.MessageComplete)):
                 self.inbound_qs[ev.ch][0].send_nowait(ev)   # the session checked ev.ch
             elif isinstance(ev, S.AckReceived):
-                self.ack_q_send.send_nowait((ev.ch, ev.seq))
+                self.ack_q_send.send_nowait(ev)
             elif isinstance(ev, S.CreditReceived):
                 self.sender_wake.set()
             elif isinstance(ev, S.NackReceived):
@@ -320,18 +374,56 @@ class SessionRunner:
         link.sessions_opened += 1
         for ch in self.session.peer_hello.channels:
             link.peer_max[ch.name] = ch.max
+        missing = []
         for name, cfg in link.channels.items():
             peer_ch = self.session.peer_channels.get(name)
             state = _OutChannel(name, cfg.priority)
-            if peer_ch is not None:
-                state.next_seq = peer_ch.committed + 1
+            if peer_ch is None:
+                link.peer_max.pop(name, None)       # the peer's old limit has no meaning now
+                state.held = (f"peer {link.name} does not offer channel {name!r} (yet): its "
+                              f"files wait until it does")
+                missing.append(name)
+            else:
+                state.peer_committed = peer_ch.committed
                 state.resume = peer_ch.resume
-                if peer_ch.committed:
-                    self.ack_q_send.send_nowait((name, peer_ch.committed))
+            pending = link.outbound[name].pending() if name in link.outbound else []
+            state.next_seq = pending[0].seq if pending else 1
             self.out[name] = state
+            self._set_held(name, state.held)
+        tls = self.tls_info or {}
         link.status.set_state("connected", remote=self.remote, tls=self.tls_info)
         self.log.info("link_up", peer=link.name, remote=self.remote,
-                      direction="out" if self.dialed_by_us else "in")
+                      direction="out" if self.dialed_by_us else "in",
+                      group=tls.get("group"), post_quantum=tls.get("post_quantum"))
+        if missing:
+            self.log.warning("channel_mismatch", peer=link.name, missing=missing,
+                             reason=f"peer {link.name} does not offer {', '.join(missing)}: "
+                                    f"files queued there are held until it does")
+
+    def _set_held(self, name: str, reason: str | None) -> None:
+        stats = self.link.status.channel(name)
+        if hasattr(stats, "held"):
+            stats.held = reason
+
+    async def _prepare_sending(self) -> None:
+        """Before the first send: raise each channel's numbering above the peer's
+        committed seq, and log `duplicate_possible` where the peer went backwards."""
+        link = self.link
+        for name, state in self.out.items():
+            spool = link.spools.get(name)
+            if spool is None or state.held is not None:
+                continue
+            out = spool.outbound
+            if state.peer_committed < out.acked:
+                window = out.pending()[:MAX_IN_FLIGHT]
+                for item in window:
+                    self.log.warning(
+                        "duplicate_possible", peer=link.name, channel=name, name=item.name,
+                        seq=item.seq, size=item.size, sha256=item.sha256,
+                        reason=f"the peer's committed seq went back from {out.acked} to "
+                               f"{state.peer_committed} (its state was lost or restored): "
+                               f"this file may have been delivered already")
+            await spool.raise_floor(state.peer_committed)
 
     # -- inbound --------------------------------------------------------------
 
@@ -341,8 +433,8 @@ class SessionRunner:
     async def _inbound_worker(self, queue: Any) -> None:
         """Applies one channel's inbound events to its spool, a batch per thread hop."""
         assert self.session is not None
-        discarding: set[str] = set()
-        skipping: dict[str, int] = {}     # channel -> seq whose data we ignore (duplicate/refused)
+        rx = _Receiver()
+        busy_wait = BUSY_WAIT[0]
         while True:
             batch = [await queue.receive()]
             while len(batch) < 512:
@@ -351,19 +443,37 @@ class SessionRunner:
                 except trio.WouldBlock:
                     break
             try:
-                result = await trio.to_thread.run_sync(self._apply_inbound, batch, discarding,
-                                                       skipping)
+                result = await trio.to_thread.run_sync(self._apply_inbound, batch, rx)
             except (OSError, SpoolError) as exc:
-                # The inbound spool failed (ENOSPC, EIO, EROFS...; the spool reports it as
-                # SpoolError): nothing of this batch was acknowledged; the next session
-                # starts with recover() and the sender sends it again.
-                self.log.error("inbound_storage_failed", reason=str(exc))
-                self.end(f"local storage failure: {exc}", True)
-                return
+                # Disk full, EIO, EMFILE... on this channel: nothing of the batch was
+                # acknowledged. Nack the oldest unacknowledged message as "busy" (the
+                # sender waits, then sends it again; not counted as an attempt) and
+                # repair the spool; the session and the other channels go on.
+                ch = batch[0].ch
+                self.log.error("inbound_storage_failed", channel=ch, reason=str(exc))
+                inbound = self.link.inbound.get(ch)
+                if inbound is not None:
+                    try:
+                        await trio.to_thread.run_sync(inbound.recover)
+                    except (OSError, SpoolError) as again:
+                        self.end(f"local storage failure: {again}", True)
+                        return
+                credit = sum(len(ev.data) for ev in batch if isinstance(ev, S.MessageData))
+                self.session.grant(ch, credit)
+                seq = rx.oldest_unacked(ch)
+                if seq is not None and ch not in rx.discarding:
+                    self.session.send_nack(ch, seq, f"receiver cannot store it now: {exc}",
+                                           True, F.NACK_BUSY, busy_wait)
+                    rx.discard(ch)
+                busy_wait = min(busy_wait * 2, BUSY_WAIT[1])
+                self.inbound_drained.set()
+                self.writer_wake.set()
+                continue
+            busy_wait = BUSY_WAIT[0]
             self.inbound_drained.set()
             acks, nacks, delivered, credit, quarantined = result
-            for ch, seq, reason, retry in nacks:
-                self.session.send_nack(ch, seq, reason, retry)
+            for ch, seq, reason, retry, kind in nacks:
+                self.session.send_nack(ch, seq, reason, retry, kind)
             for d in delivered:
                 stats = self.link.status.channel(d.channel)
                 stats.note_received(d.size)
@@ -376,18 +486,17 @@ class SessionRunner:
                 self.link.status.channel(ch).quarantined += 1
                 self.log.warning("message_quarantined", peer=self.link.name, channel=ch,
                                  name=name, seq=seq, reason=reason, path=str(where))
-            for ch, seq in acks.items():
-                self.session.send_ack(ch, seq)
+            for ch, entries in acks.items():
+                self.session.send_ack(ch, entries)
             for ch, n in credit.items():
                 self.session.grant(ch, n)
             self.writer_wake.set()
 
-    def _apply_inbound(self, batch: list[Any], discarding: set[str],
-                       skipping: dict[str, int]) -> tuple[Any, ...]:
+    def _apply_inbound(self, batch: list[Any], rx: _Receiver) -> tuple[Any, ...]:
         """Blocking: apply a batch of inbound events to the spool (one thread hop)."""
         link = self.link
-        acks: dict[str, int] = {}
-        nacks: list[tuple[str, int, str, bool]] = []
+        acks: dict[str, list[F.AckEntry]] = collections.defaultdict(list)
+        nacks: list[tuple[str, int, str, bool, str]] = []
         credit: dict[str, int] = collections.defaultdict(int)
         quarantined: list[tuple[str, str, int, str, Any]] = []
         done: dict[str, list[Completed]] = collections.defaultdict(list)
@@ -399,122 +508,183 @@ class SessionRunner:
                 credit[ch] += len(ev.data)
             if inbound is None:
                 continue
-            if ch in discarding:
+            if ch in rx.discarding:
                 if isinstance(ev, S.MessageStart) and ev.rewind:
-                    discarding.discard(ch)
+                    rx.discarding.discard(ch)
                 else:
                     continue
             if isinstance(ev, S.MessageStart):
-                skipping.pop(ch, None)
+                rx.skipping.pop(ch, None)
                 names[(ch, ev.seq)] = ev.name
+                if ev.rewind:
+                    inbound.abort()             # a message the sender abandoned mid-way
                 if ev.seq <= inbound.committed:
-                    skipping[ch] = ev.seq
-                    acks[ch] = inbound.committed
+                    # A re-send (its ack was lost) or a probe: say what we hold there.
+                    rx.skipping[ch] = ev.seq
+                    held = inbound.lookup(ev.seq)
+                    if held is not None:
+                        acks[ch].append(_ack_entry_from_journal(held))
+                    else:
+                        nacks.append((ch, ev.seq, f"seq {ev.seq} is at or below the committed "
+                                      f"seq {inbound.committed} and no longer in the delivery "
+                                      f"journal", True, F.NACK_STALE))
+                        rx.discard(ch)
                     continue
                 if done[ch] and ev.seq <= done[ch][-1].seq:
-                    skipping[ch] = ev.seq
+                    rx.skipping[ch] = ev.seq
                     continue
                 try:
                     inbound.begin(ev.seq, ev.name, ev.size, ev.sha256.hex(), ev.offset)
+                    rx.started(ch, ev.seq)
                 except InboundRefused as exc:
                     # A resume we cannot honour is retried from byte 0; anything else
                     # (size over our limit...) is final.
-                    skipping[ch] = ev.seq
-                    nacks.append((ch, ev.seq, str(exc), ev.offset > 0))
-                    discarding.add(ch)
+                    rx.skipping[ch] = ev.seq
+                    nacks.append((ch, ev.seq, str(exc), ev.offset > 0, F.NACK_RETRY))
+                    rx.discard(ch)
             elif isinstance(ev, S.MessageData):
-                if skipping.get(ch) == ev.seq:
+                if rx.skipping.get(ch) == ev.seq:
                     continue
                 inbound.write(ev.data)
             elif isinstance(ev, S.MessageComplete):
-                if skipping.get(ch) == ev.seq:
+                if rx.skipping.get(ch) == ev.seq:
                     continue
                 try:
                     done[ch].append(inbound.finish())
                 except ChecksumMismatch as exc:
-                    nacks.append((ch, ev.seq, str(exc), True))
-                    discarding.add(ch)
+                    nacks.append((ch, ev.seq, str(exc), True, F.NACK_RETRY))
+                    rx.discard(ch)
                     quarantined.append((ch, names.get((ch, ev.seq), "?"), ev.seq, str(exc),
                                         getattr(exc, "quarantined", None)))
                 except InboundRefused as exc:
-                    nacks.append((ch, ev.seq, str(exc), False))
-                    discarding.add(ch)
-        delivered = []
+                    nacks.append((ch, ev.seq, str(exc), False, F.NACK_RETRY))
+                    rx.discard(ch)
+        delivered: list[Delivered] = []
         for ch, completed in done.items():
             if completed:
-                delivered += link.inbound[ch].commit(completed)
-                acks[ch] = link.inbound[ch].committed
-        return acks, nacks, delivered, dict(credit), quarantined
+                got = link.inbound[ch].commit(completed)
+                delivered += got
+                acks[ch].extend(_ack_entry(d) for d in got)
+                rx.acked(ch, [d.seq for d in got])
+        return dict(acks), nacks, delivered, dict(credit), quarantined
 
     # -- acknowledgements -----------------------------------------------------
 
     async def _ack_worker(self) -> None:
         while True:
-            acks = dict([await self.ack_q.receive()])
+            batch = [await self.ack_q.receive()]
             while True:
                 try:
-                    ch, seq = self.ack_q.receive_nowait()
+                    batch.append(self.ack_q.receive_nowait())
                 except trio.WouldBlock:
                     break
-                acks[ch] = max(seq, acks.get(ch, 0))
-            # Channels resolve their acks side by side: one channel's spool lock (held
-            # while it hashes a big file at pick-up) must not hold back another's acks.
+            by_channel: dict[str, list[F.AckEntry]] = collections.defaultdict(list)
+            for ev in batch:
+                by_channel[ev.ch].extend(ev.entries)
+            # Channels resolve their acks side by side: one channel's spool work must not
+            # hold back another's acks.
             async with trio.open_nursery() as nursery:
-                for ch, seq in acks.items():
-                    nursery.start_soon(self._resolve_acks, ch, seq)
+                for ch, entries in by_channel.items():
+                    nursery.start_soon(self._resolve_acks, ch, entries)
             self.sender_wake.set()
 
-    async def _resolve_acks(self, ch: str, seq: int) -> None:
+    async def _resolve_acks(self, ch: str, entries: list[F.AckEntry]) -> None:
         link = self.link
-        out = link.outbound.get(ch)
-        if out is None:
-            return
-        async with link.spool_lock(ch):
-            resolved = await trio.to_thread.run_sync(out.ack, seq)
-            link.refresh_queued([ch])
+        spool = link.spools.get(ch)
         state = self.out.get(ch)
-        if state is not None:
-            while state.in_flight and state.in_flight[0] <= seq:
-                state.in_flight.popleft()
-            if state.current is None:
-                state.next_seq = max(state.next_seq, seq + 1)
-        stats = link.status.channel(ch)
-        for item in resolved:
-            self.attempts.pop((ch, item.seq), None)
-            stats.note_sent(item.size)
-            self.log.info("message_sent", peer=link.name, channel=ch, name=item.name,
-                          seq=item.seq, size=item.size, sha256=item.sha256)
+        if spool is None or state is None:
+            return
+        matched: dict[int, F.AckEntry] = {}
+        other: list[tuple[Claimed, F.AckEntry]] = []
+        for entry in entries:
+            flight = state.in_flight.pop(entry.seq, None)
+            if flight is None:
+                continue        # failed or renumbered meanwhile (e.g. changed while sent)
+            item = flight.item
+            if (entry.sha256.hex(), entry.size, entry.sent_name) == \
+                    (item.sha256, item.size, item.name):
+                matched[item.seq] = entry
+            elif flight.probe:
+                other.append((item, entry))
+            else:
+                self.log.error("ack_mismatch", peer=link.name, channel=ch, seq=item.seq,
+                               name=item.name, sha256=item.sha256,
+                               acked_sha256=entry.sha256.hex(), acked_name=entry.sent_name)
+                self._violation(f"acknowledgement for message {item.seq} on {ch!r} names "
+                                f"other content (sha256 {entry.sha256.hex()[:16]}…, "
+                                f"{entry.size} bytes, {entry.sent_name!r}) than was sent")
+                return
+        for item, _entry in other:
+            # Our numbering went wrong (state lost or restored): the peer holds other
+            # content under this seq. Renumber and send ours; no duplicate arises.
+            new = await spool.renumber(item, state.peer_committed)
+            if new is not None:
+                self.log.info("message_renumbered", peer=link.name, channel=ch, name=item.name,
+                              seq=new.seq, old_seq=item.seq,
+                              reason="the peer holds other content under the old seq")
+                state.next_seq = min(state.next_seq, new.seq)
+        if matched:
+            resolved = await spool.resolve(list(matched))
+            link.refresh_queued([ch])
+            stats = link.status.channel(ch)
+            for r in resolved:
+                item, entry = r.item, matched[r.item.seq]
+                self.attempts.pop((ch, item.seq), None)
+                stats.note_sent(item.size)
+                fields: dict[str, Any] = dict(peer=link.name, channel=ch, name=item.name,
+                                              seq=item.seq, size=item.size, sha256=item.sha256)
+                if entry.name != item.name:
+                    fields["delivered_name"] = entry.name
+                self.log.info("message_sent", **fields)
+                if r.changed:
+                    self.log.warning("message_changed", peer=link.name, channel=ch,
+                                     name=item.name, seq=item.seq, sha256=item.sha256,
+                                     reason="the queued file was changed after pick-up; the "
+                                            "peer holds it as it was when it was queued")
+        self.sender_wake.set()
+
+    def _violation(self, reason: str) -> None:
+        """The peer broke the protocol in a way only the driver can see."""
+        assert self.session is not None
+        self.session.close(f"protocol violation: {reason}")
+        self.log.warning("protocol_violation", peer=self.link.name, reason=reason)
+        self.writer_wake.set()
+        self.end(f"protocol violation by the peer: {reason}", True)
 
     # -- sender ---------------------------------------------------------------
 
     def _next_item(self, state: _OutChannel) -> Claimed | None:
-        if len(state.in_flight) >= MAX_IN_FLIGHT:
+        if len(state.in_flight) >= MAX_IN_FLIGHT or state.held is not None:
             return None
         out = self.link.outbound.get(state.name)
-        if out is None:
+        if out is None or self.link.is_paused(state.name):
+            return None
+        if state.wait_until and trio.current_time() < state.wait_until:
             return None
         try:
             item: Claimed | None = out.next_pending(state.next_seq)
             return item
         except (RuntimeError, KeyError):
-            # A pick-up or ack in a worker thread is changing the pending set right now;
-            # it wakes the sender when it is done.
+            # The pending set is changing in a worker thread right now; it wakes the
+            # sender when it is done.
             return None
 
     def _ready(self) -> list[tuple[str, int]]:
         assert self.session is not None
         ready = []
         for name, state in self.out.items():
-            if name not in self.session.peer_channels and state.current is None:
-                if self._next_item(state) is not None:
-                    ready.append((name, state.priority))
-                continue
             if state.current is not None:
                 if self.session.sendable(name) > 0:
                     ready.append((name, state.priority))
             elif self._next_item(state) is not None:
                 ready.append((name, state.priority))
         return ready
+
+    def _next_wait(self) -> float:
+        """When a channel held back by `wait_until` may send again."""
+        now = trio.current_time()
+        waits = [s.wait_until for s in self.out.values() if s.wait_until > now]
+        return min(waits) if waits else math.inf
 
     async def _sender(self) -> None:
         assert self.session is not None
@@ -524,7 +694,8 @@ class SessionRunner:
                 continue
             ready = self._ready()
             if not ready:
-                await self.sender_wake.wait()
+                with trio.move_on_at(self._next_wait()):
+                    await self.sender_wake.wait()
                 continue
             name = self.scheduler.pick(ready)
             assert name is not None
@@ -533,19 +704,55 @@ class SessionRunner:
             await trio.lowlevel.checkpoint()
 
     async def _fail(self, item: Claimed, reason: str) -> None:
-        out = self.link.outbound.get(item.channel)
-        if out is None:
+        spool = self.link.spools.get(item.channel)
+        if spool is None:
             return
-        async with self.link.spool_lock(item.channel):
-            failed = await trio.to_thread.run_sync(out.fail, item, reason)
-            self.link.refresh_queued([item.channel])
-        self.link.log_failed([failed])
+        failed = await spool.fail(item, reason)
+        self.link.refresh_queued([item.channel])
+        if failed is not None:
+            self.link.log_failed([failed])
 
     def _nacked(self, ch: str) -> bool:
         """A nack for `ch` arrived and is not handled yet: whatever _step was about to
         send on `ch` is stale (the session dropped the message; sending the next one
         would carry the rewind flag past the nacked message)."""
         return any(n.ch == ch for n in self.nacks)
+
+    async def _unreadable(self, state: _OutChannel, item: Claimed, exc: BaseException) -> None:
+        """A queued file could not be opened or read. A resource error (EMFILE...)
+        is retried without counting; a changed file is failed; anything else (EIO)
+        is retried a few times, then failed, so one bad file never wedges the peer."""
+        state.next_seq = item.seq
+        if isinstance(exc, FileChanged):
+            await self._fail(item, f"not sent: {exc}")
+            return
+        if isinstance(exc, ResourceBusy) or is_resource_error(exc):
+            self.log.warning("send_delayed", peer=self.link.name, channel=state.name,
+                             seq=item.seq, name=item.name, reason=str(exc))
+            state.wait_until = trio.current_time() + READ_RETRY
+            return
+        key = (state.name, item.seq)
+        self.attempts[key] = self.attempts.get(key, 0) + 1
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        if self.attempts[key] >= MAX_ATTEMPTS:
+            self.attempts.pop(key, None)
+            await self._fail(item, f"cannot read the queued file: {why}")
+            return
+        self.log.warning("message_retry", peer=self.link.name, channel=state.name,
+                         seq=item.seq, name=item.name, reason=f"cannot read it: {why}")
+        state.wait_until = trio.current_time() + READ_RETRY
+
+    def _abandon(self, state: _OutChannel) -> None:
+        """Stop sending the current message mid-way (its file went bad); the next
+        Msg on the channel carries the rewind flag, which tells the peer to drop
+        what it has of it."""
+        assert self.session is not None
+        if state.fh is not None:
+            state.fh.close()
+        if state.current is not None:
+            state.in_flight.pop(state.current.seq, None)
+        state.current, state.fh, state.digest = None, None, None
+        self.session.abandon(state.name)
 
     async def _step(self, state: _OutChannel) -> None:
         assert self.session is not None
@@ -555,27 +762,27 @@ class SessionRunner:
             if item is None:        # the pending set changed since _ready() looked
                 return
             state.next_seq = item.seq + 1
-            peer_ch = session.peer_channels.get(state.name)
-            if peer_ch is None:
-                await self._fail(item, f"peer {self.link.name} does not accept channel "
-                                       f"{state.name!r}")
-                return
-            if item.size > peer_ch.max:
+            peer_max = self.link.peer_max.get(state.name)
+            if peer_max is not None and item.size > peer_max:
                 await self._fail(item, f"{item.size} bytes is over {self.link.name}'s "
-                                       f"max_message_bytes of {peer_ch.max} on {state.name!r}")
+                                       f"max_message_bytes of {peer_max} on {state.name!r}")
+                return
+            if item.seq <= state.peer_committed:
+                # A probe: the peer says what it holds under this seq (see the top).
+                session.send_msg(state.name, item.seq, item.name, item.size,
+                                 bytes.fromhex(item.sha256), item.size)
+                state.in_flight[item.seq] = _InFlight(item, probe=True)
                 return
             offset = 0
             if state.resume is not None and state.resume[0] == item.seq \
                     and state.resume[1] <= item.size:
                 offset = state.resume[1]
             state.resume = None
-            out = self.link.outbound[state.name]
+            spool = self.link.spools[state.name]
             try:
-                fh = await trio.to_thread.run_sync(out.open, item)
-                if offset:
-                    await trio.to_thread.run_sync(fh.seek, offset)
-            except OSError as exc:
-                await self._fail(item, f"cannot read the file: {exc.strerror or exc}")
+                fh = await spool.open(item, offset)
+            except (OSError, SpoolError) as exc:
+                await self._unreadable(state, item, exc)
                 return
             if self._nacked(state.name) or session.state is not S.State.OPEN:
                 fh.close()
@@ -583,53 +790,125 @@ class SessionRunner:
                 return
             session.send_msg(state.name, item.seq, item.name, item.size,
                              bytes.fromhex(item.sha256), offset)
-            state.in_flight.append(item.seq)
+            state.in_flight[item.seq] = _InFlight(item, probe=False)
             if offset == item.size:
                 fh.close()
                 return
             state.current, state.fh, state.offset = item, fh, offset
+            state.digest = hashlib.sha256() if offset == 0 else None
             return
         n = session.sendable(state.name)
-        data = await trio.to_thread.run_sync(state.fh.read, n)
-        if self._nacked(state.name) or session.state is not S.State.OPEN:
+        item = state.current
+        fh = state.fh
+        try:
+            data = await trio.to_thread.run_sync(fh.read, n)
+        except (OSError, ValueError) as exc:
+            if self._nacked(state.name) or state.fh is not fh:
+                return
+            self._abandon(state)
+            await self._unreadable(state, item, exc if isinstance(exc, OSError)
+                                   else OSError(errno.EIO, str(exc)))
+            return
+        if self._nacked(state.name) or session.state is not S.State.OPEN or state.fh is not fh:
             return                              # _handle_nacks closes the file
-        if state.fh is None:
+        if len(data) < n:
+            # The file shrank under us: never send a truncated file.
+            self._abandon(state)
+            await self._fail(item, "not sent: the queued file changed size while being sent")
             return
-        if not data:
-            # The file shrank under us: send zeros is wrong; end the session and fail it.
-            item = state.current
-            state.fh.close()
-            state.current, state.fh = None, None
-            await self._fail(item, "file changed size after it was queued")
-            self.end(f"file {item.name} changed size while being sent", True)
-            return
+        if state.digest is not None:
+            state.digest.update(data)
         session.send_data(state.name, data)
         state.offset += len(data)
         if session.remaining(state.name) == 0:
-            state.fh.close()
+            fh.close()
             state.current, state.fh = None, None
+            if state.digest is not None and state.digest.hexdigest() != item.sha256:
+                # Changed while we read it: the peer will refuse the checksum; make sure
+                # the file is failed, not retried.
+                state.in_flight.pop(item.seq, None)
+                await self._fail(item, "not sent: the queued file was changed while being "
+                                       "sent")
+            state.digest = None
 
     async def _handle_nacks(self) -> None:
         nacks, self.nacks = self.nacks, []
         for nack in nacks:
             state = self.out.get(nack.ch)
-            out = self.link.outbound.get(nack.ch)
-            if state is None or out is None:
+            spool = self.link.spools.get(nack.ch)
+            if state is None or spool is None:
                 continue
             if state.fh is not None:
                 state.fh.close()
-            state.current, state.fh = None, None
-            while state.in_flight and state.in_flight[-1] >= nack.seq:
-                state.in_flight.pop()
-            async with self.link.spool_lock(nack.ch):
-                item = next((i for i in out.pending() if i.seq == nack.seq), None)
+            state.current, state.fh, state.digest = None, None, None
+            flight = state.in_flight.get(nack.seq)
+            for seq in [s for s in state.in_flight if s >= nack.seq]:
+                del state.in_flight[seq]
+            item = flight.item if flight is not None else spool.outbound.get(nack.seq)
+            state.next_seq = nack.seq
+            if item is None or spool.outbound.get(item.seq) is None:
+                continue            # failed or resolved meanwhile
+            if nack.kind == F.NACK_BUSY:
+                self.log.warning("message_retry", peer=self.link.name, channel=nack.ch,
+                                 seq=nack.seq, name=item.name, reason=nack.reason,
+                                 wait=nack.wait)
+                state.wait_until = trio.current_time() + max(nack.wait, 0.1)
+                continue
+            if nack.kind == F.NACK_STALE:
+                new = await spool.renumber(item, state.peer_committed)
+                if new is not None:
+                    self.log.warning(
+                        "duplicate_possible", peer=self.link.name, channel=nack.ch,
+                        name=item.name, seq=new.seq, old_seq=item.seq, size=item.size,
+                        sha256=item.sha256,
+                        reason=f"the peer cannot say what it holds under seq {item.seq}: "
+                               f"sent again as seq {new.seq}")
+                continue
+            if spool.outbound.changed(item):
+                await self._fail(item, f"not sent: the queued file was changed after it was "
+                                       f"queued (refused by {self.link.name}: {nack.reason})")
+                continue
             key = (nack.ch, nack.seq)
             self.attempts[key] = self.attempts.get(key, 0) + 1
-            if item is not None and (not nack.retry or self.attempts[key] >= MAX_ATTEMPTS):
+            if not nack.retry or self.attempts[key] >= MAX_ATTEMPTS:
                 await self._fail(item, f"refused by {self.link.name}: {nack.reason}")
                 self.attempts.pop(key, None)
                 state.next_seq = nack.seq + 1
             else:
-                self.log.warning("message_retry", channel=nack.ch, seq=nack.seq,
-                                 reason=nack.reason)
-                state.next_seq = nack.seq
+                self.log.warning("message_retry", peer=self.link.name, channel=nack.ch,
+                                 seq=nack.seq, name=item.name, reason=nack.reason)
+
+
+class _Receiver:
+    """What one channel's inbound worker remembers between batches."""
+
+    def __init__(self) -> None:
+        self.discarding: set[str] = set()
+        self.skipping: dict[str, int] = {}      # channel -> seq whose data we ignore
+        self._unacked: dict[str, list[int]] = collections.defaultdict(list)
+
+    def discard(self, ch: str) -> None:
+        self.discarding.add(ch)
+        self._unacked.pop(ch, None)
+
+    def started(self, ch: str, seq: int) -> None:
+        self._unacked[ch].append(seq)
+
+    def acked(self, ch: str, seqs: list[int]) -> None:
+        done = set(seqs)
+        self._unacked[ch] = [s for s in self._unacked[ch] if s not in done]
+
+    def oldest_unacked(self, ch: str) -> int | None:
+        seqs = self._unacked.get(ch)
+        return min(seqs) if seqs else None
+
+
+def _ack_entry(d: Delivered) -> F.AckEntry:
+    return F.AckEntry(seq=d.seq, sha256=bytes.fromhex(d.sha256), size=d.size,
+                      sent_name=d.sent_name, name=d.name, delivered_at=d.delivered_at)
+
+
+def _ack_entry_from_journal(held: dict[str, Any]) -> F.AckEntry:
+    return F.AckEntry(seq=int(held["seq"]), sha256=bytes.fromhex(str(held["sha256"])),
+                      size=int(held["size"]), sent_name=str(held["sent_name"]),
+                      name=str(held["name"]), delivered_at=float(held["delivered_at"]))

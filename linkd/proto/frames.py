@@ -20,8 +20,11 @@ import msgpack
 
 from ..errors import LocalProtocolError, RemoteProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_NAME_BYTES = 255
+MAX_DATA = 256 * 1024          # payload of one data frame
+MAX_SEQ = (1 << 53) - 1        # sequence numbers stay exact in JSON and far below u64
+MAX_ACK_ENTRIES = 1024         # entries in one ack frame
 MAX_REASON_CHARS = 1000
 MAX_U64 = (1 << 64) - 1
 CHANNEL_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
@@ -93,22 +96,45 @@ class Data:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class AckEntry:
+    """The receiver holds message `seq` durably, with exactly this content: the
+    sender resolves its queued file only if every field matches it (an ack is
+    evidence, not a number). `delivered_at` is seconds since the epoch."""
+
+    seq: int
+    sha256: bytes
+    size: int
+    sent_name: str
+    name: str
+    delivered_at: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Ack:
-    """Cumulative: every message of `ch` with sequence <= `seq` is durable."""
+    """Acknowledges each listed message of `ch` (not cumulative)."""
 
     ch: str
-    seq: int
+    entries: tuple[AckEntry, ...]
+
+
+NACK_RETRY = ""        # kinds of Nack: an ordinary refusal (see `retry`)
+NACK_BUSY = "busy"     # a resource problem on the receiver: send again after `wait`, not counted
+NACK_STALE = "stale"   # seq is at or below the receiver's committed seq and it cannot say
+                       # what it holds there: the sender must renumber the file
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Nack:
     """Message `seq` of `ch` was not accepted. `retry`: send it again (from
-    a Msg with rewind); otherwise the refusal is final."""
+    a Msg with rewind); otherwise the refusal is final. `kind` refines it
+    (NACK_BUSY, NACK_STALE); `wait` is the seconds to wait before a resend."""
 
     ch: str
     seq: int
     reason: str
     retry: bool
+    kind: str = NACK_RETRY
+    wait: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -126,6 +152,8 @@ def plain_name_problem(name: str) -> str | None:
         return "empty file name"
     if "/" in name or "\x00" in name:
         return "file name contains '/' or NUL"
+    if any(c < " " or c == "\x7f" for c in name):
+        return "file name contains a control character"
     if name.startswith("."):
         return "file name starts with '.'"
     try:
@@ -151,12 +179,19 @@ def frame_to_map(frame: Frame) -> dict[str, Any]:
         return {"t": "msg", "ch": frame.ch, "s": frame.seq, "n": frame.name, "z": frame.size,
                 "h": frame.sha256, "o": frame.offset, "rw": frame.rewind}
     if isinstance(frame, Ack):
-        return {"t": "ack", "ch": frame.ch, "s": frame.seq}
+        return {"t": "ack", "ch": frame.ch,
+                "a": [{"s": e.seq, "h": e.sha256, "z": e.size, "n": e.sent_name, "d": e.name,
+                       "at": e.delivered_at} for e in frame.entries]}
     if isinstance(frame, Credit):
         return {"t": "credit", "ch": frame.ch, "b": frame.bytes}
     if isinstance(frame, Nack):
-        return {"t": "nack", "ch": frame.ch, "s": frame.seq, "why": frame.reason,
-                "retry": frame.retry}
+        m = {"t": "nack", "ch": frame.ch, "s": frame.seq, "why": frame.reason,
+             "retry": frame.retry}
+        if frame.kind:
+            m["k"] = frame.kind
+        if frame.wait:
+            m["w"] = frame.wait
+        return m
     if isinstance(frame, Ping):
         return {"t": "ping", "id": frame.id}
     if isinstance(frame, Pong):
@@ -236,7 +271,7 @@ def _decode_hello(m: dict[Any, Any]) -> Hello:
             raise RemoteProtocolError(f"hello channel {name!r} has a malformed priority")
         channels.append(ChannelHello(
             name=name, max=_uint(item, "max", "hello channel"), priority=priority,
-            committed=_uint(item, "c", "hello channel"), resume=resume,
+            committed=_uint(item, "c", "hello channel", 0, MAX_SEQ), resume=resume,
             credit=_uint(item, "cr", "hello channel")))
     return Hello(version=version, node=node, channels=tuple(channels))
 
@@ -256,8 +291,35 @@ def _decode_msg(m: dict[Any, Any]) -> Msg:
     rewind = m.get("rw", False)
     if not isinstance(rewind, bool):
         raise RemoteProtocolError("msg field 'rw' has the wrong type")
-    return Msg(ch=_channel(m, "msg"), seq=_uint(m, "s", "msg", 1), name=name, size=size,
+    return Msg(ch=_channel(m, "msg"), seq=_uint(m, "s", "msg", 1, MAX_SEQ), name=name, size=size,
                sha256=sha, offset=offset, rewind=rewind)
+
+
+def _decode_ack(m: dict[Any, Any]) -> Ack:
+    raw = _get(m, "a", list, "ack")
+    if not 1 <= len(raw) <= MAX_ACK_ENTRIES:
+        raise RemoteProtocolError(f"ack lists {len(raw)} entries (1..{MAX_ACK_ENTRIES})")
+    entries = []
+    for item in raw:
+        if not isinstance(item, dict):
+            raise RemoteProtocolError("ack entry is not a map")
+        sha: bytes = _get(item, "h", bytes, "ack entry")
+        if len(sha) != 32:
+            raise RemoteProtocolError("ack entry carries a SHA-256 that is not 32 bytes")
+        names = []
+        for key in ("n", "d"):
+            name: str = _get(item, key, str, "ack entry")
+            problem = plain_name_problem(name)
+            if problem:
+                raise RemoteProtocolError(f"ack entry names a bad file: {problem}")
+            names.append(name)
+        at = _get(item, "at", (int, float), "ack entry")
+        if not 0 <= at < 1e11:
+            raise RemoteProtocolError("ack entry field 'at' out of range")
+        entries.append(AckEntry(seq=_uint(item, "s", "ack entry", 1, MAX_SEQ), sha256=sha,
+                                size=_uint(item, "z", "ack entry"), sent_name=names[0],
+                                name=names[1], delivered_at=float(at)))
+    return Ack(ch=_channel(m, "ack"), entries=tuple(entries))
 
 
 def map_to_frame(m: Any) -> Frame:
@@ -267,18 +329,28 @@ def map_to_frame(m: Any) -> Frame:
     if not isinstance(kind, str):
         raise RemoteProtocolError("frame has no string type key 't'")
     if kind == "data":
-        return Data(ch=_channel(m, "data"), seq=_uint(m, "s", "data", 1),
-                    data=_get(m, "d", bytes, "data"))
+        payload: bytes = _get(m, "d", bytes, "data")
+        if len(payload) > MAX_DATA:
+            raise RemoteProtocolError(f"data frame carries {len(payload)} bytes "
+                                      f"(at most {MAX_DATA})")
+        return Data(ch=_channel(m, "data"), seq=_uint(m, "s", "data", 1, MAX_SEQ), data=payload)
     if kind == "msg":
         return _decode_msg(m)
     if kind == "ack":
-        return Ack(ch=_channel(m, "ack"), seq=_uint(m, "s", "ack"))
+        return _decode_ack(m)
     if kind == "credit":
         return Credit(ch=_channel(m, "credit"), bytes=_uint(m, "b", "credit", 0, 1 << 40))
     if kind == "nack":
         retry = _get(m, "retry", bool, "nack")
-        return Nack(ch=_channel(m, "nack"), seq=_uint(m, "s", "nack", 1),
-                    reason=_reason(m, "nack"), retry=retry)
+        nack_kind = m.get("k", NACK_RETRY)
+        if nack_kind not in (NACK_RETRY, NACK_BUSY, NACK_STALE):
+            raise RemoteProtocolError("nack field 'k' is not a known kind")
+        wait = m.get("w", 0.0)
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) \
+                or not 0.0 <= wait <= 3600.0:
+            raise RemoteProtocolError("nack field 'w' is not 0..3600 seconds")
+        return Nack(ch=_channel(m, "nack"), seq=_uint(m, "s", "nack", 1, MAX_SEQ),
+                    reason=_reason(m, "nack"), retry=retry, kind=nack_kind, wait=float(wait))
     if kind == "ping":
         return Ping(id=_uint(m, "id", "ping"))
     if kind == "pong":

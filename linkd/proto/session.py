@@ -80,8 +80,12 @@ class MessageComplete:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class AckReceived:
+    """The peer acknowledges these messages of `ch`, each of which we had put on
+    the wire in this session (the session checks that); the owner still has to
+    check that each entry names the content it sent."""
+
     ch: str
-    seq: int
+    entries: tuple[F.AckEntry, ...]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -90,6 +94,8 @@ class NackReceived:
     seq: int
     reason: str
     retry: bool
+    kind: str = F.NACK_RETRY
+    wait: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -154,6 +160,7 @@ class Session:
         self._send_windows: dict[str, SendWindow] = {}
         self._outgoing: dict[str, _Outgoing] = {}
         self._rewind: set[str] = set()
+        self._on_wire: dict[str, set[int]] = {}   # msgs sent and neither acked nor nacked
         self._queue(F.Hello(F.PROTOCOL_VERSION, node, tuple(channels)), control=True)
 
     # -- output ---------------------------------------------------------------
@@ -257,7 +264,13 @@ class Session:
         elif kind is F.Ack:
             assert isinstance(frame, F.Ack)
             self._sending_channel(frame.ch, "ack")
-            events.append(AckReceived(frame.ch, frame.seq))
+            on_wire = self._on_wire.get(frame.ch, set())
+            for entry in frame.entries:
+                if entry.seq not in on_wire:
+                    raise RemoteProtocolError(f"ack for message {entry.seq} on {frame.ch!r}, "
+                                              f"which is not in flight")
+                on_wire.discard(entry.seq)
+            events.append(AckReceived(frame.ch, frame.entries))
         elif kind is F.Credit:
             assert isinstance(frame, F.Credit)
             self._sending_channel(frame.ch, "credit").grant(frame.bytes)
@@ -265,9 +278,17 @@ class Session:
         elif kind is F.Nack:
             assert isinstance(frame, F.Nack)
             self._sending_channel(frame.ch, "nack")
+            on_wire = self._on_wire.get(frame.ch, set())
+            if frame.seq not in on_wire:
+                raise RemoteProtocolError(f"nack for message {frame.seq} on {frame.ch!r}, "
+                                          f"which is not in flight")
+            # The receiver discards everything of the channel after a nack: the nacked
+            # message and those sent after it are no longer on the wire.
+            self._on_wire[frame.ch] = {s for s in on_wire if s < frame.seq}
             self._outgoing.pop(frame.ch, None)
             self._rewind.add(frame.ch)
-            events.append(NackReceived(frame.ch, frame.seq, frame.reason, frame.retry))
+            events.append(NackReceived(frame.ch, frame.seq, frame.reason, frame.retry,
+                                       frame.kind, frame.wait))
         elif kind is F.Ping:
             assert isinstance(frame, F.Ping)
             self._queue(F.Pong(frame.id), control=True)
@@ -315,7 +336,7 @@ class Session:
                 return
             self._discarding.discard(msg.ch)
         current = self._incoming.get(msg.ch)
-        if current is not None and current.offset < current.size:
+        if current is not None and current.offset < current.size and not msg.rewind:
             raise RemoteProtocolError(f"msg {msg.seq} on {msg.ch!r} starts before message "
                                       f"{current.seq} is complete")
         self._incoming[msg.ch] = _Incoming(msg.seq, msg.size, msg.offset)
@@ -346,18 +367,22 @@ class Session:
 
     # -- receiver actions -----------------------------------------------------
 
-    def send_ack(self, ch: str, seq: int) -> None:
+    def send_ack(self, ch: str, entries: list[F.AckEntry]) -> None:
+        """Acknowledge durably committed messages, naming the content of each."""
         if self.state is State.CLOSED:
-            return      # the commit is durable; the next hello reports it
+            return      # the commit is durable; the next session acks it on a re-send
         self._require_open()
-        self._queue(F.Ack(ch, seq), control=True)
+        for i in range(0, len(entries), F.MAX_ACK_ENTRIES):
+            self._queue(F.Ack(ch, tuple(entries[i:i + F.MAX_ACK_ENTRIES])), control=True)
 
-    def send_nack(self, ch: str, seq: int, reason: str, retry: bool) -> None:
+    def send_nack(self, ch: str, seq: int, reason: str, retry: bool, kind: str = F.NACK_RETRY,
+                  wait: float = 0.0) -> None:
         """Refuse message `seq`; discard the channel's frames until the sender rewinds."""
         if self.state is State.CLOSED:
             return
         self._require_open()
-        self._queue(F.Nack(ch, seq, reason[:F.MAX_REASON_CHARS], retry), control=True)
+        self._queue(F.Nack(ch, seq, reason[:F.MAX_REASON_CHARS], retry, kind, wait),
+                    control=True)
         self._discarding.add(ch)
         current = self._incoming.pop(ch, None)
         if current is not None:
@@ -388,6 +413,14 @@ class Session:
         self._rewind.discard(ch)
         self._queue(F.Msg(ch, seq, name, size, sha256, offset, rewind), control=False)
         self._outgoing[ch] = _Outgoing(seq, size - offset)
+        self._on_wire.setdefault(ch, set()).add(seq)
+
+    def abandon(self, ch: str) -> None:
+        """Stop sending the current message of `ch` mid-way (its file went bad). The
+        next Msg on `ch` carries the rewind flag, which tells the peer to drop the
+        incomplete message (and to discard anything until then)."""
+        self._outgoing.pop(ch, None)
+        self._rewind.add(ch)
 
     def credit(self, ch: str) -> int:
         window = self._send_windows.get(ch)

@@ -19,8 +19,9 @@ then the file is renamed beside it and the folder fsync'd. Crash points:
 
 * before the reason is renamed in: only a dot-temp `.<name>.reason.tmp`; the
   file is still where it was and the whole move is done again later;
-* after the reason, before the file: an orphan `<name>.reason`; a slot counts
-  as free when `<name>` is free, so the retry reuses (overwrites) that orphan;
+* after the reason, before the file: an orphan `<name>.reason`; the retry reuses
+  it only if it holds the same line and is not itself a failed file (a file
+  named `x.reason` failed earlier keeps its own name and its `x.reason.reason`);
 * after the file's rename, before the folder fsync: both names are there (a
   process crash loses nothing; on power loss the rename may be undone, which
   leaves the file at its source, where recovery finds it again).
@@ -94,9 +95,29 @@ def pick_free(folder: Path, name: str, taken: set[str], reserve: int = 0) -> str
     raise SpoolError(f"no free name for {name!r} in {folder}")  # pragma: no cover
 
 
+def _reason_slot_free(folder: Path, candidate: str, line: bytes) -> bool:
+    """May `candidate` (+ `.reason`) take a failed file? Neither name may hold
+    another file; an orphan `<candidate>.reason` of a cut move of our own (same
+    line, and not itself a failed file with a reason beside it) may be reused."""
+    if os.path.lexists(folder / candidate):
+        return False
+    reason = folder / (candidate + REASON_SUFFIX)
+    if not os.path.lexists(reason):
+        return True
+    if os.path.lexists(folder / (candidate + REASON_SUFFIX + REASON_SUFFIX)):
+        return False
+    try:
+        with open(reason, "rb") as f:
+            return f.read(len(line) + 1) == line
+    except OSError:
+        return False
+
+
 def place_with_reason(fs: FS, src: Path, folder: Path, name: str, reason: str,
                       preferred: str | None = None) -> Path:
-    """Move `src` to `folder/<name~N>` beside a one-line `<name~N>.reason`."""
+    """Move `src` to `folder/<name~N>` beside a one-line `<name~N>.reason`; neither
+    name ever overwrites another file (a failed file may itself be called
+    `x.reason`)."""
     line = (one_line(reason) + "\n").encode("utf-8", "replace")
     if preferred is not None and same_file(src, folder / preferred):
         fs.unlink(src)
@@ -105,11 +126,11 @@ def place_with_reason(fs: FS, src: Path, folder: Path, name: str, reason: str,
     for n in range(_MAX_TRIES):
         candidate = tilde_name(name, n, reserve=len(REASON_SUFFIX))
         path = folder / candidate
-        if os.path.lexists(path):
-            if same_file(src, path):
-                fs.unlink(src)
-                fs.fsync_dir(folder)
-                return path
+        if os.path.lexists(path) and same_file(src, path):
+            fs.unlink(src)
+            fs.fsync_dir(folder)
+            return path
+        if not _reason_slot_free(folder, candidate, line):
             continue
         write_atomic(fs, folder / (candidate + REASON_SUFFIX), line, mode=REASON_MODE)
         try:

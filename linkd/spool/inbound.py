@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-Per channel the state file `<state>/peers/<peer>/in/<ch>.json` holds
+Per channel the state file `<state>/peers/<peer>/channels/<ch>/in.json` holds
 `committed` (every seq <= it is durably in in/<ch>/: a frame at or below it is
 a duplicate, acked again and not written), `intent` (a commit in progress)
 and `partial` (the checkpoint {seq, name, size, sha256, offset} of the one
@@ -24,8 +24,10 @@ Group commit of finished messages (one channel, seq order):
   1. chmod each partial to file_mode and fsync it (or chmod all + one syncfs
      when the batch is large): data and mode durable;
   2. pick each final name (sender's name, else name~N, smallest free N >= 1);
-  3. write intent = [(seq, partial, final, sent_name, size, sha256)] durably;
+  3. fsync tmp/ (the partials' names are durable), then write
+     intent = [(seq, partial, final, sent_name, size, sha256)] durably;
   4. rename each partial into in/<ch>/ (never overwriting); fsync in/<ch>/;
+  4b. append each delivery to the journal (records.py) and fsync it;
   5. write committed = max seq, intent = null durably.
 Crash points:
   K1 before 3 is durable: nothing is in in/; partials are strays that recovery
@@ -34,7 +36,10 @@ Crash points:
      (rename is atomic: it is either still in tmp/ or already in in/, never
      half) -- choosing the next free name if its name got taken meanwhile, and
      recognising the same inode left by a link+unlink fallback -- fsyncs
-     in/<ch>/ and records the commit; those are reported in `recovered`;
+     in/<ch>/, journals and records the commit; those are reported in
+     `recovered`. An intent entry whose partial is gone *and* whose final name is
+     not in in/ is not counted as delivered: committed stops below it, so the
+     sender sends it again (a duplicate at worst, never a loss);
   K3 after 4, before 5 is durable: as K2, every partial is already gone;
   K4 after 5: done; the sender's ack may be lost, the resend is a duplicate.
 Any OSError inside begin/write/commit/abort leaves the object "broken": nothing
@@ -48,8 +53,11 @@ yet acknowledged when the file was damaged can then be delivered twice.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
+import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +66,7 @@ from ..errors import SpoolError
 from .files import (
     is_int,
     is_sha256,
+    listdir,
     pick_free,
     place_noreplace,
     place_with_reason,
@@ -73,7 +82,7 @@ from .layout import (
     plain_name_problem,
     safe_name,
 )
-from .recovery import InState, load_state, recover_inbound
+from .records import InState, Journal, load_state
 
 SYNCFS_MIN = 8           # batches this large use one syncfs instead of an fsync per file
 READ_SIZE = 1 << 20
@@ -98,6 +107,12 @@ class Delivered:
     size: int
     sha256: str
     path: Path
+    delivered_at: float = 0.0
+
+    def journal_entry(self) -> dict[str, object]:
+        return {"seq": self.seq, "sha256": self.sha256, "size": self.size,
+                "sent_name": self.sent_name, "name": self.name,
+                "delivered_at": self.delivered_at}
 
 
 class InboundRefused(SpoolError):
@@ -140,6 +155,7 @@ class Inbound:
         self.fs = fs or DEFAULT_FS
         self._in, self._tmp = layout.in_dir(channel), layout.tmp_dir()
         self._st = InState(layout.state_file_in(channel))
+        self._journal = Journal(layout.journal_file(channel))
         self._xfer: _Transfer | None = None
         self._finished: dict[int, Completed] = {}
         self._unreported: list[Delivered] = []   # renamed in a commit that then failed
@@ -149,6 +165,14 @@ class Inbound:
     @property
     def committed(self) -> int:
         return self._st.committed
+
+    def configure(self, max_bytes: int, file_mode: int) -> None:
+        """A reload changed the channel's limits: they apply from now on."""
+        self.max_bytes, self.file_mode = max_bytes, file_mode
+
+    def lookup(self, seq: int) -> dict[str, object] | None:
+        """What we committed under `seq` (from the journal), if we still know."""
+        return self._journal.lookup(seq)
 
     def _require(self) -> None:
         if not self._ready:
@@ -183,8 +207,10 @@ class Inbound:
             for folder in (self._in, self._tmp, self.layout.quarantine_dir()):
                 make_folder(folder, FOLDER_MODE, self.fs)
             make_folder(self._st.path.parent, 0o700, self.fs)
-            self._st = load_state(self.fs, self._st.path, self.channel, problems)
-            self.recovered = recover_inbound(self, problems)
+            self._st = load_state(self.fs, self._st.path, self.channel, problems,
+                                  self.layout.legacy_state_file_in(self.channel))
+            self._journal.load(self.fs, problems)
+            self.recovered = self._recover(problems)
         except OSError as exc:
             raise self._broken("recovery", exc) from None
         self._unreported = []
@@ -355,13 +381,16 @@ class Inbound:
                 plan.append((c, final))
             intent = [[c.seq, c.partial.name, final, c.name, c.size, c.sha256]
                       for c, final in plan]
+            self.fs.fsync_dir(self._tmp)
             self._st = self._st.saved(self.fs, intent=intent)
+            now = time.time()
             for c, final in plan:
                 path = place_noreplace(self.fs, c.partial, self._in, c.name,
                                        taken=taken - {final}, preferred=final)
                 self._unreported.append(Delivered(self.channel, c.seq, path.name, c.name,
-                                                  c.size, c.sha256, path))
+                                                  c.size, c.sha256, path, now))
             self.fs.fsync_dir(self._in)
+            self._journal.append(self.fs, [d.journal_entry() for d in self._unreported])
             last = items[-1].seq
             ck = self._st.partial
             self._st = self._st.saved(self.fs, committed=last, intent=None,
@@ -389,3 +418,68 @@ class Inbound:
             raise SpoolError(f"cannot quarantine {plain!r} in {folder}: {exc.strerror}") \
                 from None
 
+    def _recover(self, problems: list[str]) -> list[Delivered]:
+        """The recovery pass (module docstring); returns completed deliveries."""
+        ib = self
+        fs, st, in_dir, tmp = ib.fs, ib._st, ib._in, ib._tmp
+        unreported = {d.seq: d for d in ib._unreported}
+        recovered: list[Delivered] = []
+        dirty = bool(unreported)
+        lost: list[int] = []
+        if st.intent:
+            for seq, part, final, sent, size, sha in sorted(st.intent):
+                src = tmp / part
+                if os.path.lexists(src):
+                    fsync_file(fs, src, ib.file_mode)
+                    path = place_noreplace(fs, src, in_dir, sent, preferred=final)
+                    problems.append(f"seq {seq}: finished delivering it as {path}")
+                elif seq in unreported:
+                    path = unreported[seq].path
+                elif os.path.lexists(in_dir / final):
+                    path = in_dir / final
+                else:
+                    problems.append(f"seq {seq}: its partial vanished and {in_dir / final} is "
+                                    f"not there: not counted as delivered (it is sent again)")
+                    lost.append(seq)
+                    continue
+                recovered.append(Delivered(ib.channel, seq, path.name, sent, size, sha, path,
+                                           time.time()))
+            fs.fsync_dir(in_dir)
+            ib._journal.append(fs, [d.journal_entry() for d in recovered])
+            top = min(lost) - 1 if lost else max(e[0] for e in st.intent)
+            recovered = [d for d in recovered if d.seq <= top]
+            st = dataclasses.replace(st, committed=max(st.committed, top), intent=None)
+            dirty = True
+        elif unreported:
+            fs.fsync_dir(in_dir)
+            recovered = [unreported[s] for s in sorted(unreported) if s <= st.committed]
+        ck = st.partial
+        if ck is not None:
+            partial = tmp / f"{ib.channel}.{ck['seq']}.part"
+            try:
+                size = os.lstat(partial).st_size
+            except FileNotFoundError:
+                size = -1
+            if ck["seq"] <= st.committed or size < ck["offset"]:
+                if ck["seq"] > st.committed:
+                    problems.append(f"seq {ck['seq']}: partial file missing or shorter than its "
+                                    f"checkpoint ({ck['offset']} bytes): it will be sent again")
+                st, dirty = dataclasses.replace(st, partial=None), True
+            elif size > ck["offset"]:
+                fd = fs.open(partial, os.O_WRONLY | os.O_NOFOLLOW)
+                try:
+                    fs.truncate(fd, ck["offset"])
+                    fs.fsync(fd)
+                finally:
+                    fs.close(fd)
+        keep = st.partial["seq"] if st.partial else None
+        stray = re.compile(re.escape(ib.channel) + r"\.(\d+)\.part")
+        removed = False
+        for name in listdir(tmp):
+            match = stray.fullmatch(name)
+            if match and int(match[1]) != keep:
+                removed = unlink_quietly(fs, tmp / name) or removed
+        if removed:
+            fs.fsync_dir(tmp)
+        ib._st = st.saved(fs) if dirty else st
+        return recovered

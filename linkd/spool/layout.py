@@ -5,25 +5,29 @@ Theory of operation
 Spool (applications see it), per peer::
 
     <spool>/<peer>/out/<ch>/        dropped files; claimed ones leave by rename
+    <spool>/<peer>/queue/<ch>/      claimed files: <seq>.data + <seq>.meta (+ <seq>.fail)
     <spool>/<peer>/in/<ch>/         delivered files, complete or absent
     <spool>/<peer>/sent/<ch>/       acknowledged files (archive_sent only)
     <spool>/<peer>/failed/<ch>/     <name> + <name>.reason
     <spool>/<peer>/quarantine/      <name> + <name>.reason
     <spool>/<peer>/tmp/             inbound partials <ch>.<seq>.part
 
-State (ours alone, 0700)::
+State (ours alone, 0700; small records only, may be another file system)::
 
-    <state>/linkd.lock                          flock: one daemon per state dir
-    <state>/peers/<peer>/out/<ch>/<seq>.meta    claim record (JSON)
-    <state>/peers/<peer>/out/<ch>/<seq>.data    the claimed file itself
-    <state>/peers/<peer>/out/<ch>/<seq>.fail    "this seq is being failed" record
-    <state>/peers/<peer>/out/<ch>.json          {"last_done": N}
-    <state>/peers/<peer>/in/<ch>.json           {"committed", "intent", "partial"}
+    <state>/linkd.lock                               flock: one daemon per state dir
+    <state>/peers/<peer>/channels/<ch>/out.json      sender: next seq, highest acked seq
+    <state>/peers/<peer>/channels/<ch>/in.json       receiver: committed, intent, partial
+    <state>/peers/<peer>/channels/<ch>/delivered.jsonl  receiver: recent deliveries
 
-A claimed file moves from out/<ch>/ to the state dir by rename(2), so both must
-be on one file system *and one mount* (systemd's ReadWritePaths= makes separate
-bind mounts!). `create()` checks this once with a probe rename and refuses with
-a clear SpoolError rather than failing later with EXDEV.
+Every per-channel record lives in a folder of its own whose fixed file names no
+channel name can reach (revision 1 kept `<ch>.json` beside a `<ch>/` folder, so
+channels `X` and `X.json` collided). Claims of revision 1 (`peers/<peer>/out/`)
+are migrated into queue/ at start-up (outbound.py).
+
+A claimed file moves from out/<ch>/ to queue/<ch>/ and a finished partial from
+tmp/ to in/<ch>/ by rename(2), so each pair must be on one mount.
+`create()` checks both with probe renames and refuses with a clear SpoolError
+rather than failing later with EXDEV.
 
 Crash points of `create()`: each folder is made by mkdir (atomic) then chmod'ed;
 a crash in between leaves a folder with the umask's mode that the next start
@@ -61,6 +65,8 @@ def plain_name_problem(name: str) -> str | None:
         return "contains '/'"
     if "\0" in name:
         return "contains a NUL byte"
+    if any(c < " " or c == "\x7f" for c in name):
+        return "contains a control character"
     if name.startswith("."):
         return "starts with '.'"
     try:
@@ -139,62 +145,78 @@ class SpoolLayout:
     def tmp_dir(self) -> Path:
         return self.peer_dir / "tmp"
 
-    def claimed_dir(self, ch: str) -> Path:
-        return self.state_peer_dir / "out" / check_channel(ch)
+    def queue_dir(self, ch: str) -> Path:
+        return self.peer_dir / "queue" / check_channel(ch)
+
+    def channel_state_dir(self, ch: str) -> Path:
+        return self.state_peer_dir / "channels" / check_channel(ch)
 
     def state_file_out(self, ch: str) -> Path:
-        return self.state_peer_dir / "out" / f"{check_channel(ch)}.json"
+        return self.channel_state_dir(ch) / "out.json"
 
     def state_file_in(self, ch: str) -> Path:
+        return self.channel_state_dir(ch) / "in.json"
+
+    def journal_file(self, ch: str) -> Path:
+        return self.channel_state_dir(ch) / "delivered.jsonl"
+
+    # Revision 1 places, read once to migrate them (see outbound.py / inbound.py).
+    def legacy_claimed_dir(self, ch: str) -> Path:
+        return self.state_peer_dir / "out" / check_channel(ch)
+
+    def legacy_state_file_out(self, ch: str) -> Path:
+        return self.state_peer_dir / "out" / f"{check_channel(ch)}.json"
+
+    def legacy_state_file_in(self, ch: str) -> Path:
         return self.state_peer_dir / "in" / f"{check_channel(ch)}.json"
 
     def create(self, channels: Iterable[str], archive_sent: bool, fs: FS | None = None) -> None:
         """Make every missing folder (spool 0750, state 0700), leave existing ones
-        as they are, then check that claims can be renamed into the state dir."""
+        as they are, then check that claims and deliveries can be done by rename."""
         fs = fs or DEFAULT_FS
         channels = [check_channel(ch) for ch in channels]
         spool = [self.spool_dir, self.peer_dir, self.quarantine_dir(), self.tmp_dir()]
         for ch in channels:
-            spool += [self.out_dir(ch), self.in_dir(ch), self.failed_dir(ch)]
+            spool += [self.out_dir(ch), self.queue_dir(ch), self.in_dir(ch), self.failed_dir(ch)]
             if archive_sent:
                 spool.append(self.sent_dir(ch))
         for folder in spool:
             make_folder(folder, FOLDER_MODE, fs)
         make_folder(self.state_dir, STATE_MODE, fs)
         for ch in channels:
-            make_folder(self.claimed_dir(ch), STATE_MODE, fs)
-        make_folder(self.state_peer_dir / "in", STATE_MODE, fs)
-        self._probe_same_mount(channels)
+            make_folder(self.channel_state_dir(ch), STATE_MODE, fs)
+        for ch in channels:
+            self._probe_same_mount(self.out_dir(ch), self.queue_dir(ch),
+                                   "dropped files cannot be claimed")
+            self._probe_same_mount(self.tmp_dir(), self.in_dir(ch),
+                                   "received files cannot be delivered")
 
-    def _probe_same_mount(self, channels: list[str]) -> None:
-        if not channels:
-            return
-        # Probes left by a daemon killed during this very check (we hold the lock now).
-        for folder in (self.tmp_dir(), self.claimed_dir(channels[0])):
-            for stale in folder.glob(".linkd-probe-*"):
-                try:
-                    os.unlink(stale)
-                except OSError:
-                    pass
-        probe = self.tmp_dir() / f".linkd-probe-{os.getpid()}"
-        target = self.claimed_dir(channels[0]) / f".linkd-probe-{os.getpid()}.tmp"
+    @staticmethod
+    def _probe_same_mount(src_dir: Path, dst_dir: Path, consequence: str) -> None:
+        """Rename a dot-file from src_dir to dst_dir: EXDEV means two mounts."""
+        name = f".linkd-probe-{os.getpid()}"
+        probe, target = src_dir / name, dst_dir / name
+        for stale in (probe, target):      # left by a daemon killed during this very check
+            try:
+                os.unlink(stale)
+            except OSError:
+                pass
         try:
-            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
             os.close(fd)
             try:
                 os.rename(probe, target)
             except OSError as exc:
                 if exc.errno == errno.EXDEV:
                     raise SpoolError(
-                        f"state_dir {self.state_dir} and spool_dir {self.spool_dir} are on "
-                        f"different file systems or mounts, so claimed files cannot be moved "
-                        f"by rename: put state_dir inside the spool's file system (the "
-                        f"default is <spool_dir>/.linkd)") from None
+                        f"{src_dir} and {dst_dir} are on different file systems or mounts, "
+                        f"so {consequence}: mount the whole spool_dir as one file system "
+                        f"(not its sub-folders)") from None
                 raise
-            os.unlink(target)
         except OSError as exc:
-            raise SpoolError(f"cannot use {self.tmp_dir()} and {self.claimed_dir(channels[0])}:"
-                             f" {exc.strerror}: check their owner and permissions") from None
+            raise SpoolError(f"cannot use {src_dir} and {dst_dir}: {exc.strerror}: check "
+                             f"their owner and permissions") from None
         finally:
             for leftover in (probe, target):
                 try:

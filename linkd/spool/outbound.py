@@ -1,64 +1,80 @@
-"""Outbound: claim dropped files under sequence numbers, then ack or fail them.
+"""Outbound: claim dropped files into queue/<ch>/ under sequence numbers, then
+resolve them on evidence (an acknowledgement naming their content) or fail them.
 
 Theory of operation
 -------------------
-Per channel, in `claimed_dir` (state dir, same mount as the spool), a claimed
-message is `<seq>.meta` (JSON: seq, name, size, sha256, claimed_at) plus
-`<seq>.data` (the file itself, renamed out of out/<ch>/). `<ch>.json` holds
-`last_done`: every seq <= last_done is resolved (acknowledged or failed) and
-every unresolved seq is > last_done. `<seq>.fail` marks a seq being failed.
-Invariant: a seq is *pending* iff .meta and .data exist, there is no .fail and
-seq > last_done. The next seq is max(every seq with a record, last_done) + 1.
+Per channel, in the spool's `queue/<ch>/`, a claimed message is `<seq>.meta`
+(JSON: seq, name, size, sha256, claimed_at, and the inode, size and mtime of
+the queued file, to notice a change after pick-up) plus `<seq>.data` (the file
+itself, renamed out of out/<ch>/). `<seq>.fail` marks a seq being failed. The
+small state file `<state>/peers/<peer>/channels/<ch>/out.json` holds `next`
+(the lowest seq the next claim may take) and `acked` (the highest seq the peer
+ever acknowledged, to notice a peer whose state went backwards).
 
-Claim (a batch): hash each file (open O_NOFOLLOW, fstat, 1 MiB reads); write
-and fsync every .meta; fsync claimed_dir; rename each file to <seq>.data;
-fsync claimed_dir and out/<ch>/. Crash points:
-  C1 during/after .meta writes, before a rename: .meta without .data; recovery
-     deletes it (the file is still in out/), so the number is reused, never
-     skipped, and was never sent (only .data is ever sent);
+Sequence numbers are labels, not evidence: a file leaves the queue only on an
+acknowledgement that names its seq *and* content (checked by the caller), or
+into failed/ with a reason. So a lost or restored state file can at worst make
+us reuse a number; the peer then reports other content under it (or cannot
+say), and the file is renumbered above the peer's committed seq and sent again
+(`renumber`) -- a possible duplicate, never a loss.
+
+Pick-up, in two steps so that hashing never holds the channel's lock:
+`examine()` (reads only) lists out/<ch>/ once into a backlog in arrival order
+(ctime, then name; the list is kept across calls, not re-read per batch) and
+takes files one at a time: open O_NOFOLLOW|O_NONBLOCK, fstat (regular files
+only), a read lease (`F_SETLEASE F_RDLCK` fails while anyone holds the file
+open for writing: a `cp` still writing is left for later; where we may not take
+a lease, the file must be unchanged for SETTLE seconds), hash, check the lease
+was not broken meanwhile, close. Its batch is bounded by count and bytes.
+`claim()` then writes and fsyncs each .meta, fsyncs queue/<ch>/, renames each
+file in (renameat2 NOREPLACE), checks that what arrived is the inode it hashed
+(else re-hashes it, opening it O_NONBLOCK: a FIFO swapped in never blocks us),
+and fsyncs both folders. Crash points:
+  C1 .meta without .data: recovery deletes the .meta (the file is still in out/);
   C2 after some renames: those are pending, the rest are C1;
-  C3 before the final folder fsyncs: a crash loses nothing (renames are atomic);
-     on power loss a rename may be undone, which is C1 again.
-  A .meta-only seq *below* a seq that has .data cannot come from a crash (renames
-  go in seq order); if seen it is treated as resolved (a skipped number), the
-  file -- if still in out/ -- is simply claimed again.
-Ack up to N: write last_done=N durably FIRST, then delete (or archive to
-sent/, never overwriting) each .data <= N and its .meta; fsync the folders.
-  A1 before last_done is renamed in: nothing happened; the peer acks again or the
-     file is resent, and the receiver drops it as a duplicate (seq <= committed);
-  A2 after: recovery finishes the deletes/archives of every record <= last_done;
-     an archive cut inside the link+unlink fallback is detected (same inode).
-Fail (seq k, a reason): write `<k>.fail` (tmp+fsync+rename+fsync dir), move
-.data to failed/<ch>/ beside a one-line .reason (files.place_with_reason),
-then, if no pending seq is below k, advance last_done past it.
-  F1 before the .fail exists: k is still pending; F2 after: recovery finishes
-     the move (reason from the .fail record), k stays a resolved "tombstone"
-     (.meta/.fail kept, so k is never reused) until last_done passes it.
-A .data without a readable .meta is failed the same way at recovery (reason:
-its claim record is missing), never blocking start-up. Dot-files in
-claimed_dir are temporaries of atomic writes: deleted at recovery.
+  C3 before the final folder fsyncs: renames are atomic; on power loss one may be
+     undone, which is C1 again.
+Resolve (acknowledged): record next/acked durably, then delete (or archive to
+sent/) each .data and its .meta. A crash in between leaves a queued file the
+peer holds: it is sent again and the peer acknowledges it as a duplicate.
+Fail (a reason): write `<seq>.fail` durably, move .data to failed/<ch>/ beside a
+one-line .reason, delete .meta and .fail; recovery finishes a cut failure.
+Renumber (seq s -> n): write `<n>.meta`, rename `<s>.data` to `<n>.data`, delete
+`<s>.meta`; a crash leaves a .meta without .data on one side (deleted, C1).
 
-Any OSError in a step marks the object dirty: scan/ack/fail raise SpoolError
-until recover() has rebuilt the in-memory view from disk.
+Errors: EMFILE, ENFILE, ENOMEM, EAGAIN and ENOBUFS are resource errors (raised
+as ResourceBusy, retried later), never a reason to fail a file. Any other
+OSError in a step that changes state marks the object dirty: it raises
+SpoolError until recover() has rebuilt the in-memory view from disk.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
+import json
 import os
+import re
+import shutil
+import signal
 import stat
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ..errors import SpoolError
 from .files import (
     dump_json,
+    is_int,
+    is_sha256,
+    listdir,
+    move_aside,
     place_noreplace,
     place_with_reason,
+    read_json,
     unlink_quietly,
     write_reason_only,
 )
@@ -71,11 +87,31 @@ from .layout import (
     make_folder,
     plain_name_problem,
 )
-from .recovery import recover_outbound
 
 READ_SIZE = 1 << 20
-CLAIM_BATCH = 256
-_SKIP_ERRNOS = {errno.ENOENT, errno.ELOOP, errno.ENXIO, errno.ENOTDIR}
+CLAIM_BATCH = 64                 # files claimed per claim() call
+CLAIM_BYTES = 64 << 20           # bytes hashed per examine() call (a big file: itself alone)
+SETTLE = 1.0                     # seconds unchanged, where no lease can be taken
+MAX_SEQ = (1 << 53) - 1
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN,
+                             errno.ENOBUFS})
+_GONE = frozenset({errno.ENOENT, errno.ENOTDIR})
+_F_SETLEASE, _F_GETLEASE, _F_SETSIG = 1024, 1025, 10
+_RECORD = re.compile(r"([1-9][0-9]{0,15})\.(meta|data|fail)")
+_XATTR_NAME = "user.linkd.name"
+
+
+class ResourceBusy(SpoolError):
+    """Out of descriptors, memory or similar: try again later; nothing is wrong
+    with the file."""
+
+
+class FileChanged(SpoolError):
+    """A queued file is no longer what was claimed (changed after pick-up)."""
+
+
+def is_resource_error(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS
 
 
 @dataclass(frozen=True)
@@ -87,6 +123,8 @@ class Claimed:
     sha256: str
     path: Path
     claimed_at: float
+    ino: int = 0
+    mtime_ns: int = 0
 
 
 @dataclass(frozen=True)
@@ -99,6 +137,31 @@ class FailedFile:
     path: Path  # where it now lies in failed/ (for a vanished file: its .reason)
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """A file in out/<ch>/ that examine() found complete and hashed."""
+
+    name: str
+    size: int
+    sha256: str
+    ino: int
+    mtime_ns: int
+
+
+@dataclass
+class Examined:
+    ready: list[Candidate]
+    failed: list[FailedFile]
+    retry_after: float | None = None     # some files were not ready: look again then
+    more: bool = False                   # the backlog has more right now
+
+
+@dataclass(frozen=True)
+class Resolved:
+    item: Claimed
+    changed: bool        # the queued file changed after pick-up (the peer has the original)
+
+
 class Outbound:
     """One peer's outbound channel (see the module docstring)."""
 
@@ -107,17 +170,22 @@ class Outbound:
         self.layout, self.channel = layout, check_channel(channel)
         self.max_bytes, self.archive_sent = max_bytes, archive_sent
         self.fs = fs or DEFAULT_FS
-        self._out, self._claimed = layout.out_dir(channel), layout.claimed_dir(channel)
+        self._out, self._q = layout.out_dir(channel), layout.queue_dir(channel)
         self._failed, self._state = layout.failed_dir(channel), layout.state_file_out(channel)
-        self.last_done = 0
-        self._high = 0                          # highest seq with a record (or last_done)
+        self.next_seq = 1
+        self.acked = 0                          # highest seq the peer ever acknowledged
         self._pending: dict[int, Claimed] = {}
-        self._tombstones: set[int] = set()      # resolved seqs > last_done, records kept
+        self._backlog: deque[str] = deque()
+        self._not_ready: dict[str, float] = {}  # name -> when to look again
         self._ready = False
+
+    def configure(self, max_bytes: int, archive_sent: bool) -> None:
+        """A reload changed the channel's limits: they apply from now on."""
+        self.max_bytes, self.archive_sent = max_bytes, archive_sent
 
     # -- paths and small helpers -----------------------------------------
     def _rec(self, seq: int, kind: str) -> Path:
-        return self._claimed / f"{seq:012d}.{kind}"
+        return self._q / f"{seq}.{kind}"
 
     def _require(self) -> None:
         if not self._ready:
@@ -125,33 +193,99 @@ class Outbound:
                              f"(not yet run, or a disk operation failed)")
 
     def _broken(self, what: str, exc: OSError) -> SpoolError:
+        if is_resource_error(exc):
+            return ResourceBusy(f"{what} on {self.layout.peer}/{self.channel}: "
+                                f"{exc.strerror or exc}: will retry")
         self._ready = False
         return SpoolError(f"{what} on {self.layout.peer}/{self.channel} failed: "
                           f"{exc.strerror or exc} ({exc.filename})")
 
     def pending(self) -> list[Claimed]:
-        """Claimed, unresolved items in seq order. Like `next_pending`, `waiting` and
-        `last_done`, safe to call while another thread runs scan/ack/fail."""
-        snapshot = self._pending.copy()          # one C-level copy: atomic under the GIL
+        """Claimed, unresolved items in seq order. Safe to call from the event loop
+        while a worker thread runs claim/resolve/fail (one C-level copy)."""
+        snapshot = self._pending.copy()
         return [snapshot[s] for s in sorted(snapshot)]
 
+    def get(self, seq: int) -> Claimed | None:
+        return self._pending.get(seq)
+
     def next_pending(self, from_seq: int) -> Claimed | None:
-        """The claimed item with the smallest seq >= from_seq (the sender's hot path:
-        O(1) in the usual contiguous case, no sort)."""
+        """The claimed item with the smallest seq >= from_seq (O(1) when contiguous)."""
         item = self._pending.get(from_seq)
-        if item is not None or not self._pending or from_seq > self._high:
+        if item is not None or not self._pending:
             return item
         return min((i for s, i in self._pending.copy().items() if s >= from_seq),
                    key=lambda i: i.seq, default=None)
 
     def open(self, item: Claimed) -> BinaryIO:
-        fd = self.fs.open(item.path, os.O_RDONLY | os.O_NOFOLLOW)
+        """Open a queued file for sending; FileChanged if it is not what was claimed."""
+        fd = self.fs.open(item.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise FileChanged("it is no longer a regular file")
+            if item.ino and (st.st_ino, st.st_size, st.st_mtime_ns) != \
+                    (item.ino, item.size, item.mtime_ns):
+                raise FileChanged(f"it was changed after it was queued (now {st.st_size} "
+                                  f"bytes, claimed with {item.size})")
+        except BaseException:
+            self.fs.close(fd)
+            raise
         return os.fdopen(fd, "rb")
+
+    def changed(self, item: Claimed) -> bool:
+        """Does the queued file differ from its claim record now?"""
+        try:
+            st = os.lstat(item.path)
+        except OSError:
+            return True
+        return bool(item.ino) and (st.st_ino, st.st_size, st.st_mtime_ns) != \
+            (item.ino, item.size, item.mtime_ns)
 
     @property
     def usable(self) -> bool:
         """False after an I/O error until recover() has run again."""
         return self._ready
+
+    # -- the state file ----------------------------------------------------
+    def _save_state(self) -> None:
+        write_atomic(self.fs, self._state, dump_json({"next": self.next_seq,
+                                                      "acked": self.acked}))
+
+    def _load_state(self, problems: list[str]) -> None:
+        record, problem = read_json(self._state)
+        legacy = self.layout.legacy_state_file_out(self.channel)
+        if record is None and problem is None and os.path.isfile(legacy):
+            old, _ = read_json(legacy)       # revision 1: {"last_done": N}
+            if old is not None and is_int(old.get("last_done")):
+                record = {"next": int(old["last_done"]) + 1, "acked": int(old["last_done"])}
+        if record is None and problem is None:
+            return
+        if record is not None and is_int(record.get("next"), 1) and is_int(record.get("acked")):
+            self.next_seq = min(int(record["next"]), MAX_SEQ)
+            self.acked = min(int(record["acked"]), MAX_SEQ)
+            return
+        aside = move_aside(self.fs, self._state)
+        problems.append(f"{self._state} was unusable ({problem or 'bad fields'}); moved to "
+                        f"{aside}: numbering continues above the queue; the peer's "
+                        f"acknowledgements are checked by content, so nothing is lost")
+
+    def raise_floor(self, committed: int) -> bool:
+        """The peer has committed messages up to `committed` on this channel: new
+        claims must take higher numbers (and if it says less than it once
+        acknowledged, its state went back: remember the lower figure, so that the
+        warning about possible duplicates is given once). True if anything moved."""
+        self._require()
+        target = min(committed, MAX_SEQ - 1) + 1
+        if target <= self.next_seq and committed >= self.acked:
+            return False
+        self.next_seq = max(self.next_seq, target)
+        self.acked = min(self.acked, committed)
+        try:
+            self._save_state()
+        except OSError as exc:
+            raise self._broken("recording the peer's committed seq", exc) from None
+        return True
 
     # -- recovery ----------------------------------------------------------
     def recover(self) -> list[str]:
@@ -159,16 +293,167 @@ class Outbound:
         self._ready = False
         problems: list[str] = []
         try:
-            make_folder(self._claimed, STATE_MODE, self.fs)
+            make_folder(self._q, FOLDER_MODE, self.fs)
             make_folder(self._failed, FOLDER_MODE, self.fs)
-            recover_outbound(self, problems)
+            make_folder(self._state.parent, STATE_MODE, self.fs)
+            self.next_seq, self.acked = 1, 0
+            self._load_state(problems)
+            self._migrate(problems)
+            self._recover_queue(problems)
         except OSError as exc:
             raise self._broken("recovery", exc) from None
+        self._backlog.clear()
+        self._not_ready.clear()
         self._ready = True
         return problems
 
-    # -- pick-up -----------------------------------------------------------
-    def _candidates(self) -> list[str]:
+    def _recover_queue(self, problems: list[str]) -> None:
+        groups: dict[int, set[str]] = {}
+        changed = False
+        for name in listdir(self._q):
+            match = _RECORD.fullmatch(name)
+            if match:
+                groups.setdefault(int(match[1]), set()).add(match[2])
+            elif name.startswith("."):
+                changed = unlink_quietly(self.fs, self._q / name) or changed  # a temporary
+            else:
+                problems.append(f"unknown file {self._q / name} left alone (applications "
+                                f"drop files into out/, never into queue/)")
+        for name in listdir(self._failed):
+            if name.startswith(".") and name.endswith(".reason.tmp"):
+                unlink_quietly(self.fs, self._failed / name)
+        self._pending = {}
+        for seq in sorted(groups):
+            kinds = groups[seq]
+            meta = self._read_meta(seq) if "meta" in kinds else None
+            if "fail" in kinds:
+                rec, _ = read_json(self._rec(seq, "fail"))
+                if "data" in kinds:
+                    name = str((rec or {}).get("name") or (meta.name if meta else
+                                                            self._orphan_name(seq)))
+                    reason = str((rec or {}).get("reason") or "failed (reason lost in a crash)")
+                    path = place_with_reason(self.fs, self._rec(seq, "data"), self._failed,
+                                             name, reason)
+                    problems.append(f"seq {seq}: finished moving it to {path}")
+                for kind in ("meta", "fail"):
+                    unlink_quietly(self.fs, self._rec(seq, kind))
+                changed = True
+            elif "data" in kinds and meta is not None:
+                if meta.ino and os.lstat(meta.path).st_ino != meta.ino:
+                    meta = self._rehash(meta)   # cut inside a claim that found a swapped file
+                self._pending[seq] = meta
+            elif "data" in kinds:
+                name = self._orphan_name(seq)
+                reason = f"its claim record {self._rec(seq, 'meta')} is missing or unreadable"
+                unlink_quietly(self.fs, self._rec(seq, "meta"))
+                path = place_with_reason(self.fs, self._rec(seq, "data"), self._failed,
+                                         name, reason)
+                problems.append(f"seq {seq}: {reason}: moved to {path}")
+                changed = True
+            else:
+                self.fs.unlink(self._rec(seq, "meta"))  # a cut claim or renumbering
+                changed = True
+        top = max(self._pending, default=0)
+        if top >= self.next_seq:
+            self.next_seq = top + 1
+        if changed:
+            self.fs.fsync_dir(self._q)
+
+    def _orphan_name(self, seq: int) -> str:
+        """The original name of a queued file whose .meta is lost (kept in an
+        extended attribute where the file system has them), else `seq-<N>`."""
+        try:
+            raw = os.getxattr(self._rec(seq, "data"), _XATTR_NAME, follow_symlinks=False)
+            name = raw.decode("utf-8")
+            if plain_name_problem(name) is None:
+                return name
+        except (OSError, UnicodeDecodeError):
+            pass
+        return f"seq-{seq}"
+
+    def _read_meta(self, seq: int) -> Claimed | None:
+        rec, _ = read_json(self._rec(seq, "meta"))
+        if rec is None or rec.get("seq") != seq or not is_int(rec.get("size")) \
+                or not is_sha256(rec.get("sha256")) or not isinstance(rec.get("name"), str) \
+                or plain_name_problem(rec["name"]):
+            return None
+        at = rec.get("claimed_at")
+        ino, mtime = rec.get("ino", 0), rec.get("mtime_ns", 0)
+        return Claimed(self.channel, seq, rec["name"], rec["size"], rec["sha256"],
+                       self._rec(seq, "data"), float(at) if isinstance(at, (int, float)) else 0.0,
+                       ino if is_int(ino) else 0, mtime if is_int(mtime) else 0)
+
+    def _meta_bytes(self, item: Claimed, **extra: Any) -> bytes:
+        return dump_json({"seq": item.seq, "name": item.name, "size": item.size,
+                          "sha256": item.sha256, "claimed_at": item.claimed_at,
+                          "ino": item.ino, "mtime_ns": item.mtime_ns, **extra})
+
+    def _migrate(self, problems: list[str]) -> None:
+        """Move revision 1 claims (`<state>/peers/<peer>/out/<ch>/`) into queue/."""
+        old = self.layout.legacy_claimed_dir(self.channel)
+        if not os.path.isdir(old) or os.path.islink(old):
+            return
+        legacy_state = self.layout.legacy_state_file_out(self.channel)
+        rec, _ = read_json(legacy_state)
+        last_done = int(rec["last_done"]) if rec and is_int(rec.get("last_done")) else 0
+        seqs: dict[int, set[str]] = {}
+        for name in listdir(old):
+            match = re.fullmatch(r"(\d{1,20})\.(meta|data|fail)", name)
+            if match:
+                seqs.setdefault(int(match[1]), set()).add(match[2])
+        top = max(self._pending_seqs_on_disk(), default=0)
+        self.next_seq = max(self.next_seq, last_done + 1, top + 1)
+        for seq in sorted(seqs):
+            kinds = seqs[seq]
+            src_data, src_meta = old / f"{seq:012d}.data", old / f"{seq:012d}.meta"
+            if "data" not in kinds:
+                continue
+            meta, _ = read_json(src_meta)
+            name = str((meta or {}).get("name") or f"seq-{seq}")
+            if plain_name_problem(name):
+                name = f"seq-{seq}"
+            if "fail" in kinds or seq <= last_done or meta is None:
+                if seq <= last_done and "fail" not in kinds:
+                    self.fs.unlink(src_data)        # acknowledged under revision 1
+                    continue
+                place_with_reason(self.fs, src_data, self._failed, name,
+                                  "claim record missing or failed before the upgrade")
+                continue
+            new = self.next_seq
+            self.next_seq += 1
+            item = Claimed(self.channel, new, name, int(meta.get("size", 0)),
+                           str(meta.get("sha256", "")), self._rec(new, "data"), time.time())
+            write_atomic(self.fs, self._rec(new, "meta"), self._meta_bytes(item))
+            self._move_across(src_data, item.path)
+            problems.append(f"migrated claimed file {name!r} (seq {seq}) into {self._q} as "
+                            f"seq {new}")
+        shutil.rmtree(old, ignore_errors=True)
+        for leftover in (legacy_state,):
+            unlink_quietly(self.fs, leftover)
+        self._save_state()
+
+    def _pending_seqs_on_disk(self) -> list[int]:
+        return [int(m[1]) for m in map(_RECORD.fullmatch, listdir(self._q)) if m]
+
+    def _move_across(self, src: Path, dst: Path) -> None:
+        """rename, or (state dir on another mount) copy + fsync + unlink."""
+        try:
+            self.fs.rename_noreplace(src, dst)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout, READ_SIZE)
+            fout.flush()
+            os.fsync(fout.fileno())
+        self.fs.rename(tmp, dst)
+        self.fs.fsync_dir(dst.parent)
+        self.fs.unlink(src)
+
+    # -- pick-up, step 1: examine (reads only; no lock needed) --------------
+    def _list_out(self) -> list[str]:
         found: list[tuple[int, str]] = []
         try:
             with os.scandir(self._out) as it:
@@ -176,9 +461,10 @@ class Outbound:
                     if entry.name.startswith("."):
                         continue
                     try:
-                        if entry.is_file(follow_symlinks=False):
-                            found.append((entry.stat(follow_symlinks=False).st_mtime_ns,
-                                          entry.name))
+                        if entry.is_dir(follow_symlinks=False):
+                            continue        # sub-folders are ignored (CONTRACT §3)
+                        found.append((entry.stat(follow_symlinks=False).st_ctime_ns,
+                                      entry.name))
                     except FileNotFoundError:
                         continue
         except FileNotFoundError:
@@ -202,68 +488,169 @@ class Outbound:
             pass
         return count, total
 
-    def scan(self, peer_max: int | None = None,
-             limit: int | None = None) -> tuple[list[Claimed], list[FailedFile]]:
-        """Claim every eligible file in out/<ch>/ in pick-up order (mtime, name);
-        files that cannot be sent go straight to failed/. `limit` caps the claims."""
-        self._require()
-        claimed: list[Claimed] = []
-        failed: list[FailedFile] = []
-        names = deque(self._candidates())
-        while names and (limit is None or len(claimed) < limit):
-            room = CLAIM_BATCH if limit is None else min(CLAIM_BATCH, limit - len(claimed))
-            batch: list[tuple[str, int, int, str, int]] = []
-            try:
-                while names and len(batch) < room:
-                    name = names.popleft()
-                    got = self._hash(name, peer_max, failed)
-                    if got is not None:
-                        batch.append(got)
-                claimed += self._claim(batch)
-            except OSError as exc:
-                raise self._broken("claiming", exc) from None
-            finally:
-                for _, fd, *_rest in batch:
-                    self.fs.close(fd)
-        return claimed, failed
+    def waiting_files(self, limit: int = 100_000) -> list[tuple[str, int, float]]:
+        """(name, size, ctime) of files in out/<ch>/ not yet claimed, arrival order."""
+        found: list[tuple[float, str, int]] = []
+        try:
+            with os.scandir(self._out) as it:
+                for entry in it:
+                    try:
+                        if not entry.name.startswith(".") and entry.is_file(
+                                follow_symlinks=False):
+                            st = entry.stat(follow_symlinks=False)
+                            found.append((st.st_ctime, entry.name, st.st_size))
+                    except FileNotFoundError:
+                        continue
+                    if len(found) >= limit:
+                        break
+        except FileNotFoundError:
+            pass
+        return [(name, size, ctime) for ctime, name, size in sorted(found)]
 
-    def _hash(self, name: str, peer_max: int | None,
-              failed: list[FailedFile]) -> tuple[str, int, int, str, int] | None:
-        """Open and hash one candidate: (name, fd, size, sha256, inode), or None
-        when it vanished, is not a regular file, or was moved to failed/."""
+    def examine(self, peer_max: int | None = None, limit: int = CLAIM_BATCH,
+                max_bytes: int = CLAIM_BYTES, relist: bool = False) -> Examined:
+        """Find and hash up to `limit` complete files of out/<ch>/ (see the module
+        docstring). Files that can never be sent go to failed/ here. ResourceBusy
+        when descriptors or memory run out (nothing is failed for that)."""
+        self._require()
+        now = time.monotonic()
+        if relist or not self._backlog:
+            queued = set(self._backlog)
+            self._backlog.extend(n for n in self._list_out() if n not in queued)
+        result = Examined([], [])
+        hashed = 0
+        skipped: list[str] = []
+        while self._backlog and len(result.ready) < limit and hashed < max_bytes:
+            name = self._backlog.popleft()
+            again = self._not_ready.get(name)
+            if again is not None and again > now:
+                skipped.append(name)
+                continue
+            try:
+                got = self._examine_one(name, peer_max, result.failed)
+            except OSError as exc:
+                self._backlog.appendleft(name)
+                if is_resource_error(exc):
+                    raise ResourceBusy(f"picking up {name!r} on {self.layout.peer}/"
+                                       f"{self.channel}: {exc.strerror}: will retry") from None
+                raise SpoolError(f"cannot pick up {self._out / name}: {exc.strerror}") from None
+            if isinstance(got, Candidate):
+                self._not_ready.pop(name, None)
+                result.ready.append(got)
+                hashed += got.size
+            elif isinstance(got, float):
+                self._not_ready[name] = now + got
+                skipped.append(name)
+            else:
+                self._not_ready.pop(name, None)
+        # files not ready yet stay in the backlog, at its front (they arrived first)
+        self._backlog.extendleft(reversed(skipped))
+        waits = [t - now for t in self._not_ready.values()]
+        result.retry_after = max(0.05, min(waits)) if waits else None
+        result.more = len(self._backlog) > len(skipped)
+        if len(self._not_ready) > 4 * len(self._backlog) + 64:      # forget vanished names
+            keep = set(self._backlog)
+            self._not_ready = {n: t for n, t in self._not_ready.items() if n in keep}
+        return result
+
+    def _examine_one(self, name: str, peer_max: int | None,
+                     failed: list[FailedFile]) -> Candidate | float | None:
+        """A Candidate; a float: not ready, look again in that many seconds; None:
+        gone, or moved to failed/."""
         path = self._out / name
         problem = plain_name_problem(name)
         if problem:
             failed.append(self._fail_unclaimed(name, None, f"file name {problem}"))
             return None
         try:
+            st = os.lstat(path)
+        except OSError as exc:
+            if exc.errno in _GONE:
+                return None
+            raise
+        if stat.S_ISDIR(st.st_mode):
+            return None
+        if stat.S_ISLNK(st.st_mode):
+            failed.append(self._fail_unclaimed(
+                name, None, "is a symbolic link: linkd never follows links in the spool; "
+                "copy the file into out/ instead"))
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            failed.append(self._fail_unclaimed(name, None, "is not a regular file"))
+            return None
+        try:
             fd = self.fs.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as exc:
-            if exc.errno in _SKIP_ERRNOS:
+            if exc.errno in _GONE or exc.errno in (errno.ELOOP, errno.ENXIO):
+                return None             # gone, or swapped for a link or FIFO: next scan
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                failed.append(self._fail_unclaimed(name, None, f"cannot read it: "
+                                                   f"{exc.strerror}: check its permissions"))
                 return None
-            failed.append(self._fail_unclaimed(name, None, f"cannot read it: {exc.strerror}"))
-            return None
-        size = None
+            raise
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                self.fs.close(fd)
+                return None             # swapped meanwhile: look again at the next scan
+            leased = self._lease(fd)
+            if leased is None:
+                return 0.2              # someone has it open for writing (a cp running)
+            if not leased:
+                settled = time.time() - max(st.st_mtime, st.st_ctime)
+                if settled < SETTLE:
+                    return SETTLE - settled + 0.01
+            problem = self._size_problem(st.st_size, peer_max)
+            if problem is not None:
+                os.close(fd)
+                fd = -1
+                failed.append(self._fail_unclaimed(name, st.st_size, problem))
                 return None
-            size = st.st_size
+            digest, size = hashlib.sha256(), 0
+            while chunk := self.fs.read(fd, READ_SIZE):
+                digest.update(chunk)
+                size += len(chunk)
+            if leased and fcntl.fcntl(fd, _F_GETLEASE) != fcntl.F_RDLCK:
+                return 0.2              # a writer opened it while we hashed
+            after = os.fstat(fd)
+            if (after.st_size, after.st_mtime_ns) != (size, st.st_mtime_ns):
+                return 0.2              # written while we hashed (no lease here)
             problem = self._size_problem(size, peer_max)
-            if problem is None:
-                digest, size = hashlib.sha256(), 0
-                while chunk := self.fs.read(fd, READ_SIZE):
-                    digest.update(chunk)
-                    size += len(chunk)
-                problem = self._size_problem(size, peer_max)
-                if problem is None:
-                    return name, fd, size, digest.hexdigest(), st.st_ino
+            if problem is not None:
+                os.close(fd)
+                fd = -1
+                failed.append(self._fail_unclaimed(name, size, problem))
+                return None
+            return Candidate(name, size, digest.hexdigest(), st.st_ino, st.st_mtime_ns)
         except OSError as exc:
-            problem = f"cannot read it: {exc.strerror}"
-        self.fs.close(fd)
-        failed.append(self._fail_unclaimed(name, size, problem))
-        return None
+            if is_resource_error(exc):
+                raise
+            if fd >= 0:
+                os.close(fd)
+                fd = -1
+            failed.append(self._fail_unclaimed(name, None, f"cannot read it: "
+                                               f"{exc.strerror or exc}"))
+            return None
+        finally:
+            if fd >= 0:
+                os.close(fd)            # closing drops the lease
+
+    @staticmethod
+    def _lease(fd: int) -> bool | None:
+        """Take a read lease: True; None if a writer holds the file open; False if
+        no lease can be had here (not the owner without CAP_LEASE, or no support)."""
+        try:
+            # A lease break would signal us with SIGIO, whose default is to end the
+            # process: route it to SIGURG, which is ignored by default.
+            fcntl.fcntl(fd, _F_SETSIG, int(signal.SIGURG))
+            fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_RDLCK)
+            return True
+        except OSError as exc:
+            if exc.errno == errno.EAGAIN:
+                return None
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EINVAL, errno.ENOSYS,
+                             errno.ENOTSUP):
+                return False
+            raise
 
     def _size_problem(self, size: int, peer_max: int | None) -> str | None:
         if size > self.max_bytes:
@@ -282,111 +669,123 @@ class Outbound:
                                  f"is the folder missing?") from None
             path = self._failed / name   # vanished meanwhile: nothing to keep
         except OSError as exc:
+            if is_resource_error(exc):
+                raise
             raise SpoolError(f"cannot move {self._out / name} to {self._failed}: "
                              f"{exc.strerror}") from None
         return FailedFile(self.channel, name, size, reason, None, path)
 
-    def _claim(self, batch: list[tuple[str, int, int, str, int]]) -> list[Claimed]:
+    # -- pick-up, step 2: claim (changes state; under the channel's lock) ----
+    def claim(self, ready: list[Candidate]) -> tuple[list[Claimed], list[FailedFile]]:
+        """Claim examined files in order (see the module docstring)."""
+        self._require()
         done: list[Claimed] = []
-        while batch:
+        failed: list[FailedFile] = []
+        if not ready:
+            return done, failed
+        try:
             now = time.time()
-            items = [Claimed(self.channel, self._high + 1 + i, name, size, sha,
-                             self._rec(self._high + 1 + i, "data"), now)
-                     for i, (name, _fd, size, sha, _ino) in enumerate(batch)]
+            items = []
+            for i, c in enumerate(ready):
+                seq = self.next_seq + i
+                items.append(Claimed(self.channel, seq, c.name, c.size, c.sha256,
+                                     self._rec(seq, "data"), now, c.ino, c.mtime_ns))
             for item in items:
-                fd = self.fs.open(self._rec(item.seq, "meta"),
-                                  os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW)
+                write_new(self.fs, self._rec(item.seq, "meta"), self._meta_bytes(item))
+            self.fs.fsync_dir(self._q)
+            for item in items:
+                src = self._out / item.name
                 try:
-                    self.fs.write(fd, dump_json({"seq": item.seq, "name": item.name,
-                                                 "size": item.size, "sha256": item.sha256,
-                                                 "claimed_at": item.claimed_at}))
-                    self.fs.fsync(fd)
-                finally:
-                    self.fs.close(fd)
-            self.fs.fsync_dir(self._claimed)
-            rest: list[tuple[str, int, int, str, int]] = []
-            for i, item in enumerate(items):
-                try:
-                    self.fs.rename(self._out / item.name, item.path)
+                    set_name_xattr(src, item.name)
+                    self.fs.rename_noreplace(src, item.path)
                 except FileNotFoundError:
-                    # Vanished from out/ since we hashed it: drop this and later claims
-                    # (their .meta only), and number the rest again: no seq is skipped.
-                    for later in items[i:]:
-                        self.fs.unlink(self._rec(later.seq, "meta"))
-                    rest = batch[i + 1:]
-                    break
-                if os.lstat(item.path).st_ino != batch[i][4]:
-                    item = self._rehash(item)    # replaced under the same name meanwhile
+                    unlink_quietly(self.fs, self._rec(item.seq, "meta"))
+                    continue        # vanished since examine(): nothing to send
+                st = os.lstat(item.path)
+                if not stat.S_ISREG(st.st_mode):
+                    failed.append(self._fail_claimed(item, "is not a regular file"))
+                    continue
+                if (st.st_ino, st.st_size, st.st_mtime_ns) != (item.ino, item.size,
+                                                                item.mtime_ns):
+                    item = self._rehash(item)  # replaced or written since examine()
                 done.append(item)
-                self._high = item.seq
-            batch = rest
-        self.fs.fsync_dir(self._claimed)
-        self.fs.fsync_dir(self._out)
+            self.next_seq = max(self.next_seq, items[-1].seq + 1)
+            self.fs.fsync_dir(self._q)
+            self.fs.fsync_dir(self._out)
+        except OSError as exc:
+            raise self._broken("claiming", exc) from None
         for item in done:
             self._pending[item.seq] = item
-        return done
+        return done, failed
+
+    def scan(self, peer_max: int | None = None,
+             limit: int | None = None) -> tuple[list[Claimed], list[FailedFile]]:
+        """examine() + claim() until out/<ch>/ has nothing ready (tests, tools)."""
+        claimed: list[Claimed] = []
+        failed: list[FailedFile] = []
+        while limit is None or len(claimed) < limit:
+            room = CLAIM_BATCH if limit is None else min(CLAIM_BATCH, limit - len(claimed))
+            found = self.examine(peer_max, room, relist=not claimed and not failed)
+            failed += found.failed
+            got, bad = self.claim(found.ready)
+            claimed += got
+            failed += bad
+            if not found.ready and not found.more:
+                break
+        return claimed, failed
 
     def _rehash(self, item: Claimed) -> Claimed:
-        digest, size = hashlib.sha256(), 0
-        with self.open(item) as f:
-            while chunk := f.read(READ_SIZE):
+        fd = self.fs.open(item.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise FileChanged("not a regular file")
+            digest, size = hashlib.sha256(), 0
+            while chunk := self.fs.read(fd, READ_SIZE):
                 digest.update(chunk)
                 size += len(chunk)
-        new = Claimed(item.channel, item.seq, item.name, size, digest.hexdigest(), item.path,
-                      item.claimed_at)
-        write_atomic(self.fs, self._rec(item.seq, "meta"),
-                     dump_json({"seq": new.seq, "name": new.name, "size": new.size,
-                                "sha256": new.sha256, "claimed_at": new.claimed_at}))
+        finally:
+            self.fs.close(fd)
+        new = replace(item, size=size, sha256=digest.hexdigest(), ino=st.st_ino,
+                      mtime_ns=st.st_mtime_ns)
+        write_atomic(self.fs, self._rec(item.seq, "meta"), self._meta_bytes(new))
         return new
 
     # -- resolution --------------------------------------------------------
-    def _advance(self, upto: int) -> None:
-        """Raise last_done to cover `upto` and every resolved seq below the first
-        pending one, durably; then drop the records it now covers."""
-        target = min(self._pending) - 1 if self._pending else self._high
-        target = max(target, upto)
-        if target > self.last_done:
-            write_atomic(self.fs, self._state, dump_json({"last_done": target}))
-            self.last_done = target
-            self._high = max(self._high, target)
-        covered = sorted(s for s in self._tombstones if s <= self.last_done)
-        for seq in covered:
-            for kind in ("meta", "fail"):
-                unlink_quietly(self.fs, self._rec(seq, kind))
-            self._tombstones.discard(seq)
-        if covered:
-            self.fs.fsync_dir(self._claimed)
-
-    def _dispose(self, seq: int, name: str) -> None:
-        data = self._rec(seq, "data")
-        if self.archive_sent:
-            sent = self.layout.sent_dir(self.channel)
-            make_folder(sent, FOLDER_MODE, self.fs)
-            place_noreplace(self.fs, data, sent, name)
-            self.fs.fsync_dir(sent)
-        else:
-            self.fs.unlink(data)
-
-    def ack(self, upto: int) -> list[Claimed]:
-        """The peer has everything <= upto durably: resolve those, in seq order.
-        (Also call it with the peer's committed seq at each session start: that
-        repairs a last_done lost with a corrupt state file.)"""
+    def resolve(self, seqs: list[int]) -> list[Resolved]:
+        """The peer acknowledged these seqs with matching content (the caller
+        checked): remove (or archive) them. Unknown seqs are ignored."""
         self._require()
-        if upto <= self.last_done:
+        items = [self._pending[s] for s in sorted(set(seqs)) if s in self._pending]
+        if not items:
             return []
-        done = [self._pending.pop(s) for s in sorted(self._pending) if s <= upto]
         try:
-            self._advance(upto)                  # last_done is durable BEFORE any removal
-        except OSError as exc:
-            raise self._broken("recording an acknowledgement", exc) from None
-        try:
-            for item in done:
-                self._dispose(item.seq, item.name)
-                self.fs.unlink(self._rec(item.seq, "meta"))
-            self.fs.fsync_dir(self._claimed)
+            top = items[-1].seq
+            if top > self.acked or top >= self.next_seq:
+                self.acked = max(self.acked, top)
+                self.next_seq = max(self.next_seq, top + 1)
+                self._save_state()
+            done = []
+            for item in items:
+                changed = self.changed(item)
+                self._dispose(item)
+                unlink_quietly(self.fs, self._rec(item.seq, "meta"))
+                del self._pending[item.seq]
+                done.append(Resolved(item, changed))
+            self.fs.fsync_dir(self._q)
         except OSError as exc:
             raise self._broken("removing acknowledged files", exc) from None
         return done
+
+    def _dispose(self, item: Claimed) -> None:
+        if self.archive_sent:
+            sent = self.layout.sent_dir(self.channel)
+            make_folder(sent, FOLDER_MODE, self.fs)
+            if os.path.lexists(item.path):
+                place_noreplace(self.fs, item.path, sent, item.name)
+                self.fs.fsync_dir(sent)
+        else:
+            unlink_quietly(self.fs, item.path)
 
     def fail(self, item: Claimed, reason: str) -> FailedFile:
         """Move a claimed file to failed/<ch>/ with a one-line reason."""
@@ -395,17 +794,72 @@ class Outbound:
             raise SpoolError(f"seq {item.seq} is not pending on {self.layout.peer}/"
                              f"{self.channel}")
         try:
-            write_atomic(self.fs, self._rec(item.seq, "fail"),
-                         dump_json({"seq": item.seq, "name": item.name, "reason": reason}))
-            if os.path.lexists(item.path):
-                path = place_with_reason(self.fs, item.path, self._failed, item.name, reason)
-                self.fs.fsync_dir(self._claimed)
-            else:
-                path = write_reason_only(self.fs, self._failed, item.name,
-                                         f"{reason} (its claimed copy had vanished)")
-            del self._pending[item.seq]
-            self._tombstones.add(item.seq)
-            self._advance(0)
+            return self._fail_claimed(item, reason)
         except OSError as exc:
             raise self._broken(f"failing seq {item.seq}", exc) from None
+
+    def _fail_claimed(self, item: Claimed, reason: str) -> FailedFile:
+        write_atomic(self.fs, self._rec(item.seq, "fail"),
+                     dump_json({"seq": item.seq, "name": item.name, "reason": reason}))
+        if os.path.lexists(item.path):
+            path = place_with_reason(self.fs, item.path, self._failed, item.name, reason)
+        else:
+            path = write_reason_only(self.fs, self._failed, item.name,
+                                     f"{reason} (its queued copy had vanished)")
+        unlink_quietly(self.fs, self._rec(item.seq, "meta"))
+        unlink_quietly(self.fs, self._rec(item.seq, "fail"))
+        self.fs.fsync_dir(self._q)
+        self._pending.pop(item.seq, None)
         return FailedFile(self.channel, item.name, item.size, reason, item.seq, path)
+
+    def renumber(self, item: Claimed, above: int) -> Claimed:
+        """Give a pending item a new seq above both `above` and every number used,
+        durably (the peer holds other content, or cannot say, under its old one)."""
+        self._require()
+        if self._pending.get(item.seq) is None:
+            raise SpoolError(f"seq {item.seq} is not pending on {self.layout.peer}/"
+                             f"{self.channel}")
+        new_seq = max(self.next_seq, min(above, MAX_SEQ - 1) + 1)
+        new = replace(item, seq=new_seq, path=self._rec(new_seq, "data"))
+        try:
+            write_new(self.fs, self._rec(new_seq, "meta"),
+                      self._meta_bytes(new, renumbered_from=item.seq))
+            self.fs.fsync_dir(self._q)
+            self.fs.rename_noreplace(item.path, new.path)
+            unlink_quietly(self.fs, self._rec(item.seq, "meta"))
+            self.next_seq = new_seq + 1
+            self._save_state()
+        except OSError as exc:
+            raise self._broken(f"renumbering seq {item.seq}", exc) from None
+        del self._pending[item.seq]
+        self._pending[new_seq] = new
+        return new
+
+
+def write_new(fs: FS, path: Path, data: bytes) -> None:
+    """Write a new record file and fsync it (its folder is fsync'd by the caller)."""
+    fd = fs.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW)
+    try:
+        fs.write(fd, data)
+        fs.fsync(fd)
+    finally:
+        fs.close(fd)
+
+
+def set_name_xattr(path: Path, name: str) -> None:
+    """Keep the original name on the file itself, where the file system allows
+    (it names the file in failed/ if its .meta is ever lost)."""
+    try:
+        os.setxattr(path, _XATTR_NAME, name.encode("utf-8"), follow_symlinks=False)
+    except OSError:
+        pass
+
+
+def describe_queue_record(path: Path) -> dict[str, Any] | None:
+    """A queue .meta as a dict (for `linkctl queue` when no daemon runs)."""
+    try:
+        with open(path, "rb") as f:
+            rec = json.loads(f.read(1 << 16))
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else None

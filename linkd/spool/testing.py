@@ -159,7 +159,7 @@ class LinkHarness:
         self.delivered += self.ib.recovered
         self._check_committed()
         self.audit("recovered")
-        self.acked += self.ob.ack(self.ib.committed)
+        self._probe()
         self.failed += self.ob.scan(self.peer_max)[1]
         batch: list[Completed] = []
         for item in self.ob.pending():
@@ -200,11 +200,28 @@ class LinkHarness:
                     return False
         return True
 
+    def _probe(self) -> None:
+        """What the daemon does at session start: raise the numbering above the
+        receiver's committed seq, resolve queued files the receiver holds with the
+        same content, renumber those under which it holds something else."""
+        self.ob.raise_floor(self.ib.committed)
+        for item in self.ob.pending():
+            if item.seq > self.ib.committed:
+                continue
+            held = self.ib.lookup(item.seq)
+            if held is not None and (held["sha256"], held["size"], held["sent_name"]) == \
+                    (item.sha256, item.size, item.name):
+                self.acked += [r.item for r in self.ob.resolve([item.seq])]
+            else:
+                self.ob.renumber(item, self.ib.committed)
+
     def _commit(self, batch: list[Completed]) -> None:
-        if batch:
-            self.delivered += self.ib.commit(batch)
+        got = self.ib.commit(batch) if batch else []
+        self.delivered += got
         self._check_committed()
-        self.acked += self.ob.ack(self.ib.committed)
+        by_seq = {i.seq: i for i in self.ob.pending()}
+        ok = [d.seq for d in got if d.seq in by_seq and by_seq[d.seq].sha256 == d.sha256]
+        self.acked += [r.item for r in self.ob.resolve(ok)]
 
     def _check_committed(self) -> None:
         assert self.ib.committed >= self.max_committed, \

@@ -1,0 +1,85 @@
+"""ChannelSpool: the one async owner of one channel's outbound spool.
+
+Theory of operation
+-------------------
+`Outbound` is plain blocking code with in-memory state; every call that
+changes that state (claim, resolve, fail, renumber, raise_floor, recover) runs
+in a worker thread while this object's lock is held, so two of them never
+overlap, and nothing else in the daemon touches the Outbound except through
+here (reads of `pending()` from the event loop are a single dict copy).
+Hashing at pick-up (`examine`) reads only files still in out/ and state that
+only the pick-up task uses, so it runs in a thread *without* the lock: a
+1 GiB file being hashed never delays an acknowledgement or a send. Each hop is
+bounded (examine: CLAIM_BATCH files or CLAIM_BYTES bytes; claim: one batch),
+and every channel has its own owner, so a slow disk on one channel never
+delays another (CONTRACT §4.4).
+
+Threads are never abandoned: a cancelled caller waits for the hop in hand, so
+a cancelled session cannot leave half a state change behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import BinaryIO, TypeVar
+
+import trio
+
+from ..spool import Claimed, FailedFile, Inbound, Outbound, Resolved
+from ..spool.outbound import Candidate, Examined
+
+T = TypeVar("T")
+
+
+class ChannelSpool:
+    def __init__(self, name: str, outbound: Outbound, inbound: Inbound) -> None:
+        self.name = name
+        self.outbound = outbound
+        self.inbound = inbound
+        self.lock = trio.Lock()
+
+    async def _locked(self, fn: Callable[..., T], *args: object) -> T:
+        async with self.lock:
+            return await trio.to_thread.run_sync(fn, *args)
+
+    async def examine(self, peer_max: int | None, relist: bool) -> Examined:
+        """Hash waiting files (no lock: only the pick-up task calls this)."""
+        return await trio.to_thread.run_sync(
+            lambda: self.outbound.examine(peer_max, relist=relist))
+
+    async def claim(self, ready: list[Candidate]) -> tuple[list[Claimed], list[FailedFile]]:
+        return await self._locked(self.outbound.claim, ready)
+
+    async def resolve(self, seqs: list[int]) -> list[Resolved]:
+        return await self._locked(self.outbound.resolve, seqs)
+
+    async def fail(self, item: Claimed, reason: str) -> FailedFile | None:
+        async with self.lock:
+            if self.outbound.get(item.seq) is None:
+                return None         # resolved or failed meanwhile
+            return await trio.to_thread.run_sync(self.outbound.fail, item, reason)
+
+    async def renumber(self, item: Claimed, above: int) -> Claimed | None:
+        async with self.lock:
+            if self.outbound.get(item.seq) is None:
+                return None
+            return await trio.to_thread.run_sync(self.outbound.renumber, item, above)
+
+    async def raise_floor(self, committed: int) -> bool:
+        return await self._locked(self.outbound.raise_floor, committed)
+
+    async def recover_outbound(self) -> list[str]:
+        return await self._locked(self.outbound.recover)
+
+    async def open(self, item: Claimed, offset: int) -> BinaryIO:
+        """Open a queued file for sending at `offset` (FileChanged, OSError)."""
+        def _open() -> BinaryIO:
+            fh = self.outbound.open(item)
+            try:
+                if offset:
+                    fh.seek(offset)
+            except BaseException:
+                fh.close()
+                raise
+            return fh
+        return await trio.to_thread.run_sync(_open)
