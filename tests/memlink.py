@@ -225,4 +225,5 @@ INF = math.inf
 def scan_sync(link: Any) -> None:
     """Claim what was dropped, on every channel (blocking; outside trio)."""
     for name, out in link.outbound.items():
-        link._scan_one(name, out)
+        out.scan(link.peer_max.get(name))
+        link.refresh_queued([name])

@@ -87,8 +87,8 @@ def _queued(d: Daemon, peer: str) -> int | None:
 
 
 def _claimed_files(d: Daemon, peer: str) -> list[str]:
-    """Claimed-but-unresolved records left in the sender's state dir."""
-    root = d.state / "peers" / peer / "out"
+    """Claimed-but-unresolved files left in the sender's queue/."""
+    root = d.spool / peer / "queue"
     found = []
     for ch_dir in sorted(p for p in root.glob("*") if p.is_dir()):
         found += [f"{ch_dir.name}/{n}" for n in entries(ch_dir) if n.endswith(".data")]
@@ -264,20 +264,23 @@ def test_kill_sender_and_receiver_at_random_long(tmp_path: Path) -> None:
 
 
 def test_consumer_took_it_sender_state_rolled_back(tmp_path: Path) -> None:
-    """The sender comes back with seq 1 still claimed (its state dir restored from a copy
-    taken before the ack) after the consumer removed the delivered file: the peer's
-    durable sequence, not the contents of in/, decides; the file must not reappear."""
+    """The sender comes back with seq 1 still claimed (its state dir and queue restored
+    from a copy taken before the ack) after the consumer removed the delivered file: the
+    peer's durable record of what it committed, not the contents of in/, decides; the
+    file must not reappear (the peer's journal names the same content under seq 1)."""
     a, b = make_pair(tmp_path, start=False)
     try:
         a.start()                                   # bravo is down: alpha only claims
         payload = os.urandom(70_000)
         a.drop("bravo", "data", "took.bin", payload)
-        claimed = a.state / "peers" / "bravo" / "out" / "data" / "000000000001.data"
+        claimed = a.spool / "bravo" / "queue" / "data" / "1.data"
+        queue = a.spool / "bravo" / "queue"
         wait_for(lambda: claimed.exists() and not entries(a.out_dir("bravo", "data")), 20,
                  message=a.tail)
         a.kill()
         snapshot = tmp_path / "alpha-state-before-ack"
         shutil.copytree(a.state, snapshot, symlinks=True)
+        shutil.copytree(queue, tmp_path / "alpha-queue-before-ack", symlinks=True)
 
         b.start()
         a.start()
@@ -289,6 +292,8 @@ def test_consumer_took_it_sender_state_rolled_back(tmp_path: Path) -> None:
         a.kill()                                    # roll the sender back to "seq 1 claimed"
         shutil.rmtree(a.state)
         shutil.copytree(snapshot, a.state, symlinks=True)
+        shutil.rmtree(queue)
+        shutil.copytree(tmp_path / "alpha-queue-before-ack", queue, symlinks=True)
         assert claimed.exists()
         a.start()
         a.wait_state("bravo")
@@ -542,11 +547,11 @@ def test_enospc_on_receiver_then_resumes(tmp_path: Path, small_fs: Path) -> None
 
         failed = wait_for(lambda: b.events("inbound_storage_failed"), 30, message=b.tail)
         assert "No space left" in failed[0]["reason"], failed[0]
-        def last_error() -> str | None:
-            peer = [p for p in b.status()["peers"] if p["name"] == "alpha"][0]
-            return peer.get("last_error")
-        error = wait_for(last_error, 10)
-        assert "No space left" in error, error
+        # The receiver nacks "busy": the sender waits and retries without counting an
+        # attempt, and the session (so the other direction) stays up.
+        retry = wait_for(lambda: a.events("message_retry"), 30, message=a.tail)
+        assert retry[0]["seq"] == 1 and "cannot store" in retry[0]["reason"], retry[0]
+        assert a.peer_state("bravo") == "connected"
         assert a.events("message_sent") == []              # no ack
         assert entries(b.in_dir("alpha", "data")) == []   # nothing half-visible
         assert _queued(a, "bravo") == 1

@@ -3,7 +3,7 @@ messages behind it are discarded and resent, and every file arrives exactly once
 
 The sender's file opens are slowed so that the nack reliably arrives while the sender is
 waiting on one: the message it was about to start must not go out carrying the rewind
-flag past the nacked message (a cumulative ack would then resolve the nacked one unsent).
+flag past the nacked message.
 """
 
 import os
@@ -62,7 +62,7 @@ async def test_a_nacked_message_is_resent_and_nothing_behind_it_is_lost(tmp_path
     assert corrupted, "the fault was never injected"
     delivered = {p.name: p.read_bytes() for p in in_dir.iterdir()}
     assert delivered == payloads                 # exactly once, byte-identical
-    assert outbound.pending() == [] and outbound.last_done == len(payloads)
+    assert outbound.pending() == [] and outbound.acked == len(payloads)
     assert b.status.channel("data").quarantined == 1
     assert b.status.channel("data").received == len(payloads)
     assert a.status.channel("data").sent == len(payloads)
