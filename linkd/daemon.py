@@ -97,12 +97,13 @@ class Daemon:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
-                await nursery.start(serve_status, self.board, cfg.node.status_socket)
+                # Folders and recovery first: once /healthz answers, the spool is there.
                 for link in self.links.values():
                     problems = await in_thread(link.prepare)
                     for problem in problems:
                         self.log.warning("recovery", peer=link.name, problem=problem)
                     link.log_recovered()
+                await nursery.start(serve_status, self.board, cfg.node.status_socket)
                 for listener in listeners:
                     nursery.start_soon(self._accept, listener)
                 for link in self.links.values():

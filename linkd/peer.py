@@ -258,6 +258,12 @@ class PeerLink:
                 return found.retry_after
             await trio.lowlevel.checkpoint()
 
+    async def scan_now(self) -> None:
+        """Pick up on every channel at once, each on its own."""
+        async with trio.open_nursery() as nursery:
+            for name in list(self.outbound):
+                nursery.start_soon(self.pick_up, name, True)
+
     async def pickup(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Claim files as they arrive in out/<channel>/ (inotify + rescan).
 

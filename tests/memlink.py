@@ -129,14 +129,17 @@ class FakePeer:
     def __init__(self, stream: trio.abc.Stream, *, node: str = "bravo", peer: str = "alpha",
                  channels: tuple[str, ...] = ("data",), credit: int = 4 << 20,
                  silent: bool = False, ack: bool = True,
-                 withhold: frozenset[str] = frozenset()) -> None:
+                 withhold: frozenset[str] = frozenset(), committed: int = 0,
+                 forge: Any = None) -> None:
         self.stream = stream
         self.silent = silent
         self.ack = ack
+        self.forge = forge                 # AckEntry -> AckEntry: a peer that lies
         self.withhold = set(withhold)      # channels whose credit we do not give back
         self.session = S.Session(
             node=node, peer=peer, now=trio.current_time(),
-            channels=[F.ChannelHello(name=c, max=1 << 40, credit=credit) for c in channels],
+            channels=[F.ChannelHello(name=c, max=1 << 40, credit=credit, committed=committed)
+                      for c in channels],
             heartbeat_interval=FAR, heartbeat_timeout=FAR, handshake_timeout=FAR)
         self.lock = trio.StrictFIFOLock()
         self.decoder = FrameDecoder(DEFAULT_MAX_FRAME)
@@ -187,8 +190,6 @@ class FakePeer:
                     if isinstance(ev, S.MessageStart):
                         self.bodies[(ev.ch, ev.seq)] = bytearray()
                         self.names[(ev.ch, ev.seq)] = ev.name
-                        if ev.size == ev.offset:
-                            self._done(ev.ch, ev.seq, now)
                     elif isinstance(ev, S.MessageData):
                         self.bodies[(ev.ch, ev.seq)] += ev.data
                         if ev.ch in self.withhold:
@@ -208,8 +209,10 @@ class FakePeer:
         if self.ack and not self.silent:
             body = bytes(self.bodies[(ch, seq)])
             name = self.names[(ch, seq)]
-            self.session.send_ack(ch, [F.AckEntry(seq, hashlib.sha256(body).digest(), len(body),
-                                                  name, name, now)])
+            entry = F.AckEntry(seq, hashlib.sha256(body).digest(), len(body), name, name, now)
+            if self.forge is not None:
+                entry = self.forge(entry)
+            self.session.send_ack(ch, [entry])
 
     def sha(self, ch: str, seq: int) -> str:
         return hashlib.sha256(bytes(self.bodies[(ch, seq)])).hexdigest()

@@ -85,6 +85,19 @@ from .layout import (
 from .records import InState, Journal, load_state
 
 SYNCFS_MIN = 8           # batches this large use one syncfs instead of an fsync per file
+
+
+def _syncfs_reports_errors() -> bool:
+    """syncfs(2) returns writeback errors only since Linux 5.8; before that an EIO
+    would pass silently, so older kernels fsync each file instead."""
+    try:
+        major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (5, 8)
+
+
+SYNCFS_OK = _syncfs_reports_errors()
 READ_SIZE = 1 << 20
 
 
@@ -366,7 +379,7 @@ class Inbound:
         if not items:
             return []
         try:
-            if len(items) >= SYNCFS_MIN:
+            if SYNCFS_OK and len(items) >= SYNCFS_MIN:
                 for c in items:
                     self.fs.chmod(c.partial, self.file_mode)
                 self.fs.syncfs(self._tmp)

@@ -34,6 +34,8 @@ and fsyncs both folders. Crash points:
   C2 after some renames: those are pending, the rest are C1;
   C3 before the final folder fsyncs: renames are atomic; on power loss one may be
      undone, which is C1 again.
+  C4 inside the link+unlink fallback of rename_noreplace (file systems without
+     renameat2): the file has both names; recovery drops the out/ one.
 Resolve (acknowledged): record next/acked durably, then delete (or archive to
 sent/) each .data and its .meta. A crash in between leaves a queued file the
 peer holds: it is sent again and the peer acknowledges it as a duplicate.
@@ -75,6 +77,7 @@ from .files import (
     place_noreplace,
     place_with_reason,
     read_json,
+    same_file,
     unlink_quietly,
     write_reason_only,
 )
@@ -342,6 +345,13 @@ class Outbound:
                 if meta.ino and os.lstat(meta.path).st_ino != meta.ino:
                     meta = self._rehash(meta)   # cut inside a claim that found a swapped file
                 self._pending[seq] = meta
+                # A claim cut inside the link+unlink fallback of rename_noreplace leaves
+                # the file under both names: drop the out/ one, or it is claimed twice.
+                if os.path.lexists(self._out / meta.name) and \
+                        same_file(self._out / meta.name, meta.path):
+                    self.fs.unlink(self._out / meta.name)
+                    problems.append(f"seq {seq}: finished claiming {meta.name!r} (a cut "
+                                    f"link+unlink left it in out/ too)")
             elif "data" in kinds:
                 name = self._orphan_name(seq)
                 reason = f"its claim record {self._rec(seq, 'meta')} is missing or unreadable"
@@ -831,8 +841,8 @@ class Outbound:
             self._save_state()
         except OSError as exc:
             raise self._broken(f"renumbering seq {item.seq}", exc) from None
+        self._pending[new_seq] = new        # before the old one goes: never seen missing
         del self._pending[item.seq]
-        self._pending[new_seq] = new
         return new
 
 
