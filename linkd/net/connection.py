@@ -284,6 +284,9 @@ class SessionRunner:
             if ch.fh is not None:
                 ch.fh.close()
                 ch.fh = None
+            ch.current = None
+            self._show_in_flight(ch)
+            self._set_held(ch.name, None)
         for name, inbound in list(self.link.inbound.items()):
             try:
                 await trio.to_thread.run_sync(inbound.abort)
@@ -742,6 +745,15 @@ class SessionRunner:
                          seq=item.seq, name=item.name, reason=f"cannot read it: {why}")
         state.wait_until = trio.current_time() + READ_RETRY
 
+    def _show_in_flight(self, state: _OutChannel) -> None:
+        """/status `in_flight`: the message being sent on the channel, if any."""
+        stats = self.link.status.channel(state.name)
+        if not hasattr(stats, "in_flight"):
+            return
+        item = state.current
+        stats.in_flight = None if item is None else {
+            "name": item.name, "seq": item.seq, "size": item.size, "sent_bytes": state.offset}
+
     def _abandon(self, state: _OutChannel) -> None:
         """Stop sending the current message mid-way (its file went bad); the next
         Msg on the channel carries the rewind flag, which tells the peer to drop
@@ -752,6 +764,7 @@ class SessionRunner:
         if state.current is not None:
             state.in_flight.pop(state.current.seq, None)
         state.current, state.fh, state.digest = None, None, None
+        self._show_in_flight(state)
         self.session.abandon(state.name)
 
     async def _step(self, state: _OutChannel) -> None:
@@ -796,6 +809,7 @@ class SessionRunner:
                 return
             state.current, state.fh, state.offset = item, fh, offset
             state.digest = hashlib.sha256() if offset == 0 else None
+            self._show_in_flight(state)
             return
         n = session.sendable(state.name)
         item = state.current
@@ -820,9 +834,13 @@ class SessionRunner:
             state.digest.update(data)
         session.send_data(state.name, data)
         state.offset += len(data)
+        shown = getattr(self.link.status.channel(state.name), "in_flight", None)
+        if isinstance(shown, dict):
+            shown["sent_bytes"] = state.offset
         if session.remaining(state.name) == 0:
             fh.close()
             state.current, state.fh = None, None
+            self._show_in_flight(state)
             if state.digest is not None and state.digest.hexdigest() != item.sha256:
                 # Changed while we read it: the peer will refuse the checksum; make sure
                 # the file is failed, not retried.
