@@ -167,6 +167,8 @@ def _context(cfg: Config) -> SSL.Context:
     ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
     ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION)
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    # One SSL_write per send_all, not one per 16 KiB record (memory BIOs never block).
+    ctx.clear_mode(_lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
     try:
         ctx.use_certificate_chain_file(str(cfg.tls.cert))
         ctx.use_privatekey_file(str(cfg.tls.key))
