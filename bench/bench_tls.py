@@ -16,7 +16,8 @@ Everything runs in the same invocation, so the two stacks see the same machine s
    linkd's stack with its groups (X25519MLKEM768 chosen), the same stack forced to
    X25519, and the old stdlib path (X25519; OpenSSL 3.0 has no ML-KEM).
 3. memory per session: `--sessions` connected session pairs held open in a fresh
-   process per stack after a 64 KiB exchange each way; RSS growth / (2 * pairs).
+   process per stack, idle after the handshake and after one 256 KiB write each way
+   (the memory BIOs keep the capacity they grew to); RSS growth / (2 * pairs).
 
 Certificates are ECDSA P-256 from a throwaway trustme CA, as `linkctl pki` issues.
 """
@@ -223,7 +224,7 @@ def rss_kib() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
-async def memory_main(root: Path, stack_name: str, pairs: int) -> None:
+async def memory_main(root: Path, stack_name: str, pairs: int, exchange: int) -> None:
     stack = Stack(stack_name, *configs_from(root))
     held: list[Any] = []
 
@@ -239,11 +240,11 @@ async def memory_main(root: Path, stack_name: str, pairs: int) -> None:
             nursery.start_soon(run, "client", left)
             nursery.start_soon(run, "server", right)
         c, s = streams["client"], streams["server"]
-        for a, b in ((c, s), (s, c)):
+        for a, b in ((c, s), (s, c)) if exchange else ():
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(a.send_all, b"x" * READ)
+                nursery.start_soon(a.send_all, b"x" * exchange)
                 got = 0
-                while got < READ:
+                while got < exchange:
                     got += len(await b.receive_some(READ))
         held.append((c, s))
 
@@ -257,9 +258,10 @@ async def memory_main(root: Path, stack_name: str, pairs: int) -> None:
     print(json.dumps({"kib_per_session": (after - before) / (2 * pairs)}), flush=True)
 
 
-def memory_per_session(root: Path, stack_name: str, pairs: int) -> float:
+def memory_per_session(root: Path, stack_name: str, pairs: int, exchange: int) -> float:
     out = subprocess.run([sys.executable, __file__, "--memory", stack_name, "--root", str(root),
-                          "--sessions", str(pairs)], check=True, capture_output=True, text=True)
+                          "--sessions", str(pairs), "--bytes", str(exchange)],
+                         check=True, capture_output=True, text=True)
     return float(json.loads(out.stdout.strip().splitlines()[-1])["kib_per_session"])
 
 
@@ -280,7 +282,7 @@ def main() -> None:
         trio.run(receiver_main, args.root, args.receiver, args.bytes)
         return
     if args.memory:
-        trio.run(memory_main, args.root, args.memory, args.sessions)
+        trio.run(memory_main, args.root, args.memory, args.sessions, args.bytes)
         return
 
     import OpenSSL
@@ -315,9 +317,12 @@ def main() -> None:
             print(f"   {label:26s} {rate:7.1f} /s   group {group}")
 
         print(f"\n3. memory per session ({args.sessions} session pairs held open)")
-        for name in STACKS:
-            kib = memory_per_session(root, name, args.sessions)
-            print(f"   {name:10s} {kib:7.1f} KiB per session")
+        for exchange, label in ((0, "idle after the handshake"),
+                                (CHUNK, "after one 256 KiB write each way (linkd's chunk)")):
+            print(f"   {label}:")
+            for name in STACKS:
+                kib = memory_per_session(root, name, args.sessions, exchange)
+                print(f"     {name:10s} {kib:7.1f} KiB per session")
 
 
 if __name__ == "__main__":

@@ -169,6 +169,8 @@ def _context(cfg: Config) -> SSL.Context:
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     # One SSL_write per send_all, not one per 16 KiB record (memory BIOs never block).
     ctx.clear_mode(_lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
+    # Free the record buffers of an idle session (~34 KiB), as CPython's ssl does.
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
     try:
         ctx.use_certificate_chain_file(str(cfg.tls.cert))
         ctx.use_privatekey_file(str(cfg.tls.key))
