@@ -61,6 +61,7 @@ class TLSConfig:
     key: Path
     ca: Path
     crl: Path | None = None
+    require_post_quantum: bool = False      # refuse peers without a hybrid (ML-KEM) key exchange
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -109,7 +110,7 @@ _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 _SECTIONS = ("node", "tls", "listen", "link", "peer")
 _NODE_KEYS = ("name", "spool_dir", "state_dir", "status_socket", "file_mode")
-_TLS_KEYS = ("cert", "key", "ca", "crl")
+_TLS_KEYS = ("cert", "key", "ca", "crl", "require_post_quantum")
 _LISTEN_KEYS = ("address", "port")
 _LINK_FLOATS = ("heartbeat_interval", "heartbeat_timeout", "reconnect_min", "reconnect_max",
                 "handshake_timeout")
@@ -123,6 +124,7 @@ _EXAMPLES = {
     "cert": '"/etc/linkd/tls/interpol.crt"', "key": '"/etc/linkd/tls/interpol.key"',
     "ca": '"/etc/linkd/tls/link-ca.crt"', "crl": '"/etc/linkd/tls/link-ca.crl"',
     "address": '"0.0.0.0"', "port": "7443", "archive_sent": "false",
+    "require_post_quantum": "false",
     "connect": '"europol-edge.example:7443"', "pin_sha256": '"<64 hex digits>"',
     "priority": "10", "max_message_bytes": "1073741824",
 }
@@ -291,7 +293,9 @@ class _Loader:
         key = self.path(t, "key", "tls", required=True)
         ca = self.path(t, "ca", "tls", required=True)
         assert cert is not None and key is not None and ca is not None
-        return TLSConfig(cert=cert, key=key, ca=ca, crl=self.path(t, "crl", "tls"))
+        require_pq = self.get(t, "require_post_quantum", "tls", bool)
+        return TLSConfig(cert=cert, key=key, ca=ca, crl=self.path(t, "crl", "tls"),
+                         require_post_quantum=bool(require_pq))
 
     def listen(self, doc: dict[str, Any]) -> ListenConfig | None:
         if "listen" not in doc:

@@ -102,6 +102,7 @@ def test_base_config_loads_with_defaults(tmp_path: Path) -> None:
     assert cfg.node.status_socket == Path("/srv/spool/.linkd/status.sock")
     assert cfg.node.file_mode == 0o640
     assert cfg.tls.crl is None
+    assert cfg.tls.require_post_quantum is False
     assert cfg.listen is None
     assert cfg.link == LinkConfig()
     (peer,) = cfg.peers
@@ -143,6 +144,7 @@ def test_full_config_loads(tmp_path: Path) -> None:
     def change(d: dict[str, Any]) -> None:
         d["node"]["file_mode"] = "0600"
         d["tls"]["crl"] = "/etc/linkd/ca.crl"
+        d["tls"]["require_post_quantum"] = True
         d["listen"] = {"address": "127.0.0.1", "port": 1}
         d["link"] = {"heartbeat_interval": 0.5, "heartbeat_timeout": 2, "reconnect_min": 0.2,
                      "reconnect_max": 0.2, "handshake_timeout": 3.5, "archive_sent": True}
@@ -152,6 +154,7 @@ def test_full_config_loads(tmp_path: Path) -> None:
     cfg = load(tmp_path, change)
     assert cfg.node.file_mode == 0o600
     assert cfg.tls.crl == Path("/etc/linkd/ca.crl")
+    assert cfg.tls.require_post_quantum is True
     assert cfg.listen == ListenConfig("127.0.0.1", 1)
     assert cfg.link == LinkConfig(0.5, 2.0, 0.2, 0.2, 3.5, True)
     assert isinstance(cfg.link.heartbeat_timeout, float)
@@ -237,6 +240,8 @@ ERRORS: list[tuple[str, Callable[[dict[str, Any]], None], tuple[str, ...]]] = [
      ("link.heartbeat_interval", "number")),
     ("interval bool", _set("link", value={"reconnect_min": True}), ("link.reconnect_min",)),
     ("archive int", _set("link", value={"archive_sent": 1}), ("link.archive_sent", "true or")),
+    ("require_post_quantum str", _set("tls", "require_post_quantum", value="yes"),
+     ("tls.require_post_quantum", "true or false")),
     ("priority float", _set("peer", 0, "channel", 0, "priority", value=1.5),
      ("peer[0].channel[0].priority", "integer")),
     ("max bool", _set("peer", 0, "channel", 0, "max_message_bytes", value=True),
@@ -403,7 +408,8 @@ def _keys(doc: dict[str, Any], prefix: str = "") -> set[str]:
 
 CONTRACT_KEYS = {
     "node.name", "node.spool_dir", "node.state_dir", "node.status_socket", "node.file_mode",
-    "tls.cert", "tls.key", "tls.ca", "tls.crl", "listen.address", "listen.port",
+    "tls.cert", "tls.key", "tls.ca", "tls.crl", "tls.require_post_quantum",
+    "listen.address", "listen.port",
     "link.heartbeat_interval", "link.heartbeat_timeout", "link.reconnect_min",
     "link.reconnect_max", "link.handshake_timeout", "link.archive_sent",
     "peer.name", "peer.connect", "peer.pin_sha256",

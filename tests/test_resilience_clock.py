@@ -448,13 +448,13 @@ async def test_backoff_resets_only_after_a_stable_session(tmp_path, ca, autojump
     daemon, link = fake_daemon_and_link(tmp_path, ca, reconnect_min=lo, reconnect_max=hi,
                                         heartbeat_interval=1.0, heartbeat_timeout=3.0)
     bravo_cfg = node_config(tmp_path, ca, "bravo", [peer_config("alpha")])
-    server_ctx = make_contexts(bravo_cfg).server
+    server_contexts = make_contexts(bravo_cfg)
     plan = ["refuse"] * 10 + [1.0] + ["refuse"] * 2 + [60.0] + ["refuse"] * 3
     attempts: list[tuple[float, object]] = []
 
     async def serve(stream, lifetime):
-        ssl = trio.SSLStream(stream, server_ctx, server_side=True)
-        await ssl.do_handshake()
+        ssl = server_contexts.server_stream(stream, list(bravo_cfg.peers))
+        await server_contexts.finish_handshake(ssl)
         peer = FakePeer(ssl)
         with trio.move_on_after(lifetime):
             await peer.run()

@@ -6,9 +6,10 @@
   that stayed open at least heartbeat_timeout) and try again, forever. While
   waiting it sleeps: no CPU. It changes the peer's state only while no
   session holds the slot (a dial that lost the tie-break leaves "connected").
-* `handle_inbound` (the listener): TLS handshake within handshake_timeout,
-  map the certificate to a configured peer; a client naming no configured
-  peer is closed without a single byte of ours.
+* `handle_inbound` (the listener): TLS handshake within handshake_timeout, in
+  which the certificate must name a configured peer (net/tls.py); a client
+  naming no configured peer fails the handshake (a TLS alert) and never gets a
+  byte of ours.
 * `run_session`: the slot. If the peer already has a session, the tie-break
   is deterministic on both sides: a re-dial from the same side replaces the
   old session (the dialler believes it dead); between sessions dialled from
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -30,7 +30,7 @@ from ..proto import frames as F
 from ..proto.framing import encode_frame
 from .backoff import Backoff
 from .connection import SessionRunner
-from .tls import IdentityError, PeerIdentity, describe_ssl_error, identify
+from .tls import TLSContexts, TLSRefused, tls_info
 
 
 def _remote_of(stream: trio.abc.Stream) -> str:
@@ -39,20 +39,6 @@ def _remote_of(stream: trio.abc.Stream) -> str:
     except (OSError, AttributeError):   # AttributeError: a non-socket stream (tests)
         return "?"
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def tls_info(ssl_stream: trio.SSLStream[Any], identity: PeerIdentity) -> dict[str, Any]:
-    cipher = ssl_stream.cipher()
-    return {"version": ssl_stream.version(), "cipher": cipher[0] if cipher else None,
-            "peer_subject": identity.subject,
-            "peer_not_after": identity.not_after.isoformat().replace("+00:00", "Z")}
-
-
-def _cause(exc: BaseException) -> str:
-    inner = exc.__cause__ or exc.__context__
-    if isinstance(inner, ssl.SSLError | OSError):
-        return describe_ssl_error(inner)
-    return str(exc) or type(exc).__name__
 
 
 def new_wins(node: str, peer: str, existing: SessionRunner, new: SessionRunner) -> bool:
@@ -174,19 +160,18 @@ async def _dial(daemon: Any, link: Any, host: str, port: int, remote: str,
         ipaddress.ip_address(host)
     except ValueError:
         sni = host
-    ssl_stream = trio.SSLStream(tcp, daemon.tls.client, server_hostname=sni)
+    contexts: TLSContexts = daemon.tls
+    tls_stream = contexts.client_stream(tcp, link.peer, server_hostname=sni)
     try:
         with trio.fail_after(lcfg.handshake_timeout):
-            await ssl_stream.do_handshake()
-        identity = identify(ssl_stream.getpeercert(True), [link.peer])
-    except (trio.BrokenResourceError, trio.TooSlowError, IdentityError, OSError) as exc:
-        reason = ("TLS handshake timed out" if isinstance(exc, trio.TooSlowError) else
-                  str(exc) if isinstance(exc, IdentityError) else _cause(exc))
+            identity = await contexts.finish_handshake(tls_stream)
+    except (TLSRefused, trio.TooSlowError) as exc:
+        reason = "TLS handshake timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
         link.log.warning("tls_refused", remote=remote, reason=reason, peer=link.name)
-        await trio.aclose_forcefully(ssl_stream)
+        await trio.aclose_forcefully(tls_stream)
         return f"TLS with {remote} refused: {reason}"
-    runner = SessionRunner(link, ssl_stream, remote=remote, dialed_by_us=True,
-                           tls_info=tls_info(ssl_stream, identity))
+    runner = SessionRunner(link, tls_stream, remote=remote, dialed_by_us=True,
+                           tls_info=tls_info(tls_stream, identity))
     await run_session(daemon, link, runner)
     # Only a stable session resets the backoff (see stable_after).
     link.last_session_open = runner.was_open and runner.open_seconds >= stable_after(lcfg)
@@ -198,22 +183,21 @@ async def _dial(daemon: Any, link: Any, host: str, port: int, remote: str,
 async def handle_inbound(daemon: Any, tcp: trio.SocketStream) -> None:
     remote = _remote_of(tcp)
     lcfg = daemon.cfg.link
-    ssl_stream = trio.SSLStream(tcp, daemon.tls.server, server_side=True)
+    contexts: TLSContexts = daemon.tls
+    tls_stream = contexts.server_stream(tcp, list(daemon.cfg.peers))
     try:
         with trio.fail_after(lcfg.handshake_timeout):
-            await ssl_stream.do_handshake()
-        identity = identify(ssl_stream.getpeercert(True), list(daemon.cfg.peers))
-    except (trio.BrokenResourceError, trio.TooSlowError, IdentityError, OSError) as exc:
-        reason = ("TLS handshake timed out" if isinstance(exc, trio.TooSlowError) else
-                  str(exc) if isinstance(exc, IdentityError) else _cause(exc))
+            identity = await contexts.finish_handshake(tls_stream)
+    except (TLSRefused, trio.TooSlowError) as exc:
+        reason = "TLS handshake timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
         daemon.log.warning("tls_refused", remote=remote, reason=reason)
-        await trio.aclose_forcefully(ssl_stream)
+        await trio.aclose_forcefully(tls_stream)
         return
     link = daemon.links.get(identity.peer.name)
     if link is None:
         daemon.log.warning("tls_refused", remote=remote, reason="peer no longer configured")
-        await trio.aclose_forcefully(ssl_stream)
+        await trio.aclose_forcefully(tls_stream)
         return
-    runner = SessionRunner(link, ssl_stream, remote=remote, dialed_by_us=False,
-                           tls_info=tls_info(ssl_stream, identity))
+    runner = SessionRunner(link, tls_stream, remote=remote, dialed_by_us=False,
+                           tls_info=tls_info(tls_stream, identity))
     await run_session(daemon, link, runner)

@@ -1,0 +1,383 @@
+"""TLSStream: a trio Stream over a pyOpenSSL `Connection` with memory BIOs.
+
+Theory of operation (the shape of trio's `SSLStream` around `ssl.SSLObject`;
+read the long comment at the top of trio's `_ssl.py` for the why):
+
+* The `Connection` is sans-IO. Each of its calls (`do_handshake`, `recv`,
+  `send`, `shutdown`) may append bytes to the outgoing BIO, consume bytes from
+  the incoming BIO, and raise `WantReadError` when it needs more bytes from
+  the peer. After `WantReadError` the *same* call must be retried later with
+  the same data (pyOpenSSL sets ACCEPT_MOVING_WRITE_BUFFER, so an equal buffer
+  at another address is fine). Writes to a memory BIO never fail, so
+  `WantWriteError` cannot happen.
+* `_retry(fn)` turns one such call into an async operation: call it (never
+  awaiting while touching the Connection), then do exactly *one* thing that
+  makes progress - send what the Connection produced (under a StrictFIFOLock,
+  so bytes hit the wire in the order they left the BIO), or else, if it wants
+  input, receive once from the transport (under a lock, with a counter so that
+  a task that waited for another task's receive re-tries instead of reading
+  again) - and loop.
+* One task may send while another receives (full duplex); a second concurrent
+  sender or receiver is a caller bug (trio.BusyResourceError).
+* TLS 1.3 only (the context enforces it): no renegotiation, so after the
+  handshake a write never needs to read. A read may need to write (a
+  KeyUpdate answer, an alert); `_retry` handles both anyway.
+* End of stream: a close_notify from the peer makes `receive_some` return
+  b"" (and keep returning it); the transport's EOF without a close_notify is
+  a truncation attack as far as we know, so it raises BrokenResourceError.
+  `send_eof()` sends our close_notify and keeps receiving (TLS 1.3 closes each
+  direction separately); `aclose()` sends it (best effort, without waiting for
+  the peer's) and closes the transport.
+* Any TLS error, or a cancelled send (some unknown part of a record may be on
+  the wire), breaks the stream for good: BrokenResourceError from a
+  `TLSError` whose text is OpenSSL's reason in plain words.
+* The server's TLS 1.3 NewSessionTicket messages (pyOpenSSL cannot turn them
+  off; they are useless to the client as the session cache is off, see tls.py)
+  are held back and sent with the server's first write, as trio does: sent at
+  the end of the handshake they can deadlock against a client that writes
+  first over an unbuffered transport.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import trio
+from OpenSSL import SSL
+
+T = TypeVar("T")
+
+DEFAULT_RECEIVE_SIZE = 64 * 1024
+_BIO_READ_SIZE = 512 * 1024
+
+
+EOF_WITHOUT_CLOSE_NOTIFY = "peer closed the connection without close_notify"
+
+
+class TLSError(Exception):
+    """A TLS failure, as one readable line (the cause of a BrokenResourceError)."""
+
+
+def describe_openssl_error(exc: BaseException) -> str:
+    """OpenSSL's reasons as plain words: 'certificate verify failed', not a list of tuples."""
+    if isinstance(exc, SSL.SysCallError):
+        code = exc.args[0] if exc.args else None
+        if code in (-1, 0):
+            return EOF_WITHOUT_CLOSE_NOTIFY
+        return f"system error: {exc.args[1] if len(exc.args) > 1 else exc}"
+    reasons: list[str] = []
+    for item in exc.args[0] if exc.args and isinstance(exc.args[0], list) else []:
+        if isinstance(item, tuple) and item:
+            text = str(item[-1])
+            if text and text not in reasons:
+                reasons.append(text)
+    if not reasons:
+        return str(exc) or type(exc).__name__
+    text = "; ".join(reasons)
+    if text == "unexpected eof while reading":
+        return EOF_WITHOUT_CLOSE_NOTIFY
+    return text
+
+
+class _State(enum.Enum):
+    OK = "ok"
+    BROKEN = "broken"
+    CLOSED = "closed"
+
+
+class TLSStream(trio.abc.HalfCloseableStream):
+    """TLS over `transport_stream`, driven by an `OpenSSL.SSL.Connection` on memory BIOs.
+
+    `app_data` is attached to the Connection (`connection.get_app_data()`): the
+    verify callback of the context finds its per-connection state there.
+    """
+
+    def __init__(self, transport_stream: trio.abc.Stream, context: SSL.Context, *,
+                 server_side: bool = False, server_hostname: str | None = None,
+                 app_data: Any = None) -> None:
+        self.transport_stream = transport_stream
+        self.server_side = server_side
+        conn = SSL.Connection(context, None)
+        if app_data is not None:
+            conn.set_app_data(app_data)
+        if server_side:
+            conn.set_accept_state()
+        else:
+            if server_hostname:
+                conn.set_tlsext_host_name(server_hostname.encode("idna"))
+            conn.set_connect_state()
+        self._conn = conn
+        self._state = _State.OK
+        self._handshake_lock = trio.Lock()
+        self._handshook = False
+        self._delayed_outgoing = b""
+        self._sent_close_notify = False
+        self._inner_send_lock = trio.StrictFIFOLock()
+        self._inner_recv_lock = trio.Lock()
+        self._inner_recv_count = 0
+        self._outer_send = _ConflictDetector("another task is sending on this TLSStream")
+        self._outer_recv = _ConflictDetector("another task is receiving on this TLSStream")
+
+    # -- information --------------------------------------------------------------
+
+    @property
+    def connection(self) -> SSL.Connection:
+        return self._conn
+
+    def version(self) -> str | None:
+        return self._conn.get_protocol_version_name() if self._handshook else None
+
+    def cipher(self) -> str | None:
+        return self._conn.get_cipher_name() if self._handshook else None
+
+    def group(self) -> str | None:
+        """The negotiated key exchange group, e.g. "X25519MLKEM768"."""
+        return self._conn.get_group_name() if self._handshook else None
+
+    def peer_certificate_der(self) -> bytes | None:
+        if not self._handshook:
+            return None
+        cert = self._conn.get_peer_certificate(as_cryptography=True)
+        if cert is None:
+            return None
+        from cryptography.hazmat.primitives.serialization import Encoding
+        return cert.public_bytes(Encoding.DER)
+
+    # -- the engine ---------------------------------------------------------------
+
+    def _check_status(self) -> None:
+        if self._state is _State.BROKEN:
+            raise trio.BrokenResourceError("the TLS stream is broken")
+        if self._state is _State.CLOSED:
+            raise trio.ClosedResourceError("the TLS stream is closed")
+
+    def _drain_outgoing(self) -> bytes:
+        chunks: list[bytes] = []
+        while True:
+            try:
+                chunks.append(self._conn.bio_read(_BIO_READ_SIZE))
+            except SSL.WantReadError:
+                break
+        return b"".join(chunks)
+
+    async def _retry(self, fn: Callable[..., T], *args: Any,
+                     ignore_want_read: bool = False, is_handshake: bool = False) -> T | None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        yielded = False
+        finished = False
+        ret: T | None = None
+        while not finished:
+            # 1) touch the Connection without awaiting
+            want_read = False
+            try:
+                ret = fn(*args)
+            except SSL.WantReadError:
+                want_read = True
+            except SSL.Error as exc:
+                self._state = _State.BROKEN
+                # An alert may be waiting in the BIO: tell the peer why, best effort.
+                alert = self._drain_outgoing()
+                if alert and not self._inner_send_lock.locked():
+                    with trio.move_on_after(1), _suppress_transport_errors():
+                        async with self._inner_send_lock:
+                            await self.transport_stream.send_all(alert)
+                reason = describe_openssl_error(exc)
+                raise trio.BrokenResourceError(reason) from TLSError(reason)
+            else:
+                finished = True
+            if ignore_want_read:
+                want_read = False
+                finished = True
+            to_send = self._drain_outgoing()
+            if is_handshake and finished and self.server_side:
+                # Tickets written at the end of the server's handshake: hold them back.
+                self._delayed_outgoing += to_send
+                to_send = b""
+            # 2) exactly one thing that makes progress
+            if to_send:
+                async with self._inner_send_lock:   # strict FIFO: wire order = BIO order
+                    yielded = True
+                    if self._delayed_outgoing:
+                        to_send = self._delayed_outgoing + to_send
+                        self._delayed_outgoing = b""
+                    try:
+                        await self.transport_stream.send_all(to_send)
+                    except BaseException:
+                        self._state = _State.BROKEN   # some unknown part went out
+                        raise
+            elif want_read:
+                count = self._inner_recv_count
+                async with self._inner_recv_lock:
+                    yielded = True
+                    if count == self._inner_recv_count:
+                        data = await self.transport_stream.receive_some()
+                        if data:
+                            self._conn.bio_write(data)
+                        else:
+                            self._conn.bio_shutdown()
+                        self._inner_recv_count += 1
+        if not yielded:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return ret
+
+    # -- handshake ----------------------------------------------------------------
+
+    async def do_handshake(self) -> None:
+        """Complete the handshake (once; concurrent callers wait for the first).
+
+        Cancelled half-way, the stream is broken."""
+        self._check_status()
+        if self._handshook:
+            await trio.lowlevel.checkpoint()
+            return
+        async with self._handshake_lock:
+            if self._handshook:
+                return
+            self._check_status()
+            try:
+                await self._retry(self._conn.do_handshake, is_handshake=True)
+            except BaseException:
+                self._state = _State.BROKEN
+                raise
+            self._handshook = True
+
+    async def _ensure_handshake(self) -> None:
+        if not self._handshook:
+            await self.do_handshake()
+
+    # -- receiving ----------------------------------------------------------------
+
+    def _read(self, max_bytes: int) -> bytes:
+        """Every record already decryptable, up to max_bytes; b"" after close_notify."""
+        try:
+            data = self._conn.recv(max_bytes)
+        except SSL.ZeroReturnError:
+            return b""
+        if len(data) >= max_bytes:
+            return data
+        chunks = [data]
+        got = len(data)
+        while got < max_bytes:
+            try:
+                more = self._conn.recv(max_bytes - got)
+            except SSL.Error:
+                break       # WantRead, close_notify or an error: the next call meets it again
+            chunks.append(more)
+            got += len(more)
+        return b"".join(chunks)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        with self._outer_recv:
+            self._check_status()
+            if max_bytes is None:
+                max_bytes = DEFAULT_RECEIVE_SIZE
+            elif max_bytes < 1:
+                raise ValueError("max_bytes must be >= 1")
+            await self._ensure_handshake()
+            data = await self._retry(self._read, max_bytes)
+            assert data is not None
+            return data
+
+    # -- sending ------------------------------------------------------------------
+
+    def _write(self, view: memoryview) -> int:
+        """Encrypt as much of `view` as the Connection takes now, into the BIO.
+
+        pyOpenSSL sets ENABLE_PARTIAL_WRITE, so one SSL_write encrypts one record
+        (16 KiB): loop here, so that a 256 KiB send_all is one transport write, not 16.
+        WantReadError after some bytes went in just ends the batch (they are
+        committed); before any, it propagates and `_retry` waits for input."""
+        done = self._conn.send(view)
+        while done < len(view):
+            try:
+                done += self._conn.send(view[done:])
+            except SSL.WantReadError:
+                break
+        return done
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        with self._outer_send:
+            self._check_status()
+            if self._sent_close_notify:
+                raise trio.ClosedResourceError("send_eof() was called: no more sending")
+            await self._ensure_handshake()
+            view = memoryview(data)
+            if not view:
+                await trio.lowlevel.checkpoint()
+                return
+            while view:
+                sent = await self._retry(self._write, view)
+                assert sent is not None
+                view = view[sent:]
+
+    async def wait_send_all_might_not_block(self) -> None:
+        with self._outer_send:
+            self._check_status()
+            async with self._inner_send_lock:
+                await self.transport_stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        """Send close_notify; receiving goes on (TLS 1.3 closes each direction on its own)."""
+        with self._outer_send:
+            self._check_status()
+            await self._ensure_handshake()
+            if self._sent_close_notify:
+                await trio.lowlevel.checkpoint()
+                return
+            self._sent_close_notify = True
+            await self._retry(self._conn.shutdown, ignore_want_read=True)
+
+    # -- closing ------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Send close_notify (without waiting for the peer's) and close the transport.
+
+        A broken or never-handshaken stream just closes the transport."""
+        if self._state is _State.CLOSED:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._state is _State.BROKEN or not self._handshook or self._sent_close_notify:
+            self._state = _State.CLOSED
+            await self.transport_stream.aclose()
+            return
+        try:
+            with _suppress_transport_errors():
+                self._sent_close_notify = True
+                await self._retry(self._conn.shutdown, ignore_want_read=True)
+        except BaseException:
+            await trio.aclose_forcefully(self.transport_stream)
+            raise
+        else:
+            await self.transport_stream.aclose()
+        finally:
+            self._state = _State.CLOSED
+
+
+class _suppress_transport_errors:
+    """The peer may have closed first; a failed close_notify is not an error."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: Any) -> bool:
+        return kind is not None and issubclass(
+            kind, trio.BrokenResourceError | trio.BusyResourceError | trio.ClosedResourceError)
+
+
+class _ConflictDetector:
+    """Raise BusyResourceError when two tasks use one direction at once (a caller bug)."""
+
+    def __init__(self, message: str) -> None:
+        self._message = message
+        self._held = False
+
+    def __enter__(self) -> None:
+        if self._held:
+            raise trio.BusyResourceError(self._message)
+        self._held = True
+
+    def __exit__(self, *exc: object) -> None:
+        self._held = False

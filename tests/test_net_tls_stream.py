@@ -1,0 +1,294 @@
+"""TLSStream (linkd.net.tls_stream) as a trio Stream: pyOpenSSL over memory BIOs.
+
+Over `memory_stream_pair` (buffered) and `lockstep_stream_pair` (every send waits for
+the matching receive, which exposes ordering deadlocks): both directions, half-close,
+close_notify versus abrupt EOF, large writes, full duplex, cancellation, misuse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+import trustme
+from memlink import node_config
+
+from linkd.config import ChannelConfig, PeerConfig
+from linkd.net.tls import make_contexts
+from linkd.net.tls_stream import EOF_WITHOUT_CLOSE_NOTIFY, TLSError, TLSStream
+
+PAIRS: dict[str, Callable[[], tuple[Any, Any]]] = {
+    "memory": trio.testing.memory_stream_pair,
+    "lockstep": trio.testing.lockstep_stream_pair,
+}
+
+
+@pytest.fixture(scope="module")
+def contexts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
+    tmp = tmp_path_factory.mktemp("tls")
+    ca = trustme.CA()
+    alpha = node_config(tmp, ca, "alpha", [PeerConfig("bravo", channels=(ChannelConfig("d"),))])
+    bravo = node_config(tmp, ca, "bravo", [PeerConfig("alpha", channels=(ChannelConfig("d"),))])
+    return make_contexts(alpha), make_contexts(bravo)
+
+
+def streams(contexts: tuple[Any, Any], kind: str = "memory") -> tuple[TLSStream, TLSStream]:
+    """(client, server), not yet handshaken; the raw transports stay reachable."""
+    alpha, bravo = contexts
+    left, right = PAIRS[kind]()
+    client = alpha.client_stream(left, PeerConfig("bravo", channels=(ChannelConfig("d"),)))
+    server = bravo.server_stream(right, [PeerConfig("alpha", channels=(ChannelConfig("d"),))])
+    return client, server
+
+
+async def connected(contexts: tuple[Any, Any], kind: str = "memory"
+                    ) -> tuple[TLSStream, TLSStream]:
+    client, server = streams(contexts, kind)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.do_handshake)
+            nursery.start_soon(server.do_handshake)
+    return client, server
+
+
+async def receive_exactly(stream: TLSStream, n: int) -> bytes:
+    got = bytearray()
+    while len(got) < n:
+        chunk = await stream.receive_some(n - len(got))
+        assert chunk, f"EOF after {len(got)} of {n} bytes"
+        got += chunk
+    return bytes(got)
+
+
+@pytest.mark.parametrize("kind", PAIRS)
+async def test_both_directions(contexts, kind):
+    client, server = await connected(contexts, kind)
+    assert client.version() == server.version() == "TLSv1.3"
+    assert client.group() == server.group() == "X25519MLKEM768"
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.send_all, b"from the client")
+            assert await receive_exactly(server, 15) == b"from the client"
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.send_all, b"from the server")
+            assert await receive_exactly(client, 15) == b"from the server"
+
+
+@pytest.mark.parametrize("kind", PAIRS)
+async def test_a_client_that_writes_first_does_not_deadlock_on_the_servers_tickets(
+        contexts, kind):
+    """Over lockstep, tickets sent at the end of the server's handshake would block it
+    until the client reads, while the client blocks in its first write (trio #819)."""
+    client, server = streams(contexts, kind)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.send_all, b"hello")
+            assert await receive_exactly(server, 5) == b"hello"   # handshakes implicitly
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.send_all, b"world")           # the tickets go with it
+            assert await receive_exactly(client, 5) == b"world"
+
+
+async def test_receive_some_honours_max_bytes_and_a_zero_byte_send_sends_nothing(contexts):
+    client, server = await connected(contexts)
+    await client.send_all(b"")
+    await client.send_all(b"abcdef")
+    assert await server.receive_some(4) == b"abcd"
+    assert await server.receive_some(100) == b"ef"
+    with pytest.raises(ValueError):
+        await server.receive_some(0)
+
+
+@pytest.mark.parametrize("kind", PAIRS)
+async def test_half_close_each_direction_on_its_own(contexts, kind):
+    client, server = await connected(contexts, kind)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.send_all, b"last words")
+            assert await receive_exactly(server, 10) == b"last words"
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.send_eof)
+            assert await server.receive_some() == b""      # close_notify: a clean EOF
+        assert await server.receive_some() == b""          # and it stays at EOF
+        with pytest.raises(trio.ClosedResourceError):
+            await client.send_all(b"more")
+        # the other direction still works
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.send_all, b"reply after your EOF")
+            assert await receive_exactly(client, 20) == b"reply after your EOF"
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.send_eof)
+            assert await client.receive_some() == b""
+    await client.aclose()
+    await server.aclose()
+
+
+async def test_aclose_sends_close_notify_and_then_everything_is_closed(contexts):
+    client, server = await connected(contexts)
+    await client.send_all(b"bye")
+    await client.aclose()
+    assert await receive_exactly(server, 3) == b"bye"
+    assert await server.receive_some() == b""
+    with pytest.raises(trio.ClosedResourceError):
+        await client.send_all(b"x")
+    with pytest.raises(trio.ClosedResourceError):
+        await client.receive_some()
+    await client.aclose()          # idempotent
+    await server.aclose()
+
+
+async def test_abrupt_eof_without_close_notify_is_broken_not_clean(contexts):
+    client, server = await connected(contexts)
+    await client.send_all(b"partial")
+    await client.transport_stream.aclose()      # the TCP connection just goes away
+    assert await receive_exactly(server, 7) == b"partial"
+    with pytest.raises(trio.BrokenResourceError) as info:
+        await server.receive_some()
+    assert isinstance(info.value.__cause__, TLSError)
+    assert str(info.value.__cause__) == EOF_WITHOUT_CLOSE_NOTIFY
+    with pytest.raises(trio.BrokenResourceError):
+        await server.receive_some()              # broken for good
+    await server.aclose()
+
+
+async def test_eof_during_the_handshake_is_broken(contexts):
+    client, server = streams(contexts)
+    await client.transport_stream.aclose()
+    with trio.fail_after(10), pytest.raises(trio.BrokenResourceError):
+        await server.do_handshake()
+
+
+async def test_garbage_instead_of_tls_breaks_the_stream(contexts):
+    _client, server = streams(contexts)
+    raw = _client.transport_stream
+    await raw.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    with trio.fail_after(10), pytest.raises(trio.BrokenResourceError) as info:
+        await server.do_handshake()
+    assert isinstance(info.value.__cause__, TLSError)
+
+
+@pytest.mark.parametrize("kind", PAIRS)
+async def test_large_writes_arrive_whole_and_in_order(contexts, kind):
+    client, server = await connected(contexts, kind)
+    data = os.urandom(8 << 20) + b"end"        # one send_all of 8 MiB: ~512 records
+    received = bytearray()
+
+    async def reader() -> None:
+        while len(received) < len(data):
+            chunk = await server.receive_some()
+            assert chunk
+            received.extend(chunk)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await client.send_all(data)
+    assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
+
+
+@pytest.mark.parametrize("kind", PAIRS)
+async def test_full_duplex_both_sides_send_and_receive_at_once(contexts, kind):
+    """Four tasks: each side writes 2 MiB while reading the other's 2 MiB. A stream that
+    serialised send and receive, or read only after writing, would deadlock on lockstep."""
+    client, server = await connected(contexts, kind)
+    payloads = {id(client): os.urandom(2 << 20), id(server): os.urandom(2 << 20)}
+    got: dict[int, bytes] = {}
+
+    async def send(stream: TLSStream) -> None:
+        view = memoryview(payloads[id(stream)])
+        for i in range(0, len(view), 100_000):       # odd sizes: records split across sends
+            await stream.send_all(view[i:i + 100_000])
+
+    async def receive(stream: TLSStream, other: TLSStream) -> None:
+        got[id(stream)] = await receive_exactly(stream, len(payloads[id(other)]))
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send, client)
+            nursery.start_soon(send, server)
+            nursery.start_soon(receive, client, server)
+            nursery.start_soon(receive, server, client)
+    assert got[id(server)] == payloads[id(client)]
+    assert got[id(client)] == payloads[id(server)]
+
+
+async def test_a_second_concurrent_sender_or_receiver_is_a_busy_error(contexts):
+    client, server = await connected(contexts, "lockstep")
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.send_all, b"x" * 100_000)  # blocks: nobody reads
+            nursery.start_soon(client.receive_some)              # blocks: nothing comes
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(trio.BusyResourceError):
+                await client.send_all(b"y")
+            with pytest.raises(trio.BusyResourceError):
+                await client.receive_some()
+            with pytest.raises(trio.BusyResourceError):
+                await client.wait_send_all_might_not_block()
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_cancelled_receive_that_got_nothing_leaves_the_stream_usable(contexts):
+    client, server = await connected(contexts)
+    with trio.move_on_after(0.05) as scope:
+        await server.receive_some()
+    assert scope.cancelled_caught
+    await client.send_all(b"still here")
+    with trio.fail_after(10):
+        assert await receive_exactly(server, 10) == b"still here"
+
+
+async def test_a_send_cancelled_half_way_breaks_the_stream(contexts):
+    """Part of a record may be on the wire: the only safe state is broken (as trio's)."""
+    client, server = await connected(contexts, "lockstep")
+    with trio.move_on_after(0.2) as scope:
+        await client.send_all(b"z" * 1_000_000)      # the server never reads
+    assert scope.cancelled_caught
+    with pytest.raises(trio.BrokenResourceError):
+        await client.send_all(b"more")
+    with pytest.raises(trio.BrokenResourceError):
+        await client.receive_some()
+    await client.aclose()                             # a broken stream still closes
+    with pytest.raises(trio.ClosedResourceError):
+        await client.send_all(b"x")
+
+
+async def test_a_cancelled_handshake_breaks_the_stream(contexts):
+    client, _server = streams(contexts)
+    with trio.move_on_after(0.05) as scope:
+        await client.do_handshake()                   # the server never answers
+    assert scope.cancelled_caught
+    with pytest.raises(trio.BrokenResourceError):
+        await client.do_handshake()
+    await client.aclose()
+
+
+async def test_concurrent_handshake_callers_share_one_handshake(contexts):
+    client, server = streams(contexts)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.do_handshake)
+            nursery.start_soon(client.do_handshake)
+            nursery.start_soon(server.do_handshake)
+    assert client.group() == "X25519MLKEM768"
+    await client.do_handshake()                       # done: a checkpoint, nothing else
+
+
+async def test_information_is_none_before_the_handshake(contexts):
+    client, _server = streams(contexts)
+    assert client.version() is None and client.cipher() is None and client.group() is None
+    assert client.peer_certificate_der() is None
+
+
+async def test_wait_send_all_might_not_block_passes_through(contexts):
+    client, server = await connected(contexts)
+    with trio.fail_after(10):
+        await client.wait_send_all_might_not_block()
+    await client.send_all(b"ok")
+    assert await receive_exactly(server, 2) == b"ok"
+
