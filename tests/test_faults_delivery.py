@@ -155,8 +155,7 @@ class Dropper(threading.Thread):
             for i, drop in enumerate(self.drops):
                 # pace the drops evenly over `seconds` (timing, not synchronisation)
                 due = start + self.seconds * i / len(self.drops)
-                if due > time.monotonic():
-                    time.sleep(due - time.monotonic())
+                time.sleep(max(0.0, due - time.monotonic()))
                 out = self.sender.out_dir(self.peer, drop.channel)
                 temp = self.staging / drop.name
                 sha = write_file(temp, drop.size)
