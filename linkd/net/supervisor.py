@@ -116,9 +116,13 @@ _PEER_BYE = "peer said goodbye: "
 
 
 def peer_asked_to_redial(reason: str | None) -> bool:
-    if not reason or not reason.startswith(_PEER_BYE):
+    """True for the peer's "reload:"/"shutdown:" goodbye, and for our own reload
+    closing the session (we renegotiate at once; no backoff for that either)."""
+    if not reason:
         return False
-    return reason[len(_PEER_BYE):].startswith(REDIAL_REASONS)
+    if reason.startswith("reload:"):
+        return True
+    return reason.startswith(_PEER_BYE) and reason[len(_PEER_BYE):].startswith(REDIAL_REASONS)
 
 
 def _redial_event(link: Any) -> trio.Event:
