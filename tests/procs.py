@@ -15,8 +15,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from linkd import pki
 from linkd.status import http_get
@@ -109,7 +110,7 @@ class Daemon:
 
     # -- process ---------------------------------------------------------------
 
-    def start(self, wait: bool = True) -> "Daemon":
+    def start(self, wait: bool = True) -> Daemon:
         self.write_config()
         env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
         env.update(self.env)

@@ -27,12 +27,12 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from procs import free_port, make_pair, stop_all, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from linkd import pki
 from linkd.net.supervisor import outage_watch, still_down_schedule
 from linkd.status import PeerStatus
-from procs import free_port, make_pair, stop_all, wait_for
 
 
 def ctl(d: Any, *args: str, user: list[str] | None = None) -> subprocess.CompletedProcess[str]:
