@@ -423,3 +423,32 @@ def test_a_reload_goodbye_makes_the_dialler_redial_at_once(tmp_path: Path,
     wait_for(lambda: [e for e in a.events("link_down")
                       if "peer said goodbye: reload:" in e.get("reason", "")], 15)
     a.wait_state("bravo", timeout=8)  # far less than reconnect_min
+
+
+# --------------------------------------------------------------------------- send --wait
+
+
+def test_send_wait_says_plainly_while_the_link_is_down(tmp_path: Path,
+                                                       daemons: list[Any]) -> None:
+    a, b = make_pair(tmp_path, start=False)
+    daemons += [a, b]
+    a.start()
+    source = tmp_path / "note.txt"
+    source.write_bytes(b"hello")
+    out = tmp_path / "send.out"
+    with open(out, "wb") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "linkd.cli.linkctl_main", "-c",
+                                 str(a.config_path), "send", "--peer", "bravo", "--channel",
+                                 "data", "--wait", "--timeout", "60", str(source)],
+                                stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        line = wait_for(lambda: next((x for x in out.read_text().splitlines()
+                                      if x.startswith("waiting: bravo down since ")), None), 20)
+        assert " attempts" in line and len(line) < 200, line
+        b.start()
+        assert proc.wait(timeout=60) == 0, out.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "note.txt: delivered to bravo" in out.read_text()
+    assert b.inbound("alpha", "data") == {"note.txt": b"hello"}
