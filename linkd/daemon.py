@@ -25,6 +25,7 @@ from .config import Config, PeerConfig, load_config
 from .control import Controller, PauseState, count_files
 from .errors import ConfigError, LinkdError
 from .expiry import ExpiryWatch, tls_dates
+from .metrics import tls_refusal_kind
 from .net.supervisor import dial_loop, handle_inbound, outage_watch
 from .net.tls import TLSContexts, make_contexts
 from .peer import PeerLink, in_thread
@@ -35,7 +36,6 @@ from .status import (
     open_metrics_listener,
     serve_metrics,
     serve_status,
-    tls_refusal_kind,
 )
 
 STOP_GRACE = 5.0

@@ -26,9 +26,9 @@ from typing import Any
 
 import trio
 
+from ..metrics import connect_failure_kind
 from ..proto import frames as F
 from ..proto.framing import encode_frame
-from ..status import connect_failure_kind
 from .backoff import Backoff
 from .connection import SessionRunner
 from .tls import IdentityError, PeerIdentity, describe_ssl_error, identify
