@@ -62,3 +62,19 @@ def test_units_set_resource_limits() -> None:
         text = (UNITS / unit).read_text()
         for key in ("LimitNOFILE=", "MemoryMax=", "TasksMax="):
             assert re.search(rf"^{key}\S+", text, re.M), (unit, key)
+
+
+def test_man_pages_and_completion_are_current(tmp_path: Path) -> None:
+    """docs/man and docs/completion are generated from the parsers: regenerate them
+    (python -m linkd.tools.docs) whenever an option changes."""
+    pytest.importorskip("build_manpages")
+    pytest.importorskip("shtab")
+    from linkd.tools import docs
+    assert docs.main([str(tmp_path)]) == 0
+    for sub in ("man", "completion"):
+        for made in (tmp_path / sub).iterdir():
+            committed = UNITS.parent / "docs" / sub / made.name
+            assert committed.read_text() == made.read_text(), \
+                f"{committed} is stale: run python -m linkd.tools.docs"
+    assert "--print-config" in (UNITS.parent / "docs" / "man" / "linkd.8").read_text() \
+        .replace("\\-", "-")
