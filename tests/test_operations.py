@@ -452,3 +452,35 @@ def test_send_wait_says_plainly_while_the_link_is_down(tmp_path: Path,
             proc.kill()
     assert "note.txt: delivered to bravo" in out.read_text()
     assert b.inbound("alpha", "data") == {"note.txt": b"hello"}
+
+
+# --------------------------------------------------------------------------- demo
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_demo_stops_both_daemons_on_a_signal_and_keeps_its_logs(tmp_path: Path,
+                                                               sig: str) -> None:
+    import signal
+    keep = tmp_path / "demo"
+    out = tmp_path / "demo.out"
+    with open(out, "wb") as sink:
+        demo = subprocess.Popen([sys.executable, "-m", "linkd.cli.linkctl_main", "demo",
+                                 "--dir", str(keep)], stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: out.read_text().count(" up ") >= 2, 60,
+                 message=lambda: out.read_text())
+        pids = [int((keep / n / "state" / "linkd.lock").read_text()) for n in
+                ("interpol", "europol")]
+        demo.send_signal(getattr(signal, sig))
+        assert demo.wait(timeout=30) == 0, out.read_text()
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    text = out.read_text()
+    assert "linkctl -s " in text and " status" in text
+    # every line fits 80 columns, except those naming the (long, test-made) --dir
+    assert max(len(line) for line in text.splitlines() if str(keep) not in line) <= 80, text
+    assert (keep / "interpol" / "linkd.log").stat().st_size > 0
