@@ -171,6 +171,7 @@ def test_metrics_over_tcp_parse_with_prometheus_client(tmp_path: Path,
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5)
         assert refused.value.code == 404
+        refused.value.close()       # an HTTPError holds the response (and its socket)
     b.stop()
     wait_for(lambda: "linkd_connect_failures_total{" in ctl(a, "metrics").stdout, 20)
 
