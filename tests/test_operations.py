@@ -485,3 +485,42 @@ def test_demo_stops_both_daemons_on_a_signal_and_keeps_its_logs(tmp_path: Path,
     # every line fits 80 columns, except those naming the (long, test-made) --dir
     assert max(len(line) for line in text.splitlines() if str(keep) not in line) <= 80, text
     assert (keep / "interpol" / "linkd.log").stat().st_size > 0
+
+
+# --------------------------------------------------------------------------- expiry
+
+
+def test_cert_expiring_is_logged_once_per_threshold() -> None:
+    from linkd.expiry import ExpiryWatch
+    from linkd.status import StatusBoard
+
+    logged: list[dict[str, Any]] = []
+
+    class Log:
+        @staticmethod
+        def warning(event: str, **kw: Any) -> None:
+            logged.append({"event": event, **kw})
+
+    now = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
+    board = StatusBoard("alpha", "0")
+    board.cert_not_after = now + dt.timedelta(days=20)
+    board.crl_next_update = now + dt.timedelta(days=90)
+    board.add_peer("bravo", [], "connecting").cert_not_after = "2026-12-01T12:00:00Z"
+    watch = ExpiryWatch(Log)
+    watch.check(board, now)
+    watch.check(board, now + dt.timedelta(hours=1))
+    assert sorted((e["what"], e["threshold_days"]) for e in logged) == [
+        ("certificate", 30), ("peer_certificate", 1)]
+    watch.check(board, now + dt.timedelta(days=14))     # 6 days left: the 7-day mark
+    assert [(e["what"], e["threshold_days"]) for e in logged[2:]] == [("certificate", 7)]
+
+
+def test_log_level_from_the_config_filters_info(tmp_path: Path, daemons: list[Any]) -> None:
+    a, b = make_pair(tmp_path, start=False)
+    daemons += [a, b]
+    a.node_extra["log_level"] = "warning"
+    a.start()                                   # bravo down: warnings only
+    wait_for(lambda: a.events("link_still_down"), 20)
+    assert not a.events("started") and not a.events("status_listening")
+    assert all(e["level"] in ("warning", "error") and e["node"] == "alpha"
+               for e in (json.loads(line) for line in a.log_path.read_text().splitlines()))
