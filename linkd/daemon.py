@@ -114,6 +114,7 @@ class Daemon:
             self.pauses.subscribe(lambda peer, _channel, _paused: self._show_paused(peer))
             await self._serve()
         finally:
+            self._stop_observing()
             lock.release() if hasattr(lock, "release") else None
 
     async def _serve(self) -> None:
