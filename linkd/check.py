@@ -12,6 +12,7 @@ from pathlib import Path
 from .certs import check_identity, check_spool
 from .config import Config, load_config
 from .errors import ConfigError
+from .expiry import expiry_lines
 
 
 def _plural(count: int, word: str) -> str:
@@ -29,9 +30,12 @@ def run_check(config_path: str | Path) -> int:
     """Validate the config, certificates and spool folders; return the exit code."""
     label = str(config_path)
     label = label if label.isprintable() else repr(label)
+    warnings: list[str] = []
     try:
         cfg = load_config(config_path)
         problems = check_identity(cfg) + check_spool(cfg)
+        warnings, expired = expiry_lines(cfg)
+        problems += [p for p in expired if not any(p.split(" (")[0] in q for q in problems)]
     except ConfigError as exc:
         problems = [str(exc)]
     except Exception as exc:  # a bug must still be one line, never a traceback
@@ -42,6 +46,8 @@ def run_check(config_path: str | Path) -> int:
             print(problem, file=sys.stderr)
         sys.stderr.flush()
         return 1
+    for warning in warnings:    # not a failure: the operator has time to act
+        print(warning, file=sys.stderr)
     channels = sum(len(peer.channels) for peer in cfg.peers)
     print(f"{label}: configuration OK (node {cfg.node.name}, {_plural(len(cfg.peers), 'peer')}, "
           f"{_plural(channels, 'channel')})", flush=True)

@@ -53,6 +53,8 @@ class NodeConfig:
     state_dir: Path                # default <spool_dir>/.linkd
     status_socket: Path            # default <state_dir>/status.sock
     file_mode: int = 0o640
+    spool_group: str | None = None  # out/ 2770, in/ 2750 for this group (producers)
+    log_level: str = "info"         # debug | info | warning | error
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -68,6 +70,11 @@ class TLSConfig:
 class ListenConfig:
     address: str = "0.0.0.0"
     port: int = 7443
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StatusConfig:
+    metrics_listen: tuple[str, int] | None = None   # TCP (host, port) serving GET /metrics
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -88,6 +95,7 @@ class Config:
     listen: ListenConfig | None
     link: LinkConfig
     peers: tuple[PeerConfig, ...]
+    status: StatusConfig = StatusConfig()
 
     def peer(self, name: str) -> PeerConfig | None:
         for p in self.peers:
@@ -108,8 +116,11 @@ _PORT_RE = re.compile(r"[0-9]{1,5}")
 _FILE_MODE_RE = re.compile(r"(?:0[oO])?([0-7]{1,4})")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
-_SECTIONS = ("node", "tls", "listen", "link", "peer")
-_NODE_KEYS = ("name", "spool_dir", "state_dir", "status_socket", "file_mode")
+_SECTIONS = ("node", "tls", "listen", "link", "peer", "status")
+_NODE_KEYS = ("name", "spool_dir", "state_dir", "status_socket", "file_mode", "spool_group",
+              "log_level")
+_STATUS_KEYS = ("metrics_listen",)
+LOG_LEVELS = ("debug", "info", "warning", "error")
 _TLS_KEYS = ("cert", "key", "ca", "crl", "require_post_quantum")
 _LISTEN_KEYS = ("address", "port")
 _LINK_FLOATS = ("heartbeat_interval", "heartbeat_timeout", "reconnect_min", "reconnect_max",
@@ -126,7 +137,8 @@ _EXAMPLES = {
     "address": '"0.0.0.0"', "port": "7443", "archive_sent": "false",
     "require_post_quantum": "false",
     "connect": '"europol-edge.example:7443"', "pin_sha256": '"<64 hex digits>"',
-    "priority": "10", "max_message_bytes": "1073741824",
+    "priority": "10", "max_message_bytes": "1073741824", "spool_group": '"linkd-producers"',
+    "log_level": '"info"', "metrics_listen": '"127.0.0.1:9464"',
 }
 
 
@@ -281,8 +293,28 @@ class _Loader:
                 self.fail("node.file_mode", f"{_quote(text)} is not an octal file mode",
                           'write e.g. file_mode = "0640" (at most "0777")')
             mode = int(m.group(1), 8)
+        group = self.get(t, "spool_group", "node", str)
+        if group is not None and (not group or not group.isprintable() or "/" in group
+                                  or ":" in group or " " in group):
+            self.fail("node.spool_group", f"{_quote(group)} is not a group name",
+                      'write e.g. spool_group = "linkd-producers" (a group in /etc/group)')
+        level = self.get(t, "log_level", "node", str)
+        if level is not None and level.lower() not in LOG_LEVELS:
+            self.fail("node.log_level", f"{_quote(level)} is not a log level",
+                      f"use one of {', '.join(LOG_LEVELS)}")
         return NodeConfig(name=name, spool_dir=spool, state_dir=state, status_socket=sock,
-                          file_mode=mode)
+                          file_mode=mode, spool_group=group,
+                          log_level="info" if level is None else level.lower())
+
+    def status(self, doc: dict[str, Any]) -> StatusConfig:
+        if "status" not in doc:
+            return StatusConfig()
+        t = self.table(doc["status"], "status", "[status]")
+        self.keys(t, _STATUS_KEYS, "status")
+        text = self.get(t, "metrics_listen", "status", str)
+        if text is None:
+            return StatusConfig()
+        return StatusConfig(metrics_listen=self.connect(text, "status.metrics_listen", ""))
 
     def tls(self, doc: dict[str, Any]) -> TLSConfig:
         if "tls" not in doc:
@@ -362,8 +394,9 @@ class _Loader:
                 or not _PORT_RE.fullmatch(port) or not 1 <= int(port) <= 65535):
             self.fail(key, f'{_quote(text)} is not "host:port" or "[IPv6]:port" '
                            "with a port in 1..65535",
-                      'write e.g. connect = "europol-edge.example:7443" or "[2001:db8::1]:7443"',
-                      ctx)
+                      'write e.g. metrics_listen = "127.0.0.1:9464"' if key.startswith("status.")
+                      else 'write e.g. connect = "europol-edge.example:7443" or '
+                           '"[2001:db8::1]:7443"', ctx)
         return host, int(port)
 
     def channel(self, value: object, key: str, ctx: str) -> ChannelConfig:
@@ -444,7 +477,7 @@ class _Loader:
                               "configure each peer once", peer.name)
             peers.append(peer)
         return Config(path=path, node=node, tls=tls, listen=listen, link=link,
-                      peers=tuple(peers))
+                      peers=tuple(peers), status=self.status(doc))
 
 
 def load_config(path: str | Path) -> Config:
@@ -478,3 +511,54 @@ def load_config(path: str | Path) -> Config:
                           "fix the syntax there") from None
     absolute = given.absolute()
     return _Loader(label, absolute.parent).config(absolute, doc)
+
+
+# --------------------------------------------------------------------------
+# The effective configuration as TOML (`linkd --print-config`)
+# --------------------------------------------------------------------------
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _plain(obj: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A dataclass as a TOML table: paths as strings, None left out (TOML has no null).
+    Generic over the fields, so a key added to a section is printed without more code."""
+    table: dict[str, Any] = {}
+    for field in dataclasses.fields(obj):
+        value = getattr(obj, field.name)
+        if field.name in skip or value is None:
+            continue
+        table[field.name] = str(value) if isinstance(value, Path) else value
+    return table
+
+
+def effective_document(cfg: Config) -> dict[str, Any]:
+    """The TOML document that, loaded again, gives `cfg` (defaults filled in)."""
+    node = _plain(cfg.node)
+    node["file_mode"] = f"0{cfg.node.file_mode:03o}"
+    doc: dict[str, Any] = {"node": node, "tls": _plain(cfg.tls)}
+    if cfg.listen is not None:
+        doc["listen"] = _plain(cfg.listen)
+    doc["link"] = _plain(cfg.link)
+    if cfg.status.metrics_listen is not None:
+        doc["status"] = {"metrics_listen": _address(*cfg.status.metrics_listen)}
+    peers = []
+    for peer in cfg.peers:
+        table = _plain(peer, skip=("connect", "channels"))
+        if peer.connect is not None:
+            table["connect"] = _address(*peer.connect)
+        table["channel"] = [_plain(c) for c in peer.channels]
+        peers.append(table)
+    if peers:
+        doc["peer"] = peers
+    return doc
+
+
+def print_config(path: str | Path) -> str:
+    """`linkd --print-config`: the effective configuration as TOML text."""
+    import tomli_w  # the TOML writer of tomllib's author; tomllib itself only reads
+
+    cfg = load_config(path)
+    return f"# effective configuration of {_show(str(cfg.path))}\n" + \
+        tomli_w.dumps(effective_document(cfg))

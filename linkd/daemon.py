@@ -22,14 +22,27 @@ from . import __version__, systemd
 from . import log as logmod
 from .check import startup_problems
 from .config import Config, PeerConfig, load_config
+from .control import Controller, PauseState, count_files
 from .errors import ConfigError, LinkdError
-from .net.supervisor import dial_loop, handle_inbound
+from .expiry import ExpiryWatch, tls_dates
+from .metrics import tls_refusal_kind
+from .net.supervisor import dial_loop, handle_inbound, outage_watch
 from .net.tls import TLSContexts, make_contexts
 from .peer import PeerLink, in_thread
 from .spool import lock_state_dir
-from .status import StatusBoard, serve_status
+from .status import (
+    StatusBoard,
+    StatusSocketError,
+    open_metrics_listener,
+    serve_metrics,
+    serve_status,
+)
 
 STOP_GRACE = 5.0
+HOUSEKEEPING = 2.0          # seconds between recounts of failed/ and quarantine/
+# Goodbye reasons a peer's dialler takes as "back at once, redial now" (supervisor.py).
+BYE_SHUTDOWN = "shutdown: peer is shutting down"
+BYE_RELOAD = "reload: configuration reloaded, redial at once"
 
 
 class StartupError(LinkdError):
@@ -48,6 +61,16 @@ class Daemon:
         self.stopping = False
         self.reload_lock = trio.Lock()
         self.reload_scope = trio.CancelScope()   # the running reload; shutdown cancels it
+        self.pauses: PauseState | None = None    # loaded once state_dir is locked
+        self.listen_scope = trio.CancelScope()   # the accept loops of the current [listen]
+        self.expiry = ExpiryWatch(self.log)
+        self.board.cert_not_after, self.board.crl_next_update = tls_dates(cfg)
+        self._stop_observing = logmod.add_observer(self._observe)
+
+    def _observe(self, event: dict[str, Any]) -> None:
+        """Count TLS refusals for /metrics from the very events the audit log gets."""
+        if event.get("event") == "tls_refused":
+            self.board.note_tls_refusal(tls_refusal_kind(str(event.get("reason", ""))))
 
     # -- peers ------------------------------------------------------------------
 
@@ -55,8 +78,27 @@ class Daemon:
         status = self.board.add_peer(peer.name, [c.name for c in peer.channels],
                                      "connecting" if peer.connect else "waiting")
         link = PeerLink(self.cfg, peer, status)
+        link.layout.spool_group = self.cfg.node.spool_group
+        name = peer.name
+        link.is_paused = lambda channel: self.pauses is not None and \
+            self.pauses.is_paused(name, channel)
         self.links[peer.name] = link
+        self._show_paused(link.name)
         return link
+
+    def on_pause_changed(self, peer: str) -> None:
+        """The pause controller changed `peer`'s pauses: a resumed channel sends now."""
+        link = self.links.get(peer)
+        if link is not None:
+            link.wake_sender()
+
+    def _show_paused(self, peer: str) -> None:
+        status = self.board.peers.get(peer)
+        if status is None or self.pauses is None:
+            return
+        status.paused = self.pauses.peer_paused(peer)
+        for name, channel in status.channels.items():
+            channel.paused = self.pauses.is_paused(peer, name)
 
     async def _run_link(self, link: PeerLink, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         with trio.CancelScope() as scope:
@@ -65,6 +107,7 @@ class Daemon:
                 await nursery.start(link.pickup)
                 if link.peer.connect is not None:
                     nursery.start_soon(dial_loop, self, link)
+                nursery.start_soon(outage_watch, link)
                 task_status.started()
 
     # -- lifecycle --------------------------------------------------------------
@@ -73,8 +116,14 @@ class Daemon:
         cfg = self.cfg
         lock = lock_state_dir(cfg.node.state_dir)
         try:
+            try:
+                self.pauses = PauseState(cfg.node.state_dir)
+            except ValueError as exc:
+                raise StartupError(str(exc)) from None
+            self.pauses.subscribe(lambda peer, _channel, _paused: self._show_paused(peer))
             await self._serve()
         finally:
+            self._stop_observing()
             lock.release() if hasattr(lock, "release") else None
 
     async def _serve(self) -> None:
@@ -92,6 +141,12 @@ class Daemon:
                                        "[listen].port)") from None
                 raise StartupError(f"cannot listen on {where}: {exc.strerror or exc} "
                                    "(check [listen].address and [listen].port)") from None
+        metrics: list[trio.SocketListener] = []
+        if cfg.status.metrics_listen is not None:
+            try:
+                metrics = await open_metrics_listener(*cfg.status.metrics_listen)
+            except StatusSocketError as exc:
+                raise StartupError(str(exc)) from None
         for peer in cfg.peers:
             self._make_link(peer)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
@@ -103,9 +158,11 @@ class Daemon:
                     for problem in problems:
                         self.log.warning("recovery", peer=link.name, problem=problem)
                     link.log_recovered()
-                await nursery.start(serve_status, self.board, cfg.node.status_socket)
-                for listener in listeners:
-                    nursery.start_soon(self._accept, listener)
+                await nursery.start(serve_status, self.board, cfg.node.status_socket,
+                                    Controller(self))
+                if metrics:
+                    await nursery.start(serve_metrics, self.board, metrics)
+                nursery.start_soon(self._accept_all, listeners)
                 for link in self.links.values():
                     await nursery.start(self._run_link, link)
                 self.log.info("started", version=__version__, peers=len(self.links),
@@ -114,6 +171,7 @@ class Daemon:
                 systemd.ready(f"serving {len(self.links)} peer(s)")
                 nursery.start_soon(systemd.watchdog_loop, lambda: True)
                 nursery.start_soon(self._status_loop)
+                nursery.start_soon(self._housekeeping)
                 async for signum in sigs:
                     if signum == signal.SIGHUP:
                         # In its own task: a SIGTERM during a long reload is not delayed.
@@ -140,6 +198,30 @@ class Daemon:
         while True:
             await trio.sleep(5)
             systemd.status(self.summary())
+
+    async def _accept_all(self, listeners: list[trio.SocketListener]) -> None:
+        """The accept loops of the current [listen]; a reload that rebinds cancels
+        them (closing the old sockets) and starts new ones."""
+        with trio.CancelScope() as self.listen_scope:
+            async with trio.open_nursery() as nursery:
+                for listener in listeners:
+                    nursery.start_soon(self._accept, listener)
+
+    async def refresh_folder_counts(self, link: PeerLink | None = None) -> None:
+        """Recount failed/<ch>/ and quarantine/ from the folders (CONTRACT §6: they
+        survive a restart, and a retried or removed file leaves the count)."""
+        for one in [link] if link is not None else list(self.links.values()):
+            failed, quarantined = await in_thread(_folder_counts, one.layout, list(one.channels))
+            one.status.quarantined = quarantined
+            for name, n in failed.items():
+                if name in one.status.channels:
+                    one.status.channels[name].failed = n
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await self.refresh_folder_counts()
+            self.expiry.check(self.board)
+            await trio.sleep(HOUSEKEEPING)
 
     async def _accept(self, listener: trio.SocketListener) -> None:
         async with listener, trio.open_nursery() as nursery:
@@ -171,7 +253,7 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 for link in self.links.values():
                     if link.active is not None:
-                        nursery.start_soon(link.active.close, "peer is shutting down")
+                        nursery.start_soon(link.active.close, BYE_SHUTDOWN)
             for link in self.links.values():
                 with trio.move_on_after(STOP_GRACE):
                     await link.wait_idle()
@@ -185,13 +267,23 @@ class Daemon:
                 raise ConfigError(problems[0])
             if cfg.node != self.cfg.node:
                 raise ConfigError("[node] settings cannot change on reload: restart linkd")
+            if cfg.status != self.cfg.status:
+                raise ConfigError("[status] settings cannot change on reload: restart linkd")
             tls = make_contexts(cfg)
+            listeners = await self._rebind(cfg)
         except (LinkdError, OSError) as exc:
             self.log.error("reload_failed", reason=str(exc))
             systemd.ready("reload failed; running with the previous configuration")
             return
         old = self.cfg
         self.cfg, self.tls = cfg, tls
+        self.board.cert_not_after, self.board.crl_next_update = tls_dates(cfg)
+        if listeners is not None:
+            self.listen_scope.cancel()
+            assert self.nursery is not None
+            self.nursery.start_soon(self._accept_all, listeners)
+            self.log.info("listen_changed", listen=(f"{cfg.listen.address}:{cfg.listen.port}"
+                                                    if cfg.listen else None))
         assert self.nursery is not None
         new_names = {p.name for p in cfg.peers}
         for name in list(self.links):
@@ -212,24 +304,45 @@ class Daemon:
             link = existing
             before = old.peer(peer.name)
             link.cfg = cfg
+            link.apply_limits()             # changed limits apply to existing channels too
             if before != peer:
                 await link.reconfigure(cfg, peer)
                 self.board.sync_channels(peer.name, [c.name for c in peer.channels])
+                self._show_paused(peer.name)
                 if link.active is not None:
-                    await link.active.close("configuration reloaded")
+                    await link.active.close(BYE_RELOAD)
                 if (before is None or before.connect != peer.connect) and peer.connect:
                     self.link_scopes[peer.name].cancel()
                     await self.nursery.start(self._run_link, link)
+        await self.refresh_folder_counts()
         self.log.info("reloaded", peers=len(self.links))
         systemd.ready(f"serving {len(self.links)} peer(s)")
 
 
-def run(config_path: str, log_format: str | None) -> int:
+    async def _rebind(self, cfg: Config) -> list[trio.SocketListener] | None:
+        """New listeners when [listen] changed (None: unchanged). The old ones keep
+        serving until the reload commits; a port that cannot be bound refuses the
+        whole reload with one line (ConfigError), and the old [listen] stays."""
+        if cfg.listen == self.cfg.listen:
+            return None
+        if cfg.listen is None:
+            return []
+        try:
+            return await trio.open_tcp_listeners(cfg.listen.port, host=cfg.listen.address)
+        except OSError as exc:
+            where = f"{cfg.listen.address}:{cfg.listen.port}"
+            raise ConfigError(f"[listen] changed but {where} cannot be bound "
+                              f"({exc.strerror or exc}): kept listening as before; free the "
+                              "port or change [listen] and reload again") from None
+
+
+def run(config_path: str, log_format: str | None, log_level: str | None = None) -> int:
     """Entry point of `linkd -c CONFIG`: returns the exit code."""
     import sys
-    logmod.configure(log_format)
+    logmod.configure(log_format, log_level or "info")
     try:
         cfg = load_config(config_path)
+        logmod.configure(log_format, log_level or cfg.node.log_level, node=cfg.node.name)
         problems = startup_problems(cfg)
         if problems:
             raise StartupError(problems[0])
@@ -259,6 +372,12 @@ def _find(exc: BaseException, kind: type[BaseException]) -> BaseException | None
             if found is not None:
                 return found
     return None
+
+
+def _folder_counts(layout: Any, channels: list[str]) -> tuple[dict[str, int], int]:
+    """Blocking: (files in failed/<ch>/ per channel, files in quarantine/)."""
+    return ({n: count_files(layout.failed_dir(n)) for n in channels},
+            count_files(layout.quarantine_dir()))
 
 
 def utcnow() -> dt.datetime:

@@ -88,6 +88,11 @@ class PeerLink:
                 self.inbound[ch.name].configure(ch.max_message_bytes, self.cfg.node.file_mode)
             self.status.channel(ch.name)
 
+    def apply_limits(self) -> None:
+        """Re-apply the channels' limits from the current config (a reload)."""
+        self._set_channels(tuple(self.channels.values()) if self.peer is None
+                           else self.peer.channels)
+
     def wake_sender(self) -> None:
         if self.active is not None:
             self.active.sender_wake.set()

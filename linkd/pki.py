@@ -13,10 +13,12 @@ replaces each file by an atomic rename of a complete new one.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import re
 import secrets
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -185,12 +187,15 @@ def _load_ca(directory: Path) -> tuple[x509.Certificate, CertificateIssuerPrivat
     return cert, private
 
 
-def issue(directory: Path, name: str, force: bool = False) -> tuple[Path, Path]:
+def issue(directory: Path, name: str, force: bool = False,
+          days: int | None = None) -> tuple[Path, Path]:
     """Write DIR/NAME.crt and DIR/NAME.key, issued by the CA in DIR; return both paths.
 
     The certificate has CN = NAME and DNS SAN NAME, serverAuth and clientAuth,
-    and is valid 825 days (not beyond the CA) from 5 minutes ago.
+    and is valid `days` (default 825; never beyond the CA) from 5 minutes ago.
     """
+    if days is not None and days < 1:
+        raise PKIError(f"--days {days}: a certificate must be valid at least 1 day")
     directory = Path(directory)
     if not _NAME_RE.fullmatch(name) or name in (".", ".."):
         raise PKIError(f"{name!r} is not a valid node name: use 1-64 of A-Z a-z 0-9 _ . -")
@@ -205,7 +210,7 @@ def issue(directory: Path, name: str, force: bool = False) -> tuple[Path, Path]:
                                "(add --force to replace it)")
     ca_cert, ca_key = _load_ca(directory)
     now = dt.datetime.now(dt.UTC)
-    not_after = min(now + dt.timedelta(days=LEAF_DAYS), ca_cert.not_valid_after_utc)
+    not_after = min(now + dt.timedelta(days=days or LEAF_DAYS), ca_cert.not_valid_after_utc)
     if not_after <= now:
         raise PKIError(f"{_show(directory / 'ca.crt')} expired on {not_after:%Y-%m-%d}: "
                        "make a new CA with `linkctl pki init` in another folder")
@@ -236,3 +241,89 @@ def issue(directory: Path, name: str, force: bool = False) -> tuple[Path, Path]:
             .sign(ca_key, algorithm))
     _save_pair(crt, key, cert, private, replace=force)
     return crt, key
+
+
+# --------------------------------------------------------------------------- revocation
+#
+# DIR/revoked.json  {"crl_number": N, "revoked": [{"name", "serial", "revoked_at"}]}
+# DIR/ca.crl        PEM CRL signed by the CA, with AKI and CRL number (which strict
+#                   OpenSSL verification needs), rewritten by revoke and crl.
+
+CRL_DAYS = 30
+REVOKED_FILE = "revoked.json"
+
+
+def _revocations(directory: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads((directory / REVOKED_FILE).read_text())
+    except FileNotFoundError:
+        return {"crl_number": 0, "revoked": []}
+    except ValueError:
+        raise PKIError(f"{_show(directory / REVOKED_FILE)}: not a linkd revocation list: "
+                       "restore it from a backup") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("revoked"), list):
+        raise PKIError(f"{_show(directory / REVOKED_FILE)}: not a linkd revocation list: "
+                       "restore it from a backup")
+    return doc
+
+
+def revoke(directory: Path, name: str, days: int | None = None) -> tuple[int, Path]:
+    """Revoke DIR/NAME.crt (its serial number) and rewrite DIR/ca.crl; (serial, crl path)."""
+    directory = Path(directory)
+    crt = directory / f"{name}.crt"
+    try:
+        cert = x509.load_pem_x509_certificate(crt.read_bytes())
+    except FileNotFoundError:
+        raise PKIError(f"{_show(crt)} does not exist: name a node issued in "
+                       f"{_show(directory)}") from None
+    except ValueError:
+        raise PKIError(f"{_show(crt)}: not a PEM certificate") from None
+    ca_cert, _ = _load_ca(directory)
+    if cert.issuer != ca_cert.subject:
+        raise PKIError(f"{_show(crt)} was not issued by the CA in {_show(directory)}")
+    doc = _revocations(directory)
+    serial = cert.serial_number
+    if not any(int(r.get("serial", -1)) == serial for r in doc["revoked"]):
+        doc["revoked"].append({"name": name, "serial": serial,
+                               "revoked_at": dt.datetime.now(dt.UTC).isoformat(
+                                   timespec="seconds")})
+    _write(directory / REVOKED_FILE, (json.dumps(doc, indent=1) + "\n").encode(),
+           CERT_MODE, replace=True)
+    return serial, write_crl(directory, days)
+
+
+def write_crl(directory: Path, days: int | None = None) -> Path:
+    """Sign a fresh CRL of everything revoked so far into DIR/ca.crl (next update in
+    `days`, default 30); the CRL number grows by one each time."""
+    directory = Path(directory)
+    if days is not None and days < 1:
+        raise PKIError(f"--days {days}: a CRL must be valid at least 1 day")
+    ca_cert, ca_key = _load_ca(directory)
+    doc = _revocations(directory)
+    number = int(doc.get("crl_number", 0)) + 1
+    now = dt.datetime.now(dt.UTC)
+    try:
+        ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski)
+    except x509.ExtensionNotFound:
+        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
+    builder = (x509.CertificateRevocationListBuilder()
+               .issuer_name(ca_cert.subject)
+               .last_update(now - BACKDATE)
+               .next_update(now + dt.timedelta(days=days or CRL_DAYS))
+               .add_extension(aki, critical=False)
+               .add_extension(x509.CRLNumber(number), critical=False))
+    for r in doc["revoked"]:
+        when = dt.datetime.fromisoformat(str(r.get("revoked_at")))
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(int(r["serial"]))
+            .revocation_date(when).build())
+    algorithm = None if isinstance(ca_key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey) \
+        else hashes.SHA256()
+    crl = builder.sign(ca_key, algorithm)
+    path = directory / "ca.crl"
+    _write(path, crl.public_bytes(serialization.Encoding.PEM), CERT_MODE, replace=True)
+    doc["crl_number"] = number
+    _write(directory / REVOKED_FILE, (json.dumps(doc, indent=1) + "\n").encode(),
+           CERT_MODE, replace=True)
+    return path

@@ -13,9 +13,14 @@ never touched from worker threads, no locking is needed; `document()` and
 * An existing path is checked first: a socket that answers `connect()` belongs
   to a live daemon and we refuse to start; a socket that refuses is stale and
   is unlinked; anything else is left alone and we refuse to start.
-* The bind runs under umask 0177, synchronously (no checkpoint, so no other
-  trio task runs meanwhile), so the socket is born 0600; it is then widened to
-  exactly 0660 (CONTRACT §5). There is no moment when others may connect.
+* The bind runs under umask 0117, synchronously (no checkpoint, so no other
+  trio task runs meanwhile), so the socket is born 0660 (CONTRACT §5) and is
+  never chmod'ed: there is no moment when others may connect. Reading
+  endpoints serve the group; POST /pause, /resume, /retry and /reconnect serve
+  only root and the daemon's own uid, checked with SO_PEERCRED.
+* `[status] metrics_listen` serves GET /metrics (only) over TCP for Prometheus;
+  the exposition is written by prometheus_client from a collector over the
+  board, plus its standard process_* collector.
 * Each connection is served by its own task speaking h11, with keep-alive.
   Reading a request (and writing its answer) has a deadline, so an idle or
   stuck client is dropped instead of piling up. Malformed HTTP gets a 400 and a
@@ -37,9 +42,11 @@ import json
 import os
 import socket
 import stat
+import struct
+import urllib.parse
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import h11
 import structlog
@@ -81,6 +88,9 @@ class ChannelStats:
 
     `queued`/`queued_bytes` are set by the daemon from the outbound spool; the
     `note_*` helpers count acknowledged (sent) and delivered (received) files.
+    `failed` is the number of files in failed/<channel>/ now (recounted from the
+    folder, so it survives a restart). `paused`, `held`, `in_flight` and
+    `oldest_queued_age_s` are filled by the sender (None: nothing to say).
     """
 
     name: str
@@ -94,6 +104,10 @@ class ChannelStats:
     quarantined: int = 0
     last_sent_at: dt.datetime | None = None
     last_received_at: dt.datetime | None = None
+    paused: bool = False
+    held: str | None = None                     # why the channel's files wait, e.g. not offered
+    in_flight: dict[str, Any] | None = None     # {name, seq, size, sent_bytes}
+    oldest_queued_age_s: float | None = None
 
     def note_sent(self, size: int, when: dt.datetime | None = None) -> None:
         self.sent += 1
@@ -106,16 +120,26 @@ class ChannelStats:
         self.last_received_at = when or _utcnow()
 
     def document(self) -> dict[str, Any]:
+        age = self.oldest_queued_age_s
         return {"name": self.name, "queued": self.queued, "queued_bytes": self.queued_bytes,
                 "sent": self.sent, "sent_bytes": self.sent_bytes, "received": self.received,
                 "received_bytes": self.received_bytes, "failed": self.failed,
                 "quarantined": self.quarantined, "last_sent_at": _iso(self.last_sent_at),
-                "last_received_at": _iso(self.last_received_at)}
+                "last_received_at": _iso(self.last_received_at),
+                "oldest_queued_age_s": None if age is None else round(float(age), 3),
+                "paused": self.paused, "held": self.held,
+                "in_flight": None if self.in_flight is None else dict(self.in_flight)}
 
 
 @dataclasses.dataclass
 class PeerStatus:
-    """One configured peer. The daemon increments `reconnects` and sets `rtt_ms` itself."""
+    """One configured peer. The daemon increments `reconnects` and sets `rtt_ms` itself.
+
+    An *outage* runs from the moment the peer is not connected until the next
+    link_up: `down_since` and `attempts` (dials) cover all of it, whatever the
+    state changes in between; `last_error` is the outage's latest error and is
+    forgotten at link_up (CONTRACT §6).
+    """
 
     name: str
     state: str                              # one of STATES
@@ -124,9 +148,19 @@ class PeerStatus:
     rtt_ms: float | None = None             # None until the first pong of a session
     reconnects: int = 0
     last_error: str | None = None
-    tls: dict[str, Any] | None = None       # version, cipher, peer_subject, peer_not_after
+    tls: dict[str, Any] | None = None       # version, cipher, group, peer_subject, peer_not_after
     next_attempt_at: dt.datetime | None = None
     channels: dict[str, ChannelStats] = dataclasses.field(default_factory=dict)
+    down_since: dt.datetime | None = None
+    attempts: int = 0
+    last_error_at: dt.datetime | None = None
+    paused: bool = False
+    cert_not_after: dt.datetime | str | None = None  # the peer's certificate, last seen
+    quarantined: int = 0                    # files in quarantine/ now
+
+    def __post_init__(self) -> None:
+        if self.state != "connected" and self.down_since is None:
+            self.down_since = self.since
 
     def set_state(self, state: str, *, remote: str | None = None,
                   tls: dict[str, Any] | None = None, error: str | None = None,
@@ -134,19 +168,32 @@ class PeerStatus:
                   next_attempt_at: dt.datetime | None = None) -> None:
         """Move to `state`. `since` changes only with the state. Anything but
         "connected" forgets remote, tls and rtt; `error` (if given) is kept in
-        `last_error` across states; `next_attempt_at` is kept only in "backoff"."""
+        `last_error` until the link is up again; `next_attempt_at` is kept only
+        in "backoff". "connected" ends the outage (down_since, attempts, last_error)."""
         if state not in STATES:
             raise ValueError(f"unknown peer state {state!r}")
+        when = now or _utcnow()
         if state != self.state:
-            self.state, self.since = state, now or _utcnow()
+            self.state, self.since = state, when
         if state == "connected":
             self.remote = remote if remote is not None else self.remote
             self.tls = tls if tls is not None else self.tls
+            if self.tls and self.tls.get("peer_not_after"):
+                self.cert_not_after = self.tls["peer_not_after"]
+            self.down_since = self.last_error = self.last_error_at = None
+            self.attempts = 0
         else:
             self.remote = self.tls = self.rtt_ms = None
+            if self.down_since is None:
+                self.down_since = when
         self.next_attempt_at = next_attempt_at if state == "backoff" else None
         if error is not None:
-            self.last_error = error
+            self.note_error(error, when)
+
+    def note_error(self, error: str, now: dt.datetime | None = None) -> None:
+        """Record the outage's latest error (ignored while connected)."""
+        if self.state != "connected":
+            self.last_error, self.last_error_at = error, now or _utcnow()
 
     def channel(self, name: str) -> ChannelStats:
         """The channel's stats, created (empty) if new."""
@@ -158,10 +205,15 @@ class PeerStatus:
         tls = None if self.tls is None else {
             k: _iso(v) if isinstance(v, dt.datetime) else v for k, v in self.tls.items()}
         rtt = None if self.rtt_ms is None else round(float(self.rtt_ms), 3)
+        cert = self.cert_not_after
         return {"name": self.name, "state": self.state, "since": _iso(self.since),
                 "remote": self.remote, "rtt_ms": rtt, "reconnects": self.reconnects,
-                "tls": tls, "last_error": self.last_error,
-                "next_attempt_at": _iso(self.next_attempt_at),
+                "down_since": _iso(self.down_since), "attempts": self.attempts,
+                "last_error": self.last_error, "last_error_at": _iso(self.last_error_at),
+                "paused": self.paused,
+                "cert_not_after": _iso(cert) if isinstance(cert, dt.datetime) else cert,
+                "quarantined": self.quarantined,
+                "tls": tls, "next_attempt_at": _iso(self.next_attempt_at),
                 "channels": [c.document() for c in self.channels.values()]}
 
 
@@ -173,6 +225,10 @@ class StatusBoard:
         self.version = version
         self.started_at = started_at or _utcnow()
         self.peers: dict[str, PeerStatus] = {}
+        self.cert_not_after: dt.datetime | None = None     # our own certificate
+        self.crl_next_update: dt.datetime | None = None    # [tls].crl, when configured
+        self.connect_failures: dict[tuple[str, str], int] = {}   # (peer, reason) -> count
+        self.tls_refusals: dict[str, int] = {}                   # reason -> count
 
     def add_peer(self, name: str, channels: Iterable[str], state: str) -> PeerStatus:
         """Register a peer (or, if known, keep its counters and sync its channels)."""
@@ -195,67 +251,25 @@ class StatusBoard:
         p = self.peers[peer]
         p.channels = {n: p.channels.get(n) or ChannelStats(n) for n in channels}
 
+    def note_connect_failure(self, peer: str, reason: str) -> None:
+        key = (peer, reason)
+        self.connect_failures[key] = self.connect_failures.get(key, 0) + 1
+
+    def note_tls_refusal(self, reason: str) -> None:
+        self.tls_refusals[reason] = self.tls_refusals.get(reason, 0) + 1
+
     def document(self) -> dict[str, Any]:
         """The JSON document of GET /status (CONTRACT §6, §10)."""
         return {"node": self.node, "version": self.version,
                 "started_at": _iso(self.started_at),
-                "peers": [p.document() for p in self.peers.values()]}
+                "peers": [p.document() for p in self.peers.values()],
+                "tls": {"cert_not_after": _iso(self.cert_not_after),
+                        "crl_next_update": _iso(self.crl_next_update)}}
 
     def metrics(self) -> str:
-        """Prometheus text exposition format 0.0.4."""
-        out: list[str] = []
-
-        def family(name: str, kind: str, help_text: str,
-                   samples: Iterable[tuple[dict[str, str], float]]) -> None:
-            out.append(f"# HELP {name} {help_text}")
-            out.append(f"# TYPE {name} {kind}")
-            for labels, value in samples:
-                out.append(f"{name}{_labels(labels)} {_number(value)}")
-
-        peers = list(self.peers.values())
-        chans = [({"peer": p.name, "channel": c.name}, c)
-                 for p in peers for c in p.channels.values()]
-        family("linkd_info", "gauge", "linkd build and node; the value is always 1.",
-               [({"node": self.node, "version": self.version}, 1)])
-        family("linkd_start_time_seconds", "gauge", "Start time of the daemon, Unix seconds.",
-               [({}, self.started_at.timestamp())])
-        family("linkd_peer_up", "gauge", "1 when a session with the peer is up.",
-               [({"peer": p.name}, p.state == "connected") for p in peers])
-        family("linkd_peer_state", "gauge", "1 for the peer's current link state.",
-               [({"peer": p.name, "state": s}, p.state == s) for p in peers for s in STATES])
-        family("linkd_peer_reconnects_total", "counter", "Sessions re-established.",
-               [({"peer": p.name}, p.reconnects) for p in peers])
-        family("linkd_peer_rtt_seconds", "gauge", "Last measured round-trip time.",
-               [({"peer": p.name}, p.rtt_ms / 1000) for p in peers if p.rtt_ms is not None])
-        for suffix, attr, kind, text in (
-                ("queued_messages", "queued", "gauge", "Files waiting or unacknowledged."),
-                ("queued_bytes", "queued_bytes", "gauge", "Bytes of the queued files."),
-                ("sent_messages_total", "sent", "counter", "Files the peer acknowledged."),
-                ("sent_bytes_total", "sent_bytes", "counter", "Bytes of acknowledged files."),
-                ("received_messages_total", "received", "counter", "Files delivered to in/."),
-                ("received_bytes_total", "received_bytes", "counter", "Bytes delivered."),
-                ("failed_messages_total", "failed", "counter", "Outbound files refused."),
-                ("quarantined_messages_total", "quarantined", "counter",
-                 "Inbound files quarantined.")):
-            family(f"linkd_channel_{suffix}", kind, text,
-                   [(labels, getattr(c, attr)) for labels, c in chans])
-        return "\n".join(out) + "\n"
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(labels: dict[str, str]) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items()) + "}"
-
-
-def _number(value: float) -> str:
-    if isinstance(value, int):  # bool included
-        return str(int(value))
-    return repr(float(value))
+        """Prometheus text exposition format 0.0.4 of the board (no process_* metrics)."""
+        from .metrics import board_exposition
+        return board_exposition(self)
 
 
 # --------------------------------------------------------------------------- server
@@ -293,12 +307,11 @@ def _bind(path: Path) -> socket.socket:
         _claim_path(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            old = os.umask(0o177)
+            old = os.umask(0o117)      # born 0660: never a moment wider (CONTRACT §5)
             try:
                 sock.bind(str(path))
             finally:
                 os.umask(old)
-            os.chmod(path, 0o660)
             sock.listen(64)
         except BaseException:
             sock.close()
@@ -315,9 +328,38 @@ def _bind(path: Path) -> socket.socket:
     return sock
 
 
-async def serve_status(board: StatusBoard, path: Path, *,
+class Control(Protocol):
+    """What the status server asks the daemon for beyond the board (see control.py)."""
+
+    async def handle(self, method: str, path: str, params: dict[str, Any],
+                     privileged: bool) -> tuple[int, Any]: ...
+
+
+Route = tuple[int, str, bytes, bool]
+READ_PATHS = (b"/healthz", b"/status", b"/metrics", b"/queue", b"/failed")
+WRITE_PATHS = (b"/pause", b"/resume", b"/retry", b"/reconnect")
+
+
+def peer_uid(stream: trio.SocketStream) -> int | None:
+    """The uid of the process at the other end of a UNIX socket (SO_PEERCRED)."""
+    try:
+        raw = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                       struct.calcsize("3i"))
+    except (OSError, AttributeError):
+        return None
+    _pid, uid, _gid = struct.unpack("3i", raw)
+    return int(uid)
+
+
+def privileged(uid: int | None) -> bool:
+    """Changing endpoints serve only root and the daemon's own user (CONTRACT §5)."""
+    return uid is not None and uid in (0, os.geteuid())
+
+
+async def serve_status(board: StatusBoard, path: Path, control: Control | None = None, *,
                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve /healthz, /status and /metrics on `path` until cancelled."""
+    """Serve /healthz, /status, /metrics, /queue, /failed and the changing endpoints
+    (POST /pause, /resume, /retry, /reconnect) on `path` until cancelled."""
     path = Path(path)
     sock = _bind(path)
     st = os.stat(path)
@@ -325,7 +367,7 @@ async def serve_status(board: StatusBoard, path: Path, *,
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners,
-                                lambda stream: _connection(board, stream), [listener])
+                                lambda stream: _connection(board, stream, control), [listener])
             log.info("status_listening", socket=str(path))
             task_status.started()
     finally:
@@ -338,22 +380,51 @@ async def serve_status(board: StatusBoard, path: Path, *,
             pass
 
 
-async def _connection(board: StatusBoard, stream: trio.SocketStream) -> None:
+async def open_metrics_listener(host: str, port: int) -> list[trio.SocketListener]:
+    """Bind [status].metrics_listen; StatusSocketError (one line) if it cannot be."""
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise StatusSocketError(f"cannot listen for metrics on {where} ([status].metrics_listen):"
+                                f" {exc.strerror or exc}: choose a free port or address") \
+            from None
+
+
+async def serve_metrics(board: StatusBoard, listeners: list[trio.SocketListener], *,
+                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """GET /metrics over TCP for Prometheus; every other path is 404, other methods 405."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners,
+                            lambda stream: _connection(board, stream, None, metrics_only=True),
+                            listeners)
+        task_status.started()
+
+
+async def _connection(board: StatusBoard, stream: trio.SocketStream,
+                      control: Control | None, metrics_only: bool = False) -> None:
     """One client: requests in turn (keep-alive) until it closes, errs or idles out."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
+    uid = None if metrics_only else peer_uid(stream)
     try:
         while True:
             with trio.move_on_after(REQUEST_TIMEOUT):
-                request = await _read_request(conn, stream)
-                if request is None:
+                got = await _read_request(conn, stream)
+                if got is None:
                     return
-                status, ctype, body, close = _route(board, request)
+                request, body_in = got
+                if metrics_only:
+                    status, ctype, body, close = _route_metrics(board, request)
+                else:
+                    status, ctype, body, close = await _route(board, request, body_in,
+                                                              control, privileged(uid))
                 headers = [("Content-Type", ctype), ("Content-Length", str(len(body))),
                            ("Cache-Control", "no-store")]
                 if close:
                     headers.append(("Connection", "close"))
                 if status == 405:
-                    headers.append(("Allow", "GET, HEAD"))
+                    target = request.target.split(b"?", 1)[0]
+                    headers.append(("Allow", "POST" if target in WRITE_PATHS else "GET, HEAD"))
                 data = conn.send(h11.Response(status_code=status, headers=headers,
                                               reason=http.client.responses.get(status, "")))
                 if request.method != b"HEAD":
@@ -373,9 +444,11 @@ async def _connection(board: StatusBoard, stream: trio.SocketStream) -> None:
         log.exception("status_client_error")
 
 
-async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> h11.Request | None:
-    """The next request, its body drained; None once the client has closed."""
+async def _read_request(conn: h11.Connection,
+                        stream: trio.SocketStream) -> tuple[h11.Request, bytes] | None:
+    """The next request and its body; None once the client has closed."""
     request: h11.Request | None = None
+    body = b""
     size = 0
     while True:
         event = conn.next_event()
@@ -387,28 +460,77 @@ async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> h11.
             conn.receive_data(data)
         elif isinstance(event, h11.Request):
             request = event
+        elif isinstance(event, h11.Data):
+            body += bytes(event.data)
         elif isinstance(event, h11.EndOfMessage):
-            return request
+            return None if request is None else (request, body)
         elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
             return None
 
 
-def _route(board: StatusBoard, request: h11.Request) -> tuple[int, str, bytes, bool]:
-    """(status, content type, body, close) for one request."""
-    path = request.target.split(b"?", 1)[0]
-    if path not in (b"/healthz", b"/status", b"/metrics"):
-        return 404, "text/plain; charset=utf-8", b"not found\n", False
+TEXT = "text/plain; charset=utf-8"
+
+
+def _json(status: int, value: Any) -> Route:
+    return status, "application/json", json.dumps(value).encode() + b"\n", False
+
+
+def render_metrics(board: StatusBoard) -> bytes:
+    from .metrics import render_metrics as render
+    return render(board)
+
+
+def _route_metrics(board: StatusBoard, request: h11.Request) -> Route:
+    if request.target.split(b"?", 1)[0] != b"/metrics":
+        return 404, TEXT, b"not found: only /metrics is served here\n", False
     if request.method not in (b"GET", b"HEAD"):
-        return 405, "text/plain; charset=utf-8", b"method not allowed\n", False
-    if path == b"/healthz":
-        return 200, "text/plain; charset=utf-8", b"ok\n", False
+        return 405, TEXT, b"method not allowed\n", False
     try:
-        if path == b"/status":
-            return 200, "application/json", json.dumps(board.document()).encode() + b"\n", False
-        return 200, METRICS_TYPE, board.metrics().encode(), False
+        return 200, METRICS_TYPE, render_metrics(board), False
     except Exception:
-        log.exception("status_render_failed", path=path.decode("ascii", "replace"))
-        return 500, "text/plain; charset=utf-8", b"internal error\n", True
+        log.exception("status_render_failed", path="/metrics")
+        return 500, TEXT, b"internal error\n", True
+
+
+async def _route(board: StatusBoard, request: h11.Request, body: bytes,
+                 control: Control | None, allowed: bool) -> Route:
+    """(status, content type, body, close) for one request."""
+    target = request.target.decode("ascii", "replace")
+    path, _, query = target.partition("?")
+    raw = path.encode()
+    if raw not in READ_PATHS + WRITE_PATHS:
+        return 404, TEXT, b"not found\n", False
+    writing = raw in WRITE_PATHS
+    if (request.method != b"POST") if writing else (request.method not in (b"GET", b"HEAD")):
+        return 405, TEXT, b"method not allowed\n", False
+    if raw == b"/healthz":
+        return 200, TEXT, b"ok\n", False
+    try:
+        if raw == b"/status":
+            return _json(200, board.document())
+        if raw == b"/metrics":
+            return 200, METRICS_TYPE, render_metrics(board), False
+        if writing and not allowed:
+            return _json(403, {"error": "only root and the daemon's own user may change "
+                                        "linkd (SO_PEERCRED)"})
+        params: dict[str, Any] = {k: v[-1] for k, v in urllib.parse.parse_qs(query).items()}
+        if writing and body:
+            try:
+                doc = json.loads(body)
+            except ValueError:
+                return _json(400, {"error": "the request body is not JSON"})
+            if not isinstance(doc, dict):
+                return _json(400, {"error": "the request body is not a JSON object"})
+            params.update(doc)
+        if control is None:
+            if raw in (b"/queue", b"/failed"):
+                return _json(200, [])
+            return _json(503, {"error": "this server has no control over a daemon"})
+        status, answer = await control.handle(request.method.decode(), path, params, allowed)
+        return _json(status, answer)
+    except Exception:
+        log.exception("status_render_failed", path=path)
+        return 500, TEXT, b"internal error\n", True
 
 
 async def _send_error(stream: trio.SocketStream, conn: h11.Connection, code: int) -> None:
@@ -460,6 +582,22 @@ def http_get(socket_path: Path, url_path: str, timeout: float = 5.0) -> tuple[in
     conn = _UnixHTTPConnection(Path(socket_path), timeout)
     try:
         conn.request("GET", url_path, headers={"Host": "linkd"})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def http_request(socket_path: Path, method: str, url_path: str, body: Any = None,
+                 timeout: float = 30.0) -> tuple[int, bytes]:
+    """`method url_path` over the UNIX socket with an optional JSON body."""
+    conn = _UnixHTTPConnection(Path(socket_path), timeout)
+    try:
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Host": "linkd"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        conn.request(method, url_path, body=data, headers=headers)
         response = conn.getresponse()
         return response.status, response.read()
     finally:
@@ -526,12 +664,23 @@ def format_status(doc: dict[str, Any], now: dt.datetime | None = None) -> str:
         if tls:
             lines.append(f"  tls {tls.get('version')} {tls.get('cipher')}, peer "
                          f"{tls.get('peer_subject')}, cert until {tls.get('peer_not_after')}")
+        if p.get("down_since"):
+            line = (f"  down since {p['down_since']} ({_ago(p['down_since'], now)}), "
+                    f"{p.get('attempts', 0)} attempts")
+            if p.get("last_error"):
+                line += f", last error {_ago(p.get('last_error_at'), now)}"
+            lines.append(line)
         if p.get("next_attempt_at"):
             lines.append(f"  next attempt at {p['next_attempt_at']}")
+        if p.get("paused"):
+            lines.append("  PAUSED: nothing is sent to this peer (linkctl resume --peer "
+                         f"{p.get('name')})")
         rows = [["CHANNEL", "QUEUED", "SENT", "RECEIVED", "FAILED", "QUARANTINED",
                  "LAST SENT", "LAST RECEIVED"]]
         for c in p.get("channels") or []:
-            rows.append([str(c.get("name")),
+            flags = " (paused)" if c.get("paused") else ""
+            flags += f" (held: {c['held']})" if c.get("held") else ""
+            rows.append([str(c.get("name")) + flags,
                          f"{c.get('queued', 0)} ({human_bytes(c.get('queued_bytes', 0))})",
                          f"{c.get('sent', 0)} ({human_bytes(c.get('sent_bytes', 0))})",
                          f"{c.get('received', 0)} ({human_bytes(c.get('received_bytes', 0))})",

@@ -15,8 +15,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from linkd import pki
 from linkd.status import http_get
@@ -75,6 +76,9 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
         self.wrap: list[str] = []
         self.listen_address = "127.0.0.1"    # e.g. an address inside a test netns
+        self.node_extra: dict[str, Any] = {}  # more [node] keys, e.g. spool_group
+        self.status_extra: dict[str, Any] = {}  # [status] keys, e.g. metrics_listen
+        self.env: dict[str, str] = {}         # more environment for the daemon
 
     def add_peer(self, name: str, channels: list[dict[str, Any]], connect: str | None = None,
                  ) -> None:
@@ -85,6 +89,9 @@ class Daemon:
                  f"state_dir = {_toml(self.state)}", f"status_socket = {_toml(self.socket)}"]
         if self.file_mode:
             lines.append(f"file_mode = {_toml(self.file_mode)}")
+        lines += [f"{k} = {_toml(v)}" for k, v in self.node_extra.items()]
+        if self.status_extra:
+            lines += ["", "[status]"] + [f"{k} = {_toml(v)}" for k, v in self.status_extra.items()]
         lines += ["", "[tls]", f"cert = {_toml(self.pki_dir / (self.name + '.crt'))}",
                   f"key = {_toml(self.pki_dir / (self.name + '.key'))}",
                   f"ca = {_toml(self.pki_dir / 'ca.crt')}", ""]
@@ -103,13 +110,16 @@ class Daemon:
 
     # -- process ---------------------------------------------------------------
 
-    def start(self, wait: bool = True) -> "Daemon":
+    def start(self, wait: bool = True) -> Daemon:
         self.write_config()
+        env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+        env.update(self.env)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [*self.wrap, sys.executable, "-m", "linkd.cli.linkd_main", "-c",
                  str(self.config_path), "--log-format", "json"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                env=env)
         if wait:
             wait_for(self.healthy, 30, message=lambda: f"{self.name} not healthy\n{self.tail()}")
         return self
@@ -180,6 +190,8 @@ class Daemon:
         except FileNotFoundError:
             return []
         for line in text.splitlines():
+            if line[:1] == "<" and line[2:3] == ">":    # a journald priority prefix
+                line = line[3:]
             if line.startswith("{"):
                 try:
                     event = json.loads(line)

@@ -408,6 +408,7 @@ def _keys(doc: dict[str, Any], prefix: str = "") -> set[str]:
 
 CONTRACT_KEYS = {
     "node.name", "node.spool_dir", "node.state_dir", "node.status_socket", "node.file_mode",
+    "node.spool_group", "node.log_level", "status.metrics_listen",
     "tls.cert", "tls.key", "tls.ca", "tls.crl", "tls.require_post_quantum",
     "listen.address", "listen.port",
     "link.heartbeat_interval", "link.heartbeat_timeout", "link.reconnect_min",
@@ -430,6 +431,7 @@ def test_the_full_example_shows_every_key_with_its_default() -> None:
     assert cfg.link == LinkConfig()
     assert cfg.node.file_mode == 0o640
     assert cfg.listen == ListenConfig()
+    assert cfg.node.log_level == "info" and cfg.status.metrics_listen == ("127.0.0.1", 9464)
 
 
 def test_the_two_site_example_fits_together() -> None:

@@ -7,12 +7,14 @@ import os
 import sys
 from pathlib import Path
 
+from .. import __version__
 from ..config import DEFAULT_CONFIG, Config, load_config
 from ..errors import ConfigError
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="linkctl", description="operate a linkd daemon")
+    p.add_argument("--version", action="version", version=f"linkd {__version__}")
     where = p.add_mutually_exclusive_group()
     where.add_argument("-c", "--config", default=None,
                        help="linkd configuration (default $LINKD_CONFIG, else "
@@ -23,6 +25,37 @@ def parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="live state of the running daemon")
     st.add_argument("--json", action="store_true", help="print the JSON of GET /status")
     sub.add_parser("metrics", help="Prometheus metrics of the running daemon")
+
+    q = sub.add_parser("queue", help="every queued file: waiting, in flight or held (and why)")
+    q.add_argument("--peer", default=None)
+    q.add_argument("--channel", default=None)
+    q.add_argument("--json", action="store_true", help="print the JSON of GET /queue")
+
+    failed = sub.add_parser("failed", help="files in failed/ with the reason of each")
+    failed.add_argument("--peer", default=None)
+    failed.add_argument("--channel", default=None)
+    failed.add_argument("--json", action="store_true", help="print a JSON list")
+
+    retry = sub.add_parser("retry", help="put failed files back in the queue (.reason removed)")
+    retry.add_argument("--peer", required=True)
+    retry.add_argument("--channel", default=None, help="the channel (required unless --all)")
+    retry.add_argument("--all", action="store_true", help="every failed file of the peer "
+                       "(or of --channel)")
+    retry.add_argument("names", nargs="*", metavar="NAME")
+
+    for verb, text in (("pause", "stop sending to a peer or one of its channels (receiving "
+                                 "goes on; kept across restarts)"),
+                       ("resume", "send again after pause")):
+        cmd = sub.add_parser(verb, help=text)
+        cmd.add_argument("--peer", required=True)
+        cmd.add_argument("--channel", default=None)
+    rc = sub.add_parser("reconnect", help="skip the backoff and dial the peer now")
+    rc.add_argument("--peer", required=True)
+
+    chk = sub.add_parser("check", help="one line and a Nagios-plugin exit code (0 OK, "
+                         "1 WARNING, 2 CRITICAL, 3 UNKNOWN)")
+    chk.add_argument("--max-queue-age", type=float, default=None, metavar="SECONDS",
+                     help="CRITICAL when a queued file is older than this")
 
     send = sub.add_parser("send", help="queue files for a peer")
     send.add_argument("--peer", required=True)
@@ -41,6 +74,16 @@ def parser() -> argparse.ArgumentParser:
     issue.add_argument("dir", type=Path)
     issue.add_argument("name")
     issue.add_argument("--force", action="store_true", help="overwrite an existing NAME.crt/key")
+    issue.add_argument("--days", type=int, default=None,
+                       help="validity in days (default 825, never beyond the CA)")
+    revoke = pki_sub.add_parser("revoke", help="revoke NAME's certificate and rewrite "
+                                "DIR/ca.crl")
+    revoke.add_argument("dir", type=Path)
+    revoke.add_argument("name")
+    crl = pki_sub.add_parser("crl", help="write a fresh signed CRL to DIR/ca.crl")
+    crl.add_argument("dir", type=Path)
+    crl.add_argument("--days", type=int, default=None,
+                     help="days until the CRL's nextUpdate (default 30)")
 
     demo = sub.add_parser("demo", help="two nodes on 127.0.0.1 exchanging sample traffic")
     demo.add_argument("--seconds", type=float, default=None,
@@ -64,9 +107,15 @@ def socket_path(args: argparse.Namespace) -> Path:
     return load(args).node.status_socket
 
 
+OPS = ("queue", "failed", "retry", "pause", "resume", "reconnect", "check")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        if args.command in OPS:
+            from . import ops_cmd
+            return ops_cmd.run(args)
         if args.command in ("status", "metrics"):
             from .status_cmd import run_metrics, run_status
             sock = socket_path(args)

@@ -1,4 +1,4 @@
-"""`linkd`: run the daemon, check a configuration, or print the version."""
+"""`linkd`: run the daemon, check or print a configuration, or print the version."""
 
 from __future__ import annotations
 
@@ -7,17 +7,26 @@ import os
 import sys
 
 from .. import __version__
-from ..config import DEFAULT_CONFIG
+from ..config import DEFAULT_CONFIG, LOG_LEVELS
+from ..errors import ConfigError
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="linkd", description="secure exactly-once file link daemon")
+    p = argparse.ArgumentParser(
+        prog="linkd", description="secure exactly-once file link daemon: runs in the "
+        "foreground (systemd Type=notify), logs one event per line on stderr")
     p.add_argument("-c", "--config", default=os.environ.get("LINKD_CONFIG", DEFAULT_CONFIG),
                    help="configuration file (default $LINKD_CONFIG, else %(default)s)")
-    p.add_argument("--check", action="store_true",
-                   help="validate the configuration and certificates, then exit")
+    action = p.add_mutually_exclusive_group()
+    action.add_argument("--check", action="store_true",
+                        help="validate the configuration, certificates and folders, then exit "
+                             "(0 all well, 1 problems; warns within 30 days of an expiry)")
+    action.add_argument("--print-config", action="store_true",
+                        help="print the effective configuration (defaults filled in) as TOML")
     p.add_argument("--log-format", choices=["json", "console"], default=None,
                    help="log format (default: console on a terminal, else json)")
+    p.add_argument("--log-level", choices=list(LOG_LEVELS), default=None,
+                   help="lowest level logged (default: [node] log_level, else info)")
     p.add_argument("--version", action="version", version=f"linkd {__version__}")
     return p
 
@@ -27,8 +36,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         from ..check import run_check
         return run_check(args.config)
+    if args.print_config:
+        from ..config import print_config
+        try:
+            sys.stdout.write(print_config(args.config))
+        except ConfigError as exc:
+            print(f"linkd: {exc}", file=sys.stderr)
+            return 1
+        return 0
     from ..daemon import run
-    return run(args.config, args.log_format)
+    return run(args.config, args.log_format, args.log_level)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ..errors import PKIError
-from ..pki import init_ca, issue
+from ..pki import init_ca, issue, revoke, write_crl
 
 
 def _show(path: object) -> str:
@@ -34,10 +34,20 @@ def run_pki(args: argparse.Namespace) -> int:
             print(f"wrote {_show(directory / 'ca.crt')} and {_show(directory / 'ca.key')} "
                   "(a new link CA; keep ca.key secret)", flush=True)
         elif command == "issue":
-            crt, key = issue(directory, str(args.name), force=bool(getattr(args, "force", False)))
+            crt, key = issue(directory, str(args.name), force=bool(getattr(args, "force", False)),
+                             days=getattr(args, "days", None))
             print(f"wrote {_show(crt)} and {_show(key)} for {args.name}", flush=True)
+        elif command == "revoke":
+            serial, crl = revoke(directory, str(args.name))
+            print(f"revoked {args.name} (serial {serial:x}); wrote {_show(crl)}: copy it to "
+                  "every node's [tls].crl and reload them", flush=True)
+        elif command == "crl":
+            crl = write_crl(directory, getattr(args, "days", None))
+            print(f"wrote {_show(crl)}: copy it to every node's [tls].crl and reload them",
+                  flush=True)
         else:
-            print("linkctl pki: expected `init DIR` or `issue DIR NAME`", file=sys.stderr)
+            print("linkctl pki: expected `init DIR`, `issue DIR NAME`, `revoke DIR NAME` or "
+                  "`crl DIR`", file=sys.stderr)
             return 2
     except PKIError as exc:
         print(exc, file=sys.stderr)

@@ -12,14 +12,19 @@ checked in that order, so a move between two checks is never missed.
 
 from __future__ import annotations
 
+import datetime as dt
+import http.client
+import json
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from ..config import Config
 from ..spool import SpoolLayout, plain_name_problem
+from ..status import http_get
 
 POLL = 0.05
 
@@ -59,12 +64,23 @@ def _inodes(directory: Path) -> dict[int, str]:
         return {}
 
 
+def _queue_dirs(layout: SpoolLayout, channel: str) -> list[Path]:
+    """Where claimed files wait: the spool's queue/<ch>/ (CONTRACT rev. 2) and, for a
+    daemon of the previous layout, its state-dir claim folder."""
+    dirs = [layout.peer_dir / "queue" / channel]
+    claimed = getattr(layout, "claimed_dir", None)
+    if claimed is not None:
+        dirs.append(Path(claimed(channel)))
+    return dirs
+
+
 def outcome(layout: SpoolLayout, channel: str, ino: int) -> tuple[str, str | None]:
     """('waiting'|'failed'|'done', reason)."""
     if ino in _inodes(layout.out_dir(channel)):
         return "waiting", None
-    if ino in _inodes(layout.queue_dir(channel)):
-        return "waiting", None
+    for queue_dir in _queue_dirs(layout, channel):
+        if ino in _inodes(queue_dir):
+            return "waiting", None
     failed = _inodes(layout.failed_dir(channel))
     if ino in failed:
         reason_file = layout.failed_dir(channel) / f"{failed[ino]}.reason"
@@ -114,33 +130,151 @@ def run_send(cfg: Config, peer_name: str, channel: str, files: list[str], wait: 
                   "or rename the new file", file=sys.stderr)
             return 1
         except OSError as exc:
-            print(f"linkctl: cannot queue {source}: {exc.strerror or exc}", file=sys.stderr)
+            # Name the folder (a producer's permission problem is about out/, not the
+            # source file it could read), unless reading the source is what failed.
+            if exc.filename is not None and Path(exc.filename) == source:
+                print(f"linkctl: cannot read {source}: {exc.strerror or exc}",
+                      file=sys.stderr)
+            else:
+                print(f"linkctl: cannot write into {out_dir}: {exc.strerror or exc}: this "
+                      "user needs write access to that folder (see [node].spool_group)",
+                      file=sys.stderr)
             return 1
     if not wait:
         for name, _ in queued:
             print(f"queued {name} for {peer_name}/{channel}")
         return 0
+    progress = Progress(cfg, peer_name, channel, [(n, source.stat().st_size)
+                                                  for (n, _), source in zip(queued, sources,
+                                                                            strict=True)])
     deadline = None if timeout is None else time.monotonic() + timeout
     left = dict(queued)
     failures = 0
     inode_names = {ino: name for name, ino in queued}
-    while left:
-        for ino in list(inode_names):
-            state, reason = outcome(layout, channel, ino)
-            if state == "waiting":
-                continue
-            name = inode_names.pop(ino)
-            left.pop(name, None)
-            if state == "failed":
-                failures += 1
-                print(f"{name}: FAILED: {reason}", file=sys.stderr)
-            else:
-                print(f"{name}: delivered to {peer_name}")
-        if not left:
-            break
-        if deadline is not None and time.monotonic() > deadline:
-            print(f"linkctl: timed out waiting for {peer_name} to acknowledge "
-                  f"{', '.join(left)}", file=sys.stderr)
-            return 1
-        time.sleep(POLL)
+    try:
+        while left:
+            for ino in list(inode_names):
+                state, reason = outcome(layout, channel, ino)
+                if state == "waiting":
+                    continue
+                name = inode_names.pop(ino)
+                left.pop(name, None)
+                if state == "failed":
+                    failures += 1
+                    progress.failed(name, reason or "moved to failed/")
+                else:
+                    progress.done(name)
+            if not left:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                progress.close()
+                print(f"linkctl: timed out waiting for {peer_name} to acknowledge "
+                      f"{', '.join(left)}", file=sys.stderr)
+                return 1
+            progress.poll(list(left))
+            time.sleep(POLL)
+    finally:
+        progress.close()
     return 1 if failures else 0
+
+
+class Progress:
+    """What `send --wait` shows while it waits (CONTRACT §1, issue 9 item 4).
+
+    On a terminal: a rich progress bar per file (bytes acknowledged, rate, ETA),
+    from the channel's `in_flight` in /status. Otherwise plain lines: one per
+    file when it is delivered or failed, and "waiting: PEER down since HH:MM,
+    N attempts" when the link is down (again when that changes, at most every
+    30 s). The status socket is optional: without it, only the outcome lines."""
+
+    REPEAT = 30.0
+
+    def __init__(self, cfg: Config, peer: str, channel: str,
+                 files: list[tuple[str, int]]) -> None:
+        self.sock = cfg.node.status_socket
+        self.peer, self.channel = peer, channel
+        self.sizes = dict(files)
+        self.last_poll = 0.0
+        self.last_wait_line: tuple[str, float] | None = None
+        self.bar: Any = None
+        self.tasks: dict[str, Any] = {}
+        if sys.stdout.isatty():
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+            from rich.progress import Progress as Bar
+            self.bar = Bar(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                           TransferSpeedColumn(), TimeRemainingColumn(), transient=False)
+            self.bar.start()
+            for name, size in files:
+                self.tasks[name] = self.bar.add_task(_clean(name), total=size or 1)
+
+    def _say(self, line: str, err: bool = False) -> None:
+        if self.bar is not None:
+            self.bar.console.print(line, markup=False, highlight=False)
+        else:
+            print(line, file=sys.stderr if err else sys.stdout, flush=True)
+
+    def done(self, name: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.tasks[name], completed=self.sizes.get(name) or 1)
+        self._say(f"{_clean(name)}: delivered to {self.peer}")
+
+    def failed(self, name: str, reason: str) -> None:
+        self._say(f"{_clean(name)}: FAILED: {_clean(reason)}", err=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+    def poll(self, waiting: list[str]) -> None:
+        now = time.monotonic()
+        if now - self.last_poll < 0.5:
+            return
+        self.last_poll = now
+        try:
+            code, body = http_get(self.sock, "/status", timeout=2.0)
+            doc = json.loads(body) if code == 200 else None
+        except (OSError, ValueError, http.client.HTTPException):
+            return
+        peer = next((p for p in (doc or {}).get("peers", []) if p.get("name") == self.peer),
+                    None)
+        if peer is None:
+            return
+        if peer.get("state") != "connected":
+            since = _local_hhmm(peer.get("down_since") or peer.get("since"))
+            line = f"waiting: {self.peer} down since {since}, {peer.get('attempts', 0)} attempts"
+            if peer.get("last_error"):
+                line += f" ({_clean(str(peer['last_error']))[:100]})"
+            key = f"{self.peer} {since}"
+            if self.last_wait_line is None or self.last_wait_line[0] != key \
+                    or now - self.last_wait_line[1] >= self.REPEAT:
+                self.last_wait_line = (key, now)
+                self._say(line)
+            return
+        self.last_wait_line = None
+        if self.bar is None:
+            return
+        for c in peer.get("channels") or []:
+            flight = c.get("in_flight") if c.get("name") == self.channel else None
+            if isinstance(flight, dict) and flight.get("name") in self.tasks \
+                    and flight.get("name") in waiting:
+                self.bar.update(self.tasks[flight["name"]],
+                                completed=int(flight.get("sent_bytes") or 0))
+
+
+def _clean(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
+def _local_hhmm(value: Any) -> str:
+    try:
+        when = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return "?"
+    return when.astimezone().strftime("%H:%M")

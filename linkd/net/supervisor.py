@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import trio
 
+from ..metrics import connect_failure_kind
 from ..proto import frames as F
 from ..proto.framing import encode_frame
 from .backoff import Backoff
@@ -86,10 +87,85 @@ async def run_session(daemon: Any, link: Any, runner: SessionRunner) -> None:
         link.status.rtt_ms = link.status.rtt_ms
     else:
         link.log.warning("session_failed", peer=link.name, remote=runner.remote, reason=reason)
-    link.status.last_error = reason if error else link.status.last_error
     if link.active is None:
         idle = "waiting" if link.peer.connect is None else "backoff"
         link.status.set_state(idle, error=reason if error else None)
+    if peer_asked_to_redial(reason):
+        redial_now(link)
+
+
+# A goodbye whose reason starts with one of these means "I am going away on
+# purpose and back at once" (a reload rebinding, a restart): the dialling side
+# skips its backoff instead of waiting up to reconnect_max.
+REDIAL_REASONS = ("reload:", "shutdown:")
+_PEER_BYE = "peer said goodbye: "
+
+
+def peer_asked_to_redial(reason: str | None) -> bool:
+    """True for the peer's "reload:"/"shutdown:" goodbye, and for our own reload
+    closing the session (we renegotiate at once; no backoff for that either)."""
+    if not reason:
+        return False
+    if reason.startswith("reload:"):
+        return True
+    return reason.startswith(_PEER_BYE) and reason[len(_PEER_BYE):].startswith(REDIAL_REASONS)
+
+
+def _redial_event(link: Any) -> trio.Event:
+    event = getattr(link, "_redial", None)
+    if event is None:
+        event = link._redial = trio.Event()
+    return event
+
+
+def redial_now(link: Any) -> None:
+    """Skip the rest of the backoff: the dial loop dials at once (`linkctl reconnect`)."""
+    link._redial_pending = True
+    _redial_event(link).set()
+
+
+# --------------------------------------------------------------------------- outages
+
+STILL_DOWN_FIRST = 10.0      # seconds into an outage before the first link_still_down
+STILL_DOWN_MAX = 60.0        # then doubling intervals, at most one a minute
+
+
+def still_down_schedule(first: float = STILL_DOWN_FIRST,
+                        cap: float = STILL_DOWN_MAX) -> Iterator[float]:
+    """Seconds into an outage at which link_still_down is logged: 10, 30, 70, 130, 190..."""
+    at, gap = first, first
+    while True:
+        yield at
+        gap = min(gap * 2, cap)
+        at += gap
+
+
+async def outage_watch(link: Any, poll: float = 1.0) -> None:
+    """Log `link_still_down` while the peer is down (CONTRACT §8, §10): an outage is
+    never silent. Polls the board (cheap, a second's resolution is plenty)."""
+    outage: dt.datetime | None = None
+    schedule: Iterator[float] = iter(())
+    next_at = 0.0
+    started = 0.0
+    while True:
+        await trio.sleep(poll)
+        status = link.status
+        down = status.down_since if status.state != "connected" else None
+        if down is None:
+            outage = None
+            continue
+        if down != outage:
+            outage, schedule, started = down, still_down_schedule(), trio.current_time()
+            # an outage older than this task (a restart while down) counts from its start
+            started -= max(0.0, (dt.datetime.now(dt.UTC) - down).total_seconds())
+            next_at = next(schedule)
+        if trio.current_time() - started >= next_at:
+            link.log.warning("link_still_down", peer=link.name, state=status.state,
+                             down_since=down.isoformat().replace("+00:00", "Z"),
+                             down_for_s=round(trio.current_time() - started, 1),
+                             attempts=status.attempts, last_error=status.last_error)
+            while next_at <= trio.current_time() - started:
+                next_at = next(schedule)
 
 
 OpenStream = Callable[[str, int], Awaitable[trio.abc.Stream]]
@@ -110,6 +186,7 @@ async def dial_loop(daemon: Any, link: Any, *,
     """`open_stream` is a test seam (MockClock tests inject an unreachable network)."""
     lcfg = daemon.cfg.link
     backoff = Backoff(lcfg.reconnect_min, lcfg.reconnect_max)
+    board = getattr(daemon, "board", None)
     while True:
         await link.wait_idle()
         connect = link.peer.connect
@@ -117,21 +194,33 @@ async def dial_loop(daemon: Any, link: Any, *,
             return
         host, port = connect
         remote = f"{host}:{port}"
+        link._redial_pending = False
         link.status.set_state("connecting")
+        link.status.attempts += 1
         outcome = await _dial(daemon, link, host, port, remote, open_stream)
         if outcome is not None:
+            if board is not None and outcome.startswith("cannot connect"):
+                board.note_connect_failure(link.name, connect_failure_kind(outcome))
             # Only while no other session holds the slot: an attempt that lost the
             # tie-break to the peer's dial-in must not turn "connected" into "backoff".
             if link.active is None:
                 link.status.set_state("backoff", error=outcome)
         elif link.last_session_open:
             backoff.reset()
+        if getattr(link, "_redial_pending", False):
+            backoff.reset()           # the peer said it is back at once, or an operator asked
+            link._redial_pending = False
+            continue
         delay = backoff.next_delay()
         if link.active is None:
             link.status.set_state(
                 "backoff", next_attempt_at=dt.datetime.now(dt.UTC)
                 + dt.timedelta(seconds=delay))
-        await trio.sleep(delay)
+        event = link._redial = trio.Event()
+        with trio.move_on_after(delay):
+            await event.wait()
+        if event.is_set():
+            backoff.reset()
 
 
 async def _dial(daemon: Any, link: Any, host: str, port: int, remote: str,

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import grp
 import os
 import re
 from collections.abc import Iterable
@@ -114,8 +115,45 @@ def check_channel(channel: str) -> str:
     return channel
 
 
+def group_folder_mode(kind: str, spool_group: str | None) -> tuple[int, int | None]:
+    """(mode, gid or None) of a spool folder of `kind` with `[node] spool_group`.
+
+    kind: "out" (out/<ch>/: producers hand over files: 2770, setgid so their files
+    keep the group), "in" (in/<ch>/: consumers read: 2750), "path" (the spool root,
+    the peer folder, out/ and in/ themselves: 0750, traversable by the group) or
+    "private" (everything else: 0750, group unchanged). Without a group every
+    folder is 0750 as before. SpoolError (naming the group) if it does not exist."""
+    if spool_group is None or kind == "private":
+        return FOLDER_MODE, None
+    try:
+        gid = grp.getgrnam(spool_group).gr_gid
+    except KeyError:
+        raise SpoolError(f"spool_group {spool_group!r} ([node].spool_group) is not a group on "
+                         f"this system: create it (groupadd {spool_group}) or remove the "
+                         "key") from None
+    mode = {"out": 0o2770, "in": 0o2750}.get(kind, FOLDER_MODE)
+    return mode, gid
+
+
+def _apply_group(folder: Path, mode: int, gid: int) -> None:
+    """Give an existing folder the group and mode spool_group asks for."""
+    try:
+        st = os.lstat(folder)
+        if st.st_gid != gid:
+            os.chown(folder, -1, gid, follow_symlinks=False)
+            st = os.lstat(folder)       # a chown may clear the setgid bit
+        if (st.st_mode & 0o7777) != mode:
+            os.chmod(folder, mode, follow_symlinks=False)
+    except OSError as exc:
+        raise SpoolError(f"cannot give {folder} group {gid} and mode {mode:04o} for "
+                         f"[node].spool_group: {exc.strerror}: run linkd as the folder's "
+                         "owner (or root), or fix it by hand") from None
+
+
 class SpoolLayout:
     """Paths of one peer's spool and state (see the module docstring)."""
+
+    spool_group: str | None = None      # [node].spool_group, set by the daemon
 
     def __init__(self, spool_dir: Path, state_dir: Path, peer: str) -> None:
         problem = plain_name_problem(peer)
@@ -175,13 +213,19 @@ class SpoolLayout:
         as they are, then check that claims and deliveries can be done by rename."""
         fs = fs or DEFAULT_FS
         channels = [check_channel(ch) for ch in channels]
-        spool = [self.spool_dir, self.peer_dir, self.quarantine_dir(), self.tmp_dir()]
+        spool = [(self.spool_dir, "path"), (self.peer_dir, "path"),
+                 (self.quarantine_dir(), "private"), (self.tmp_dir(), "private"),
+                 (self.peer_dir / "out", "path"), (self.peer_dir / "in", "path")]
         for ch in channels:
-            spool += [self.out_dir(ch), self.queue_dir(ch), self.in_dir(ch), self.failed_dir(ch)]
+            spool += [(self.out_dir(ch), "out"), (self.queue_dir(ch), "private"),
+                      (self.in_dir(ch), "in"), (self.failed_dir(ch), "private")]
             if archive_sent:
-                spool.append(self.sent_dir(ch))
-        for folder in spool:
-            make_folder(folder, FOLDER_MODE, fs)
+                spool.append((self.sent_dir(ch), "private"))
+        for folder, kind in spool:
+            mode, gid = group_folder_mode(kind, self.spool_group)
+            make_folder(folder, mode, fs)
+            if gid is not None:
+                _apply_group(folder, mode, gid)
         make_folder(self.state_dir, STATE_MODE, fs)
         for ch in channels:
             make_folder(self.channel_state_dir(ch), STATE_MODE, fs)

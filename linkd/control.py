@@ -1,0 +1,358 @@
+"""Operator control: the persistent pause state and the status socket's changing endpoints.
+
+Theory of operation
+-------------------
+`PauseState` is a small JSON file, `<state_dir>/paused.json`::
+
+    {"version": 1, "peers": {"europol": {"all": false, "channels": ["bulk"]}}}
+
+It is read once at start and rewritten atomically on every change (write a
+dot-file opened O_NOFOLLOW|O_EXCL, fsync, rename over, fsync the folder), so a
+crash leaves either the old or the new state, never half of one. A peer is
+paused as a whole (`all`) or channel by channel; `is_paused(peer, channel)` is
+true if either is. Only sending stops: receiving goes on (CONTRACT §1).
+Listeners registered with `subscribe` are called after every change; the
+daemon uses that to update the status board and to wake the sender
+(`daemon.on_pause_changed(peer)`, when the daemon has it).
+
+`Controller` answers the status socket's requests that need the daemon:
+GET /queue and /failed, and POST /pause, /resume, /retry, /reconnect (the
+server has already refused the latter to anyone but root and the daemon's own
+user). Its answers are (HTTP status, JSON value); errors carry one line in
+`{"error": ...}` for linkctl to print.
+
+Retry moves `failed/<ch>/<name>` back into `out/<ch>/<name>` with
+renameat2(RENAME_NOREPLACE) (a file of that name already waiting in out/ is
+never replaced; link+unlink where the file system lacks it), then removes the
+`.reason`; pick-up sees it like any dropped file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import datetime as dt
+import errno
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+PAUSE_FILE = "paused.json"
+RENAME_NOREPLACE = 1
+AT_FDCWD = -100
+
+Listener = Callable[[str, str | None, bool], None]
+
+
+class PauseState:
+    """Which peers and channels are paused; persisted in `<state_dir>/paused.json`."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = Path(state_dir) / PAUSE_FILE
+        self._peers: dict[str, dict[str, Any]] = {}
+        self._listeners: list[Listener] = []
+        self.load()
+
+    def load(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self._peers = {}
+            return
+        with os.fdopen(fd, "rb") as f:
+            raw = f.read(1 << 20)
+        try:
+            doc = json.loads(raw)
+            peers = doc["peers"]
+            self._peers = {
+                str(name): {"all": bool(entry.get("all")),
+                            "channels": sorted({str(c) for c in entry.get("channels", [])})}
+                for name, entry in peers.items() if isinstance(entry, dict)}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            # A damaged file must not stop the daemon; keeping files queued is the safe
+            # side, but we cannot know what was paused: start unpaused and say so.
+            self._peers = {}
+            raise ValueError(f"{self.path} is not a linkd pause file: remove it and "
+                             "pause again") from None
+
+    def is_paused(self, peer: str, channel: str | None = None) -> bool:
+        entry = self._peers.get(peer)
+        if entry is None:
+            return False
+        return bool(entry["all"]) or (channel is not None and channel in entry["channels"])
+
+    def peer_paused(self, peer: str) -> bool:
+        """The peer as a whole (not counting single channels)."""
+        entry = self._peers.get(peer)
+        return bool(entry and entry["all"])
+
+    def set_paused(self, peer: str, channel: str | None, paused: bool) -> None:
+        """Pause or resume a peer (channel None) or one of its channels; persist, notify.
+
+        Resuming a whole peer also resumes its single channels: `linkctl resume --peer P`
+        means "send everything to P again"."""
+        entry = self._peers.setdefault(peer, {"all": False, "channels": []})
+        if channel is None:
+            entry["all"] = paused
+            if not paused:
+                entry["channels"] = []
+        else:
+            chans = set(entry["channels"])
+            chans.add(channel) if paused else chans.discard(channel)
+            entry["channels"] = sorted(chans)
+        if not entry["all"] and not entry["channels"]:
+            del self._peers[peer]
+        self._save()
+        for listener in list(self._listeners):
+            listener(peer, channel, paused)
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call `listener(peer, channel, paused)` after every change."""
+        self._listeners.append(listener)
+
+    def _save(self) -> None:
+        doc = {"version": 1, "peers": self._peers}
+        data = (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
+        folder = self.path.parent
+        temp = folder / f".{PAUSE_FILE}.{os.getpid()}.tmp"
+        try:
+            os.unlink(temp)
+        except FileNotFoundError:
+            pass
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temp, self.path)
+        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+# --------------------------------------------------------------------------- failed/
+
+_libc: Any = None
+
+
+def _renameat2(src: Path, dst: Path) -> None:
+    """rename(src, dst) that fails with FileExistsError instead of replacing dst."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    func = getattr(_libc, "renameat2", None)
+    if func is not None:
+        rc = func(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), RENAME_NOREPLACE)
+        if rc == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS):
+            raise OSError(err, os.strerror(err), str(dst))
+    os.link(src, dst)            # no renameat2 here: link refuses an existing name too
+    os.unlink(src)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def list_failed(layout: Any, peer: str, channels: list[str]) -> list[dict[str, Any]]:
+    """Blocking: the files in failed/<ch>/ of `channels`, oldest first per channel."""
+    entries: list[dict[str, Any]] = []
+    for channel in channels:
+        folder = Path(layout.failed_dir(channel))
+        try:
+            with os.scandir(folder) as it:
+                found = [e for e in it if e.is_file(follow_symlinks=False)
+                         and not e.name.startswith(".") and not e.name.endswith(".reason")]
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        rows = []
+        for e in found:
+            st = e.stat(follow_symlinks=False)
+            try:
+                with open(folder / f"{e.name}.reason", "rb") as f:
+                    reason = f.read(4096).decode("utf-8", "replace").strip() or None
+            except OSError:
+                reason = None
+            rows.append((st.st_mtime, {
+                "peer": peer, "channel": channel, "name": e.name, "size": st.st_size,
+                "reason": reason,
+                "failed_at": dt.datetime.fromtimestamp(st.st_ctime, dt.UTC)
+                .isoformat(timespec="seconds").replace("+00:00", "Z")}))
+        entries += [row for _, row in sorted(rows, key=lambda r: (r[0], r[1]["name"]))]
+    return entries
+
+
+def count_files(folder: Path) -> int:
+    """Blocking: regular files in `folder` that are not dot-files or .reason files."""
+    try:
+        with os.scandir(folder) as it:
+            return sum(1 for e in it if e.is_file(follow_symlinks=False)
+                       and not e.name.startswith(".") and not e.name.endswith(".reason"))
+    except OSError:
+        return 0
+
+
+def retry_failed(layout: Any, channel: str, names: list[str]) -> list[tuple[str, str | None]]:
+    """Blocking: move each named failed file back into out/<channel>/; (name, problem)."""
+    failed, out = Path(layout.failed_dir(channel)), Path(layout.out_dir(channel))
+    results: list[tuple[str, str | None]] = []
+    for name in names:
+        if not name or "/" in name or name.startswith(".") or name.endswith(".reason"):
+            results.append((name, "not a file name in failed/"))
+            continue
+        src, dst = failed / name, out / name
+        try:
+            if not src.is_file() or src.is_symlink():
+                results.append((name, f"not in {failed}"))
+                continue
+            _renameat2(src, dst)
+        except FileExistsError:
+            results.append((name, f"{dst} already exists: move it away first"))
+            continue
+        except OSError as exc:
+            results.append((name, f"cannot move it to {out}: {exc.strerror or exc}"))
+            continue
+        try:
+            os.unlink(failed / f"{name}.reason")
+        except FileNotFoundError:
+            pass
+        results.append((name, None))
+    if any(problem is None for _, problem in results):
+        _fsync_dir(out)
+        _fsync_dir(failed)
+    return results
+
+
+# --------------------------------------------------------------------------- endpoints
+
+
+class Controller:
+    """The status server's link to the daemon (see the module docstring)."""
+
+    def __init__(self, daemon: Any) -> None:
+        self.daemon = daemon
+
+    def _peer(self, params: dict[str, Any]) -> tuple[Any, str | None]:
+        name = params.get("peer")
+        if not isinstance(name, str) or not name:
+            return None, "name a peer (--peer P)"
+        link = self.daemon.links.get(name)
+        if link is None:
+            known = ", ".join(self.daemon.links) or "none"
+            return None, f"no peer named {name!r} (configured: {known})"
+        return link, None
+
+    @staticmethod
+    def _channel(link: Any, params: dict[str, Any]) -> tuple[str | None, str | None]:
+        channel = params.get("channel")
+        if channel in (None, ""):
+            return None, None
+        if not isinstance(channel, str) or channel not in link.channels:
+            known = ", ".join(link.channels)
+            return None, f"peer {link.name} has no channel {channel!r} (configured: {known})"
+        return channel, None
+
+    async def handle(self, method: str, path: str, params: dict[str, Any],
+                     privileged: bool) -> tuple[int, Any]:
+        if path == "/queue":
+            return await self.queue(params)
+        if path == "/failed":
+            return await self.failed(params)
+        link, problem = self._peer(params)
+        if problem:
+            return 400 if "name a peer" in problem else 404, {"error": problem}
+        if path in ("/pause", "/resume"):
+            channel, problem = self._channel(link, params)
+            if problem:
+                return 404, {"error": problem}
+            paused = path == "/pause"
+            await trio.to_thread.run_sync(self.daemon.pauses.set_paused, link.name, channel,
+                                          paused)
+            hook = getattr(self.daemon, "on_pause_changed", None)
+            if hook is not None:
+                result = hook(link.name)
+                if hasattr(result, "__await__"):
+                    await result
+            what = f"{link.name}/{channel}" if channel else link.name
+            return 200, {"message": f"{'paused' if paused else 'resumed'} sending to {what}"}
+        if path == "/reconnect":
+            return self.reconnect(link)
+        if path == "/retry":
+            return await self.retry(link, params)
+        return 404, {"error": f"unknown endpoint {path}"}
+
+    async def queue(self, params: dict[str, Any]) -> tuple[int, Any]:
+        peer, channel = params.get("peer") or None, params.get("channel") or None
+        if peer is not None and peer not in self.daemon.links:
+            return 404, {"error": f"no peer named {peer!r}"}
+        source = getattr(self.daemon, "queue_entries", None)
+        if source is None:
+            return 200, []
+        entries = source(peer, channel)
+        if hasattr(entries, "__await__"):
+            entries = await entries
+        return 200, list(entries)
+
+    async def failed(self, params: dict[str, Any]) -> tuple[int, Any]:
+        peer, channel = params.get("peer") or None, params.get("channel") or None
+        links = list(self.daemon.links.values())
+        if peer is not None:
+            links = [link for link in links if link.name == peer]
+            if not links:
+                return 404, {"error": f"no peer named {peer!r}"}
+        entries: list[dict[str, Any]] = []
+        for link in links:
+            chans = [c for c in link.channels if channel is None or c == channel]
+            entries += await trio.to_thread.run_sync(list_failed, link.layout, link.name, chans)
+        return 200, entries
+
+    def reconnect(self, link: Any) -> tuple[int, Any]:
+        from .net.supervisor import redial_now
+        if link.peer.connect is None:
+            return 409, {"error": f"peer {link.name} has no connect address: it dials us, "
+                                  "so there is nothing to redial"}
+        if link.active is not None:
+            return 200, {"message": f"{link.name} is already connected"}
+        redial_now(link)
+        return 200, {"message": f"dialling {link.name} now"}
+
+    async def retry(self, link: Any, params: dict[str, Any]) -> tuple[int, Any]:
+        channel, problem = self._channel(link, params)
+        if problem:
+            return 404, {"error": problem}
+        names = params.get("names") or []
+        every = bool(params.get("all"))
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            return 400, {"error": "names must be a list of file names"}
+        chans = [channel] if channel else list(link.channels)
+        if not every and channel is None:
+            return 400, {"error": "name the channel (--channel C) of the files to retry"}
+        results: list[dict[str, Any]] = []
+        for ch in chans:
+            todo = names
+            if every:
+                todo = [f["name"] for f in await trio.to_thread.run_sync(
+                    list_failed, link.layout, link.name, [ch])]
+            for name, err in await trio.to_thread.run_sync(retry_failed, link.layout, ch, todo):
+                results.append({"peer": link.name, "channel": ch, "name": name,
+                                "retried": err is None, "error": err})
+                if err is None:
+                    link.log.info("message_retried", peer=link.name, channel=ch, name=name)
+        refresh = getattr(self.daemon, "refresh_folder_counts", None)
+        if refresh is not None:
+            await refresh(link)
+        return 200, results

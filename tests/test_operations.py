@@ -1,0 +1,526 @@
+"""Running linkd day to day (issue 9), as an operator sees it: real daemons, real linkctl.
+
+Outages that speak (status and link_still_down), journald priorities, metrics
+scraped over TCP and parsed with prometheus_client's own parser, failed/retry,
+pause/resume persisted, reconnect, the Nagios check, SO_PEERCRED refusals, a
+producer in spool_group, --check expiry warnings, --print-config, pki revoke,
+and a [listen] reload that rebinds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import grp
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from procs import free_port, make_pair, stop_all, wait_for
+from prometheus_client.parser import text_string_to_metric_families
+
+from linkd import pki
+from linkd.net.supervisor import outage_watch, still_down_schedule
+from linkd.status import PeerStatus
+
+
+def ctl(d: Any, *args: str, user: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*(user or []), sys.executable, "-m", "linkd.cli.linkctl_main",
+                           "-c", str(d.config_path), *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def linkd(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "linkd.cli.linkd_main", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def daemons():
+    made: list[Any] = []
+    yield made
+    stop_all(*made)
+
+
+def peer(d: Any, name: str) -> dict[str, Any]:
+    return next(p for p in d.status()["peers"] if p["name"] == name)
+
+
+def channel(d: Any, name: str, ch: str) -> dict[str, Any]:
+    return next(c for c in peer(d, name)["channels"] if c["name"] == ch)
+
+
+# --------------------------------------------------------------------------- outages
+
+
+def test_still_down_schedule_doubles_up_to_a_minute() -> None:
+    it = still_down_schedule()
+    assert [next(it) for _ in range(6)] == [10, 30, 70, 130, 190, 250]
+
+
+async def test_link_still_down_lines_grow_with_attempts(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Three times the first interval of outage: three lines, attempts growing."""
+    class Link:
+        name = "bravo"
+        status = PeerStatus("bravo", "backoff", dt.datetime.now(dt.UTC))
+
+        class log:  # noqa: N801 - stands in for a bound logger
+            @staticmethod
+            def warning(event: str, **kw: Any) -> None:
+                lines.append({"event": event, **kw})
+
+    lines: list[dict[str, Any]] = []
+    link = Link()
+
+    async def dialler() -> None:
+        while True:
+            link.status.attempts += 1
+            link.status.note_error(f"cannot connect: refused #{link.status.attempts}")
+            await trio.sleep(4)
+
+    with trio.move_on_after(75):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(dialler)
+            nursery.start_soon(outage_watch, link)
+    assert [e["event"] for e in lines] == ["link_still_down"] * 3
+    attempts = [e["attempts"] for e in lines]
+    assert attempts == sorted(attempts) and attempts[0] < attempts[-1], attempts
+    assert all(e["down_since"] and e["last_error"] and e["peer"] == "bravo" for e in lines)
+    assert [round(e["down_for_s"]) for e in lines] == [10, 30, 70]
+    link.status.set_state("connected")
+    assert link.status.last_error is None and link.status.down_since is None
+
+
+def test_an_outage_is_visible_in_status_and_logged_after_10s(tmp_path: Path,
+                                                             daemons: list[Any]) -> None:
+    a, b = make_pair(tmp_path, start=False)
+    daemons += [a, b]
+    a.start()
+    first = wait_for(lambda: (p := peer(a, "bravo"))["attempts"] >= 1 and p["last_error"] and p,
+                     15)
+    assert first["down_since"] and first["last_error_at"]
+    later = wait_for(lambda: (p := peer(a, "bravo"))["attempts"] > first["attempts"] and p, 15)
+    assert later["down_since"] == first["down_since"], "down_since moved within one outage"
+    event = wait_for(lambda: a.events("link_still_down"), 20)[0]
+    assert event["node"] == "alpha" and event["attempts"] >= 1 and event["last_error"]
+    b.start()
+    a.wait_state("bravo")
+    up = peer(a, "bravo")
+    assert (up["down_since"], up["last_error"], up["attempts"]) == (None, None, 0)
+
+
+# --------------------------------------------------------------------------- logs
+
+
+def test_journald_priorities_when_stderr_is_the_journal_stream(tmp_path: Path,
+                                                              daemons: list[Any]) -> None:
+    a, b = make_pair(tmp_path, start=False)
+    daemons += [a, b]
+    a.log_path.touch()
+    st = os.stat(a.log_path)
+    a.env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+    a.start()                                  # bravo down: warnings follow
+    wait_for(lambda: a.events("link_still_down"), 20)
+    lines = a.log_path.read_text().splitlines()
+    assert lines and all(line[:1] == "<" and line[2] == ">" for line in lines), lines[:3]
+    assert any(line.startswith("<6>") and '"started"' in line for line in lines)
+    assert any(line.startswith("<4>") and '"link_still_down"' in line for line in lines)
+    # a stale JOURNAL_STREAM (stderr not the journal) gets plain lines
+    b.env["JOURNAL_STREAM"] = "1:2"
+    b.start()
+    a.wait_state("bravo")
+    assert b.log_path.read_text().startswith("{")
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_metrics_over_tcp_parse_with_prometheus_client(tmp_path: Path,
+                                                       daemons: list[Any]) -> None:
+    a, b = make_pair(tmp_path, start=False)
+    daemons += [a, b]
+    port = free_port()
+    a.status_extra["metrics_listen"] = f"127.0.0.1:{port}"
+    b.start()
+    a.start()
+    a.wait_state("bravo")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    build = families["linkd_build_info"].samples[0]
+    assert build.value == 1 and build.labels["version"] and build.labels["node"] == "alpha"
+    assert "process_open_fds" in families
+    ours = families["linkd_cert_expiry_timestamp_seconds"].samples[0].value
+    assert ours > time.time() + 86400 * 30
+    peer_cert = families["linkd_peer_cert_expiry_timestamp_seconds"].samples
+    assert peer_cert and peer_cert[0].labels == {"peer": "bravo"}
+    assert families["linkd_peer_up"].samples[0].value == 1
+    for path in ("/status", "/"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5)
+        assert refused.value.code == 404
+        refused.value.close()       # an HTTPError holds the response (and its socket)
+    b.stop()
+    wait_for(lambda: "linkd_connect_failures_total{" in ctl(a, "metrics").stdout, 20)
+
+
+# --------------------------------------------------------------------------- control
+
+
+def test_failed_retry_pause_reconnect_and_check(tmp_path: Path, daemons: list[Any]) -> None:
+    a, b = make_pair(tmp_path, channels=[{"name": "data", "max_message_bytes": 10}],
+                     link={"heartbeat_interval": 0.3, "heartbeat_timeout": 1.0})
+    daemons += [a, b]
+    assert ctl(a, "check").stdout.startswith("OK")
+    a.drop("bravo", "data", "big.txt", b"x" * 50)
+    failed_dir = a.spool / "bravo" / "failed" / "data"
+    wait_for(lambda: (failed_dir / "big.txt").exists(), 30)
+    listed = json.loads(ctl(a, "failed", "--json").stdout)
+    assert [(f["name"], f["size"]) for f in listed] == [("big.txt", 50)] and listed[0]["reason"]
+    assert "big.txt" in ctl(a, "failed").stdout
+    wait_for(lambda: channel(a, "bravo", "data")["failed"] == 1, 10)
+    warn = ctl(a, "check")
+    assert warn.returncode == 1 and warn.stdout.startswith("WARNING"), warn
+    # retry with the old limit: it fails again; a missing name is exit 1, one line
+    missing = ctl(a, "retry", "--peer", "bravo", "--channel", "data", "nope.txt")
+    assert missing.returncode == 1 and len(missing.stderr.splitlines()) == 1, missing
+    assert "nope.txt" in missing.stderr
+    ok = ctl(a, "retry", "--peer", "bravo", "--channel", "data", "big.txt")
+    assert ok.returncode == 0 and ok.stdout.count("\n") == 1, ok
+    assert not (failed_dir / "big.txt.reason").exists() or (failed_dir / "big.txt").exists()
+    # pause persists across a restart, resume works, both show in status
+    assert ctl(a, "pause", "--peer", "bravo", "--channel", "data").returncode == 0
+    assert channel(a, "bravo", "data")["paused"] is True
+    assert ctl(a, "pause", "--peer", "bravo", "--channel", "nope").returncode == 1
+    a.stop()
+    a.start()
+    assert channel(a, "bravo", "data")["paused"] is True, "pause lost in a restart"
+    assert ctl(a, "resume", "--peer", "bravo").returncode == 0
+    assert channel(a, "bravo", "data")["paused"] is False
+    a.wait_state("bravo")
+    # reconnect: b restarts while a waits out a long backoff
+    b.stop()
+    wait_for(lambda: ctl(a, "check").returncode == 2, 20)
+    assert ctl(a, "check").stdout.startswith("CRITICAL")
+    a.stop()
+    unknown = ctl(a, "check")
+    assert unknown.returncode == 3 and unknown.stdout.startswith("UNKNOWN"), unknown
+
+
+def test_reconnect_skips_a_long_backoff(tmp_path: Path, daemons: list[Any]) -> None:
+    a, b = make_pair(tmp_path, start=False, link={"reconnect_min": 30.0,
+                                                  "reconnect_max": 60.0})
+    daemons += [a, b]
+    a.start()
+    wait_for(lambda: peer(a, "bravo")["state"] == "backoff", 15)
+    b.start()
+    started = time.monotonic()
+    result = ctl(a, "reconnect", "--peer", "bravo")
+    assert result.returncode == 0, result
+    a.wait_state("bravo", timeout=10)
+    assert time.monotonic() - started < 10
+    assert ctl(b, "reconnect", "--peer", "alpha").returncode == 1   # bravo never dials
+
+
+def test_changing_endpoints_refuse_other_users(tmp_path: Path, daemons: list[Any]) -> None:
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to act as another user")
+    a, b = make_pair(tmp_path)
+    daemons += [a, b]
+    gid = os.stat(a.socket).st_gid
+    other = ["setpriv", "--reuid=65534", "--regid=65534", f"--groups={gid}",
+             "--inh-caps=-all", "--bounding-set=-all"]
+    probe = subprocess.run([*other, sys.executable, "-c", "import linkd"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip("the test interpreter is not usable by another user")
+    readable = subprocess.run([*other, sys.executable, "-m", "linkd.cli.linkctl_main", "-s",
+                               str(a.socket), "status", "--json"], capture_output=True,
+                              text=True, timeout=60)
+    assert readable.returncode == 0, readable       # reading serves the group
+    refused = subprocess.run([*other, sys.executable, "-m", "linkd.cli.linkctl_main", "-s",
+                              str(a.socket), "pause", "--peer", "bravo"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and len(refused.stderr.splitlines()) == 1, refused
+    assert "root" in refused.stderr and peer(a, "bravo")["paused"] is False
+
+
+def test_status_socket_is_0660(tmp_path: Path, daemons: list[Any]) -> None:
+    a, b = make_pair(tmp_path)
+    daemons += [a, b]
+    assert os.stat(a.socket).st_mode & 0o7777 == 0o660
+
+
+# --------------------------------------------------------------------------- producers
+
+
+@pytest.fixture
+def cleanup():
+    paths: list[Path] = []
+    yield paths
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_producer_in_spool_group_drops_a_file(daemons: list[Any], cleanup: list[Path]) -> None:
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to act as another user")
+    try:
+        group = grp.getgrnam("users")
+    except KeyError:
+        pytest.skip("no 'users' group")
+    python = "/usr/bin/python3"
+    if not os.access(python, os.X_OK):
+        pytest.skip("no /usr/bin/python3 for the producer")
+    # pytest's temporary folders are private to root: use one other users can enter
+    root = Path(tempfile.mkdtemp(prefix="linkd-ops-producer-"))
+    os.chmod(root, 0o755)
+    if any(not os.stat(parent).st_mode & 0o001 for parent in root.parents):
+        shutil.rmtree(root)
+        pytest.skip("the temporary folder is not traversable by other users")
+    a, b = make_pair(root, start=False)
+    daemons += [a, b]
+    cleanup.append(root)
+    a.node_extra["spool_group"] = "users"
+    b.start()
+    a.start()
+    a.wait_state("bravo")
+    out = a.spool / "bravo" / "out" / "data"
+    assert out.stat().st_mode & 0o7777 == 0o2770 and out.stat().st_gid == group.gr_gid
+    inbox = a.spool / "bravo" / "in" / "data"
+    assert inbox.stat().st_mode & 0o7777 == 0o2750
+    assert a.spool.stat().st_mode & 0o777 == 0o750
+    script = ("import os,sys; d=sys.argv[1]; t=os.path.join(d,'.p.tmp');"
+              "open(t,'w').write('hi'); os.rename(t, os.path.join(d,'p.txt'))")
+    run = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534",
+                          f"--groups={group.gr_gid}", "--inh-caps=-all", "--bounding-set=-all",
+                          python, "-c", script, str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    wait_for(lambda: b.inbound("alpha", "data") == {"p.txt": b"hi"}, 30)
+    # and without the group, a producer is refused (capabilities dropped: no root bypass)
+    denied = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                             "--inh-caps=-all", "--bounding-set=-all", python, "-c", script,
+                             str(out)], capture_output=True, text=True)
+    assert denied.returncode != 0
+
+
+# --------------------------------------------------------------------------- config, pki
+
+
+def test_print_config_round_trips_and_check_warns_of_expiry(tmp_path: Path) -> None:
+    a, b = make_pair(tmp_path, start=False)
+    a.status_extra["metrics_listen"] = "127.0.0.1:9464"
+    a.write_config()
+    printed = linkd("-c", str(a.config_path), "--print-config")
+    assert printed.returncode == 0, printed
+    doc = tomllib.loads(printed.stdout)
+    assert doc["link"]["heartbeat_timeout"] == a.link["heartbeat_timeout"]
+    assert doc["link"]["handshake_timeout"] == 10.0 and doc["node"]["log_level"] == "info"
+    again = tmp_path / "again.toml"
+    again.write_text(printed.stdout)
+    assert linkd("-c", str(again), "--print-config").stdout.splitlines()[1:] == \
+        printed.stdout.splitlines()[1:]
+    assert linkd("-c", str(again), "--check").returncode == 0
+    pki.issue(a.pki_dir, "alpha", force=True, days=10)
+    check = linkd("-c", str(a.config_path), "--check")
+    assert check.returncode == 0, check
+    assert "expires" in check.stderr and "alpha.crt" in check.stderr
+
+
+def test_pki_revoke_writes_a_crl_with_the_serial(tmp_path: Path) -> None:
+    from cryptography import x509
+    directory = tmp_path / "pki"
+    pki.init_ca(directory)
+    crt, _ = pki.issue(directory, "bravo", days=5)
+    cert = x509.load_pem_x509_certificate(crt.read_bytes())
+    assert (cert.not_valid_after_utc - dt.datetime.now(dt.UTC)).days in (4, 5)
+    result = subprocess.run([sys.executable, "-m", "linkd.cli.linkctl_main", "pki", "revoke",
+                             str(directory), "bravo"], capture_output=True, text=True)
+    assert result.returncode == 0, result
+    crl = x509.load_pem_x509_crl((directory / "ca.crl").read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
+    number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier)
+    subprocess.run([sys.executable, "-m", "linkd.cli.linkctl_main", "pki", "crl",
+                    str(directory), "--days", "3"], check=True, capture_output=True)
+    crl2 = x509.load_pem_x509_crl((directory / "ca.crl").read_bytes())
+    assert crl2.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == number + 1
+    assert crl2.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
+
+
+def test_both_programs_print_one_version() -> None:
+    one = linkd("--version").stdout
+    two = subprocess.run([sys.executable, "-m", "linkd.cli.linkctl_main", "--version"],
+                         capture_output=True, text=True).stdout
+    assert one == two and one.startswith("linkd ")
+
+
+# --------------------------------------------------------------------------- reload
+
+
+def test_a_listen_change_is_rebound_on_reload(tmp_path: Path, daemons: list[Any]) -> None:
+    a, b = make_pair(tmp_path)
+    daemons += [a, b]
+    old = b.port
+    b.port = free_port()
+    b.write_config()
+    b.signal(__import__("signal").SIGHUP)
+    wait_for(lambda: b.events("listen_changed"), 15)
+    a.peers[0]["connect"] = f"127.0.0.1:{b.port}"
+    a.write_config()
+    a.signal(__import__("signal").SIGHUP)
+    a.wait_state("bravo", timeout=20)
+    import socket
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", old), timeout=2):
+        pass
+
+
+def test_a_listen_change_to_a_busy_port_is_refused_with_one_line(
+        tmp_path: Path, daemons: list[Any]) -> None:
+    import signal
+    import socket
+    a, b = make_pair(tmp_path)
+    daemons += [a, b]
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        old = b.port
+        b.port = busy.getsockname()[1]
+        b.write_config()
+        b.signal(signal.SIGHUP)
+        failed = wait_for(lambda: b.events("reload_failed"), 15)[0]
+        assert "cannot be bound" in failed["reason"]
+        with socket.create_connection(("127.0.0.1", old), timeout=2):
+            pass                        # still listening where it was
+    finally:
+        busy.close()
+
+
+def test_a_reload_goodbye_makes_the_dialler_redial_at_once(tmp_path: Path,
+                                                          daemons: list[Any]) -> None:
+    import signal
+    a, b = make_pair(tmp_path, link={"reconnect_min": 20.0, "reconnect_max": 40.0})
+    daemons += [a, b]
+    b.peers[0]["channels"] = [{"name": "data"}, {"name": "more"}]
+    a.peers[0]["channels"] = [{"name": "data"}, {"name": "more"}]
+    a.write_config()
+    a.signal(signal.SIGHUP)
+    wait_for(lambda: a.events("reloaded"), 15)
+    b.write_config()
+    b.signal(signal.SIGHUP)          # bravo (listening) closes the session with "reload:"
+    wait_for(lambda: [e for e in a.events("link_down")
+                      if "peer said goodbye: reload:" in e.get("reason", "")], 15)
+    a.wait_state("bravo", timeout=8)  # far less than reconnect_min
+
+
+# --------------------------------------------------------------------------- send --wait
+
+
+def test_send_wait_says_plainly_while_the_link_is_down(tmp_path: Path,
+                                                       daemons: list[Any]) -> None:
+    a, b = make_pair(tmp_path, start=False)
+    daemons += [a, b]
+    a.start()
+    source = tmp_path / "note.txt"
+    source.write_bytes(b"hello")
+    out = tmp_path / "send.out"
+    with open(out, "wb") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "linkd.cli.linkctl_main", "-c",
+                                 str(a.config_path), "send", "--peer", "bravo", "--channel",
+                                 "data", "--wait", "--timeout", "60", str(source)],
+                                stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        line = wait_for(lambda: next((x for x in out.read_text().splitlines()
+                                      if x.startswith("waiting: bravo down since ")), None), 20)
+        assert " attempts" in line and len(line) < 200, line
+        b.start()
+        assert proc.wait(timeout=60) == 0, out.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "note.txt: delivered to bravo" in out.read_text()
+    assert b.inbound("alpha", "data") == {"note.txt": b"hello"}
+
+
+# --------------------------------------------------------------------------- demo
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_demo_stops_both_daemons_on_a_signal_and_keeps_its_logs(tmp_path: Path,
+                                                               sig: str) -> None:
+    import signal
+    keep = tmp_path / "demo"
+    out = tmp_path / "demo.out"
+    with open(out, "wb") as sink:
+        demo = subprocess.Popen([sys.executable, "-m", "linkd.cli.linkctl_main", "demo",
+                                 "--dir", str(keep)], stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: out.read_text().count(" up ") >= 2, 60,
+                 message=lambda: out.read_text())
+        pids = [int((keep / n / "state" / "linkd.lock").read_text()) for n in
+                ("interpol", "europol")]
+        demo.send_signal(getattr(signal, sig))
+        assert demo.wait(timeout=30) == 0, out.read_text()
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    text = out.read_text()
+    assert "linkctl -s " in text and " status" in text
+    # every line fits 80 columns, except those naming the (long, test-made) --dir
+    assert max(len(line) for line in text.splitlines() if str(keep) not in line) <= 80, text
+    assert (keep / "interpol" / "linkd.log").stat().st_size > 0
+
+
+# --------------------------------------------------------------------------- expiry
+
+
+def test_cert_expiring_is_logged_once_per_threshold() -> None:
+    from linkd.expiry import ExpiryWatch
+    from linkd.status import StatusBoard
+
+    logged: list[dict[str, Any]] = []
+
+    class Log:
+        @staticmethod
+        def warning(event: str, **kw: Any) -> None:
+            logged.append({"event": event, **kw})
+
+    now = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
+    board = StatusBoard("alpha", "0")
+    board.cert_not_after = now + dt.timedelta(days=20)
+    board.crl_next_update = now + dt.timedelta(days=90)
+    board.add_peer("bravo", [], "connecting").cert_not_after = "2026-12-01T12:00:00Z"
+    watch = ExpiryWatch(Log)
+    watch.check(board, now)
+    watch.check(board, now + dt.timedelta(hours=1))
+    assert sorted((e["what"], e["threshold_days"]) for e in logged) == [
+        ("certificate", 30), ("peer_certificate", 1)]
+    watch.check(board, now + dt.timedelta(days=14))     # 6 days left: the 7-day mark
+    assert [(e["what"], e["threshold_days"]) for e in logged[2:]] == [("certificate", 7)]
+
+
+def test_log_level_from_the_config_filters_info(tmp_path: Path, daemons: list[Any]) -> None:
+    a, b = make_pair(tmp_path, start=False)
+    daemons += [a, b]
+    a.node_extra["log_level"] = "warning"
+    a.start()                                   # bravo down: warnings only
+    wait_for(lambda: a.events("link_still_down"), 20)
+    assert not a.events("started") and not a.events("status_listening")
+    assert all(e["level"] in ("warning", "error") and e["node"] == "alpha"
+               for e in (json.loads(line) for line in a.log_path.read_text().splitlines()))
