@@ -132,7 +132,14 @@ class _BadFile:
         pass
 
 
-async def test_a_file_that_cannot_be_read_is_failed_and_wedges_nothing(tmp_path, autojump_clock):
+@pytest.fixture
+def quick_retry(monkeypatch):
+    # Real time, not an autojump clock: spool work runs in threads, and a MockClock
+    # would leap to the test's own deadline while a thread is slow on a loaded machine.
+    monkeypatch.setattr("linkd.net.connection.READ_RETRY", 0.05)
+
+
+async def test_a_file_that_cannot_be_read_is_failed_and_wedges_nothing(tmp_path, quick_retry):
     """EIO reading a queued file used to end every session of the peer, forever. Now
     it is retried a few times, then failed with the reason; the session stays up and
     the other files of the channel and of other channels flow."""
@@ -171,7 +178,7 @@ async def test_a_file_that_cannot_be_read_is_failed_and_wedges_nothing(tmp_path,
     assert {peer.names[k] for k in peer.complete} >= {"next.bin", "good.bin"}
 
 
-async def test_resource_errors_delay_a_send_but_never_fail_the_file(tmp_path, autojump_clock):
+async def test_resource_errors_delay_a_send_but_never_fail_the_file(tmp_path, quick_retry):
     ca = trustme.CA()
     link = make_link(node_config(tmp_path, ca, "alpha", [peer_config("bravo")]), "bravo")
     drop(link, "data", "fine.bin", b"fine")
