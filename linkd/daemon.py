@@ -86,6 +86,13 @@ class Daemon:
         self._show_paused(link.name)
         return link
 
+    async def queue_entries(self, peer: str | None = None,
+                            channel: str | None = None) -> list[dict[str, Any]]:
+        """Every queued file (GET /queue, `linkctl queue`), oldest first per channel.
+        In a thread: listing a big out/ must not stall the event loop."""
+        links = [link for name, link in list(self.links.items()) if peer is None or name == peer]
+        return await in_thread(lambda: [e for link in links for e in link.queue_entries(channel)])
+
     def on_pause_changed(self, peer: str) -> None:
         """The pause controller changed `peer`'s pauses: a resumed channel sends now."""
         link = self.links.get(peer)
