@@ -211,19 +211,26 @@ class AccountReport:
     def valid(self) -> bool:
         return not self.problems
 
-    def summary(self, limit: int = 8) -> str:
+    def summary(self, limit: int = 3) -> str:
+        """Counts, then up to `limit` problems of each kind, each with its event trail on
+        both nodes (what the lead needs to see why a file is unaccounted for)."""
         lines = [f"handed={self.handed} once={self.once} twice_flagged={self.twice_flagged} "
                  f"failed_ok={self.failed_ok} problems={len(self.problems)}"]
-        kinds = Counter(p.split(":", 1)[0] for _, p in self.problems)
-        if kinds:
-            lines.append("by kind: " + ", ".join(f"{k} x{n}" for k, n in kinds.most_common()))
-        for handed, problem in self.problems[:limit]:
-            lines.append(f"- {problem}")
-            if handed is not None:
-                for trail in self.trails.get((handed.channel, handed.name), [])[:12]:
-                    lines.append(f"      {trail}")
-        if len(self.problems) > limit:
-            lines.append(f"... and {len(self.problems) - limit} more")
+        by_kind: dict[str, list[tuple[Handed | None, str]]] = defaultdict(list)
+        for handed, problem in self.problems:
+            by_kind[problem.split(":", 1)[0]].append((handed, problem))
+        if by_kind:
+            lines.append("by kind: " + ", ".join(f"{k} x{len(v)}" for k, v in by_kind.items()))
+        for kind, items in by_kind.items():
+            for handed, problem in items[:limit]:
+                lines.append(f"- {problem}")
+                if handed is not None:
+                    trail = self.trails.get((handed.channel, handed.name), [])
+                    lines += [f"      {t}" for t in trail[:10]]
+                    if not trail:
+                        lines.append("      (no events name it on either side)")
+            if len(items) > limit:
+                lines.append(f"  ... and {len(items) - limit} more {kind}")
         return "\n".join(lines)
 
 
@@ -232,7 +239,8 @@ FailedScan = dict[str, dict[str, tuple[str, str | None]]]
 
 def scan_failed(failed_root: Path, channels: list[str]) -> FailedScan:
     """found[channel][entry] = (sha256, reason line or None) for every regular file in
-    failed/<channel>/ that is not the `.reason` of another entry there."""
+    failed/<channel>/ that is not the `.reason` of another entry there (`X.reason` beside
+    `X` is X's reason, unless `X.reason.reason` exists too: then it is a failed file)."""
     found: dict[str, dict[str, tuple[str, str | None]]] = {}
     for channel in channels:
         folder = failed_root / channel
@@ -242,8 +250,9 @@ def scan_failed(failed_root: Path, channels: list[str]) -> FailedScan:
             names = set()
         here: dict[str, tuple[str, str | None]] = {}
         for entry in sorted(names):
-            if entry.endswith(".reason") and entry[:-len(".reason")] in names:
-                continue
+            if (entry.endswith(".reason") and entry[:-len(".reason")] in names
+                    and entry + ".reason" not in names):
+                continue                  # the reason of another entry (not a failed file)
             path = folder / entry
             if path.is_symlink() or not path.is_file():
                 continue
