@@ -257,7 +257,7 @@ def scan_failed(failed_root: Path, channels: list[str]) -> FailedScan:
             if path.is_symlink() or not path.is_file():
                 continue
             reason = None
-            if entry + ".reason" in names:
+            if entry + ".reason" in names and entry + ".reason.reason" not in names:
                 try:
                     reason = (folder / (entry + ".reason")).read_text(errors="replace").strip()
                 except OSError:
