@@ -266,7 +266,10 @@ class Campaign:
             backup = rng.random() < 0.4
             if backup:
                 self.backups[side] = copy_state(d, self.tmp / f"backup-{side}")
-            self.note(f"{action} {side}{' (backup taken)' if backup else ''}")
+            down = rng.uniform(0, 3)
+            self.note(f"{action} {side}{' (backup taken)' if backup else ''}, "
+                      f"down for {down:.1f}s")
+            time.sleep(down)                             # the outage (files pile up)
             self.start(d)
         elif action == "wipe":
             self.halt(d, rng.choice(["kill", "term"]))
@@ -330,22 +333,45 @@ class Campaign:
             d.proc.send_signal(signal.SIGCONT)
         elif action == "squeeze":
             seconds = rng.uniform(1, 3)
-            held = []
-            for _ in range(100):
-                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                s.settimeout(0.2)
-                try:
-                    s.connect(str(self.a.socket))
-                    held.append(s)
-                except OSError:
-                    s.close()
-            self.note(f"squeeze alpha's descriptors: {len(held)} idle status connections "
-                      f"for {seconds:.1f}s")
+            held, peak = self.squeeze()
+            self.note(f"squeeze alpha's descriptors: {len(held)} idle status connections, "
+                      f"alpha at {peak}/{NOFILE} descriptors, for {seconds:.1f}s")
             time.sleep(seconds)                          # the fault's duration
             for s in held:
                 s.close()
         else:  # pragma: no cover
             raise AssertionError(action)
+
+    def squeeze(self) -> tuple[list[socket.socket], int]:
+        """Connect to alpha's status socket until alpha holds (almost) all the descriptors
+        its limit allows (or no more connections are taken): its spool opens then get
+        EMFILE until the connections close."""
+        held: list[socket.socket] = []
+        peak = 0
+        pid = self.a.proc.pid if self.a.proc is not None else 0
+
+        def count() -> int:
+            try:
+                return len(os.listdir(f"/proc/{pid}/fd"))
+            except OSError:
+                return 0
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and len(held) < 3 * NOFILE and peak < NOFILE - 1:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                s.connect(str(self.a.socket))
+            except OSError:
+                # the listen backlog is full: give alpha a moment to accept (or to fail
+                # with EMFILE, which is the point)
+                s.close()
+                time.sleep(0.005)
+                peak = max(peak, count())
+                continue
+            held.append(s)
+            if len(held) % 8 == 0:
+                peak = max(peak, count())
+        return held, peak
 
     def _reload(self, d: Daemon) -> None:
         try:
