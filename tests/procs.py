@@ -59,7 +59,8 @@ def _toml(value: Any) -> str:
 
 class Daemon:
     def __init__(self, root: Path, name: str, pki_dir: Path, *, port: int | None = None,
-                 link: dict[str, Any] | None = None, file_mode: str | None = None) -> None:
+                 link: dict[str, Any] | None = None, file_mode: str | None = None,
+                 wrap: list[str] | None = None) -> None:
         self.name = name
         self.dir = root / name
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -74,7 +75,7 @@ class Daemon:
         self.file_mode = file_mode
         self.peers: list[dict[str, Any]] = []
         self.proc: subprocess.Popen[bytes] | None = None
-        self.wrap: list[str] = []
+        self.wrap: list[str] = list(wrap or [])   # e.g. ["prlimit", "--nofile=128:128"]
         self.listen_address = "127.0.0.1"    # e.g. an address inside a test netns
         self.node_extra: dict[str, Any] = {}  # more [node] keys, e.g. spool_group
         self.status_extra: dict[str, Any] = {}  # [status] keys, e.g. metrics_listen
@@ -201,6 +202,40 @@ class Daemon:
                     out.append(event)
         return out
 
+    def all_events(self) -> list[dict[str, Any]]:
+        """Every JSON event line of the log (all runs: the log is appended to)."""
+        out = []
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return []
+        for line in text.splitlines():
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+        return out
+
+    def reload(self, timeout: float = 30) -> None:
+        """Write the config again and SIGHUP the daemon; return once it has logged the
+        reload (`reloaded`); a `reload_failed` raises AssertionError with its reason."""
+        before = len(self.events("reloaded")) + len(self.events("reload_failed"))
+        self.write_config()
+        self.signal(signal.SIGHUP)
+        wait_for(lambda: len(self.events("reloaded")) + len(self.events("reload_failed"))
+                 > before, timeout, message=lambda: f"{self.name} did not reload\n{self.tail()}")
+        if self._last_reload_event() == "reload_failed":
+            reason = self.events("reload_failed")[-1].get("reason")
+            raise AssertionError(f"{self.name}: reload failed: {reason}")
+
+    def _last_reload_event(self) -> str | None:
+        last = None
+        for event in self.all_events():
+            if event.get("event") in ("reloaded", "reload_failed"):
+                last = event["event"]
+        return last
+
     def tail(self, n: int = 40) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
@@ -223,6 +258,13 @@ class Daemon:
             f.write(data)
         os.rename(temp, out / name)
         return out / name
+
+    def queue_dir(self, peer: str, ch: str) -> Path:
+        """The spool's own queue of claimed files (CONTRACT revision 2, §3)."""
+        return self.spool / peer / "queue" / ch
+
+    def failed_dir(self, peer: str, ch: str) -> Path:
+        return self.spool / peer / "failed" / ch
 
     def inbound(self, peer: str, ch: str) -> dict[str, bytes]:
         folder = self.in_dir(peer, ch)
@@ -398,3 +440,115 @@ def assert_exactly_once(receiver: Daemon, peer: str, channel: str,
     assert len(seqs) == len(set(seqs)), "a seq was delivered twice"
     if logs_complete:
         assert len(seqs) == len(expected), (len(seqs), len(expected))
+
+
+# -- helpers for the edge tests and the operator-fault campaign (issue 7) -----------
+
+
+def channel_state_dirs(d: Daemon, peer: str, ch: str) -> list[Path]:
+    """What "this channel's state" is on disk: `<state>/peers/<peer>/channels/<ch>/`
+    (the issue 7 layout); for a state dir of the layout before it, the channel's
+    `out/<ch>.json` and `in/<ch>.json` records (never the claimed files beside them)."""
+    peer_dir = d.state / "peers" / peer
+    new = peer_dir / "channels" / ch
+    if new.exists():
+        return [new]
+    return [p for p in (peer_dir / "out" / f"{ch}.json", peer_dir / "in" / f"{ch}.json")
+            if p.exists()]
+
+
+def delete_channel_state(d: Daemon, peer: str, ch: str) -> list[Path]:
+    """Delete one channel's state (the daemon must be stopped); returns what was removed."""
+    import shutil
+
+    removed = channel_state_dirs(d, peer, ch)
+    for path in removed:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return removed
+
+
+def copy_state(d: Daemon, dest: Path) -> Path:
+    """A backup of the daemon's state dir (take it while the daemon is stopped)."""
+    import shutil
+
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(d.state, dest, symlinks=True)
+    return dest
+
+
+def restore_state(d: Daemon, backup: Path) -> None:
+    """Put a backup in place of the daemon's state dir (the daemon must be stopped)."""
+    import shutil
+
+    if d.state.exists():
+        shutil.rmtree(d.state)
+    shutil.copytree(backup, d.state, symlinks=True)
+
+
+def leftovers(d: Daemon, peer: str, channels: list[str]) -> list[str]:
+    """Files still waiting on the sending side: out/<ch>/ (not dot-files), the spool's
+    queue/<ch>/, and claimed `.data` files under the state dir (the layout before
+    issue 7 kept the queue there)."""
+    found = []
+    for ch in channels:
+        found += [f"out/{ch}/{n}" for n in entries(d.out_dir(peer, ch)) if not n.startswith(".")]
+        found += [f"queue/{ch}/{n}" for n in entries(d.queue_dir(peer, ch))
+                  if not n.startswith(".")]
+    if d.state.exists():
+        for path in sorted(d.state.rglob("*.data")):
+            found.append(f"state/{path.relative_to(d.state)}")
+    return found
+
+
+def open_paths(pid: int) -> set[str]:
+    """The paths a process holds open (from /proc/PID/fd); empty if it is gone."""
+    found = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return found
+    for fd in fds:
+        try:
+            found.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue
+    return found
+
+
+WRITER = r"""
+import os, random, sys, time
+path, size, chunk, pause, first, first_pause, seed = sys.argv[1:8]
+size, chunk, first, seed = int(size), int(chunk), int(first), int(seed)
+pause, first_pause = float(pause), float(first_pause)
+data = random.Random(seed).randbytes(size)
+fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+done = 0
+if first:
+    done = os.write(fd, data[:first])
+    time.sleep(first_pause)
+while done < size:
+    done += os.write(fd, data[done:done + chunk])
+    time.sleep(pause)
+os.close(fd)
+"""
+
+
+def writer_payload(size: int, seed: int) -> bytes:
+    """The bytes `start_writer(..., seed=seed)` writes."""
+    import random
+
+    return random.Random(seed).randbytes(size)
+
+
+def start_writer(path: Path, size: int, *, chunk: int = 1 << 20, pause: float = 0.05,
+                 first: int = 0, first_pause: float = 0.0, seed: int = 0,
+                 ) -> subprocess.Popen[bytes]:
+    """A separate process that writes `size` bytes straight into `path` (in place, like
+    `cp`): open, optionally `first` bytes then `first_pause` seconds, then `chunk`-byte
+    writes with `pause` after each, then close. Its content is writer_payload(size, seed)."""
+    return subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(size), str(chunk),
+                             str(pause), str(first), str(first_pause), str(seed)])
