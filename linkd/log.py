@@ -27,6 +27,7 @@ def configure(fmt: str | None = None, level: str = "info") -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _audit,     # the tamper-evident audit log (linkd/evidence/audit.py)
             structlog.processors.format_exc_info if fmt == "json" else _noop,
             renderer,
         ]
@@ -37,6 +38,12 @@ def configure(fmt: str | None = None, level: str = "info") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+
+def _audit(logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
+    from .evidence.audit import sink
+    sink(event)
+    return event
 
 
 def _noop(logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
