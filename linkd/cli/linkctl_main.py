@@ -42,6 +42,9 @@ def parser() -> argparse.ArgumentParser:
     issue.add_argument("name")
     issue.add_argument("--force", action="store_true", help="overwrite an existing NAME.crt/key")
 
+    from .evidence_cmd import add_parsers as add_evidence_parsers
+    add_evidence_parsers(sub)          # receipt show|verify, audit verify|export
+
     demo = sub.add_parser("demo", help="two nodes on 127.0.0.1 exchanging sample traffic")
     demo.add_argument("--seconds", type=float, default=None,
                       help="stop after this many seconds (default: run until Ctrl-C)")
@@ -82,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "pki":
             from .pki_cmd import run_pki
             return run_pki(args)
+        if args.command in ("receipt", "audit"):
+            from .evidence_cmd import run as run_evidence
+            return run_evidence(args, load)
         if args.command == "demo":
             from .demo import run_demo
             return run_demo(args.seconds, args.dir)

@@ -303,6 +303,26 @@ class _Chain:
     first: int = 1
 
 
+EXPORT_FORMAT = "linkd-audit-export/1"
+
+
+def _bundle(data: bytes) -> tuple[bytes, dict[str, x509.Certificate]] | None:
+    """An export bundle (cli/evidence_cmd.py): its lines, and the certificates of the
+    audit_key lines before its slice."""
+    if not data.startswith(b"{") or EXPORT_FORMAT.encode() not in data[:200]:
+        return None
+    try:
+        doc = json.loads(data)
+        lines = [str(x).encode("utf-8") for x in doc["lines"]]
+        certs = {}
+        for raw in doc.get("keys", []):
+            cert = x509.load_pem_x509_certificate(str(json.loads(raw)["cert"]).encode())
+            certs[keys.cert_sha256(keys.der(cert))] = cert
+    except (ValueError, KeyError, TypeError):
+        return None
+    return b"".join(line + b"\n" for line in lines), certs
+
+
 def _parse(raw: bytes, where: str) -> tuple[dict[str, Any] | None, str | None]:
     try:
         obj = json.loads(raw)
@@ -326,6 +346,10 @@ def verify_chain(files: list[Path], extra_certs: dict[str, x509.Certificate] | N
             data = path.read_bytes()
         except OSError as exc:
             return Verdict(False, f"cannot read {path}: {exc.strerror or exc}"), chain
+        bundle = _bundle(data)
+        if bundle is not None:
+            data, bundle_certs = bundle
+            certs.update(bundle_certs)
         if data and not data.endswith(b"\n"):
             n = data.count(b"\n") + 1
             return Verdict(False, f"{path}: line {n}: cut short (no newline at its end)"), chain
