@@ -53,6 +53,7 @@ class NodeConfig:
     state_dir: Path                # default <spool_dir>/.linkd
     status_socket: Path            # default <state_dir>/status.sock
     file_mode: int = 0o640
+    audit_checkpoint_lines: int = 1000   # a signed audit checkpoint every N lines
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -109,7 +110,8 @@ _FILE_MODE_RE = re.compile(r"(?:0[oO])?([0-7]{1,4})")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 _SECTIONS = ("node", "tls", "listen", "link", "peer")
-_NODE_KEYS = ("name", "spool_dir", "state_dir", "status_socket", "file_mode")
+_NODE_KEYS = ("name", "spool_dir", "state_dir", "status_socket", "file_mode",
+              "audit_checkpoint_lines")
 _TLS_KEYS = ("cert", "key", "ca", "crl", "require_post_quantum")
 _LISTEN_KEYS = ("address", "port")
 _LINK_FLOATS = ("heartbeat_interval", "heartbeat_timeout", "reconnect_min", "reconnect_max",
@@ -121,6 +123,7 @@ _CHANNEL_KEYS = ("name", "priority", "max_message_bytes")
 _EXAMPLES = {
     "name": '"interpol"', "spool_dir": '"/var/spool/linkd"', "state_dir": '"/var/lib/linkd"',
     "status_socket": '"/run/linkd/status.sock"', "file_mode": '"0640"',
+    "audit_checkpoint_lines": "1000",
     "cert": '"/etc/linkd/tls/interpol.crt"', "key": '"/etc/linkd/tls/interpol.key"',
     "ca": '"/etc/linkd/tls/link-ca.crt"', "crl": '"/etc/linkd/tls/link-ca.crl"',
     "address": '"0.0.0.0"', "port": "7443", "archive_sent": "false",
@@ -281,8 +284,12 @@ class _Loader:
                 self.fail("node.file_mode", f"{_quote(text)} is not an octal file mode",
                           'write e.g. file_mode = "0640" (at most "0777")')
             mode = int(m.group(1), 8)
+        every = self.get(t, "audit_checkpoint_lines", "node", int)
+        if every is not None and not 1 <= every <= 1_000_000:
+            self.fail("node.audit_checkpoint_lines", f"{every} is out of range",
+                      "use 1 to 1000000 (lines between signed audit checkpoints)")
         return NodeConfig(name=name, spool_dir=spool, state_dir=state, status_socket=sock,
-                          file_mode=mode)
+                          file_mode=mode, audit_checkpoint_lines=every or 1000)
 
     def tls(self, doc: dict[str, Any]) -> TLSConfig:
         if "tls" not in doc:

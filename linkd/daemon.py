@@ -23,6 +23,7 @@ from . import log as logmod
 from .check import startup_problems
 from .config import Config, PeerConfig, load_config
 from .errors import ConfigError, LinkdError
+from .evidence import service as evidence
 from .net.supervisor import dial_loop, handle_inbound
 from .net.tls import TLSContexts, make_contexts
 from .peer import PeerLink, in_thread
@@ -73,8 +74,14 @@ class Daemon:
         cfg = self.cfg
         lock = lock_state_dir(cfg.node.state_dir)
         try:
+            try:
+                await in_thread(evidence.open_audit, cfg)   # the audit log (docs/EVIDENCE.md)
+            except (OSError, ValueError) as exc:
+                raise StartupError(f"cannot open the audit log in {cfg.node.state_dir}/audit: "
+                                   f"{exc} (check state_dir and the key)") from None
             await self._serve()
         finally:
+            evidence.close_audit()
             lock.release() if hasattr(lock, "release") else None
 
     async def _serve(self) -> None:
@@ -114,6 +121,7 @@ class Daemon:
                 systemd.ready(f"serving {len(self.links)} peer(s)")
                 nursery.start_soon(systemd.watchdog_loop, lambda: True)
                 nursery.start_soon(self._status_loop)
+                nursery.start_soon(evidence.audit_loop, self)
                 async for signum in sigs:
                     if signum == signal.SIGHUP:
                         # In its own task: a SIGTERM during a long reload is not delayed.
@@ -165,6 +173,7 @@ class Daemon:
         self.stopping = True
         systemd.stopping()
         self.log.info("stopping", signal=why)
+        await evidence.checkpoint_and_send(self, "stopping")   # witnessed before the bye
         for scope in self.link_scopes.values():
             scope.cancel()   # stops pick-up and dialling
         with trio.move_on_after(STOP_GRACE):

@@ -123,6 +123,7 @@ class AuditLog:
                                    "fragment was removed"})
         if self.signer is not None:
             self._write_key()
+            self.checkpoint("opened")    # so that the first hello already carries one
         self.sync()
 
     def _write_key(self) -> None:
@@ -367,8 +368,8 @@ def verify_chain(files: list[Path], extra_certs: dict[str, x509.Certificate] | N
                                           f"(lines were deleted before it)"), chain
             if number != expected_line:
                 if number > expected_line:
-                    what = (f"{number - expected_line} line(s) before it were deleted "
-                            f"(expected line {expected_line}, found {number})")
+                    what = (f"lines before it were deleted, or it was moved (expected line "
+                            f"{expected_line}, found {number})")
                 else:
                     what = (f"inserted or out of order (expected line {expected_line}, "
                             f"found {number})")
