@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+
 from ..evidence import audit as A
 from ..evidence import keys
 from ..evidence import receipts as R
@@ -120,11 +122,11 @@ def receipt_verify(path: Path, cert_path: Path, ca_path: Path, original: Path | 
     if problem is not None:
         raise _Fail(f"receipt signer not trusted: {problem}")
     names = {x.value for x in leaf.subject.get_attributes_for_oid(
-        keys.x509.oid.NameOID.COMMON_NAME)}
+        x509.oid.NameOID.COMMON_NAME)}
     try:
-        san = leaf.extensions.get_extension_for_class(keys.x509.SubjectAlternativeName)
-        names |= set(san.value.get_values_for_type(keys.x509.DNSName))
-    except keys.x509.ExtensionNotFound:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        names |= set(san.value.get_values_for_type(x509.DNSName))
+    except x509.ExtensionNotFound:
         pass
     if receipt.to.lower() not in {str(n).lower() for n in names}:
         raise _Fail(f"receipt names {receipt.to!r} as the receiver, but {cert_path} is not "

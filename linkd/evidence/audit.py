@@ -394,12 +394,12 @@ def verify_chain(files: list[Path], extra_certs: dict[str, x509.Certificate] | N
                 chain.node = chain.node or obj.get("node")
             elif event == "audit_checkpoint":
                 signer = obj.get("signer")
-                cert = certs.get(str(signer))
-                if cert is None:
+                signing = certs.get(str(signer))
+                if signing is None:
                     return Verdict(False, f"{where}: checkpoint signed by certificate "
                                           f"{str(signer)[:16]}…, which this log does not "
                                           f"carry"), chain
-                problem = checkpoint_problem(obj, cert)
+                problem = checkpoint_problem(obj, signing)
                 if problem:
                     return Verdict(False, f"{where}: {problem}"), chain
                 chain.last_checkpoint = f"line {number} at {obj.get('timestamp')}"
