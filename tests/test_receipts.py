@@ -236,3 +236,23 @@ async def test_a_good_receipt_is_kept_before_the_file_leaves(link):
     assert R.Verifier(peer.signer.cert).problem(r, p) is None
     certs = keys.CertStore(link.cfg.node.state_dir / "certs")
     assert certs.find(peer.signer.cert_sha256) is not None
+
+
+async def test_archive_sent_keeps_the_receipt_beside_the_archived_file(tmp_path):
+    from linkd.config import LinkConfig
+    link = make_link(node_config(tmp_path, trustme.CA(), "alpha", [peer_config("bravo")],
+                                 LinkConfig(archive_sent=True)), "bravo")
+    drop(link, "data", "kept.txt", b"kept")
+    scan_sync(link)
+    peer = FakePeer(None)
+
+    async def until(runner, peer):
+        sent = link.layout.sent_dir("data")
+        while not (sent / ".kept.txt.receipt").exists():   # noqa: ASYNC110
+            await trio.sleep(0.01)
+    await run_against(link, peer, until)
+    sent = link.layout.sent_dir("data")
+    assert sorted(p.name for p in sent.iterdir()) == [".kept.txt.receipt", "kept.txt"]
+    r, p = R.from_document(json.loads((sent / ".kept.txt.receipt").read_text()))
+    assert r.sha256 == hashlib.sha256(b"kept").hexdigest()
+    assert R.Verifier(peer.signer.cert).problem(r, p) is None

@@ -479,20 +479,23 @@ class SessionRunner:
                                                                         docs)
 
     def _archive_receipts(self, ch: str, docs: list[dict[str, Any]]) -> None:
-        """Blocking: with archive_sent, `<name>.receipt` beside each archived file."""
-        from ..spool.files import pick_free
+        """Blocking: with archive_sent, `.<name>.receipt` beside each archived file (a
+        dot-file, so that sent/<ch>/ still lists only the files themselves)."""
         sent = self.link.layout.sent_dir(ch)
-        taken: set[str] = set()
         for doc in docs:
-            name = pick_free(sent, f"{doc['receipt']['sent_name']}.receipt", taken)
-            taken.add(name)
-            fd = os.open(sent / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                         0o640)
-            try:
-                os.write(fd, R.dumps(doc))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            r = doc["receipt"]
+            for name in (f".{r['sent_name']}.receipt", f".{r['sent_name']}.{r['seq']}.receipt"):
+                try:
+                    fd = os.open(sent / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                                 | os.O_NOFOLLOW, 0o640)
+                except FileExistsError:
+                    continue
+                try:
+                    os.write(fd, R.dumps(doc))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                break
         if docs:
             dfd = os.open(sent, os.O_RDONLY | os.O_DIRECTORY)
             try:
