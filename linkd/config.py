@@ -55,6 +55,7 @@ class NodeConfig:
     file_mode: int = 0o640
     spool_group: str | None = None  # out/ 2770, in/ 2750 for this group (producers)
     log_level: str = "info"         # debug | info | warning | error
+    audit_checkpoint_lines: int = 1000   # a signed audit checkpoint every N lines
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -118,7 +119,7 @@ _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 _SECTIONS = ("node", "tls", "listen", "link", "peer", "status")
 _NODE_KEYS = ("name", "spool_dir", "state_dir", "status_socket", "file_mode", "spool_group",
-              "log_level")
+              "log_level", "audit_checkpoint_lines")
 _STATUS_KEYS = ("metrics_listen",)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _TLS_KEYS = ("cert", "key", "ca", "crl", "require_post_quantum")
@@ -132,6 +133,7 @@ _CHANNEL_KEYS = ("name", "priority", "max_message_bytes")
 _EXAMPLES = {
     "name": '"interpol"', "spool_dir": '"/var/spool/linkd"', "state_dir": '"/var/lib/linkd"',
     "status_socket": '"/run/linkd/status.sock"', "file_mode": '"0640"',
+    "audit_checkpoint_lines": "1000",
     "cert": '"/etc/linkd/tls/interpol.crt"', "key": '"/etc/linkd/tls/interpol.key"',
     "ca": '"/etc/linkd/tls/link-ca.crt"', "crl": '"/etc/linkd/tls/link-ca.crl"',
     "address": '"0.0.0.0"', "port": "7443", "archive_sent": "false",
@@ -302,9 +304,14 @@ class _Loader:
         if level is not None and level.lower() not in LOG_LEVELS:
             self.fail("node.log_level", f"{_quote(level)} is not a log level",
                       f"use one of {', '.join(LOG_LEVELS)}")
+        every = self.get(t, "audit_checkpoint_lines", "node", int)
+        if every is not None and not 1 <= every <= 1_000_000:
+            self.fail("node.audit_checkpoint_lines", f"{every} is out of range",
+                      "use 1 to 1000000 (lines between signed audit checkpoints)")
         return NodeConfig(name=name, spool_dir=spool, state_dir=state, status_socket=sock,
                           file_mode=mode, spool_group=group,
-                          log_level="info" if level is None else level.lower())
+                          log_level="info" if level is None else level.lower(),
+                          audit_checkpoint_lines=every or 1000)
 
     def status(self, doc: dict[str, Any]) -> StatusConfig:
         if "status" not in doc:

@@ -24,6 +24,7 @@ from .check import startup_problems
 from .config import Config, PeerConfig, load_config
 from .control import Controller, PauseState, count_files
 from .errors import ConfigError, LinkdError
+from .evidence import service as evidence
 from .expiry import ExpiryWatch, tls_dates
 from .metrics import tls_refusal_kind
 from .net.supervisor import dial_loop, handle_inbound, outage_watch
@@ -128,9 +129,15 @@ class Daemon:
             except ValueError as exc:
                 raise StartupError(str(exc)) from None
             self.pauses.subscribe(lambda peer, _channel, _paused: self._show_paused(peer))
+            try:
+                await in_thread(evidence.open_audit, cfg)   # the audit log (docs/EVIDENCE.md)
+            except (OSError, ValueError) as exc:
+                raise StartupError(f"cannot open the audit log in {cfg.node.state_dir}/audit: "
+                                   f"{exc} (check state_dir and the key)") from None
             await self._serve()
         finally:
             self._stop_observing()
+            evidence.close_audit()
             lock.release() if hasattr(lock, "release") else None
 
     async def _serve(self) -> None:
@@ -179,6 +186,7 @@ class Daemon:
                 nursery.start_soon(systemd.watchdog_loop, lambda: True)
                 nursery.start_soon(self._status_loop)
                 nursery.start_soon(self._housekeeping)
+                nursery.start_soon(evidence.audit_loop, self)
                 async for signum in sigs:
                     if signum == signal.SIGHUP:
                         # In its own task: a SIGTERM during a long reload is not delayed.
@@ -254,6 +262,7 @@ class Daemon:
         self.stopping = True
         systemd.stopping()
         self.log.info("stopping", signal=why)
+        await evidence.checkpoint_and_send(self, "stopping")   # witnessed before the bye
         for scope in self.link_scopes.values():
             scope.cancel()   # stops pick-up and dialling
         with trio.move_on_after(STOP_GRACE):

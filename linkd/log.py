@@ -69,13 +69,14 @@ def configure(fmt: str | None = None, level: str = "info", node: str | None = No
             structlog.processors.add_log_level,
             _notify_observers,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _audit,     # the tamper-evident audit log (linkd/evidence/audit.py)
+            _LevelFilter(level),    # after the audit log: log_level never hides evidence
             structlog.processors.format_exc_info if fmt == "json" else _noop,
             renderer,
         ]
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(
-            getattr(logging, level.upper(), logging.INFO)),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
@@ -112,6 +113,25 @@ def add_observer(observer: Observer) -> Callable[[], None]:
     """Call `observer(event_dict)` for every logged event; returns the remover."""
     _observers.append(observer)
     return lambda: _observers.remove(observer) if observer in _observers else None
+
+
+class _LevelFilter:
+    """Drops events below `[node] log_level` from stderr, after the audit log saw them."""
+
+    def __init__(self, level: str) -> None:
+        self.minimum = getattr(logging, level.upper(), logging.INFO)
+
+    def __call__(self, logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
+        level = str(event.get("level") or name).upper()
+        if getattr(logging, level, logging.INFO) < self.minimum:
+            raise structlog.DropEvent
+        return event
+
+
+def _audit(logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
+    from .evidence.audit import sink
+    sink(event)
+    return event
 
 
 def _noop(logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:

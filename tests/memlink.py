@@ -34,6 +34,37 @@ from linkd.proto.framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
 
 FAR = 1e9     # a deadline that never comes
 
+_FAKE_CA: trustme.CA | None = None
+_FAKE: dict[str, Any] = {}
+
+
+def fake_identity(name: str) -> Any:
+    """A signing identity (linkd.evidence.keys.Signer) for a FakePeer named `name`."""
+    global _FAKE_CA
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from linkd.evidence.keys import Signer
+    if name not in _FAKE:
+        _FAKE_CA = _FAKE_CA or trustme.CA()
+        cert = _FAKE_CA.issue_cert(name, common_name=name)
+        _FAKE[name] = Signer(x509.load_pem_x509_certificate(cert.cert_chain_pems[0].bytes()),
+                             load_pem_private_key(cert.private_key_pem.bytes(), None))
+    return _FAKE[name]
+
+
+def _peer_cert_source(cfg: Config, peer_name: str) -> Any:
+    """The peer's certificate for a session over a plain memory stream (no TLS): the
+    real node's when the test made one beside ours, else the FakePeer identity."""
+    def source() -> bytes:
+        from linkd.evidence.keys import der, load_certs
+        real = cfg.path.parent.parent / peer_name / "cert.pem"
+        if real.exists():
+            return der(load_certs(real)[0])
+        der_bytes: bytes = fake_identity(peer_name).cert_der
+        return der_bytes
+    return source
+
 
 def node_config(tmp_path: Path, ca: trustme.CA, name: str, peers: list[PeerConfig],
                 link: LinkConfig | None = None) -> Config:
@@ -60,6 +91,7 @@ def make_link(cfg: Config, peer_name: str) -> Any:
     for ch in peer.channels:
         status.channel(ch.name)
     link = PeerLink(cfg, peer, status)
+    link.peer_cert_source = _peer_cert_source(cfg, peer_name)
     link.prepare()
     return link
 
@@ -135,6 +167,9 @@ class FakePeer:
         self.silent = silent
         self.ack = ack
         self.forge = forge                 # AckEntry -> AckEntry: a peer that lies
+        self.node = node
+        self.peer = peer
+        self.signer = fake_identity(node)  # signs receipts like a real peer
         self.withhold = set(withhold)      # channels whose credit we do not give back
         self.session = S.Session(
             node=node, peer=peer, now=trio.current_time(),
@@ -210,9 +245,24 @@ class FakePeer:
             body = bytes(self.bodies[(ch, seq)])
             name = self.names[(ch, seq)]
             entry = F.AckEntry(seq, hashlib.sha256(body).digest(), len(body), name, name, now)
+            entry = self.sign(ch, entry)
             if self.forge is not None:
                 entry = self.forge(entry)
             self.session.send_ack(ch, [entry])
+
+    def sign(self, ch: str, entry: F.AckEntry) -> F.AckEntry:
+        """Attach a receipt signed with this peer's key (a batch of one)."""
+        import dataclasses
+
+        from linkd.evidence import receipts as R
+        from linkd.evidence.canonical import micros
+        receipt = R.Receipt(frm=self.peer, to=self.node, channel=ch, seq=entry.seq,
+                            sent_name=entry.sent_name, delivered_name=entry.name,
+                            size=entry.size, sha256=entry.sha256.hex(),
+                            delivered_at_us=micros(entry.delivered_at))
+        proof = R.sign_batch([receipt], self.signer)[0]
+        return dataclasses.replace(entry, sig=proof.signature, index=0, batch=1, path=(),
+                                   signer=bytes.fromhex(proof.signer))
 
     def sha(self, ch: str, seq: int) -> str:
         return hashlib.sha256(bytes(self.bodies[(ch, seq)])).hexdigest()

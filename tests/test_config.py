@@ -409,6 +409,7 @@ def _keys(doc: dict[str, Any], prefix: str = "") -> set[str]:
 CONTRACT_KEYS = {
     "node.name", "node.spool_dir", "node.state_dir", "node.status_socket", "node.file_mode",
     "node.spool_group", "node.log_level", "status.metrics_listen",
+    "node.audit_checkpoint_lines",
     "tls.cert", "tls.key", "tls.ca", "tls.crl", "tls.require_post_quantum",
     "listen.address", "listen.port",
     "link.heartbeat_interval", "link.heartbeat_timeout", "link.reconnect_min",

@@ -85,6 +85,9 @@ def parser() -> argparse.ArgumentParser:
     crl.add_argument("--days", type=int, default=None,
                      help="days until the CRL's nextUpdate (default 30)")
 
+    from .evidence_cmd import add_parsers as add_evidence_parsers
+    add_evidence_parsers(sub)          # receipt show|verify, audit verify|export
+
     demo = sub.add_parser("demo", help="two nodes on 127.0.0.1 exchanging sample traffic")
     demo.add_argument("--seconds", type=float, default=None,
                       help="stop after this many seconds (default: run until Ctrl-C)")
@@ -131,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "pki":
             from .pki_cmd import run_pki
             return run_pki(args)
+        if args.command in ("receipt", "audit"):
+            from .evidence_cmd import run as run_evidence
+            return run_evidence(args, load)
         if args.command == "demo":
             from .demo import run_demo
             return run_demo(args.seconds, args.dir)

@@ -61,11 +61,16 @@ import dataclasses
 import errno
 import hashlib
 import math
+import os
 from typing import Any
 
 import trio
 
 from ..errors import LocalProtocolError, SpoolError
+from ..evidence import audit as audit_mod
+from ..evidence import keys as ekeys
+from ..evidence import receipts as R
+from ..evidence.canonical import micros
 from ..proto import frames as F
 from ..proto import session as S
 from ..proto.framing import CHUNK_SIZE
@@ -90,6 +95,7 @@ MAX_INBOUND_BACKLOG = 4096    # queued inbound events before the reader stops re
 MAX_PENDING_OUTPUT = 1 << 20  # queued control bytes (pongs, acks...) before the reader waits
 BUSY_WAIT = (1.0, 30.0)       # a channel whose disk work failed nacks "busy" (first, max wait)
 READ_RETRY = 2.0              # seconds before a queued file that could not be read is retried
+ACKS_PER_FRAME = 256          # signed ack entries per frame (an RSA-4096 entry is ~1.5 KiB)
 
 
 @dataclasses.dataclass
@@ -116,12 +122,18 @@ class _OutChannel:
 
 class SessionRunner:
     def __init__(self, link: Any, stream: trio.abc.Stream, *, remote: str, dialed_by_us: bool,
-                 tls_info: dict[str, Any] | None, now: float | None = None) -> None:
+                 tls_info: dict[str, Any] | None, now: float | None = None,
+                 peer_cert: bytes | None = None) -> None:
         self.link = link
         self.stream = stream
         self.remote = remote
         self.dialed_by_us = dialed_by_us
         self.tls_info = tls_info
+        # Evidence (docs/EVIDENCE.md): our key signs receipts for what we deliver; the
+        # peer's certificate (from the TLS session) verifies the receipts it returns.
+        self.peer_cert_der = peer_cert
+        self.signer: ekeys.Signer | None = None
+        self.verifier: R.Verifier | None = None
         self.log = link.log.bind(remote=remote)
         self.lock = trio.StrictFIFOLock()
         self.sender_wake = Wakeup()
@@ -205,6 +217,8 @@ class SessionRunner:
         try:
             with self.scope:
                 await self._recover()
+                await trio.to_thread.run_sync(self._load_signer)
+                audit = audit_mod.current()
                 channels = self.hello_channels()
                 self.inbound_qs = {c.name: trio.open_memory_channel[Any](math.inf)
                                    for c in channels}
@@ -212,7 +226,8 @@ class SessionRunner:
                     node=link.cfg.node.name, peer=link.name, channels=channels,
                     now=trio.current_time(), heartbeat_interval=lcfg.heartbeat_interval,
                     heartbeat_timeout=lcfg.heartbeat_timeout,
-                    handshake_timeout=lcfg.handshake_timeout)
+                    handshake_timeout=lcfg.handshake_timeout,
+                    checkpoint=audit.latest_checkpoint if audit is not None else None)
                 async with trio.open_nursery() as nursery:
                     self.nursery = nursery
                     nursery.start_soon(self._reader)
@@ -221,6 +236,10 @@ class SessionRunner:
                     await self.flush()
                     await self.opened.wait()
                     self._on_open()
+                    await trio.to_thread.run_sync(self._load_peer_cert)
+                    assert self.session.peer_hello is not None
+                    if self.session.peer_hello.checkpoint is not None:
+                        self._witness(self.session.peer_hello.checkpoint)
                     await self._prepare_sending()
                     for _send, receive in self.inbound_qs.values():
                         nursery.start_soon(self._inbound_worker, receive)
@@ -363,6 +382,126 @@ class SessionRunner:
                 self.timer_wake.set()
             elif isinstance(ev, S.SessionClosed):
                 self.end(ev.reason, ev.error)
+            elif isinstance(ev, S.CheckpointReceived):
+                self._witness(ev.line)
+
+    # -- evidence ---------------------------------------------------------------
+
+    def _load_signer(self) -> None:
+        """Blocking: our signing key (the TLS key, re-read per session like TLS)."""
+        cfg = self.link.cfg
+        self.signer = ekeys.Signer.from_files(cfg.tls.cert, cfg.tls.key)
+        ekeys.CertStore(cfg.node.state_dir / "certs").keep(self.signer.cert_der)
+
+    def _load_peer_cert(self) -> None:
+        """Blocking: the peer's certificate from the TLS session (kept in certs/, so
+        its receipts stay verifiable after it renews), for checking its receipts."""
+        der = self.peer_cert_der
+        if der is None and hasattr(self.stream, "peer_certificate_der"):
+            der = self.stream.peer_certificate_der()
+        source = getattr(self.link, "peer_cert_source", None)
+        if der is None and source is not None:
+            der = source()      # tests over plain memory streams
+        if der is None:
+            return
+        from cryptography import x509
+        ekeys.CertStore(self.link.cfg.node.state_dir / "certs").keep(der)
+        self.verifier = R.Verifier(x509.load_der_x509_certificate(der))
+
+    def send_checkpoint(self, line: bytes) -> None:
+        """Send our newest signed audit checkpoint for the peer to witness."""
+        if self.session is not None and self.opened.is_set():
+            self.session.send_checkpoint(line)
+            self.writer_wake.set()
+
+    def _witness(self, line: bytes) -> None:
+        """Record the peer's signed checkpoint in our audit log (a witness)."""
+        import json
+        problem = None
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            obj, problem = None, "not JSON"
+        if problem is None and (not isinstance(obj, dict)
+                                or obj.get("event") != "audit_checkpoint"
+                                or obj.get("node") != self.link.name):
+            problem = "not a checkpoint of this peer"
+        if problem is None and self.verifier is None:
+            problem = "no peer certificate to check it with"
+        if problem is None:
+            assert self.verifier is not None and isinstance(obj, dict)
+            problem = audit_mod.checkpoint_problem(obj, self.verifier.cert)
+        if problem is not None:
+            self.log.warning("audit_witness_refused", peer=self.link.name, reason=problem)
+            return
+        self.log.info("audit_witness", peer=self.link.name, checkpoint=obj)
+
+    def _sign(self, ch: str, entries: list[F.AckEntry]) -> list[F.AckEntry]:
+        """Blocking: sign receipts for these ack entries (one signature per batch)."""
+        if not entries or self.signer is None:
+            return entries
+        link = self.link
+        receipts = [R.Receipt(frm=link.name, to=link.cfg.node.name, channel=ch, seq=e.seq,
+                              sent_name=e.sent_name, delivered_name=e.name, size=e.size,
+                              sha256=e.sha256.hex(), delivered_at_us=micros(e.delivered_at))
+                    for e in entries]
+        proofs = R.sign_batch(receipts, self.signer)
+        return [dataclasses.replace(e, sig=p.signature, index=p.index, batch=p.size,
+                                    path=p.path, signer=bytes.fromhex(p.signer))
+                for e, p in zip(entries, proofs, strict=True)]
+
+    def _receipt(self, ch: str, item: Claimed | None, entry: F.AckEntry,
+                 ) -> tuple[R.Receipt, R.Proof, str | None]:
+        """The receipt `entry` must carry (for our queued `item`, or as it says), and
+        why it does not verify (None if it does)."""
+        link = self.link
+        if item is not None:
+            receipt = R.Receipt(frm=link.cfg.node.name, to=link.name, channel=ch,
+                                seq=item.seq, sent_name=item.name, delivered_name=entry.name,
+                                size=item.size, sha256=item.sha256,
+                                delivered_at_us=micros(entry.delivered_at))
+        else:
+            receipt = R.Receipt(frm=link.cfg.node.name, to=link.name, channel=ch,
+                                seq=entry.seq, sent_name=entry.sent_name,
+                                delivered_name=entry.name, size=entry.size,
+                                sha256=entry.sha256.hex(),
+                                delivered_at_us=micros(entry.delivered_at))
+        proof = R.Proof(entry.index, entry.batch, entry.path, entry.sig, entry.signer.hex())
+        if not entry.sig:
+            return receipt, proof, "it carries no signed receipt"
+        if self.verifier is None:
+            return receipt, proof, "there is no peer certificate to check its receipt with"
+        return receipt, proof, self.verifier.problem(receipt, proof)
+
+    def _store_receipts(self, ch: str, docs: list[dict[str, Any]]) -> None:
+        """Blocking: receipts durable in <state_dir>/receipts/ before the files go."""
+        R.ReceiptStore(self.link.cfg.node.state_dir / "receipts").append(self.link.name, ch,
+                                                                        docs)
+
+    def _archive_receipts(self, ch: str, docs: list[dict[str, Any]]) -> None:
+        """Blocking: with archive_sent, `.<name>.receipt` beside each archived file (a
+        dot-file, so that sent/<ch>/ still lists only the files themselves)."""
+        sent = self.link.layout.sent_dir(ch)
+        for doc in docs:
+            r = doc["receipt"]
+            for name in (f".{r['sent_name']}.receipt", f".{r['sent_name']}.{r['seq']}.receipt"):
+                try:
+                    fd = os.open(sent / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                                 | os.O_NOFOLLOW, 0o640)
+                except FileExistsError:
+                    continue
+                try:
+                    os.write(fd, R.dumps(doc))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                break
+        if docs:
+            dfd = os.open(sent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
 
     # -- opening --------------------------------------------------------------
 
@@ -489,8 +628,14 @@ class SessionRunner:
                 self.link.status.channel(ch).quarantined += 1
                 self.log.warning("message_quarantined", peer=self.link.name, channel=ch,
                                  name=name, seq=seq, reason=reason, path=str(where))
+            audit = audit_mod.current()
+            if audit is not None and delivered:
+                # A delivery's audit line is durable before its ack leaves (no receipt
+                # the peer holds without our audit line for it, even after a crash).
+                await trio.to_thread.run_sync(audit.sync)
             for ch, entries in acks.items():
-                self.session.send_ack(ch, entries)
+                for i in range(0, len(entries), ACKS_PER_FRAME):
+                    self.session.send_ack(ch, entries[i:i + ACKS_PER_FRAME])
             for ch, n in credit.items():
                 self.session.grant(ch, n)
             self.writer_wake.set()
@@ -569,7 +714,10 @@ class SessionRunner:
                 delivered += got
                 acks[ch].extend(_ack_entry(d) for d in got)
                 rx.acked(ch, [d.seq for d in got])
-        return dict(acks), nacks, delivered, dict(credit), quarantined
+        # One signature per channel and batch: re-sends answered from the journal and
+        # new deliveries share one Merkle tree.
+        signed = {ch: self._sign(ch, entries) for ch, entries in acks.items()}
+        return signed, nacks, delivered, dict(credit), quarantined
 
     # -- acknowledgements -----------------------------------------------------
 
@@ -599,14 +747,25 @@ class SessionRunner:
             return
         matched: dict[int, F.AckEntry] = {}
         other: list[tuple[Claimed, F.AckEntry]] = []
+        docs: dict[int, dict[str, Any]] = {}
+        alg = ekeys.algorithm(self.verifier.cert.public_key()) if self.verifier else "?"
         for entry in entries:
             flight = state.in_flight.pop(entry.seq, None)
             if flight is None:
                 continue        # failed or renumbered meanwhile (e.g. changed while sent)
             item = flight.item
-            if (entry.sha256.hex(), entry.size, entry.sent_name) == \
-                    (item.sha256, item.size, item.name):
+            same = (entry.sha256.hex(), entry.size, entry.sent_name) == \
+                (item.sha256, item.size, item.name)
+            receipt, proof, problem = self._receipt(ch, item if same else None, entry)
+            if problem is not None and (same or flight.probe):
+                self.log.error("receipt_invalid", peer=link.name, channel=ch, seq=item.seq,
+                               name=item.name, sha256=item.sha256, reason=problem)
+                self._violation(f"the receipt for message {item.seq} on {ch!r} does not "
+                                f"verify: {problem}")
+                return
+            if same:
                 matched[item.seq] = entry
+                docs[item.seq] = R.document(receipt, proof, alg)
             elif flight.probe:
                 other.append((item, entry))
             else:
@@ -627,7 +786,17 @@ class SessionRunner:
                               reason="the peer holds other content under the old seq")
                 state.next_seq = min(state.next_seq, new.seq)
         if matched:
+            # The receipts are durable before any file leaves the queue.
+            await trio.to_thread.run_sync(self._store_receipts, ch,
+                                          [docs[s] for s in sorted(docs)])
             resolved = await spool.resolve(list(matched))
+            if getattr(spool.outbound, "archive_sent", False) and resolved:
+                try:
+                    await trio.to_thread.run_sync(
+                        self._archive_receipts, ch, [docs[r.item.seq] for r in resolved])
+                except OSError as exc:
+                    self.log.warning("receipt_archive_failed", peer=link.name, channel=ch,
+                                     reason=str(exc))
             link.refresh_queued([ch])
             stats = link.status.channel(ch)
             for r in resolved:

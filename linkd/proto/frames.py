@@ -54,6 +54,7 @@ class Hello:
     version: int
     node: str
     channels: tuple[ChannelHello, ...]
+    checkpoint: bytes | None = None     # optional `ck`: the sender's latest audit checkpoint
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -107,6 +108,30 @@ class AckEntry:
     sent_name: str
     name: str
     delivered_at: float
+    # The signed receipt (docs/EVIDENCE.md): the signature over the batch's Merkle
+    # root, this receipt's index and inclusion path in a tree of `batch` receipts,
+    # and the SHA-256 of the signing certificate. Optional on the wire; linkd always
+    # sends them and requires them.
+    sig: bytes = b""
+    index: int = 0
+    batch: int = 0
+    path: tuple[bytes, ...] = ()
+    signer: bytes = b""
+
+
+MAX_SIG_BYTES = 1024          # an RSA-8192 signature is 1024 bytes
+MAX_PATH = 64                 # inclusion path of a receipt (a tree of at most 2^64 leaves)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """The sender's latest signed audit checkpoint (one line of its audit log, as
+    written), for the receiver to witness (docs/EVIDENCE.md)."""
+
+    line: bytes
+
+
+MAX_CHECKPOINT = 16 * 1024
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -143,7 +168,7 @@ class Credit:
     bytes: int
 
 
-Frame = Hello | Bye | Ping | Pong | Msg | Data | Ack | Nack | Credit
+Frame = Hello | Bye | Ping | Pong | Msg | Data | Ack | Nack | Credit | Checkpoint
 
 
 def plain_name_problem(name: str) -> str | None:
@@ -172,6 +197,14 @@ def _channel_hello(c: ChannelHello) -> dict[str, Any]:
             "r": list(c.resume) if c.resume else None, "cr": c.credit}
 
 
+def _ack_entry_map(e: AckEntry) -> dict[str, Any]:
+    m: dict[str, Any] = {"s": e.seq, "h": e.sha256, "z": e.size, "n": e.sent_name, "d": e.name,
+                         "at": e.delivered_at}
+    if e.sig:
+        m.update(rs=e.sig, ri=e.index, rn=e.batch, rp=list(e.path), rc=e.signer)
+    return m
+
+
 def frame_to_map(frame: Frame) -> dict[str, Any]:
     if isinstance(frame, Data):
         return {"t": "data", "ch": frame.ch, "s": frame.seq, "d": frame.data}
@@ -179,9 +212,9 @@ def frame_to_map(frame: Frame) -> dict[str, Any]:
         return {"t": "msg", "ch": frame.ch, "s": frame.seq, "n": frame.name, "z": frame.size,
                 "h": frame.sha256, "o": frame.offset, "rw": frame.rewind}
     if isinstance(frame, Ack):
-        return {"t": "ack", "ch": frame.ch,
-                "a": [{"s": e.seq, "h": e.sha256, "z": e.size, "n": e.sent_name, "d": e.name,
-                       "at": e.delivered_at} for e in frame.entries]}
+        return {"t": "ack", "ch": frame.ch, "a": [_ack_entry_map(e) for e in frame.entries]}
+    if isinstance(frame, Checkpoint):
+        return {"t": "ckpt", "c": frame.line}
     if isinstance(frame, Credit):
         return {"t": "credit", "ch": frame.ch, "b": frame.bytes}
     if isinstance(frame, Nack):
@@ -197,8 +230,11 @@ def frame_to_map(frame: Frame) -> dict[str, Any]:
     if isinstance(frame, Pong):
         return {"t": "pong", "id": frame.id}
     if isinstance(frame, Hello):
-        return {"t": "hello", "v": frame.version, "node": frame.node,
-                "ch": [_channel_hello(c) for c in frame.channels]}
+        hello = {"t": "hello", "v": frame.version, "node": frame.node,
+                 "ch": [_channel_hello(c) for c in frame.channels]}
+        if frame.checkpoint is not None:
+            hello["ck"] = frame.checkpoint
+        return hello
     if isinstance(frame, Bye):
         return {"t": "bye", "why": frame.reason}
     raise LocalProtocolError(f"not a frame: {frame!r}")
@@ -273,7 +309,11 @@ def _decode_hello(m: dict[Any, Any]) -> Hello:
             name=name, max=_uint(item, "max", "hello channel"), priority=priority,
             committed=_uint(item, "c", "hello channel", 0, MAX_SEQ), resume=resume,
             credit=_uint(item, "cr", "hello channel")))
-    return Hello(version=version, node=node, channels=tuple(channels))
+    checkpoint = m.get("ck")
+    if checkpoint is not None and (not isinstance(checkpoint, bytes)
+                                   or not 0 < len(checkpoint) <= MAX_CHECKPOINT):
+        raise RemoteProtocolError("hello field 'ck' is not a checkpoint line")
+    return Hello(version=version, node=node, channels=tuple(channels), checkpoint=checkpoint)
 
 
 def _decode_msg(m: dict[Any, Any]) -> Msg:
@@ -293,6 +333,24 @@ def _decode_msg(m: dict[Any, Any]) -> Msg:
         raise RemoteProtocolError("msg field 'rw' has the wrong type")
     return Msg(ch=_channel(m, "msg"), seq=_uint(m, "s", "msg", 1, MAX_SEQ), name=name, size=size,
                sha256=sha, offset=offset, rewind=rewind)
+
+
+def _receipt_fields(item: dict[Any, Any]) -> dict[str, Any]:
+    """The optional signed-receipt fields of an ack entry (all or none)."""
+    if "rs" not in item:
+        return {}
+    sig: bytes = _get(item, "rs", bytes, "ack entry")
+    if not 1 <= len(sig) <= MAX_SIG_BYTES:
+        raise RemoteProtocolError("ack entry receipt signature has a bad length")
+    signer: bytes = _get(item, "rc", bytes, "ack entry")
+    if len(signer) != 32:
+        raise RemoteProtocolError("ack entry receipt signer is not a 32-byte SHA-256")
+    batch = _uint(item, "rn", "ack entry", 1, MAX_SEQ)
+    index = _uint(item, "ri", "ack entry", 0, batch - 1)
+    path = _get(item, "rp", list, "ack entry")
+    if len(path) > MAX_PATH or not all(isinstance(p, bytes) and len(p) == 32 for p in path):
+        raise RemoteProtocolError("ack entry receipt path is not a list of 32-byte hashes")
+    return {"sig": sig, "signer": signer, "batch": batch, "index": index, "path": tuple(path)}
 
 
 def _decode_ack(m: dict[Any, Any]) -> Ack:
@@ -318,7 +376,7 @@ def _decode_ack(m: dict[Any, Any]) -> Ack:
             raise RemoteProtocolError("ack entry field 'at' out of range")
         entries.append(AckEntry(seq=_uint(item, "s", "ack entry", 1, MAX_SEQ), sha256=sha,
                                 size=_uint(item, "z", "ack entry"), sent_name=names[0],
-                                name=names[1], delivered_at=float(at)))
+                                name=names[1], delivered_at=float(at), **_receipt_fields(item)))
     return Ack(ch=_channel(m, "ack"), entries=tuple(entries))
 
 
@@ -359,6 +417,11 @@ def map_to_frame(m: Any) -> Frame:
         return _decode_hello(m)
     if kind == "bye":
         return Bye(reason=_reason(m, "bye"))
+    if kind == "ckpt":
+        line: bytes = _get(m, "c", bytes, "ckpt")
+        if not 0 < len(line) <= MAX_CHECKPOINT:
+            raise RemoteProtocolError("ckpt frame field 'c' has a bad length")
+        return Checkpoint(line=line)
     raise RemoteProtocolError(f"unknown frame type {kind[:40]!r}")
 
 

@@ -118,8 +118,15 @@ class SessionClosed:
     by_peer: bool
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class CheckpointReceived:
+    """The peer sent its latest signed audit checkpoint (evidence: to be witnessed)."""
+
+    line: bytes
+
+
 Event = (PeerHello | MessageStart | MessageData | MessageComplete | AckReceived | NackReceived
-         | CreditReceived | RttMeasured | SessionClosed)
+         | CreditReceived | RttMeasured | SessionClosed | CheckpointReceived)
 
 
 @dataclasses.dataclass(slots=True)
@@ -138,7 +145,8 @@ class _Outgoing:
 class Session:
     def __init__(self, *, node: str, peer: str, channels: list[F.ChannelHello], now: float,
                  heartbeat_interval: float = 5.0, heartbeat_timeout: float = 15.0,
-                 handshake_timeout: float = 10.0, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+                 handshake_timeout: float = 10.0, max_frame: int = DEFAULT_MAX_FRAME,
+                 checkpoint: bytes | None = None) -> None:
         self.node = node
         self.peer = peer
         self.state = State.HANDSHAKE
@@ -161,7 +169,7 @@ class Session:
         self._outgoing: dict[str, _Outgoing] = {}
         self._rewind: set[str] = set()
         self._on_wire: dict[str, set[int]] = {}   # msgs sent and neither acked nor nacked
-        self._queue(F.Hello(F.PROTOCOL_VERSION, node, tuple(channels)), control=True)
+        self._queue(F.Hello(F.PROTOCOL_VERSION, node, tuple(channels), checkpoint), control=True)
 
     # -- output ---------------------------------------------------------------
 
@@ -303,6 +311,9 @@ class Session:
             self.close_reason = frame.reason
             events.append(SessionClosed(f"peer said goodbye: {frame.reason}", error=False,
                                         by_peer=True))
+        elif kind is F.Checkpoint:
+            assert isinstance(frame, F.Checkpoint)
+            events.append(CheckpointReceived(frame.line))
         elif kind is F.Hello:
             raise RemoteProtocolError("second hello")
 
@@ -374,6 +385,11 @@ class Session:
         self._require_open()
         for i in range(0, len(entries), F.MAX_ACK_ENTRIES):
             self._queue(F.Ack(ch, tuple(entries[i:i + F.MAX_ACK_ENTRIES])), control=True)
+
+    def send_checkpoint(self, line: bytes) -> None:
+        """Queue our latest signed audit checkpoint for the peer to witness."""
+        if self.state is State.OPEN:
+            self._queue(F.Checkpoint(line), control=True)
 
     def send_nack(self, ch: str, seq: int, reason: str, retry: bool, kind: str = F.NACK_RETRY,
                   wait: float = 0.0) -> None:

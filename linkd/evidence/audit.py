@@ -1,0 +1,474 @@
+"""The tamper-evident audit log: `<state_dir>/audit/audit.jsonl`.
+
+Each line is one JSON object (UTF-8, no embedded newline) holding the event as
+logged (CONTRACT §8/§10 fields) plus `line` (its number in the chain, from 1,
+continuing across rotated files) and `prev` (the lowercase hex SHA-256 of the
+previous line's bytes, without its newline; 64 zeros for line 1). Editing,
+inserting, deleting or reordering a line therefore breaks the chain at that
+line. Special lines:
+
+* `audit_key`: written when the log is opened, carries the node's certificate
+  (`cert`, PEM) and its `cert_sha256`: the log carries what verifies it.
+* `audit_checkpoint`: every `audit_checkpoint_lines` lines and at clean
+  shutdown; `signer`, `alg` and `sig` (base64) = the node key's signature over
+  the canonical JSON (canonical.py) of the line's object without `sig`. It
+  commits to the whole chain before it. Each side sends its latest checkpoint
+  to the peer (hello `ck`, `ckpt` frames), which logs it as `audit_witness`
+  (`peer`, `checkpoint` = the object): a cut tail is then visible against the
+  peer's log.
+* `audit_torn_tail`: on opening, a last line without its newline (a crash in
+  mid-write, never acknowledged) is cut and recorded here (`bytes`, `sha256`).
+* `audit_rotated` / first line of a new file: when the file grows past
+  `max_bytes` at a checkpoint it is renamed `audit-<line>.jsonl` and the chain
+  continues in a fresh `audit.jsonl`.
+
+Durability: `record()` writes at once (O_APPEND); `sync()` fsyncs. The inbound
+worker calls `sync()` after logging a batch's deliveries and before sending
+their acks; checkpoints and close fsync too.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from . import keys
+from .canonical import canonical_json
+
+ZERO = "0" * 64
+DEFAULT_CHECKPOINT_LINES = 1000
+MAX_BYTES = 64 << 20
+
+AUDIT_EVENTS = frozenset({
+    "message_queued", "message_sent", "message_delivered", "message_failed",
+    "message_quarantined", "message_changed", "message_renumbered", "message_retry",
+    "message_retried", "duplicate_possible", "channel_mismatch", "link_up", "link_down",
+    "link_still_down", "tls_refused", "log_suppressed", "reloaded", "reload_failed",
+    "paused", "resumed", "channel_paused", "channel_resumed", "retried", "retry",
+    "started", "stopping", "stopped", "recovery", "protocol_violation", "ack_mismatch",
+    "receipt_invalid", "inbound_storage_failed", "cert_expiring", "audit_witness",
+    "audit_witness_refused",
+})
+
+
+def line_hash(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def checkpoint_problem(obj: dict[str, Any], cert: x509.Certificate) -> str | None:
+    """None if the checkpoint object's signature verifies with `cert`."""
+    body = {k: v for k, v in obj.items() if k != "sig"}
+    try:
+        sig = base64.b64decode(str(obj.get("sig", "")), validate=True)
+        data = canonical_json(body)
+    except ValueError as exc:
+        return f"checkpoint is malformed: {exc}"
+    if obj.get("signer") != keys.cert_sha256(keys.der(cert)):
+        return "checkpoint names another signing certificate"
+    if not keys.verify(cert, data, sig):
+        return "checkpoint signature does not verify"
+    return None
+
+
+class AuditLog:
+    def __init__(self, folder: Path, node: str, signer: keys.Signer | None,
+                 checkpoint_lines: int = DEFAULT_CHECKPOINT_LINES,
+                 max_bytes: int = MAX_BYTES) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / "audit.jsonl"
+        self.node = node
+        self.signer = signer
+        self.checkpoint_lines = max(1, checkpoint_lines)
+        self.max_bytes = max_bytes
+        self.lock = threading.RLock()
+        self.fd = -1
+        self.line = 0               # number of the last line written
+        self.prev = ZERO            # hash of the last line written
+        self.since_checkpoint = 0
+        self.dirty = False
+        self.failed: OSError | None = None
+        self.latest_checkpoint: bytes | None = None   # raw line of the newest checkpoint
+        self.checkpoints = 0        # how many were made since open (to notice new ones)
+        self._busy = False
+
+    # -- opening ----------------------------------------------------------------
+
+    def open(self) -> None:
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+        self.fd = fd
+        torn = self._read_tail()
+        if self.line == 0:
+            self._continue_from_rotated()
+        if torn is not None:
+            self._write({"event": "audit_torn_tail", "node": self.node, "timestamp": _now(),
+                         "bytes": len(torn), "sha256": hashlib.sha256(torn).hexdigest(),
+                         "reason": "the last line was cut short (a crash mid-write); its "
+                                   "fragment was removed"})
+        if self.signer is not None:
+            self._write_key()
+            self.checkpoint("opened")    # so that the first hello already carries one
+        self.sync()
+
+    def _write_key(self) -> None:
+        assert self.signer is not None
+        self._write({"event": "audit_key", "node": self.node, "timestamp": _now(),
+                     "cert_sha256": self.signer.cert_sha256, "alg": self.signer.alg,
+                     "cert": self.signer.cert.public_bytes(Encoding.PEM).decode("ascii")})
+
+    def _read_tail(self) -> bytes | None:
+        """Find the last line's number and hash; cut a torn fragment (returned)."""
+        size = os.fstat(self.fd).st_size
+        if size == 0:
+            return None
+        block = 1 << 16
+        end = size
+        data = b""
+        while True:
+            start = max(0, end - block)
+            data = os.pread(self.fd, end - start, start) + data
+            end = start
+            body = data[:-1] if data.endswith(b"\n") else data
+            if b"\n" in body or start == 0:
+                break
+            block *= 2
+        torn = None
+        if not data.endswith(b"\n"):
+            cut = data.rfind(b"\n")
+            torn = data[cut + 1:]
+            os.ftruncate(self.fd, size - len(torn))
+            os.fsync(self.fd)
+            data = data[:cut + 1]
+        lines = data.split(b"\n")[:-1]
+        if lines:
+            last = lines[-1]
+            try:
+                self.line = int(json.loads(last)["line"])
+            except (ValueError, KeyError, TypeError):
+                self.line = 0
+            self.prev = line_hash(last)
+        return torn
+
+    def _continue_from_rotated(self) -> None:
+        rotated = rotated_files(self.folder)
+        if not rotated:
+            return
+        raw = rotated[-1].read_bytes().rstrip(b"\n").rsplit(b"\n", 1)[-1]
+        try:
+            self.line = int(json.loads(raw)["line"])
+            self.prev = line_hash(raw)
+        except (ValueError, KeyError, TypeError):
+            pass
+
+    # -- writing ----------------------------------------------------------------
+
+    def _write(self, obj: dict[str, Any]) -> bytes:
+        obj = {"line": self.line + 1, "prev": self.prev, **obj}
+        raw = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), default=str)\
+            .replace("\n", "\\n").encode("utf-8")
+        data = raw + b"\n"
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+        self.line += 1
+        self.prev = line_hash(raw)
+        self.since_checkpoint += 1
+        self.dirty = True
+        return raw
+
+    def record(self, event: dict[str, Any]) -> None:
+        """Append one logged event (if it is an audit event); never raises."""
+        if event.get("event") not in AUDIT_EVENTS:
+            return
+        with self.lock:
+            if self.fd < 0 or self.failed is not None or self._busy:
+                return
+            self._busy = True
+            try:
+                fields = {k: v for k, v in event.items() if k not in ("line", "prev")}
+                self._write(fields)
+                if self.since_checkpoint >= self.checkpoint_lines:
+                    self.checkpoint("every")
+            except OSError as exc:
+                self.failed = exc
+            finally:
+                self._busy = False
+
+    def checkpoint(self, why: str) -> bytes | None:
+        """Write a signed checkpoint line and fsync; returns its bytes."""
+        with self.lock:
+            if self.signer is None or self.fd < 0:
+                return None
+            obj = {"line": self.line + 1, "prev": self.prev, "event": "audit_checkpoint",
+                   "node": self.node, "timestamp": _now(), "why": why,
+                   "signer": self.signer.cert_sha256, "alg": self.signer.alg}
+            sig = self.signer.sign(canonical_json(obj))
+            obj["sig"] = base64.b64encode(sig).decode("ascii")
+            del obj["line"], obj["prev"]
+            raw = self._write(obj)
+            self.since_checkpoint = 0
+            self.sync()
+            self.latest_checkpoint = raw
+            self.checkpoints += 1
+            if os.fstat(self.fd).st_size > self.max_bytes:
+                self._rotate()
+            return raw
+
+    def _rotate(self) -> None:
+        target = self.folder / f"audit-{self.line:012d}.jsonl"
+        os.rename(self.path, target)
+        os.close(self.fd)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+                          | os.O_CLOEXEC, 0o600)
+        _fsync_dir(self.folder)
+        self._write({"event": "audit_rotated", "node": self.node, "timestamp": _now(),
+                     "previous_file": target.name})
+        if self.signer is not None:
+            self._write_key()
+        self.sync()
+
+    def sync(self) -> None:
+        """Make every line written so far durable (raises if the log failed)."""
+        with self.lock:
+            if self.failed is not None:
+                raise OSError(self.failed.errno, f"audit log {self.path}: "
+                                                 f"{self.failed.strerror or self.failed}")
+            if self.dirty and self.fd >= 0:
+                os.fsync(self.fd)
+                self.dirty = False
+
+    def close(self) -> None:
+        with self.lock:
+            if self.fd < 0:
+                return
+            try:
+                self.checkpoint("shutdown")
+                self.sync()
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_ROTATED = re.compile(r"audit-(\d{12})\.jsonl\Z")
+
+
+def rotated_files(folder: Path) -> list[Path]:
+    try:
+        names = sorted(n for n in os.listdir(folder) if _ROTATED.match(n))
+    except FileNotFoundError:
+        return []
+    return [Path(folder) / n for n in names]
+
+
+# -- verification -----------------------------------------------------------------
+
+@dataclasses.dataclass
+class Verdict:
+    ok: bool
+    message: str
+    lines: int = 0
+    node: str | None = None
+
+
+@dataclasses.dataclass
+class _Chain:
+    lines: int = 0
+    node: str | None = None
+    last_checkpoint: str = "none"
+    by_number: dict[int, str] = dataclasses.field(default_factory=dict)  # line -> hash
+    first: int = 1
+
+
+EXPORT_FORMAT = "linkd-audit-export/1"
+
+
+def _bundle(data: bytes) -> tuple[bytes, dict[str, x509.Certificate]] | None:
+    """An export bundle (cli/evidence_cmd.py): its lines, and the certificates of the
+    audit_key lines before its slice."""
+    if not data.startswith(b"{") or EXPORT_FORMAT.encode() not in data[:200]:
+        return None
+    try:
+        doc = json.loads(data)
+        lines = [str(x).encode("utf-8") for x in doc["lines"]]
+        certs = {}
+        for raw in doc.get("keys", []):
+            cert = x509.load_pem_x509_certificate(str(json.loads(raw)["cert"]).encode())
+            certs[keys.cert_sha256(keys.der(cert))] = cert
+    except (ValueError, KeyError, TypeError):
+        return None
+    return b"".join(line + b"\n" for line in lines), certs
+
+
+def _parse(raw: bytes, where: str) -> tuple[dict[str, Any] | None, str | None]:
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        return None, f"{where}: not valid JSON (edited or cut short)"
+    if not isinstance(obj, dict) or not isinstance(obj.get("line"), int) \
+            or not isinstance(obj.get("prev"), str):
+        return None, f"{where}: not an audit line (no line number or prev hash)"
+    return obj, None
+
+
+def verify_chain(files: list[Path], extra_certs: dict[str, x509.Certificate] | None = None,
+                 ) -> tuple[Verdict, _Chain]:
+    """Check one node's log (its files in order). The first problem wins."""
+    chain = _Chain()
+    certs: dict[str, x509.Certificate] = dict(extra_certs or {})
+    expected_prev: str | None = None
+    expected_line: int | None = None
+    for path in files:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            return Verdict(False, f"cannot read {path}: {exc.strerror or exc}"), chain
+        bundle = _bundle(data)
+        if bundle is not None:
+            data, bundle_certs = bundle
+            certs.update(bundle_certs)
+        if data and not data.endswith(b"\n"):
+            n = data.count(b"\n") + 1
+            return Verdict(False, f"{path}: line {n}: cut short (no newline at its end)"), chain
+        for n, raw in enumerate(data.split(b"\n")[:-1], start=1):
+            where = f"{path}: line {n}"
+            obj, problem = _parse(raw, where)
+            if obj is None:
+                return Verdict(False, problem or where), chain
+            number = obj["line"]
+            if expected_line is None:
+                expected_line, expected_prev = number, obj["prev"]
+                chain.first = number
+                if number == 1 and obj["prev"] != ZERO:
+                    return Verdict(False, f"{where}: the first line must have prev = 64 zeros "
+                                          f"(lines were deleted before it)"), chain
+            if number != expected_line:
+                if number > expected_line:
+                    what = (f"lines before it were deleted, or it was moved (expected line "
+                            f"{expected_line}, found {number})")
+                else:
+                    what = (f"inserted or out of order (expected line {expected_line}, "
+                            f"found {number})")
+                return Verdict(False, f"{where}: {what}"), chain
+            if obj["prev"] != expected_prev:
+                return Verdict(False, f"{where}: does not chain to the line before it (line "
+                                      f"{n - 1} of the file was edited, or lines were "
+                                      f"inserted, deleted or reordered there)"), chain
+            h = line_hash(raw)
+            event = obj.get("event")
+            if event == "audit_key":
+                pem = obj.get("cert")
+                try:
+                    cert = x509.load_pem_x509_certificate(str(pem).encode("ascii"))
+                except ValueError:
+                    return Verdict(False, f"{where}: audit_key holds no certificate"), chain
+                sha = keys.cert_sha256(keys.der(cert))
+                if sha != obj.get("cert_sha256"):
+                    return Verdict(False, f"{where}: audit_key certificate does not match "
+                                          f"its cert_sha256"), chain
+                certs[sha] = cert
+                chain.node = chain.node or obj.get("node")
+            elif event == "audit_checkpoint":
+                signer = obj.get("signer")
+                signing = certs.get(str(signer))
+                if signing is None:
+                    return Verdict(False, f"{where}: checkpoint signed by certificate "
+                                          f"{str(signer)[:16]}…, which this log does not "
+                                          f"carry"), chain
+                problem = checkpoint_problem(obj, signing)
+                if problem:
+                    return Verdict(False, f"{where}: {problem}"), chain
+                chain.last_checkpoint = f"line {number} at {obj.get('timestamp')}"
+                chain.node = chain.node or obj.get("node")
+            chain.by_number[number] = h
+            expected_prev, expected_line = h, number + 1
+            chain.lines += 1
+    return Verdict(True, "", chain.lines, chain.node), chain
+
+
+def verify(files: list[Path], peer_files: list[Path] | None = None,
+           extra_certs: dict[str, x509.Certificate] | None = None) -> Verdict:
+    verdict, chain = verify_chain(files, extra_certs)
+    if not verdict.ok:
+        return verdict
+    if peer_files:
+        peer_verdict, _peer = verify_chain(peer_files)
+        if not peer_verdict.ok:
+            return Verdict(False, f"peer log: {peer_verdict.message}")
+        problem = _witness_problem(chain, peer_files)
+        if problem:
+            return Verdict(False, problem)
+    return Verdict(True, f"audit log OK: {chain.lines} lines, last checkpoint "
+                         f"{chain.last_checkpoint}", chain.lines, chain.node)
+
+
+def _witness_problem(chain: _Chain, peer_files: list[Path]) -> str | None:
+    last = chain.first + chain.lines - 1
+    for path in peer_files:
+        for n, raw in enumerate(path.read_bytes().split(b"\n")[:-1], start=1):
+            try:
+                obj = json.loads(raw)
+            except ValueError:
+                continue
+            if not isinstance(obj, dict) or obj.get("event") != "audit_witness":
+                continue
+            ck = obj.get("checkpoint")
+            if not isinstance(ck, dict) or ck.get("node") != chain.node:
+                continue
+            number = ck.get("line")
+            if not isinstance(number, int):
+                continue
+            if number > last:
+                return (f"tail cut: {path} line {n} witnessed our line {number} (checkpoint "
+                        f"of {ck.get('timestamp')}), but the log ends at line {last}")
+            want = chain.by_number.get(number)
+            raw_ck = json.dumps(ck, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+            if want is not None and want != line_hash(raw_ck):
+                return (f"line {number}: differs from the checkpoint the peer witnessed "
+                        f"({path} line {n})")
+    return None
+
+
+# -- the daemon's one audit log (installed by the daemon; None in unit tests) ---------
+
+_CURRENT: AuditLog | None = None
+
+
+def install(log: AuditLog | None) -> None:
+    global _CURRENT
+    _CURRENT = log
+
+
+def current() -> AuditLog | None:
+    return _CURRENT
+
+
+def sink(event: dict[str, Any]) -> None:
+    """The structlog hook (log.py): record an audit event in the installed log."""
+    log = _CURRENT
+    if log is not None:
+        log.record(event)

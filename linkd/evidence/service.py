@@ -1,0 +1,75 @@
+"""The daemon's side of the audit log: open it, keep it synced, share checkpoints.
+
+Trio glue around audit.AuditLog (which is pure): `open_audit` before the first
+log line, `audit_loop` (fsync at most a second behind; every new checkpoint sent
+to each connected peer to witness), `checkpoint_and_send` at the start of a
+clean shutdown (so the peer witnesses our state before the goodbye), `close_audit`
+(a last checkpoint, fsync) after the last line.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from . import audit as A
+from . import keys
+
+SYNC_INTERVAL = 0.5
+
+
+def open_audit(cfg: Any) -> A.AuditLog:
+    """Blocking: open `<state_dir>/audit/audit.jsonl` and install it as the sink."""
+    signer = keys.Signer.from_files(cfg.tls.cert, cfg.tls.key)
+    keys.CertStore(cfg.node.state_dir / "certs").keep(signer.cert_der)
+    every = getattr(cfg.node, "audit_checkpoint_lines", A.DEFAULT_CHECKPOINT_LINES)
+    log = A.AuditLog(cfg.node.state_dir / "audit", cfg.node.name, signer, every)
+    log.open()
+    A.install(log)
+    return log
+
+
+def _send(daemon: Any, line: bytes | None) -> None:
+    if line is None:
+        return
+    for link in list(daemon.links.values()):
+        runner = getattr(link, "active", None)
+        if runner is not None and hasattr(runner, "send_checkpoint"):
+            runner.send_checkpoint(line)
+
+
+async def audit_loop(daemon: Any) -> None:
+    log = A.current()
+    if log is None:
+        return
+    seen = log.checkpoints
+    while True:
+        await trio.sleep(SYNC_INTERVAL)
+        try:
+            await trio.to_thread.run_sync(log.sync)
+        except OSError as exc:
+            daemon.log.error("audit_log_failed", reason=str(exc))
+            return
+        if log.checkpoints != seen:
+            seen = log.checkpoints
+            _send(daemon, log.latest_checkpoint)
+
+
+async def checkpoint_and_send(daemon: Any, why: str) -> None:
+    log = A.current()
+    if log is None:
+        return
+    try:
+        line = await trio.to_thread.run_sync(log.checkpoint, why)
+    except OSError as exc:
+        daemon.log.error("audit_log_failed", reason=str(exc))
+        return
+    _send(daemon, line)
+
+
+def close_audit() -> None:
+    log = A.current()
+    if log is not None:
+        log.close()
+        A.install(None)
