@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fsmodes import modes_are_enforced
 
 from linkd.config import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -20,7 +21,6 @@ from linkd.config import (
     load_config,
 )
 from linkd.errors import ConfigError
-from fsmodes import modes_are_enforced
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "config"

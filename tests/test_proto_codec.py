@@ -12,7 +12,8 @@ from linkd.proto import frames as F
 from linkd.proto.framing import FrameDecoder, encode_frame
 
 channel_names = st.from_regex(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,20}", fullmatch=True)
-file_names = st.text(st.characters(blacklist_characters="/\x00\x7f", blacklist_categories=("Cs", "Cc")),
+file_names = st.text(st.characters(blacklist_characters="/\x00\x7f",
+                                   blacklist_categories=("Cs", "Cc")),
                      min_size=1, max_size=40).filter(lambda n: not n.startswith("."))
 u64 = st.integers(0, (1 << 64) - 1)
 seqs = st.integers(1, F.MAX_SEQ)

@@ -19,7 +19,8 @@ def chans(credit=1 << 20, names=("alerts", "data")):
 class Pair:
     def __init__(self, now=0.0, a_channels=None, b_channels=None, **kw):
         self.now = now
-        self.a = S.Session(node="alpha", peer="bravo", channels=a_channels or chans(), now=now, **kw)
+        self.a = S.Session(node="alpha", peer="bravo", channels=a_channels or chans(), now=now,
+                           **kw)
         self.b = S.Session(node="bravo", peer="alpha", channels=b_channels or chans(), now=now,
                            **kw)
         self.events = {"a": [], "b": []}

@@ -25,6 +25,7 @@ from typing import Any
 from ..config import Config
 from ..spool import SpoolLayout, plain_name_problem
 from ..status import http_get
+from .safe import printable
 
 POLL = 0.05
 
@@ -110,11 +111,11 @@ def run_send(cfg: Config, peer_name: str, channel: str, files: list[str], wait: 
     sources = [Path(f) for f in files]
     for source in sources:
         if not source.is_file():
-            print(f"linkctl: {source}: no such regular file", file=sys.stderr)
+            print(f"linkctl: {_clean(source)}: no such regular file", file=sys.stderr)
             return 1
         problem = plain_name_problem(source.name)
         if problem:
-            print(f"linkctl: {source}: cannot be sent under this name ({problem}); "
+            print(f"linkctl: {_clean(source)}: cannot be sent under this name ({problem}); "
                   "rename it first", file=sys.stderr)
             return 1
     if not out_dir.is_dir():
@@ -126,14 +127,14 @@ def run_send(cfg: Config, peer_name: str, channel: str, files: list[str], wait: 
         try:
             queued.append(queue_file(out_dir, source))
         except FileExistsError:
-            print(f"linkctl: {source.name} is already queued in {out_dir}: wait for it to go "
-                  "or rename the new file", file=sys.stderr)
+            print(f"linkctl: {_clean(source.name)} is already queued in {out_dir}: wait for "
+                  "it to go or rename the new file", file=sys.stderr)
             return 1
         except OSError as exc:
             # Name the folder (a producer's permission problem is about out/, not the
             # source file it could read), unless reading the source is what failed.
             if exc.filename is not None and Path(exc.filename) == source:
-                print(f"linkctl: cannot read {source}: {exc.strerror or exc}",
+                print(f"linkctl: cannot read {_clean(source)}: {exc.strerror or exc}",
                       file=sys.stderr)
             else:
                 print(f"linkctl: cannot write into {out_dir}: {exc.strerror or exc}: this "
@@ -142,7 +143,7 @@ def run_send(cfg: Config, peer_name: str, channel: str, files: list[str], wait: 
             return 1
     if not wait:
         for name, _ in queued:
-            print(f"queued {name} for {peer_name}/{channel}")
+            print(f"queued {_clean(name)} for {peer_name}/{channel}")
         return 0
     progress = Progress(cfg, peer_name, channel, [(n, source.stat().st_size)
                                                   for (n, _), source in zip(queued, sources,
@@ -169,7 +170,7 @@ def run_send(cfg: Config, peer_name: str, channel: str, files: list[str], wait: 
             if deadline is not None and time.monotonic() > deadline:
                 progress.close()
                 print(f"linkctl: timed out waiting for {peer_name} to acknowledge "
-                      f"{', '.join(left)}", file=sys.stderr)
+                      f"{_clean(', '.join(left))}", file=sys.stderr)
                 return 1
             progress.poll(list(left))
             time.sleep(POLL)
@@ -268,8 +269,7 @@ class Progress:
                                 completed=int(flight.get("sent_bytes") or 0))
 
 
-def _clean(text: str) -> str:
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+_clean = printable      # names and reasons may come from a peer (safe.py)
 
 
 def _local_hhmm(value: Any) -> str:

@@ -681,9 +681,13 @@ class SessionRunner:
                 if done[ch] and ev.seq <= done[ch][-1].seq:
                     rx.skipping[ch] = ev.seq
                     continue
+                # Unacknowledged from here on, even if begin() fails for a storage
+                # reason: the worker's error path nacks it as busy (without this a
+                # begin() that fails on the resend, e.g. a refused symlinked folder,
+                # left the sender waiting for an answer that never came).
+                rx.started(ch, ev.seq)
                 try:
                     inbound.begin(ev.seq, ev.name, ev.size, ev.sha256.hex(), ev.offset)
-                    rx.started(ch, ev.seq)
                 except InboundRefused as exc:
                     # A resume we cannot honour is retried from byte 0; anything else
                     # (size over our limit...) is final.

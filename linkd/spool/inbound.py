@@ -49,6 +49,14 @@ it at every session start). A corrupt state file is moved aside as
 `<name>.corrupt-<time>`; `committed` falls back to the highest seq evidenced
 by its text or a leftover temporary (else 0). Risk: messages committed but not
 yet acknowledged when the file was damaged can then be delivered twice.
+
+Symlinked folders (safedir.py): begin() checks tmp/, finish() quarantine/,
+commit() tmp/, in/<ch>/ and the state folder, before writing anything. A spool
+folder found to be a link makes recover() load the state but touch no spool
+folder and leave the channel *refused*: every begin()/commit() raises
+SymlinkedFolder (the session nacks the message as busy, so the sender keeps
+it and retries; the other channels go on) until a recover() finds real
+folders again. A symlinked state folder makes recover() raise.
 """
 
 from __future__ import annotations
@@ -83,6 +91,7 @@ from .layout import (
     safe_name,
 )
 from .records import InState, Journal, load_state
+from .safedir import SymlinkedFolder
 
 SYNCFS_MIN = 8           # batches this large use one syncfs instead of an fsync per file
 
@@ -173,6 +182,7 @@ class Inbound:
         self._finished: dict[int, Completed] = {}
         self._unreported: list[Delivered] = []   # renamed in a commit that then failed
         self._ready = False
+        self._refused: str | None = None         # a symlinked spool folder (see the top)
         self.recovered: list[Delivered] = []     # deliveries the last recover() completed
 
     @property
@@ -188,6 +198,8 @@ class Inbound:
         return self._journal.lookup(seq)
 
     def _require(self) -> None:
+        if self._refused is not None:
+            raise SpoolError(self._refused)
         if not self._ready:
             raise SpoolError(f"inbound {self.layout.peer}/{self.channel} needs recover() "
                              f"(not yet run, or a disk operation failed)")
@@ -216,13 +228,23 @@ class Inbound:
                 pass  # recovery below truncates to the last durable checkpoint
         self._ready, self._finished = False, {}
         problems: list[str] = []
+        folders = (self._in, self._tmp, self.layout.quarantine_dir())
         try:
-            for folder in (self._in, self._tmp, self.layout.quarantine_dir()):
-                make_folder(folder, FOLDER_MODE, self.fs)
+            self.layout.check(self._st.path.parent)
             make_folder(self._st.path.parent, 0o700, self.fs)
             self._st = load_state(self.fs, self._st.path, self.channel, problems,
                                   self.layout.legacy_state_file_in(self.channel))
             self._journal.load(self.fs, problems)
+            try:
+                self.layout.check(*folders)
+            except SymlinkedFolder as exc:
+                if self._refused != str(exc):
+                    problems.append(f"inbound {self.layout.peer}/{self.channel} refused: {exc}")
+                self._refused = str(exc)
+                return problems
+            self._refused = None
+            for folder in folders:
+                make_folder(folder, FOLDER_MODE, self.fs)
             self.recovered = self._recover(problems)
         except OSError as exc:
             raise self._broken("recovery", exc) from None
@@ -262,6 +284,7 @@ class Inbound:
             raise InboundRefused(f"offset {offset!r} is not within 0..{size}")
         path = self._partial_path(seq)
         ck = self._st.partial
+        self._check(self._tmp)
         try:
             if offset:
                 if ck is None or (ck["seq"], ck["name"], ck["size"], ck["sha256"],
@@ -286,6 +309,15 @@ class Inbound:
             raise self._broken(f"starting seq {seq}", exc) from None
         self._xfer = _Transfer(seq, name, size, sha, fd, path, offset, offset, digest)
         return offset
+
+    def _check(self, *folders: Path) -> None:
+        """Refuse (SymlinkedFolder, channel refused until recover()) if a folder we are
+        about to write into is a symbolic link."""
+        try:
+            self.layout.check(*folders)
+        except SymlinkedFolder as exc:
+            self._refused = str(exc)
+            raise
 
     def _rehash(self, fd: int, offset: int) -> Any:
         digest = hashlib.sha256()
@@ -321,6 +353,7 @@ class Inbound:
             raise self._broken(f"writing seq {x.seq}", exc) from None
 
     def _checkpoint(self, x: _Transfer) -> None:
+        self._check(self._st.path.parent)
         self.fs.fsync(x.fd)
         self._st = self._st.saved(self.fs, partial={
             "seq": x.seq, "name": x.name, "size": x.size, "sha256": x.sha256,
@@ -337,6 +370,7 @@ class Inbound:
         got = x.digest.hexdigest()
         if got != x.sha256:
             reason = f"seq {x.seq}: sha256 is {got}, the sender announced {x.sha256}"
+            self._check(self.layout.quarantine_dir(), self._st.path.parent)
             try:
                 where = place_with_reason(self.fs, x.path, self.layout.quarantine_dir(),
                                           x.name, reason)
@@ -378,6 +412,7 @@ class Inbound:
                                  f"finished, uncommitted message of this object")
         if not items:
             return []
+        self._check(self._tmp, self._in, self._st.path.parent)
         try:
             if SYNCFS_OK and len(items) >= SYNCFS_MIN:
                 for c in items:
@@ -422,6 +457,7 @@ class Inbound:
         folder = self.layout.quarantine_dir()
         plain = name if isinstance(name, str) and plain_name_problem(name) is None \
             else safe_name(name)
+        self._check(folder)
         try:
             make_folder(folder, FOLDER_MODE, self.fs)
             if data_path is None:

@@ -44,6 +44,15 @@ one-line .reason, delete .meta and .fail; recovery finishes a cut failure.
 Renumber (seq s -> n): write `<n>.meta`, rename `<s>.data` to `<n>.data`, delete
 `<s>.meta`; a crash leaves a .meta without .data on one side (deleted, C1).
 
+Symlinked folders (safedir.py): every step checks the folders it writes into
+(out/<ch>, queue/<ch>, failed/<ch>, sent/<ch>, the state folder) first. A
+spool folder found to be a link *refuses* the channel: FolderRefused (a
+ResourceBusy: the files are fine, nothing is failed for it), `usable` turns
+False, and recover() then loads the state but touches no spool folder, keeps
+nothing pending and makes examine() find nothing, until it finds real folders
+again and recovers the queue as usual. A symlinked state folder makes
+recover() raise.
+
 Errors: EMFILE, ENFILE, ENOMEM, EAGAIN and ENOBUFS are resource errors (raised
 as ResourceBusy, retried later), never a reason to fail a file. Any other
 OSError in a step that changes state marks the object dirty: it raises
@@ -90,6 +99,7 @@ from .layout import (
     make_folder,
     plain_name_problem,
 )
+from .safedir import SymlinkedFolder
 
 READ_SIZE = 1 << 20
 CLAIM_BATCH = 64                 # files claimed per claim() call
@@ -107,6 +117,11 @@ _XATTR_NAME = "user.linkd.name"
 class ResourceBusy(SpoolError):
     """Out of descriptors, memory or similar: try again later; nothing is wrong
     with the file."""
+
+
+class FolderRefused(ResourceBusy):
+    """A folder of the channel is a symbolic link: the channel waits until
+    recover() finds real folders again (see the module docstring)."""
 
 
 class FileChanged(SpoolError):
@@ -181,6 +196,7 @@ class Outbound:
         self._backlog: deque[str] = deque()
         self._not_ready: dict[str, float] = {}  # name -> when to look again
         self._ready = False
+        self._refused: str | None = None        # a symlinked spool folder (see the top)
 
     def configure(self, max_bytes: int, archive_sent: bool) -> None:
         """A reload changed the channel's limits: they apply from now on."""
@@ -194,6 +210,19 @@ class Outbound:
         if not self._ready:
             raise SpoolError(f"outbound {self.layout.peer}/{self.channel} needs recover() "
                              f"(not yet run, or a disk operation failed)")
+
+    def _check(self, *folders: Path) -> None:
+        """FolderRefused (and the channel refused until recover()) if a folder we
+        are about to use is a symbolic link."""
+        try:
+            self.layout.check(*folders)
+        except SymlinkedFolder as exc:
+            self._refused = str(exc)
+            raise FolderRefused(str(exc)) from None
+
+    def _spool_folders(self) -> list[Path]:
+        sent = [self.layout.sent_dir(self.channel)] if self.archive_sent else []
+        return [self._out, self._q, self._failed, *sent]
 
     def _broken(self, what: str, exc: OSError) -> SpoolError:
         if is_resource_error(exc):
@@ -214,6 +243,8 @@ class Outbound:
 
     def next_pending(self, from_seq: int) -> Claimed | None:
         """The claimed item with the smallest seq >= from_seq (O(1) when contiguous)."""
+        if self._refused is not None:
+            return None                         # nothing is sent from a refused channel
         item = self._pending.get(from_seq)
         if item is not None or not self._pending:
             return item
@@ -222,6 +253,7 @@ class Outbound:
 
     def open(self, item: Claimed) -> BinaryIO:
         """Open a queued file for sending; FileChanged if it is not what was claimed."""
+        self._check(self._q)
         fd = self.fs.open(item.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         try:
             st = os.fstat(fd)
@@ -247,11 +279,12 @@ class Outbound:
 
     @property
     def usable(self) -> bool:
-        """False after an I/O error until recover() has run again."""
-        return self._ready
+        """False after an I/O error, or while refused, until recover() has run again."""
+        return self._ready and self._refused is None
 
     # -- the state file ----------------------------------------------------
     def _save_state(self) -> None:
+        self.layout.check(self._state.parent)
         write_atomic(self.fs, self._state, dump_json({"next": self.next_seq,
                                                       "acked": self.acked}))
 
@@ -296,11 +329,25 @@ class Outbound:
         self._ready = False
         problems: list[str] = []
         try:
-            make_folder(self._q, FOLDER_MODE, self.fs)
-            make_folder(self._failed, FOLDER_MODE, self.fs)
+            self.layout.check(self._state.parent)
             make_folder(self._state.parent, STATE_MODE, self.fs)
             self.next_seq, self.acked = 1, 0
             self._load_state(problems)
+            try:
+                self.layout.check(*self._spool_folders())
+            except SymlinkedFolder as exc:
+                if self._refused != str(exc):
+                    problems.append(f"outbound {self.layout.peer}/{self.channel} refused: "
+                                    f"{exc}")
+                self._refused = str(exc)
+                self._pending = {}
+                self._backlog.clear()
+                self._not_ready.clear()
+                self._ready = True
+                return problems
+            self._refused = None
+            make_folder(self._q, FOLDER_MODE, self.fs)
+            make_folder(self._failed, FOLDER_MODE, self.fs)
             self._migrate(problems)
             self._recover_queue(problems)
         except OSError as exc:
@@ -523,6 +570,9 @@ class Outbound:
         docstring). Files that can never be sent go to failed/ here. ResourceBusy
         when descriptors or memory run out (nothing is failed for that)."""
         self._require()
+        if self._refused is not None:
+            return Examined([], [])             # recover() looks again (usable is False)
+        self._check(self._out, self._q, self._failed)
         now = time.monotonic()
         if relist or not self._backlog:
             queued = set(self._backlog)
@@ -693,6 +743,7 @@ class Outbound:
         failed: list[FailedFile] = []
         if not ready:
             return done, failed
+        self._check(self._out, self._q)
         try:
             now = time.time()
             items = []
@@ -769,6 +820,7 @@ class Outbound:
         items = [self._pending[s] for s in sorted(set(seqs)) if s in self._pending]
         if not items:
             return []
+        self._check(self._q, *self._spool_folders()[3:])
         try:
             top = items[-1].seq
             if top > self.acked or top >= self.next_seq:
@@ -803,6 +855,7 @@ class Outbound:
         if self._pending.get(item.seq) is None:
             raise SpoolError(f"seq {item.seq} is not pending on {self.layout.peer}/"
                              f"{self.channel}")
+        self._check(self._q, self._failed)
         try:
             return self._fail_claimed(item, reason)
         except OSError as exc:
@@ -831,6 +884,7 @@ class Outbound:
                              f"{self.channel}")
         new_seq = max(self.next_seq, min(above, MAX_SEQ - 1) + 1)
         new = replace(item, seq=new_seq, path=self._rec(new_seq, "data"))
+        self._check(self._q)
         try:
             write_new(self.fs, self._rec(new_seq, "meta"),
                       self._meta_bytes(new, renumbered_from=item.seq))
