@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import signal
+from functools import partial
 from typing import Any
 
 import trio
@@ -26,6 +27,7 @@ from .control import Controller, PauseState, count_files
 from .errors import ConfigError, LinkdError
 from .expiry import ExpiryWatch, tls_dates
 from .metrics import tls_refusal_kind
+from .net.admission import Gate, Limits, serve_listener
 from .net.supervisor import dial_loop, handle_inbound, outage_watch
 from .net.tls import TLSContexts, make_contexts
 from .peer import PeerLink, in_thread
@@ -66,6 +68,8 @@ class Daemon:
         self.expiry = ExpiryWatch(self.log)
         self.board.cert_not_after, self.board.crl_next_update = tls_dates(cfg)
         self._stop_observing = logmod.add_observer(self._observe)
+        # Bounds on unauthenticated connections, from the descriptor limit at start.
+        self.gate = Gate(Limits.from_rlimit())
 
     def _observe(self, event: dict[str, Any]) -> None:
         """Count TLS refusals for /metrics from the very events the audit log gets."""
@@ -165,9 +169,12 @@ class Daemon:
                 nursery.start_soon(self._accept_all, listeners)
                 for link in self.links.values():
                     await nursery.start(self._run_link, link)
+                limits = self.gate.limits
                 self.log.info("started", version=__version__, peers=len(self.links),
                               listen=(f"{cfg.listen.address}:{cfg.listen.port}"
-                                      if cfg.listen else None))
+                                      if cfg.listen else None),
+                              nofile=limits.nofile, unauthenticated_max=limits.total,
+                              unauthenticated_per_source=limits.per_source)
                 systemd.ready(f"serving {len(self.links)} peer(s)")
                 nursery.start_soon(systemd.watchdog_loop, lambda: True)
                 nursery.start_soon(self._status_loop)
@@ -224,17 +231,9 @@ class Daemon:
             await trio.sleep(HOUSEKEEPING)
 
     async def _accept(self, listener: trio.SocketListener) -> None:
-        async with listener, trio.open_nursery() as nursery:
-            while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as exc:
-                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                        self.log.error("accept_failed", reason=str(exc))
-                        await trio.sleep(0.5)
-                        continue
-                    raise
-                nursery.start_soon(handle_inbound, self, stream)
+        # EMFILE & co: one (rate-limited) line and a short wait, never a traceback;
+        # unauthenticated connections are bounded by self.gate (net/admission.py).
+        await serve_listener(listener, partial(handle_inbound, self), self.log, "[listen]")
 
     async def _reload_task(self) -> None:
         async with self.reload_lock:

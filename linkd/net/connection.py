@@ -147,6 +147,10 @@ class SessionRunner:
         self.was_open = False
         self.opened_at: float | None = None     # trio time of the peer's hello
         self.ended_at: float | None = None
+        # One handshake_timeout from the TCP connection covers TLS *and* the hello
+        # (the supervisor sets it); None: a full handshake_timeout from run().
+        self.handshake_deadline: float | None = None
+        self.preread = b""          # the peer's bytes read (and its hello checked) before run()
 
     @property
     def open_seconds(self) -> float:
@@ -208,13 +212,19 @@ class SessionRunner:
                 channels = self.hello_channels()
                 self.inbound_qs = {c.name: trio.open_memory_channel[Any](math.inf)
                                    for c in channels}
+                now = trio.current_time()
+                handshake = lcfg.handshake_timeout if self.handshake_deadline is None \
+                    else max(0.0, self.handshake_deadline - now)
                 self.session = S.Session(
                     node=link.cfg.node.name, peer=link.name, channels=channels,
-                    now=trio.current_time(), heartbeat_interval=lcfg.heartbeat_interval,
+                    now=now, heartbeat_interval=lcfg.heartbeat_interval,
                     heartbeat_timeout=lcfg.heartbeat_timeout,
-                    handshake_timeout=lcfg.handshake_timeout)
+                    handshake_timeout=handshake)
                 async with trio.open_nursery() as nursery:
                     self.nursery = nursery
+                    if self.preread:
+                        self._dispatch(self.session.receive_data(self.preread, now))
+                        self.preread = b""
                     nursery.start_soon(self._reader)
                     nursery.start_soon(self._timer)
                     nursery.start_soon(self._writer)

@@ -135,6 +135,18 @@ class _Outgoing:
     remaining: int
 
 
+def check_hello(frame: F.Frame, peer: str) -> None:
+    """Raise RemoteProtocolError unless `frame` is a hello from `peer` in our version
+    (also used before a session exists: a replacement is validated first)."""
+    if not isinstance(frame, F.Hello):
+        raise RemoteProtocolError(f"expected hello, got {type(frame).__name__.lower()}")
+    if frame.version != F.PROTOCOL_VERSION:
+        raise RemoteProtocolError(f"unsupported protocol version {frame.version} "
+                                  f"(this linkd speaks {F.PROTOCOL_VERSION})")
+    if frame.node != peer:
+        raise RemoteProtocolError(f"hello names node {frame.node!r}, expected {peer!r}")
+
+
 class Session:
     def __init__(self, *, node: str, peer: str, channels: list[F.ChannelHello], now: float,
                  heartbeat_interval: float = 5.0, heartbeat_timeout: float = 15.0,
@@ -307,11 +319,7 @@ class Session:
             raise RemoteProtocolError("second hello")
 
     def _handle_hello(self, hello: F.Hello, events: list[Event]) -> None:
-        if hello.version != F.PROTOCOL_VERSION:
-            raise RemoteProtocolError(f"unsupported protocol version {hello.version} "
-                                      f"(this linkd speaks {F.PROTOCOL_VERSION})")
-        if hello.node != self.peer:
-            raise RemoteProtocolError(f"hello names node {hello.node!r}, expected {self.peer!r}")
+        check_hello(hello, self.peer)
         self.peer_hello = hello
         self.peer_channels = {c.name: c for c in hello.channels}
         self._send_windows = {c.name: SendWindow(c.credit) for c in hello.channels}
