@@ -189,6 +189,7 @@ class Daemon:
                         await self.shutdown(signal.Signals(signum).name)
                         nursery.cancel_scope.cancel()
                         break
+        logmod.flush_suppressed(force=True)
         self.log.info("stopped")
 
     def summary(self) -> str:
@@ -228,6 +229,7 @@ class Daemon:
         while True:
             await self.refresh_folder_counts()
             self.expiry.check(self.board)
+            logmod.flush_suppressed()       # the log_suppressed summary, when due
             await trio.sleep(HOUSEKEEPING)
 
     async def _accept(self, listener: trio.SocketListener) -> None:
