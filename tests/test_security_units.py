@@ -89,3 +89,39 @@ def test_gate_counts_total_and_per_source() -> None:
     assert gate.count == 4 and gate.by_source["a"] == 1
     assert isinstance(gate.admit("a"), Ticket)
     assert gate.refused == 2
+
+
+def _cert_naming(*names: str) -> bytes:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    return cert.public_bytes(Encoding.DER)
+
+
+def test_certificate_naming_several_peers_is_refused() -> None:
+    from linkd.config import PeerConfig
+    from linkd.net.tls import IdentityError, identify
+
+    alpha, charlie = PeerConfig("alpha"), PeerConfig("charlie")
+    assert identify(_cert_naming("alpha"), [alpha, charlie]).peer is alpha
+    with pytest.raises(IdentityError, match="several configured peers.*alpha, charlie"):
+        identify(_cert_naming("alpha", "charlie"), [alpha, charlie])
+    # the dialler checks against every configured peer too, not only the dialled one
+    with pytest.raises(IdentityError, match="ambiguous"):
+        identify(_cert_naming("alpha", "charlie"), [alpha], [alpha, charlie])
+    # a name that is not a configured peer is no ambiguity
+    assert identify(_cert_naming("alpha", "www"), [alpha], [alpha, charlie]).peer is alpha

@@ -385,14 +385,16 @@ class SessionRunner:
         if link.sessions_opened:
             link.status.reconnects += 1
         link.sessions_opened += 1
-        for ch in self.session.peer_hello.channels:
-            link.peer_max[ch.name] = ch.max
+        # Retry counts of messages that left the queue by any path are dropped here, so
+        # the per-message bookkeeping never outgrows the queue (CONTRACT §4.6).
+        pending = {(name, i.seq) for name, out in link.outbound.items() for i in out.pending()}
+        for key in [k for k in self.attempts if k not in pending]:
+            del self.attempts[key]
         missing = []
         for name, cfg in link.channels.items():
             peer_ch = self.session.peer_channels.get(name)
             state = _OutChannel(name, cfg.priority)
             if peer_ch is None:
-                link.peer_max.pop(name, None)       # the peer's old limit has no meaning now
                 state.held = (f"peer {link.name} does not offer channel {name!r} (yet): its "
                               f"files wait until it does")
                 missing.append(name)
@@ -631,6 +633,7 @@ class SessionRunner:
             # Our numbering went wrong (state lost or restored): the peer holds other
             # content under this seq. Renumber and send ours; no duplicate arises.
             new = await spool.renumber(item, state.peer_committed)
+            self.attempts.pop((ch, item.seq), None)
             if new is not None:
                 self.log.info("message_renumbered", peer=link.name, channel=ch, name=item.name,
                               seq=new.seq, old_seq=item.seq,
@@ -717,6 +720,7 @@ class SessionRunner:
             await trio.lowlevel.checkpoint()
 
     async def _fail(self, item: Claimed, reason: str) -> None:
+        self.attempts.pop((item.channel, item.seq), None)   # bookkeeping dies with the message
         spool = self.link.spools.get(item.channel)
         if spool is None:
             return
@@ -785,7 +789,10 @@ class SessionRunner:
             if item is None:        # the pending set changed since _ready() looked
                 return
             state.next_seq = item.seq + 1
-            peer_max = self.link.peer_max.get(state.name)
+            # Only this session's word counts: a limit from an earlier session of the
+            # peer means nothing now (it may have been raised since).
+            peer_ch = session.peer_channels.get(state.name)
+            peer_max = peer_ch.max if peer_ch is not None else None
             if peer_max is not None and item.size > peer_max:
                 await self._fail(item, f"{item.size} bytes is over {self.link.name}'s "
                                        f"max_message_bytes of {peer_max} on {state.name!r}")
@@ -884,6 +891,7 @@ class SessionRunner:
                 continue
             if nack.kind == F.NACK_STALE:
                 new = await spool.renumber(item, state.peer_committed)
+                self.attempts.pop((nack.ch, item.seq), None)
                 if new is not None:
                     self.log.warning(
                         "duplicate_possible", peer=self.link.name, channel=nack.ch,

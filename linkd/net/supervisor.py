@@ -335,7 +335,8 @@ async def _dial(daemon: Any, link: Any, host: str, port: int, remote: str,
     except ValueError:
         sni = host
     contexts: TLSContexts = daemon.tls
-    tls_stream = contexts.client_stream(tcp, link.peer, server_hostname=sni)
+    tls_stream = contexts.client_stream(tcp, link.peer, server_hostname=sni,
+                                        configured=list(daemon.cfg.peers))
     try:
         with trio.fail_at(deadline):
             identity = await contexts.finish_handshake(tls_stream)
