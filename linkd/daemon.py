@@ -264,6 +264,10 @@ class Daemon:
         try:
             cfg = await in_thread(load_config, self.cfg.path)
             problems = await in_thread(startup_problems, cfg)
+            # An expired CRL does not keep the old one in force: it is loaded and fails
+            # closed (OpenSSL refuses every new handshake: "CRL has expired"), logged.
+            crl_expired = [p for p in problems if CRL_EXPIRED in p]
+            problems = [p for p in problems if CRL_EXPIRED not in p]
             if problems:
                 raise ConfigError(problems[0])
             if cfg.node != self.cfg.node:
@@ -279,6 +283,10 @@ class Daemon:
         old = self.cfg
         self.cfg, self.tls = cfg, tls
         self.board.cert_not_after, self.board.crl_next_update = tls_dates(cfg)
+        if crl_expired:
+            self.log.error("crl_expired", reason=f"{crl_expired[0]}; new sessions are refused "
+                                                 "until a fresh CRL is loaded (SIGHUP)")
+        await self._close_revoked(cfg)
         if listeners is not None:
             self.listen_scope.cancel()
             assert self.nursery is not None
@@ -319,6 +327,31 @@ class Daemon:
         self.log.info("reloaded", peers=len(self.links))
         systemd.ready(f"serving {len(self.links)} peer(s)")
 
+
+    async def _close_revoked(self, cfg: Config) -> None:
+        """End at once every session whose peer certificate the (new) CRL revokes."""
+        if cfg.tls.crl is None:
+            return
+        sessions = {name: link.active for name, link in self.links.items()
+                    if link.active is not None}
+        if not sessions:
+            return
+        ders = {name: der for name, runner in sessions.items()
+                if (der := _peer_der(runner)) is not None}
+        try:
+            revoked = await in_thread(revoked_peers, cfg.tls.crl, cfg.tls.ca, ders)
+        except (LinkdError, OSError) as exc:
+            self.log.error("crl_unusable", reason=f"{exc}: connected sessions were not "
+                                                  "checked against it")
+            return
+        for name, serial in revoked.items():
+            runner = sessions[name]
+            if self.links.get(name) is None or self.links[name].active is not runner:
+                continue
+            reason = (f"certificate revoked: serial {serial:x} is listed in the reloaded CRL "
+                      f"{cfg.tls.crl.name}")
+            self.log.warning("session_revoked", peer=name, remote=runner.remote, reason=reason)
+            await runner.close(reason)
 
     async def _rebind(self, cfg: Config) -> list[trio.SocketListener] | None:
         """New listeners when [listen] changed (None: unchanged). The old ones keep
@@ -373,6 +406,30 @@ def _find(exc: BaseException, kind: type[BaseException]) -> BaseException | None
             if found is not None:
                 return found
     return None
+
+
+CRL_EXPIRED = "(tls.crl): CRL expired"      # certs.load_crl's wording
+
+
+def _peer_der(runner: Any) -> bytes | None:
+    get = getattr(runner.stream, "peer_certificate_der", None)
+    return get() if get is not None else None
+
+
+def revoked_peers(crl_path: Any, ca_path: Any, ders: dict[str, bytes]) -> dict[str, int]:
+    """Blocking: {peer: serial} for the certificates in `ders` that the CRL lists
+    (verified against the CA; an expired CRL still counts: revocation is final)."""
+    from cryptography import x509
+
+    from .certs import load_crl
+    crl = load_crl(crl_path, ca_path, now=dt.datetime(1970, 1, 1, tzinfo=dt.UTC))
+    found: dict[str, int] = {}
+    for name, der in ders.items():
+        cert = x509.load_der_x509_certificate(der)
+        if cert.issuer == crl.issuer and \
+                crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
+            found[name] = cert.serial_number
+    return found
 
 
 def _folder_counts(layout: Any, channels: list[str]) -> tuple[dict[str, int], int]:
