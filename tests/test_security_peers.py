@@ -181,7 +181,8 @@ def _with_crl(d: Daemon, crl: Path) -> None:
 
     def patched() -> None:
         write()
-        text = d.config_path.read_text().replace("[tls]\n", f"[tls]\ncrl = {json.dumps(str(crl))}\n")
+        line = f"crl = {json.dumps(str(crl))}"
+        text = d.config_path.read_text().replace("[tls]\n", f"[tls]\n{line}\n")
         d.config_path.write_text(text)
     d.write_config = patched  # type: ignore[method-assign]
 
