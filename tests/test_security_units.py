@@ -125,3 +125,33 @@ def test_certificate_naming_several_peers_is_refused() -> None:
         identify(_cert_naming("alpha", "charlie"), [alpha], [alpha, charlie])
     # a name that is not a configured peer is no ambiguity
     assert identify(_cert_naming("alpha", "www"), [alpha], [alpha, charlie]).peer is alpha
+
+
+def test_bye_and_violation_reasons_are_never_empty() -> None:
+    from linkd.proto import frames as F
+    from linkd.proto import session as S
+    from linkd.proto.framing import FrameDecoder, encode_frame
+
+    def session() -> S.Session:
+        s = S.Session(node="a", peer="b", channels=[], now=0.0)
+        s.data_to_send(0.0)
+        return s
+
+    # a body msgpack refuses with an empty message
+    s = session()
+    events = s.receive_data(b"\x00\x00\x00\x01\xc1", 0.0)
+    reason = events[-1].reason
+    assert reason.startswith("protocol violation: frame body is not valid msgpack")
+    assert not reason.rstrip().endswith(":")
+    sent = FrameDecoder().__class__()
+    sent.feed(s.data_to_send(0.0))
+    bye = sent.next_frame()
+    assert isinstance(bye, F.Bye) and bye.reason == reason
+    # a peer's empty goodbye
+    s = session()
+    events = s.receive_data(encode_frame(F.Bye("")), 0.0)
+    assert events[-1].reason == "refused by the peer: (the peer gave no reason)"
+    # our own empty close
+    s = session()
+    s.close("  ")
+    assert s.close_reason == "no reason given"

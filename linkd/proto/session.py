@@ -135,6 +135,19 @@ class _Outgoing:
     remaining: int
 
 
+def named_reason(reason: str) -> str:
+    """Every bye and violation names the rule broken: never an empty reason, nor one
+    whose detail is empty ("frame body is not valid msgpack: ")."""
+    text = reason.strip()
+    if not text:
+        return "no reason given"
+    return f"{text} (no detail)" if text.endswith(":") else text
+
+
+def _theirs(reason: str) -> str:
+    return reason if reason.strip() else "(the peer gave no reason)"
+
+
 def check_hello(frame: F.Frame, peer: str) -> None:
     """Raise RemoteProtocolError unless `frame` is a hello from `peer` in our version
     (also used before a session exists: a replacement is validated first)."""
@@ -223,6 +236,7 @@ class Session:
     # -- closing --------------------------------------------------------------
 
     def _fail(self, reason: str, *, by_peer: bool) -> SessionClosed:
+        reason = named_reason(reason)
         if self.state is not State.CLOSED:
             self._queue(F.Bye(reason), control=True)
             self.state = State.CLOSED
@@ -231,6 +245,7 @@ class Session:
 
     def close(self, reason: str) -> None:
         """A clean goodbye from our side (shutdown, reload)."""
+        reason = named_reason(reason)
         if self.state is not State.CLOSED:
             self._queue(F.Bye(reason), control=True)
             self.state = State.CLOSED
@@ -262,7 +277,7 @@ class Session:
                 if isinstance(frame, F.Bye):
                     self.state = State.CLOSED
                     self.close_reason = frame.reason
-                    events.append(SessionClosed(f"refused by the peer: {frame.reason}", error=True,
+                    events.append(SessionClosed(f"refused by the peer: {_theirs(frame.reason)}", error=True,
                                                 by_peer=True))
                     return
                 raise RemoteProtocolError(f"expected hello, got {type(frame).__name__.lower()}")
@@ -313,7 +328,7 @@ class Session:
             assert isinstance(frame, F.Bye)
             self.state = State.CLOSED
             self.close_reason = frame.reason
-            events.append(SessionClosed(f"peer said goodbye: {frame.reason}", error=False,
+            events.append(SessionClosed(f"peer said goodbye: {_theirs(frame.reason)}", error=False,
                                         by_peer=True))
         elif kind is F.Hello:
             raise RemoteProtocolError("second hello")
