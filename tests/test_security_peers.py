@@ -265,3 +265,40 @@ def test_peer_limit_does_not_outlive_its_session(tmp_path: Path) -> None:
         assert not a.events("message_failed")
     finally:
         stop_all(a, b)
+
+
+# -- quarantine quota ----------------------------------------------------------------------
+
+
+def test_quarantine_quota_refuses_with_a_busy_nack(tmp_path: Path) -> None:
+    pki_dir = make_pki(tmp_path / "pki", ["alpha", "bravo"])
+    b = Daemon(tmp_path, "bravo", pki_dir, port=free_port(), link={"quarantine_max_files": 2})
+    b.add_peer("alpha", [{"name": "data"}])
+    b.start()
+    fake = None
+    try:
+        fake = FakePeer(pki_dir, "alpha", "alpha", "bravo", b.port or 0, ["data"])
+        fake.pump(opened)
+        nacks: list[Any] = []
+        for attempt in range(3):
+            data = os.urandom(1000)
+            fake.session.send_msg("data", 1, "bad.bin", len(data), b"\x00" * 32, 0)
+            fake.session.send_data("data", data)
+            fake.flush()
+            fake.pump(lambda ev, n=attempt: len([e for e in ev
+                                                 if isinstance(e, S.NackReceived)]) > n)
+            nacks = [e for e in fake.events if isinstance(e, S.NackReceived)]
+        assert [n.kind for n in nacks] == ["", "", F.NACK_BUSY], nacks
+        assert nacks[2].retry and nacks[2].wait > 0
+        assert "quarantine quota full" in nacks[2].reason
+        assert len(b.events("message_quarantined")) == 2
+        warning = wait_for(lambda: b.events("quarantine_full"), 10, message=b.tail)
+        assert warning[0]["level"] == "warning" and "quarantine_max_files 2" in \
+            warning[0]["reason"]
+        files = [p for p in (b.spool / "alpha" / "quarantine").iterdir()
+                 if not p.name.endswith(".reason")]
+        assert len(files) == 2
+    finally:
+        if fake is not None:
+            fake.close()
+        stop_all(b)

@@ -79,6 +79,7 @@ from ..spool import (
     InboundRefused,
     ResourceBusy,
 )
+from ..spool.inbound import quarantine_usage
 from ..spool.outbound import is_resource_error
 from ..wakeup import Wakeup
 
@@ -89,6 +90,7 @@ READ_SIZE = 64 * 1024
 MAX_INBOUND_BACKLOG = 4096    # queued inbound events before the reader stops reading
 MAX_PENDING_OUTPUT = 1 << 20  # queued control bytes (pongs, acks...) before the reader waits
 BUSY_WAIT = (1.0, 30.0)       # a channel whose disk work failed nacks "busy" (first, max wait)
+QUARANTINE_WAIT = 30.0        # seconds a sender waits after a "quarantine full" busy nack
 READ_RETRY = 2.0              # seconds before a queued file that could not be read is retried
 
 
@@ -488,7 +490,11 @@ class SessionRunner:
             self.inbound_drained.set()
             acks, nacks, delivered, credit, quarantined = result
             for ch, seq, reason, retry, kind in nacks:
-                self.session.send_nack(ch, seq, reason, retry, kind)
+                if kind == F.NACK_BUSY:     # quarantine/ over its quota: ask again later
+                    self.log.warning("quarantine_full", peer=self.link.name, channel=ch,
+                                     seq=seq, reason=reason)
+                self.session.send_nack(ch, seq, reason, retry, kind,
+                                       QUARANTINE_WAIT if kind == F.NACK_BUSY else 0.0)
             for d in delivered:
                 stats = self.link.status.channel(d.channel)
                 stats.note_received(d.size)
@@ -516,6 +522,7 @@ class SessionRunner:
         quarantined: list[tuple[str, str, int, str, Any]] = []
         done: dict[str, list[Completed]] = collections.defaultdict(list)
         names: dict[tuple[str, int], str] = {}
+        full: str | None = None          # quarantine quota problem (looked up once a batch)
         for ev in batch:
             ch = ev.ch
             inbound = link.inbound.get(ch)
@@ -547,6 +554,13 @@ class SessionRunner:
                     continue
                 if done[ch] and ev.seq <= done[ch][-1].seq:
                     rx.skipping[ch] = ev.seq
+                    continue
+                if full is None:
+                    full = self._quarantine_full()
+                if full:
+                    rx.skipping[ch] = ev.seq
+                    nacks.append((ch, ev.seq, full, True, F.NACK_BUSY))
+                    rx.discard(ch)
                     continue
                 try:
                     inbound.begin(ev.seq, ev.name, ev.size, ev.sha256.hex(), ev.offset)
@@ -582,6 +596,18 @@ class SessionRunner:
                 acks[ch].extend(_ack_entry(d) for d in got)
                 rx.acked(ch, [d.seq for d in got])
         return dict(acks), nacks, delivered, dict(credit), quarantined
+
+    def _quarantine_full(self) -> str:
+        """Blocking: why quarantine/ takes nothing more from this peer, or ""."""
+        lcfg = self.link.cfg.link
+        folder = self.link.layout.quarantine_dir()
+        files, size = quarantine_usage(folder)
+        if files < lcfg.quarantine_max_files and size < lcfg.quarantine_max_bytes:
+            return ""
+        return (f"quarantine quota full on {self.link.cfg.node.name} ({files} files, {size} "
+                f"bytes; [link] quarantine_max_files {lcfg.quarantine_max_files}, "
+                f"quarantine_max_bytes {lcfg.quarantine_max_bytes}): an operator must "
+                f"clear {folder}")
 
     # -- acknowledgements -----------------------------------------------------
 

@@ -277,8 +277,8 @@ class Session:
                 if isinstance(frame, F.Bye):
                     self.state = State.CLOSED
                     self.close_reason = frame.reason
-                    events.append(SessionClosed(f"refused by the peer: {_theirs(frame.reason)}", error=True,
-                                                by_peer=True))
+                    events.append(SessionClosed(f"refused by the peer: {_theirs(frame.reason)}",
+                                                error=True, by_peer=True))
                     return
                 raise RemoteProtocolError(f"expected hello, got {type(frame).__name__.lower()}")
             self._handle_hello(frame, events)
