@@ -302,3 +302,40 @@ def test_quarantine_quota_refuses_with_a_busy_nack(tmp_path: Path) -> None:
         if fake is not None:
             fake.close()
         stop_all(b)
+
+
+# -- one handshake_timeout from TCP to hello ---------------------------------------------
+
+
+def test_handshake_deadline_counts_from_the_tcp_connection(tmp_path: Path) -> None:
+    """A client that dawdles before TLS and then never says hello is dropped one
+    handshake_timeout after its TCP connection, not after TLS plus another one."""
+    pki_dir = make_pki(tmp_path / "pki", ["alpha", "bravo"])
+    b = Daemon(tmp_path, "bravo", pki_dir, port=free_port(), link={"handshake_timeout": 3.0})
+    b.add_peer("alpha", [{"name": "data"}])
+    b.start()
+    try:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+        ctx.check_hostname = False
+        ctx.load_cert_chain(str(pki_dir / "alpha.crt"), str(pki_dir / "alpha.key"))
+        ctx.load_verify_locations(cafile=str(pki_dir / "ca.crt"))
+        raw = socket.create_connection(("127.0.0.1", b.port or 0), timeout=10)
+        t0 = time.monotonic()
+        time.sleep(2.0)     # the stall under test (TLS not started yet), not a synchronisation
+        tls = ctx.wrap_socket(raw)
+        got = b""
+        while True:
+            try:
+                chunk = tls.recv(65536)
+            except (ConnectionError, ssl.SSLError):
+                break
+            if not chunk:
+                break
+            got += chunk
+        took = time.monotonic() - t0
+        tls.close()
+        assert 2.5 < took < 4.5, took       # old code: 2 s + TLS + 3 s = ~5 s
+        assert b"handshake timeout" in got
+    finally:
+        stop_all(b)
