@@ -117,7 +117,8 @@ def open_descriptors() -> int | None:
 async def serve_listener(listener: trio.SocketListener,
                          handler: Callable[[trio.SocketStream], Awaitable[None]],
                          log: Any, what: str) -> None:
-    """Accept forever, one task per connection. A capacity error (EMFILE...) is one
+    """Accept forever, one task per connection, closed when its handler returns. A
+    capacity error (EMFILE...) is one
     log line and a short wait; a handler's unexpected error is one log line and
     ends only that connection."""
     async def guarded(stream: trio.SocketStream) -> None:
@@ -125,6 +126,7 @@ async def serve_listener(listener: trio.SocketListener,
             await handler(stream)
         except Exception as exc:  # noqa: BLE001 - one connection's bug must not stop accepting
             log.error("connection_crashed", listener=what, reason=repr(exc))
+        finally:            # as trio.serve_listeners does: the stream ends with its handler
             await trio.aclose_forcefully(stream)
 
     delay = ACCEPT_BACKOFF[0]
