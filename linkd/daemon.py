@@ -351,7 +351,7 @@ class Daemon:
             reason = (f"certificate revoked: serial {serial:x} is listed in the reloaded CRL "
                       f"{cfg.tls.crl.name}")
             self.log.warning("session_revoked", peer=name, remote=runner.remote, reason=reason)
-            await runner.close(reason)
+            await runner.close(reason, error=True)
 
     async def _rebind(self, cfg: Config) -> list[trio.SocketListener] | None:
         """New listeners when [listen] changed (None: unchanged). The old ones keep

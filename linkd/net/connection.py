@@ -280,8 +280,12 @@ class SessionRunner:
             self.log.warning("recovery", problem=p)
         link.log_recovered()
 
-    async def close(self, reason: str) -> None:
-        """A clean goodbye (shutdown, reload, losing a tie-break)."""
+    async def close(self, reason: str, error: bool = False) -> None:
+        """A goodbye from our side (shutdown, reload, losing a tie-break; `error` for a
+        revoked certificate). Its reason is the session's, even if the peer hangs up
+        while the goodbye is being sent."""
+        if self.reason is None:
+            self.reason, self.error = reason, error
         if self.session is not None and self.session.state is not S.State.CLOSED:
             self.session.close(reason)
             with trio.move_on_after(2):
@@ -289,7 +293,7 @@ class SessionRunner:
                     await self.flush()
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass
-        self.end(reason, False)
+        self.end(reason, error)
 
     async def _cleanup(self) -> None:
         for ch in self.out.values():
