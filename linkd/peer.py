@@ -56,7 +56,6 @@ class PeerLink:
         self.inbound: dict[str, Inbound] = {}
         self.spools: dict[str, ChannelSpool] = {}
         self.channels: dict[str, ChannelConfig] = {}
-        self.peer_max: dict[str, int] = {}      # the peer's limits from its last session
         self.active: Any = None                 # the SessionRunner holding the slot
         self._slot_free = trio.Event()
         self._slot_free.set()
@@ -242,7 +241,9 @@ class PeerLink:
                 if not spool.outbound.usable:   # an earlier I/O error: rebuild first
                     for problem in await spool.recover_outbound():
                         self.log.warning("recovery", channel=name, problem=problem)
-                found = await spool.examine(self.peer_max.get(name), relist)
+                # No peer limit at pick-up: only a live session's limits count, at send
+                # time (net/connection.py); our own max_message_bytes applies here.
+                found = await spool.examine(None, relist)
                 claimed, failed = await spool.claim(found.ready)
             except ResourceBusy as exc:
                 # Out of descriptors or memory: nothing is wrong with the files.

@@ -53,6 +53,7 @@ import structlog
 import trio
 
 from .errors import LinkdError
+from .net.admission import serve_listener
 
 STATES = ("connected", "connecting", "backoff", "waiting")
 REQUEST_TIMEOUT = 10.0          # seconds to read one request (also the keep-alive idle limit)
@@ -366,8 +367,10 @@ async def serve_status(board: StatusBoard, path: Path, control: Control | None =
     try:
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners,
-                                lambda stream: _connection(board, stream, control), [listener])
+            # not trio.serve_listeners: it logs EMFILE with a traceback (net/admission.py)
+            nursery.start_soon(serve_listener, listener,
+                               lambda stream: _connection(board, stream, control), log,
+                               "status socket")
             log.info("status_listening", socket=str(path))
             task_status.started()
     finally:
@@ -395,9 +398,11 @@ async def serve_metrics(board: StatusBoard, listeners: list[trio.SocketListener]
                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """GET /metrics over TCP for Prometheus; every other path is 404, other methods 405."""
     async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners,
-                            lambda stream: _connection(board, stream, None, metrics_only=True),
-                            listeners)
+        for listener in listeners:
+            nursery.start_soon(serve_listener, listener,
+                               lambda stream: _connection(board, stream, None,
+                                                          metrics_only=True),
+                               log, "[status].metrics_listen")
         task_status.started()
 
 

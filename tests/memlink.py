@@ -278,5 +278,5 @@ INF = math.inf
 def scan_sync(link: Any) -> None:
     """Claim what was dropped, on every channel (blocking; outside trio)."""
     for name, out in link.outbound.items():
-        out.scan(link.peer_max.get(name))
+        out.scan(None)
         link.refresh_queued([name])

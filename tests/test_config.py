@@ -414,6 +414,7 @@ CONTRACT_KEYS = {
     "listen.address", "listen.port",
     "link.heartbeat_interval", "link.heartbeat_timeout", "link.reconnect_min",
     "link.reconnect_max", "link.handshake_timeout", "link.archive_sent",
+    "link.quarantine_max_files", "link.quarantine_max_bytes",    # issue 8 (beyond §2)
     "peer.name", "peer.connect", "peer.pin_sha256",
     "peer.channel.name", "peer.channel.priority", "peer.channel.max_message_bytes",
 }

@@ -84,6 +84,7 @@ from ..spool import (
     InboundRefused,
     ResourceBusy,
 )
+from ..spool.inbound import quarantine_usage
 from ..spool.outbound import is_resource_error
 from ..wakeup import Wakeup
 
@@ -94,6 +95,7 @@ READ_SIZE = 64 * 1024
 MAX_INBOUND_BACKLOG = 4096    # queued inbound events before the reader stops reading
 MAX_PENDING_OUTPUT = 1 << 20  # queued control bytes (pongs, acks...) before the reader waits
 BUSY_WAIT = (1.0, 30.0)       # a channel whose disk work failed nacks "busy" (first, max wait)
+QUARANTINE_WAIT = 30.0        # seconds a sender waits after a "quarantine full" busy nack
 READ_RETRY = 2.0              # seconds before a queued file that could not be read is retried
 ACKS_PER_FRAME = 256          # signed ack entries per frame (an RSA-4096 entry is ~1.5 KiB)
 
@@ -159,6 +161,10 @@ class SessionRunner:
         self.was_open = False
         self.opened_at: float | None = None     # trio time of the peer's hello
         self.ended_at: float | None = None
+        # One handshake_timeout from the TCP connection covers TLS *and* the hello
+        # (the supervisor sets it); None: a full handshake_timeout from run().
+        self.handshake_deadline: float | None = None
+        self.preread = b""          # the peer's bytes read (and its hello checked) before run()
 
     @property
     def open_seconds(self) -> float:
@@ -222,14 +228,20 @@ class SessionRunner:
                 channels = self.hello_channels()
                 self.inbound_qs = {c.name: trio.open_memory_channel[Any](math.inf)
                                    for c in channels}
+                now = trio.current_time()
+                handshake = lcfg.handshake_timeout if self.handshake_deadline is None \
+                    else max(0.0, self.handshake_deadline - now)
                 self.session = S.Session(
                     node=link.cfg.node.name, peer=link.name, channels=channels,
-                    now=trio.current_time(), heartbeat_interval=lcfg.heartbeat_interval,
+                    now=now, heartbeat_interval=lcfg.heartbeat_interval,
                     heartbeat_timeout=lcfg.heartbeat_timeout,
-                    handshake_timeout=lcfg.handshake_timeout,
+                    handshake_timeout=handshake,
                     checkpoint=audit.latest_checkpoint if audit is not None else None)
                 async with trio.open_nursery() as nursery:
                     self.nursery = nursery
+                    if self.preread:
+                        self._dispatch(self.session.receive_data(self.preread, now))
+                        self.preread = b""
                     nursery.start_soon(self._reader)
                     nursery.start_soon(self._timer)
                     nursery.start_soon(self._writer)
@@ -287,8 +299,12 @@ class SessionRunner:
             self.log.warning("recovery", problem=p)
         link.log_recovered()
 
-    async def close(self, reason: str) -> None:
-        """A clean goodbye (shutdown, reload, losing a tie-break)."""
+    async def close(self, reason: str, error: bool = False) -> None:
+        """A goodbye from our side (shutdown, reload, losing a tie-break; `error` for a
+        revoked certificate). Its reason is the session's, even if the peer hangs up
+        while the goodbye is being sent."""
+        if self.reason is None:
+            self.reason, self.error = reason, error
         if self.session is not None and self.session.state is not S.State.CLOSED:
             self.session.close(reason)
             with trio.move_on_after(2):
@@ -296,7 +312,7 @@ class SessionRunner:
                     await self.flush()
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass
-        self.end(reason, False)
+        self.end(reason, error)
 
     async def _cleanup(self) -> None:
         for ch in self.out.values():
@@ -514,14 +530,16 @@ class SessionRunner:
         if link.sessions_opened:
             link.status.reconnects += 1
         link.sessions_opened += 1
-        for ch in self.session.peer_hello.channels:
-            link.peer_max[ch.name] = ch.max
+        # Retry counts of messages that left the queue by any path are dropped here, so
+        # the per-message bookkeeping never outgrows the queue (CONTRACT §4.6).
+        pending = {(name, i.seq) for name, out in link.outbound.items() for i in out.pending()}
+        for key in [k for k in self.attempts if k not in pending]:
+            del self.attempts[key]
         missing = []
         for name, cfg in link.channels.items():
             peer_ch = self.session.peer_channels.get(name)
             state = _OutChannel(name, cfg.priority)
             if peer_ch is None:
-                link.peer_max.pop(name, None)       # the peer's old limit has no meaning now
                 state.held = (f"peer {link.name} does not offer channel {name!r} (yet): its "
                               f"files wait until it does")
                 missing.append(name)
@@ -615,7 +633,11 @@ class SessionRunner:
             self.inbound_drained.set()
             acks, nacks, delivered, credit, quarantined = result
             for ch, seq, reason, retry, kind in nacks:
-                self.session.send_nack(ch, seq, reason, retry, kind)
+                if kind == F.NACK_BUSY:     # quarantine/ over its quota: ask again later
+                    self.log.warning("quarantine_full", peer=self.link.name, channel=ch,
+                                     seq=seq, reason=reason)
+                self.session.send_nack(ch, seq, reason, retry, kind,
+                                       QUARANTINE_WAIT if kind == F.NACK_BUSY else 0.0)
             for d in delivered:
                 stats = self.link.status.channel(d.channel)
                 stats.note_received(d.size)
@@ -649,6 +671,7 @@ class SessionRunner:
         quarantined: list[tuple[str, str, int, str, Any]] = []
         done: dict[str, list[Completed]] = collections.defaultdict(list)
         names: dict[tuple[str, int], str] = {}
+        full: str | None = None          # quarantine quota problem (looked up once a batch)
         for ev in batch:
             ch = ev.ch
             inbound = link.inbound.get(ch)
@@ -680,6 +703,13 @@ class SessionRunner:
                     continue
                 if done[ch] and ev.seq <= done[ch][-1].seq:
                     rx.skipping[ch] = ev.seq
+                    continue
+                if full is None:
+                    full = self._quarantine_full()
+                if full:
+                    rx.skipping[ch] = ev.seq
+                    nacks.append((ch, ev.seq, full, True, F.NACK_BUSY))
+                    rx.discard(ch)
                     continue
                 # Unacknowledged from here on, even if begin() fails for a storage
                 # reason: the worker's error path nacks it as busy (without this a
@@ -722,6 +752,18 @@ class SessionRunner:
         # new deliveries share one Merkle tree.
         signed = {ch: self._sign(ch, entries) for ch, entries in acks.items()}
         return signed, nacks, delivered, dict(credit), quarantined
+
+    def _quarantine_full(self) -> str:
+        """Blocking: why quarantine/ takes nothing more from this peer, or ""."""
+        lcfg = self.link.cfg.link
+        folder = self.link.layout.quarantine_dir()
+        files, size = quarantine_usage(folder)
+        if files < lcfg.quarantine_max_files and size < lcfg.quarantine_max_bytes:
+            return ""
+        return (f"quarantine quota full on {self.link.cfg.node.name} ({files} files, {size} "
+                f"bytes; [link] quarantine_max_files {lcfg.quarantine_max_files}, "
+                f"quarantine_max_bytes {lcfg.quarantine_max_bytes}): an operator must "
+                f"clear {folder}")
 
     # -- acknowledgements -----------------------------------------------------
 
@@ -784,6 +826,7 @@ class SessionRunner:
             # Our numbering went wrong (state lost or restored): the peer holds other
             # content under this seq. Renumber and send ours; no duplicate arises.
             new = await spool.renumber(item, state.peer_committed)
+            self.attempts.pop((ch, item.seq), None)
             if new is not None:
                 self.log.info("message_renumbered", peer=link.name, channel=ch, name=item.name,
                               seq=new.seq, old_seq=item.seq,
@@ -880,6 +923,7 @@ class SessionRunner:
             await trio.lowlevel.checkpoint()
 
     async def _fail(self, item: Claimed, reason: str) -> None:
+        self.attempts.pop((item.channel, item.seq), None)   # bookkeeping dies with the message
         spool = self.link.spools.get(item.channel)
         if spool is None:
             return
@@ -948,7 +992,10 @@ class SessionRunner:
             if item is None:        # the pending set changed since _ready() looked
                 return
             state.next_seq = item.seq + 1
-            peer_max = self.link.peer_max.get(state.name)
+            # Only this session's word counts: a limit from an earlier session of the
+            # peer means nothing now (it may have been raised since).
+            peer_ch = session.peer_channels.get(state.name)
+            peer_max = peer_ch.max if peer_ch is not None else None
             if peer_max is not None and item.size > peer_max:
                 await self._fail(item, f"{item.size} bytes is over {self.link.name}'s "
                                        f"max_message_bytes of {peer_max} on {state.name!r}")
@@ -1047,6 +1094,7 @@ class SessionRunner:
                 continue
             if nack.kind == F.NACK_STALE:
                 new = await spool.renumber(item, state.peer_committed)
+                self.attempts.pop((nack.ch, item.seq), None)
                 if new is not None:
                     self.log.warning(
                         "duplicate_possible", peer=self.link.name, channel=nack.ch,

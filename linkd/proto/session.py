@@ -142,6 +142,31 @@ class _Outgoing:
     remaining: int
 
 
+def named_reason(reason: str) -> str:
+    """Every bye and violation names the rule broken: never an empty reason, nor one
+    whose detail is empty ("frame body is not valid msgpack: ")."""
+    text = reason.strip()
+    if not text:
+        return "no reason given"
+    return f"{text} (no detail)" if text.endswith(":") else text
+
+
+def _theirs(reason: str) -> str:
+    return reason if reason.strip() else "(the peer gave no reason)"
+
+
+def check_hello(frame: F.Frame, peer: str) -> None:
+    """Raise RemoteProtocolError unless `frame` is a hello from `peer` in our version
+    (also used before a session exists: a replacement is validated first)."""
+    if not isinstance(frame, F.Hello):
+        raise RemoteProtocolError(f"expected hello, got {type(frame).__name__.lower()}")
+    if frame.version != F.PROTOCOL_VERSION:
+        raise RemoteProtocolError(f"unsupported protocol version {frame.version} "
+                                  f"(this linkd speaks {F.PROTOCOL_VERSION})")
+    if frame.node != peer:
+        raise RemoteProtocolError(f"hello names node {frame.node!r}, expected {peer!r}")
+
+
 class Session:
     def __init__(self, *, node: str, peer: str, channels: list[F.ChannelHello], now: float,
                  heartbeat_interval: float = 5.0, heartbeat_timeout: float = 15.0,
@@ -219,6 +244,7 @@ class Session:
     # -- closing --------------------------------------------------------------
 
     def _fail(self, reason: str, *, by_peer: bool) -> SessionClosed:
+        reason = named_reason(reason)
         if self.state is not State.CLOSED:
             self._queue(F.Bye(reason), control=True)
             self.state = State.CLOSED
@@ -227,6 +253,7 @@ class Session:
 
     def close(self, reason: str) -> None:
         """A clean goodbye from our side (shutdown, reload)."""
+        reason = named_reason(reason)
         if self.state is not State.CLOSED:
             self._queue(F.Bye(reason), control=True)
             self.state = State.CLOSED
@@ -258,8 +285,8 @@ class Session:
                 if isinstance(frame, F.Bye):
                     self.state = State.CLOSED
                     self.close_reason = frame.reason
-                    events.append(SessionClosed(f"refused by the peer: {frame.reason}", error=True,
-                                                by_peer=True))
+                    events.append(SessionClosed(f"refused by the peer: {_theirs(frame.reason)}",
+                                                error=True, by_peer=True))
                     return
                 raise RemoteProtocolError(f"expected hello, got {type(frame).__name__.lower()}")
             self._handle_hello(frame, events)
@@ -309,7 +336,7 @@ class Session:
             assert isinstance(frame, F.Bye)
             self.state = State.CLOSED
             self.close_reason = frame.reason
-            events.append(SessionClosed(f"peer said goodbye: {frame.reason}", error=False,
+            events.append(SessionClosed(f"peer said goodbye: {_theirs(frame.reason)}", error=False,
                                         by_peer=True))
         elif kind is F.Checkpoint:
             assert isinstance(frame, F.Checkpoint)
@@ -318,11 +345,7 @@ class Session:
             raise RemoteProtocolError("second hello")
 
     def _handle_hello(self, hello: F.Hello, events: list[Event]) -> None:
-        if hello.version != F.PROTOCOL_VERSION:
-            raise RemoteProtocolError(f"unsupported protocol version {hello.version} "
-                                      f"(this linkd speaks {F.PROTOCOL_VERSION})")
-        if hello.node != self.peer:
-            raise RemoteProtocolError(f"hello names node {hello.node!r}, expected {self.peer!r}")
+        check_hello(hello, self.peer)
         self.peer_hello = hello
         self.peer_channels = {c.name: c for c in hello.channels}
         self._send_windows = {c.name: SendWindow(c.credit) for c in hello.channels}

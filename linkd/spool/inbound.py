@@ -532,3 +532,22 @@ class Inbound:
             fs.fsync_dir(tmp)
         ib._st = st.saved(fs) if dirty else st
         return recovered
+
+
+def quarantine_usage(folder: Path) -> tuple[int, int]:
+    """(files, bytes) held in a peer's quarantine/ (the .reason notes not counted);
+    a missing folder is empty. Symlinks are counted, never followed."""
+    count = total = 0
+    try:
+        with os.scandir(folder) as it:
+            for entry in it:
+                if entry.name.endswith(".reason") or entry.name.startswith("."):
+                    continue
+                count += 1
+                try:
+                    total += entry.stat(follow_symlinks=False).st_size
+                except OSError:
+                    pass
+    except FileNotFoundError:
+        pass
+    return count, total
