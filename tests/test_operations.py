@@ -419,6 +419,9 @@ def test_a_reload_goodbye_makes_the_dialler_redial_at_once(tmp_path: Path,
     a.write_config()
     a.signal(signal.SIGHUP)
     wait_for(lambda: a.events("reloaded"), 15)
+    # alpha's own reload replaced the session: wait for the new one on both sides, or
+    # bravo's reload may find no session to say goodbye on.
+    wait_for(lambda: len(a.events("link_up")) >= 2 and len(b.events("link_up")) >= 2, 15)
     b.write_config()
     b.signal(signal.SIGHUP)          # bravo (listening) closes the session with "reload:"
     wait_for(lambda: [e for e in a.events("link_down")
