@@ -193,6 +193,7 @@ class Progress:
     def __init__(self, cfg: Config, peer: str, channel: str,
                  files: list[tuple[str, int]]) -> None:
         self.sock = cfg.node.status_socket
+        self.state_dir = cfg.node.state_dir
         self.peer, self.channel = peer, channel
         self.sizes = dict(files)
         self.last_poll = 0.0
@@ -223,7 +224,24 @@ class Progress:
     def done(self, name: str) -> None:
         if self.bar is not None:
             self.bar.update(self.tasks[name], completed=self.sizes.get(name) or 1)
-        self._say(f"{_clean(name)}: delivered to {self.peer}")
+        delivered = self.delivered_name(name)
+        where = f" as {_clean(delivered)}" if delivered and delivered != name else ""
+        self._say(f"{_clean(name)}: delivered to {self.peer}{where}")
+
+    def delivered_name(self, name: str) -> str | None:
+        """The name the peer delivered `name` under (`~N` on a clash), from its signed
+        receipt (docs/EVIDENCE.md); None where this user cannot read the state dir."""
+        from ..evidence.receipts import ReceiptStore
+        try:
+            doc = ReceiptStore(self.state_dir / "receipts").find(self.peer, self.channel,
+                                                                 name=name)
+        except OSError:
+            return None
+        receipt = (doc or {}).get("receipt") or {}
+        if receipt.get("sent_name") != name or receipt.get("size") != self.sizes.get(name):
+            return None
+        value = receipt.get("delivered_name")
+        return value if isinstance(value, str) else None
 
     def failed(self, name: str, reason: str) -> None:
         self._say(f"{_clean(name)}: FAILED: {_clean(reason)}", err=True)
