@@ -667,7 +667,10 @@ def format_status(doc: dict[str, Any], now: dt.datetime | None = None) -> str:
         lines += ["", f"peer {p.get('name')}:"]
         tls = p.get("tls")
         if tls:
-            lines.append(f"  tls {tls.get('version')} {tls.get('cipher')}, peer "
+            group = tls.get("group") or "?"
+            if tls.get("post_quantum") is False:
+                group += " (classical, not post-quantum)"
+            lines.append(f"  tls {tls.get('version')} {tls.get('cipher')} {group}, peer "
                          f"{tls.get('peer_subject')}, cert until {tls.get('peer_not_after')}")
         if p.get("down_since"):
             line = (f"  down since {p['down_since']} ({_ago(p['down_since'], now)}), "
