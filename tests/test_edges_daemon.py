@@ -132,8 +132,9 @@ def test_in_place_writer_arrives_complete(tmp_path: Path, how: str) -> None:
                                 first_pause=4.5, seed=2)
             payload_sha = sha(writer_payload(size, 2))
         assert proc.wait(60) == 0, "the writer failed"
-        wait_for(lambda: delivered(b, "data") and drained(a, ["data"]), 60,
-                 message=lambda: both(a, b))
+        # message_sent is logged just after the queue is emptied: wait for both
+        wait_for(lambda: delivered(b, "data") and drained(a, ["data"])
+                 and a.events("message_sent"), 60, message=lambda: both(a, b))
         got = {n: (len(d), sha(d)) for n, d in b.inbound("alpha", "data").items()}
         assert got == {name: (size, payload_sha)}, (
             f"in/ holds {got}, want {name} with {size} bytes; delivered events: "
