@@ -378,8 +378,8 @@ def run_pickup(root: Path, n: int, size: int = 2048, gap: float = 0.1) -> dict[s
             seen = len(pair.proxy.up)
             t = time.monotonic()
             os.rename(staging / name, out / name)
-            wait_until(lambda seen=seen: any(k >= size for _, k in pair.proxy.up[seen:]), 30, 0.0005,
-                       f"{name} on the wire")
+            wait_until(lambda seen=seen: any(k >= size for _, k in pair.proxy.up[seen:]),
+                       30, 0.0005, f"{name} on the wire")
             first = next(ts for ts, k in pair.proxy.up[seen:] if k >= 200)
             lat.append(first - t)
             time.sleep(gap)                 # one file at a time: an idle link each time
@@ -570,7 +570,8 @@ class Table:
         lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)) + " |",
                  "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
         for r in self.rows:
-            lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
+            cells = (c.ljust(w) for c, w in zip(r, widths, strict=True))
+            lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
 
