@@ -728,11 +728,11 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 table.add("NNCP", "skipped: binaries not installed")
     finally:
-        if not args.keep:
+        text = table.text()
+        print()
+        print(text, flush=True)
+        if not args.keep:       # can take minutes on a busy disk (100,000 queued files)
             shutil.rmtree(root, ignore_errors=True)
-    text = table.text()
-    print()
-    print(text)
     if not q and not args.only and not args.no_record:
         stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
         with open(HERE / "RESULTS.md", "a") as f:
