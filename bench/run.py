@@ -731,16 +731,20 @@ def main(argv: list[str] | None = None) -> int:
         text = table.text()
         print()
         print(text, flush=True)
+        if not q and not args.only and not args.no_record:
+            record(text, started)
         if not args.keep:       # can take minutes on a busy disk (100,000 queued files)
             shutil.rmtree(root, ignore_errors=True)
-    if not q and not args.only and not args.no_record:
-        stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-        with open(HERE / "RESULTS.md", "a") as f:
-            f.write(f"\n## {stamp} — commit {commit()}\n\n{machine()}; load average "
-                    f"{os.getloadavg()[0]:.1f} at the end; took {time.time() - started:.0f} s\n\n"
-                    f"{text}\n")
-        print(f"\nappended to {HERE / 'RESULTS.md'}")
     return 0
+
+
+def record(text: str, started: float) -> None:
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    with open(HERE / "RESULTS.md", "a") as f:
+        f.write(f"\n## {stamp} — commit {commit()}\n\n{machine()}; load average "
+                f"{os.getloadavg()[0]:.1f} at the end; took {time.time() - started:.0f} s\n\n"
+                f"{text}\n")
+    print(f"\nappended to {HERE / 'RESULTS.md'}")
 
 
 if __name__ == "__main__":
