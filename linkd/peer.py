@@ -154,11 +154,10 @@ class PeerLink:
             if out is None:
                 continue
             stats = self.status.channel(name)
-            pending = out.pending()
-            waiting_count, waiting_bytes = out.waiting()
-            stats.queued = len(pending) + waiting_count
-            stats.queued_bytes = sum(i.size for i in pending) + waiting_bytes
-            oldest = min((i.claimed_at for i in pending), default=None)
+            # O(1): this runs after every pick-up batch and every batch of acks
+            count, size, oldest, waiting_count, waiting_bytes = out.queue_stats()
+            stats.queued = count + waiting_count
+            stats.queued_bytes = size + waiting_bytes
             self.oldest_claim[name] = oldest
             if hasattr(stats, "oldest_queued_age_s"):
                 stats.oldest_queued_age_s = None if oldest is None else round(now - oldest, 3)

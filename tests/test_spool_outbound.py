@@ -319,3 +319,61 @@ def test_file_removed_before_rename_does_not_skip_a_number(layout, monkeypatch):
     assert [(c.seq, c.name) for c in claimed] == [(1, "a"), (2, "c")]
     assert sorted(os.listdir(layout.claimed_dir(CH))) == [
         "000000000001.data", "000000000001.meta", "000000000002.data", "000000000002.meta"]
+
+
+def test_queue_stats_stay_exact_through_claim_resolve_fail_renumber_and_restart(layout):
+    """queue_stats() is O(1) (kept up to date, not recounted per batch: issue 13) and
+    must agree with a full count after every kind of change."""
+    def full(ob):
+        pending = ob.pending()
+        waiting = ob.waiting()
+        return (len(pending), sum(i.size for i in pending),
+                min((i.claimed_at for i in pending), default=None), *waiting)
+
+    for i in range(6):
+        put(layout, f"f{i}.txt", b"x" * (10 + i), t=i)
+    ob = outbound(layout)
+    found = ob.examine(limit=2)
+    assert ob.queue_stats()[3:] == (4, 12 + 13 + 14 + 15)   # still waiting in out/
+    ob.claim(found.ready)
+    assert ob.queue_stats() == full(ob)
+    claimed, _ = ob.scan()
+    assert ob.queue_stats() == full(ob) and ob.queue_stats()[:2] == (6, sum(range(10, 16)))
+    items = ob.pending()
+    ob.resolve([items[0].seq])
+    assert ob.queue_stats() == full(ob)
+    ob.fail(items[1], "test")
+    assert ob.queue_stats() == full(ob)
+    ob.renumber(items[2], 100)              # its claim time is now out of seq order
+    assert ob.queue_stats() == full(ob)
+    ob.resolve([i.seq for i in ob.pending()[:-1]])
+    assert ob.queue_stats() == full(ob)
+    again = outbound(layout)                # a restart reads the queue from disk
+    assert again.queue_stats() == full(again) and again.queue_stats()[0] == 1
+
+
+def test_a_claim_batch_shares_one_syncfs_and_the_meta_precedes_every_rename(layout,
+                                                                            monkeypatch):
+    """Issue 13: a batch of >= SYNCFS_MIN claims writes every .meta, syncs the file
+    system once (no fsync per .meta) and fsyncs queue/ before the first rename, so a
+    claimed file never exists without its durable record. Small batches keep their
+    per-file fsync."""
+    from linkd.spool import inbound as inbound_module
+    monkeypatch.setattr(inbound_module, "SYNCFS_OK", True)
+    for i in range(inbound_module.SYNCFS_MIN):
+        put(layout, f"f{i}.txt", t=i)
+    fs = FaultyFS()
+    ob = outbound(layout, fs=fs)
+    fs.trace.clear()
+    claimed, _ = ob.scan()
+    assert len(claimed) == inbound_module.SYNCFS_MIN
+    ops = [op for op, _ in fs.trace]
+    first_rename = ops.index("rename_noreplace")
+    assert ops[:first_rename].count("syncfs") == 1 and "fsync" not in ops
+    assert ops[first_rename - 1] == "fsync_dir"
+    assert ops.count("rename_noreplace") == len(claimed)
+    put(layout, "one.txt", t=99)
+    fs.trace.clear()
+    ob.scan()
+    assert [op for op, _ in fs.trace].count("fsync") == 1 and \
+        "syncfs" not in [op for op, _ in fs.trace]

@@ -60,6 +60,7 @@ import collections
 import dataclasses
 import errno
 import hashlib
+import io
 import math
 import os
 from typing import Any
@@ -1012,8 +1013,12 @@ class SessionRunner:
                 offset = state.resume[1]
             state.resume = None
             spool = self.link.spools[state.name]
+            # A small file is read whole in the hop that opens it, and sent at once
+            # below (one thread hop per file instead of two).
+            small = item.size - offset <= CHUNK_SIZE
             try:
-                fh = await spool.open(item, offset)
+                fh = await spool.open(item, offset, prefetch=True) if small \
+                    else await spool.open(item, offset)
             except (OSError, SpoolError) as exc:
                 await self._unreadable(state, item, exc)
                 return
@@ -1030,12 +1035,16 @@ class SessionRunner:
             state.current, state.fh, state.offset = item, fh, offset
             state.digest = hashlib.sha256() if offset == 0 else None
             self._show_in_flight(state)
-            return
+            if not isinstance(fh, io.BytesIO) or session.sendable(state.name) == 0:
+                return
         n = session.sendable(state.name)
         item = state.current
         fh = state.fh
         try:
-            data = await trio.to_thread.run_sync(fh.read, n)
+            if isinstance(fh, io.BytesIO):
+                data = fh.read(n)           # prefetched when opened: no thread hop
+            else:
+                data = await trio.to_thread.run_sync(fh.read, n)
         except (OSError, ValueError) as exc:
             if self._nacked(state.name) or state.fh is not fh:
                 return

@@ -77,6 +77,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..errors import SpoolError
+from . import inbound as _inbound
 from .files import (
     dump_json,
     is_int,
@@ -132,7 +133,7 @@ def is_resource_error(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Claimed:
     channel: str
     seq: int
@@ -143,6 +144,47 @@ class Claimed:
     claimed_at: float
     ino: int = 0
     mtime_ns: int = 0
+
+
+class _Pending(dict[int, Claimed]):
+    """seq -> Claimed, keeping the total size and whether claim times still rise with
+    seq (so the oldest claim is the first entry), for O(1) status counts: a queue of
+    100,000 files is not summed again after every batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+        self.ordered = True         # claimed_at never falls as seq rises
+
+    def __setitem__(self, seq: int, item: Claimed) -> None:
+        old = self.get(seq)
+        if old is not None:
+            self.bytes -= old.size
+        elif self and (seq < next(reversed(self.keys()))
+                       or item.claimed_at < self[next(reversed(self.keys()))].claimed_at):
+            self.ordered = False
+        super().__setitem__(seq, item)
+        self.bytes += item.size
+
+    def __delitem__(self, seq: int) -> None:
+        self.bytes -= self[seq].size
+        super().__delitem__(seq)
+        if not self:
+            self.ordered = True
+
+    def pop(self, seq: int, default: Any = None) -> Any:
+        if seq in self:
+            item = self[seq]
+            del self[seq]
+            return item
+        return default
+
+    def oldest(self) -> float | None:
+        if not self:
+            return None
+        if self.ordered:
+            return next(iter(self.values())).claimed_at
+        return min(i.claimed_at for i in self.values())
 
 
 @dataclass(frozen=True)
@@ -192,8 +234,11 @@ class Outbound:
         self._failed, self._state = layout.failed_dir(channel), layout.state_file_out(channel)
         self.next_seq = 1
         self.acked = 0                          # highest seq the peer ever acknowledged
-        self._pending: dict[int, Claimed] = {}
+        self._pending = _Pending()
         self._backlog: deque[str] = deque()
+        self._listed: dict[str, int] = {}       # backlog name -> size when listed
+        self._sizes_seen: dict[str, int] = {}   # the last listing's sizes
+        self._backlog_bytes = 0
         self._not_ready: dict[str, float] = {}  # name -> when to look again
         self._ready = False
         self._refused: str | None = None        # a symlinked spool folder (see the top)
@@ -353,6 +398,8 @@ class Outbound:
         except OSError as exc:
             raise self._broken("recovery", exc) from None
         self._backlog.clear()
+        self._listed.clear()
+        self._backlog_bytes = 0
         self._not_ready.clear()
         self._ready = True
         return problems
@@ -372,7 +419,7 @@ class Outbound:
         for name in listdir(self._failed):
             if name.startswith(".") and name.endswith(".reason.tmp"):
                 unlink_quietly(self.fs, self._failed / name)
-        self._pending = {}
+        self._pending = _Pending()
         for seq in sorted(groups):
             kinds = groups[seq]
             meta = self._read_meta(seq) if "meta" in kinds else None
@@ -512,6 +559,8 @@ class Outbound:
     # -- pick-up, step 1: examine (reads only; no lock needed) --------------
     def _list_out(self) -> list[str]:
         found: list[tuple[int, str]] = []
+        sizes: dict[str, int] = {}
+        self._sizes_seen = sizes
         try:
             with os.scandir(self._out) as it:
                 for entry in it:
@@ -520,13 +569,29 @@ class Outbound:
                     try:
                         if entry.is_dir(follow_symlinks=False):
                             continue        # sub-folders are ignored (CONTRACT §3)
-                        found.append((entry.stat(follow_symlinks=False).st_ctime_ns,
-                                      entry.name))
+                        st = entry.stat(follow_symlinks=False)
+                        found.append((st.st_ctime_ns, entry.name))
+                        sizes[entry.name] = st.st_size
                     except FileNotFoundError:
                         continue
         except FileNotFoundError:
             return []
         return [name for _, name in sorted(found)]
+
+    def queue_stats(self) -> tuple[int, int, float | None, int, int]:
+        """(queued count, queued bytes, oldest claim time, waiting count, waiting bytes)
+        in O(1): `waiting` is the pick-up backlog as last listed (out/ is listed
+        again on every inotify wake-up and rescan), not a fresh scan of out/."""
+        return (len(self._pending), self._pending.bytes, self._pending.oldest(),
+                len(self._backlog), self._backlog_bytes)
+
+    def _backlog_add(self, names: list[str] | deque[str], front: bool = False) -> None:
+        for name in names:
+            self._backlog_bytes += self._listed.get(name, 0)
+        if front:
+            self._backlog.extendleft(reversed(names))
+        else:
+            self._backlog.extend(names)
 
     def waiting(self) -> tuple[int, int]:
         """(count, bytes) of files in out/<ch>/ not yet claimed (one scandir)."""
@@ -576,12 +641,16 @@ class Outbound:
         now = time.monotonic()
         if relist or not self._backlog:
             queued = set(self._backlog)
-            self._backlog.extend(n for n in self._list_out() if n not in queued)
+            new = [n for n in self._list_out() if n not in queued]
+            for n in new:
+                self._listed[n] = self._sizes_seen.get(n, 0)
+            self._backlog_add(new)
         result = Examined([], [])
         hashed = 0
         skipped: list[str] = []
         while self._backlog and len(result.ready) < limit and hashed < max_bytes:
             name = self._backlog.popleft()
+            self._backlog_bytes -= self._listed.get(name, 0)
             again = self._not_ready.get(name)
             if again is not None and again > now:
                 skipped.append(name)
@@ -589,13 +658,16 @@ class Outbound:
             try:
                 got = self._examine_one(name, peer_max, result.failed)
             except OSError as exc:
-                self._backlog.appendleft(name)
+                self._backlog_add([name], front=True)
+                self._backlog_add(skipped, front=True)
+                skipped = []
                 if is_resource_error(exc):
                     raise ResourceBusy(f"picking up {name!r} on {self.layout.peer}/"
                                        f"{self.channel}: {exc.strerror}: will retry") from None
                 raise SpoolError(f"cannot pick up {self._out / name}: {exc.strerror}") from None
             if isinstance(got, Candidate):
                 self._not_ready.pop(name, None)
+                self._listed.pop(name, None)
                 result.ready.append(got)
                 hashed += got.size
             elif isinstance(got, float):
@@ -603,8 +675,9 @@ class Outbound:
                 skipped.append(name)
             else:
                 self._not_ready.pop(name, None)
+                self._listed.pop(name, None)
         # files not ready yet stay in the backlog, at its front (they arrived first)
-        self._backlog.extendleft(reversed(skipped))
+        self._backlog_add(skipped, front=True)
         waits = [t - now for t in self._not_ready.values()]
         result.retry_after = max(0.05, min(waits)) if waits else None
         result.more = len(self._backlog) > len(skipped)
@@ -751,8 +824,14 @@ class Outbound:
                 seq = self.next_seq + i
                 items.append(Claimed(self.channel, seq, c.name, c.size, c.sha256,
                                      self._rec(seq, "data"), now, c.ino, c.mtime_ns))
+            # A batch shares one syncfs (where the kernel reports its errors, as the
+            # inbound group commit does) instead of an fsync per .meta.
+            share = _inbound.SYNCFS_OK and len(items) >= _inbound.SYNCFS_MIN
             for item in items:
-                write_new(self.fs, self._rec(item.seq, "meta"), self._meta_bytes(item))
+                write_new(self.fs, self._rec(item.seq, "meta"), self._meta_bytes(item),
+                          sync=not share)
+            if share:
+                self.fs.syncfs(self._q)
             self.fs.fsync_dir(self._q)
             for item in items:
                 src = self._out / item.name
@@ -900,12 +979,14 @@ class Outbound:
         return new
 
 
-def write_new(fs: FS, path: Path, data: bytes) -> None:
-    """Write a new record file and fsync it (its folder is fsync'd by the caller)."""
+def write_new(fs: FS, path: Path, data: bytes, sync: bool = True) -> None:
+    """Write a new record file and fsync it (its folder is fsync'd by the caller;
+    sync=False: the caller syncs the file system before relying on it)."""
     fd = fs.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW)
     try:
         fs.write(fd, data)
-        fs.fsync(fd)
+        if sync:
+            fs.fsync(fd)
     finally:
         fs.close(fd)
 
