@@ -174,6 +174,7 @@ class Outbound:
         self._failed, self._state = layout.failed_dir(channel), layout.state_file_out(channel)
         self.next_seq = 1
         self.acked = 0                          # highest seq the peer ever acknowledged
+        self._saved_next = 1                    # `next` as the state file has it
         self._pending: dict[int, Claimed] = {}
         self._backlog: deque[str] = deque()
         self._not_ready: dict[str, float] = {}  # name -> when to look again
@@ -251,9 +252,11 @@ class Outbound:
     def _save_state(self) -> None:
         write_atomic(self.fs, self._state, dump_json({"next": self.next_seq,
                                                       "acked": self.acked}))
+        self._saved_next = self.next_seq
 
     def _load_state(self, problems: list[str]) -> None:
         record, problem = read_json(self._state)
+        from_file = record is not None
         legacy = self.layout.legacy_state_file_out(self.channel)
         if record is None and problem is None and os.path.isfile(legacy):
             old, _ = read_json(legacy)       # revision 1: {"last_done": N}
@@ -264,6 +267,8 @@ class Outbound:
         if record is not None and is_int(record.get("next"), 1) and is_int(record.get("acked")):
             self.next_seq = min(int(record["next"]), MAX_SEQ)
             self.acked = min(int(record["acked"]), MAX_SEQ)
+            if from_file:
+                self._saved_next = self.next_seq
             return
         aside = move_aside(self.fs, self._state)
         problems.append(f"{self._state} was unusable ({problem or 'bad fields'}); moved to "
@@ -296,7 +301,7 @@ class Outbound:
             make_folder(self._q, FOLDER_MODE, self.fs)
             make_folder(self._failed, FOLDER_MODE, self.fs)
             make_folder(self._state.parent, STATE_MODE, self.fs)
-            self.next_seq, self.acked = 1, 0
+            self.next_seq, self.acked, self._saved_next = 1, 0, 1
             self._load_state(problems)
             self._migrate(problems)
             self._recover_queue(problems)
@@ -799,6 +804,11 @@ class Outbound:
             raise self._broken(f"failing seq {item.seq}", exc) from None
 
     def _fail_claimed(self, item: Claimed, reason: str) -> FailedFile:
+        if item.seq >= self._saved_next:
+            # the queue alone would let a restart hand this seq (logged as failed)
+            # to another file: record that it is used
+            self.next_seq = max(self.next_seq, item.seq + 1)
+            self._save_state()
         write_atomic(self.fs, self._rec(item.seq, "fail"),
                      dump_json({"seq": item.seq, "name": item.name, "reason": reason}))
         if os.path.lexists(item.path):
