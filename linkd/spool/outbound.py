@@ -75,6 +75,7 @@ from .files import (
     place_noreplace,
     place_with_reason,
     read_json,
+    same_file,
     unlink_quietly,
     write_reason_only,
 )
@@ -344,6 +345,12 @@ class Outbound:
                     unlink_quietly(self.fs, self._rec(seq, kind))
                 changed = True
             elif "data" in kinds and meta is not None:
+                source = self._out / meta.name
+                if same_file(source, meta.path):
+                    # a claim by link + unlink (no RENAME_NOREPLACE) cut in between:
+                    # finish it, or the out/ name would be claimed a second time
+                    self.fs.unlink(source)
+                    self.fs.fsync_dir(self._out)
                 if meta.ino and os.lstat(meta.path).st_ino != meta.ino:
                     meta = self._rehash(meta)   # cut inside a claim that found a swapped file
                 self._pending[seq] = meta
@@ -357,6 +364,17 @@ class Outbound:
                 changed = True
             else:
                 self.fs.unlink(self._rec(seq, "meta"))  # a cut claim or renumbering
+                changed = True
+        inodes: dict[tuple[int, int], int] = {}
+        for seq in sorted(self._pending, reverse=True):
+            st = os.lstat(self._rec(seq, "data"))
+            newer = inodes.setdefault((st.st_dev, st.st_ino), seq)
+            if newer != seq:
+                # a renumbering by link + unlink cut in between: the file is pending
+                # under its new seq already (it would otherwise be sent twice)
+                self.fs.unlink(self._rec(seq, "data"))
+                self.fs.unlink(self._rec(seq, "meta"))
+                del self._pending[seq]
                 changed = True
         top = max(self._pending, default=0)
         if top >= self.next_seq:
@@ -701,7 +719,6 @@ class Outbound:
             for item in items:
                 src = self._out / item.name
                 try:
-                    set_name_xattr(src, item.name)
                     self.fs.rename_noreplace(src, item.path)
                 except FileNotFoundError:
                     unlink_quietly(self.fs, self._rec(item.seq, "meta"))
@@ -710,6 +727,9 @@ class Outbound:
                 if not stat.S_ISREG(st.st_mode):
                     failed.append(self._fail_claimed(item, "is not a regular file"))
                     continue
+                # only now: setting an xattr changes the ctime, which is the file's
+                # place in the arrival order while it is still in out/
+                set_name_xattr(item.path, item.name)
                 if (st.st_ino, st.st_size, st.st_mtime_ns) != (item.ino, item.size,
                                                                 item.mtime_ns):
                     item = self._rehash(item)  # replaced or written since examine()
