@@ -426,10 +426,23 @@ class Outbound:
                 seqs.setdefault(int(match[1]), set()).add(match[2])
         top = max(self._pending_seqs_on_disk(), default=0)
         self.next_seq = max(self.next_seq, last_done + 1, top + 1)
+        moved: dict[int, int] = {}      # revision 1 seq -> queue seq, of a cut migration
+        for name in listdir(self._q):
+            match = _RECORD.fullmatch(name)
+            if match and match[2] == "meta":
+                rec, _ = read_json(self._q / name)
+                if rec is not None and is_int(rec.get("migrated_from"), 1):
+                    moved[int(rec["migrated_from"])] = int(match[1])
         for seq in sorted(seqs):
             kinds = seqs[seq]
             src_data, src_meta = old / f"{seq:012d}.data", old / f"{seq:012d}.meta"
             if "data" not in kinds:
+                continue
+            if seq in moved:            # a migration cut after its claim record
+                if os.path.lexists(self._rec(moved[seq], "data")):
+                    self.fs.unlink(src_data)    # copied (or linked) already
+                else:
+                    self._move_across(src_data, self._rec(moved[seq], "data"))
                 continue
             meta, _ = read_json(src_meta)
             name = str((meta or {}).get("name") or f"seq-{seq}")
@@ -446,7 +459,8 @@ class Outbound:
             self.next_seq += 1
             item = Claimed(self.channel, new, name, int(meta.get("size", 0)),
                            str(meta.get("sha256", "")), self._rec(new, "data"), time.time())
-            write_atomic(self.fs, self._rec(new, "meta"), self._meta_bytes(item))
+            write_atomic(self.fs, self._rec(new, "meta"),
+                         self._meta_bytes(item, migrated_from=seq))
             self._move_across(src_data, item.path)
             problems.append(f"migrated claimed file {name!r} (seq {seq}) into {self._q} as "
                             f"seq {new}")
