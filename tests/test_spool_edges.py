@@ -613,3 +613,28 @@ def test_12_out_and_queue_on_different_mounts_are_refused_in_one_line(tmp_path):
         assert os.listdir(queue) == [] and os.listdir(layout.out_dir(CH)) == []
     finally:
         subprocess.run(["umount", str(queue)], check=True)
+
+
+# -- (2) sender state loss: renumbering keeps the pick-up order -------------------
+
+def test_2_files_claimed_after_a_lost_sender_state_go_out_in_pick_up_order(tmp_path):
+    from linkd.spool.testing import LinkHarness
+
+    h = LinkHarness(tmp_path)
+    for name in ("old-1", "old-2"):
+        drop(h.sender.out_dir(CH), name, name.encode())
+    h.drain()
+    assert h.ib.committed == 2
+    shutil.rmtree(h.sender.state_dir)                    # the sender's state is wiped
+    h.sender.create([CH], False)
+    names = [f"new-{i}" for i in range(4)]
+    for name in names:
+        put(h.sender, name)
+    h.ob = h.new_sender()
+    h.ob.recover()
+    assert [c.seq for c in h.ob.scan()[0]] == [1, 2, 3, 4]   # claimed before the hello
+    h.delivered = []
+    h.drain()
+    assert [d.sent_name for d in h.delivered] == names      # in pick-up order
+    assert [d.seq for d in h.delivered] == [5, 6, 7, 8]         # above every number used
+    assert sorted(os.listdir(h.receiver.in_dir(CH))) == sorted(["old-1", "old-2", *names])
