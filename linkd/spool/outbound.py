@@ -33,14 +33,24 @@ and fsyncs both folders. Crash points:
   C1 .meta without .data: recovery deletes the .meta (the file is still in out/);
   C2 after some renames: those are pending, the rest are C1;
   C3 before the final folder fsyncs: renames are atomic; on power loss one may be
-     undone, which is C1 again.
+     undone, which is C1 again;
+  C4 (no RENAME_NOREPLACE) between the link and the unlink: the file has both
+     names; recovery sees the same inode in out/ and drops that name.
+The original name is set as an xattr only once the file is queued: setting it
+changes the ctime, i.e. the file's place in the arrival order while in out/.
 Resolve (acknowledged): record next/acked durably, then delete (or archive to
 sent/) each .data and its .meta. A crash in between leaves a queued file the
 peer holds: it is sent again and the peer acknowledges it as a duplicate.
-Fail (a reason): write `<seq>.fail` durably, move .data to failed/<ch>/ beside a
-one-line .reason, delete .meta and .fail; recovery finishes a cut failure.
+Fail (a reason): if the seq is not yet below the recorded `next`, record it
+first (else a restart could give the failed seq to another file); write
+`<seq>.fail` durably, move .data to failed/<ch>/ beside a one-line .reason,
+delete .meta and .fail; recovery finishes a cut failure.
 Renumber (seq s -> n): write `<n>.meta`, rename `<s>.data` to `<n>.data`, delete
-`<s>.meta`; a crash leaves a .meta without .data on one side (deleted, C1).
+`<s>.meta`; a crash leaves a .meta without .data on one side (deleted, C1), or,
+cut between link and unlink, both records on one inode: recovery keeps `<n>`.
+Migration of revision 1 claims writes each new .meta with `migrated_from`, so
+that a move cut by a crash (a copy across mounts, or link + unlink) is finished
+on the next start rather than queued a second time.
 
 Errors: EMFILE, ENFILE, ENOMEM, EAGAIN and ENOBUFS are resource errors (raised
 as ResourceBusy, retried later), never a reason to fail a file. Any other
