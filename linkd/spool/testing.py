@@ -109,7 +109,7 @@ class LinkHarness:
     session start: recover() both sides; the hello carries the receiver's
     `committed`: raise_floor() it, and probe each pending item at or below it
     (`_probe`: resolve it if the receiver holds the same content under its seq,
-    else renumber it and every later one); scan(); for each pending item:
+    else renumber it); scan(); for each pending item:
     begin() at the receiver's resume point, stream the bytes, finish(); commit()
     in batches and resolve() the delivered seqs whose content matches.
     A session ends early on Crash (that side is rebuilt from disk) or SpoolError
@@ -207,19 +207,15 @@ class LinkHarness:
         receiver's committed seq, resolve queued files the receiver holds with the
         same content, renumber those under which it holds something else."""
         self.ob.raise_floor(self.ib.committed)
-        renumbering = False
         for item in self.ob.pending():
-            if item.seq > self.ib.committed and not renumbering:
+            if item.seq > self.ib.committed:
                 continue
-            held = self.ib.lookup(item.seq) if item.seq <= self.ib.committed else None
+            held = self.ib.lookup(item.seq)
             if held is not None and (held["sha256"], held["size"], held["sent_name"]) == \
                     (item.sha256, item.size, item.name):
                 self.acked += [r.item for r in self.ob.resolve([item.seq])]
             else:
-                # once one file moves up, every later one moves up behind it: files
-                # go out in pick-up order
                 self.ob.renumber(item, self.ib.committed)
-                renumbering = True
 
     def _commit(self, batch: list[Completed]) -> None:
         got = self.ib.commit(batch) if batch else []
