@@ -39,7 +39,8 @@ Crash points:
      in/<ch>/, journals and records the commit; those are reported in
      `recovered`. An intent entry whose partial is gone *and* whose final name is
      not in in/ is not counted as delivered: committed stops below it, so the
-     sender sends it again (a duplicate at worst, never a loss);
+     sender sends it again (a duplicate at worst, never a loss); the partials of
+     later entries are then deleted, not delivered, as they will be sent again;
   K3 after 4, before 5 is durable: as K2, every partial is already gone;
   K4 after 5: done; the sender's ack may be lost, the resend is a duplicate.
 Any OSError inside begin/write/commit/abort leaves the object "broken": nothing
@@ -478,6 +479,11 @@ class Inbound:
         if st.intent:
             for seq, part, final, sent, size, sha in sorted(st.intent):
                 src = tmp / part
+                if lost and os.path.lexists(src):
+                    # above a lost entry committed stops, so the sender sends this
+                    # again: delivering it now would make that a duplicate (the
+                    # stray sweep below deletes the partial)
+                    continue
                 if os.path.lexists(src):
                     fsync_file(fs, src, ib.file_mode)
                     path = place_noreplace(fs, src, in_dir, sent, preferred=final)

@@ -33,16 +33,24 @@ and fsyncs both folders. Crash points:
   C1 .meta without .data: recovery deletes the .meta (the file is still in out/);
   C2 after some renames: those are pending, the rest are C1;
   C3 before the final folder fsyncs: renames are atomic; on power loss one may be
-     undone, which is C1 again.
-  C4 inside the link+unlink fallback of rename_noreplace (file systems without
-     renameat2): the file has both names; recovery drops the out/ one.
+     undone, which is C1 again;
+  C4 (no RENAME_NOREPLACE) between the link and the unlink: the file has both
+     names; recovery sees the same inode in out/ and drops that name.
+The original name is set as an xattr only once the file is queued: setting it
+changes the ctime, i.e. the file's place in the arrival order while in out/.
 Resolve (acknowledged): record next/acked durably, then delete (or archive to
 sent/) each .data and its .meta. A crash in between leaves a queued file the
 peer holds: it is sent again and the peer acknowledges it as a duplicate.
-Fail (a reason): write `<seq>.fail` durably, move .data to failed/<ch>/ beside a
-one-line .reason, delete .meta and .fail; recovery finishes a cut failure.
+Fail (a reason): if the seq is not yet below the recorded `next`, record it
+first (else a restart could give the failed seq to another file); write
+`<seq>.fail` durably, move .data to failed/<ch>/ beside a one-line .reason,
+delete .meta and .fail; recovery finishes a cut failure.
 Renumber (seq s -> n): write `<n>.meta`, rename `<s>.data` to `<n>.data`, delete
-`<s>.meta`; a crash leaves a .meta without .data on one side (deleted, C1).
+`<s>.meta`; a crash leaves a .meta without .data on one side (deleted, C1), or,
+cut between link and unlink, both records on one inode: recovery keeps `<n>`.
+Migration of revision 1 claims writes each new .meta with `migrated_from`, so
+that a move cut by a crash (a copy across mounts, or link + unlink) is finished
+on the next start rather than queued a second time.
 
 Symlinked folders (safedir.py): every step checks the folders it writes into
 (out/<ch>, queue/<ch>, failed/<ch>, sent/<ch>, the state folder) first. A
@@ -234,6 +242,7 @@ class Outbound:
         self._failed, self._state = layout.failed_dir(channel), layout.state_file_out(channel)
         self.next_seq = 1
         self.acked = 0                          # highest seq the peer ever acknowledged
+        self._saved_next = 1                    # `next` as the state file has it
         self._pending = _Pending()
         self._backlog: deque[str] = deque()
         self._listed: dict[str, int] = {}       # backlog name -> size when listed
@@ -332,9 +341,11 @@ class Outbound:
         self.layout.check(self._state.parent)
         write_atomic(self.fs, self._state, dump_json({"next": self.next_seq,
                                                       "acked": self.acked}))
+        self._saved_next = self.next_seq
 
     def _load_state(self, problems: list[str]) -> None:
         record, problem = read_json(self._state)
+        from_file = record is not None
         legacy = self.layout.legacy_state_file_out(self.channel)
         if record is None and problem is None and os.path.isfile(legacy):
             old, _ = read_json(legacy)       # revision 1: {"last_done": N}
@@ -345,6 +356,8 @@ class Outbound:
         if record is not None and is_int(record.get("next"), 1) and is_int(record.get("acked")):
             self.next_seq = min(int(record["next"]), MAX_SEQ)
             self.acked = min(int(record["acked"]), MAX_SEQ)
+            if from_file:
+                self._saved_next = self.next_seq
             return
         aside = move_aside(self.fs, self._state)
         problems.append(f"{self._state} was unusable ({problem or 'bad fields'}); moved to "
@@ -376,7 +389,7 @@ class Outbound:
         try:
             self.layout.check(self._state.parent)
             make_folder(self._state.parent, STATE_MODE, self.fs)
-            self.next_seq, self.acked = 1, 0
+            self.next_seq, self.acked, self._saved_next = 1, 0, 1
             self._load_state(problems)
             try:
                 self.layout.check(*self._spool_folders())
@@ -385,7 +398,7 @@ class Outbound:
                     problems.append(f"outbound {self.layout.peer}/{self.channel} refused: "
                                     f"{exc}")
                 self._refused = str(exc)
-                self._pending = {}
+                self._pending = _Pending()
                 self._backlog.clear()
                 self._not_ready.clear()
                 self._ready = True
@@ -436,6 +449,12 @@ class Outbound:
                     unlink_quietly(self.fs, self._rec(seq, kind))
                 changed = True
             elif "data" in kinds and meta is not None:
+                source = self._out / meta.name
+                if same_file(source, meta.path):
+                    # a claim by link + unlink (no RENAME_NOREPLACE) cut in between:
+                    # finish it, or the out/ name would be claimed a second time
+                    self.fs.unlink(source)
+                    self.fs.fsync_dir(self._out)
                 if meta.ino and os.lstat(meta.path).st_ino != meta.ino:
                     meta = self._rehash(meta)   # cut inside a claim that found a swapped file
                 self._pending[seq] = meta
@@ -456,6 +475,17 @@ class Outbound:
                 changed = True
             else:
                 self.fs.unlink(self._rec(seq, "meta"))  # a cut claim or renumbering
+                changed = True
+        inodes: dict[tuple[int, int], int] = {}
+        for seq in sorted(self._pending, reverse=True):
+            st = os.lstat(self._rec(seq, "data"))
+            newer = inodes.setdefault((st.st_dev, st.st_ino), seq)
+            if newer != seq:
+                # a renumbering by link + unlink cut in between: the file is pending
+                # under its new seq already (it would otherwise be sent twice)
+                self.fs.unlink(self._rec(seq, "data"))
+                self.fs.unlink(self._rec(seq, "meta"))
+                del self._pending[seq]
                 changed = True
         top = max(self._pending, default=0)
         if top >= self.next_seq:
@@ -507,10 +537,23 @@ class Outbound:
                 seqs.setdefault(int(match[1]), set()).add(match[2])
         top = max(self._pending_seqs_on_disk(), default=0)
         self.next_seq = max(self.next_seq, last_done + 1, top + 1)
+        moved: dict[int, int] = {}      # revision 1 seq -> queue seq, of a cut migration
+        for name in listdir(self._q):
+            match = _RECORD.fullmatch(name)
+            if match and match[2] == "meta":
+                rec, _ = read_json(self._q / name)
+                if rec is not None and is_int(rec.get("migrated_from"), 1):
+                    moved[int(rec["migrated_from"])] = int(match[1])
         for seq in sorted(seqs):
             kinds = seqs[seq]
             src_data, src_meta = old / f"{seq:012d}.data", old / f"{seq:012d}.meta"
             if "data" not in kinds:
+                continue
+            if seq in moved:            # a migration cut after its claim record
+                if os.path.lexists(self._rec(moved[seq], "data")):
+                    self.fs.unlink(src_data)    # copied (or linked) already
+                else:
+                    self._move_across(src_data, self._rec(moved[seq], "data"))
                 continue
             meta, _ = read_json(src_meta)
             name = str((meta or {}).get("name") or f"seq-{seq}")
@@ -527,7 +570,8 @@ class Outbound:
             self.next_seq += 1
             item = Claimed(self.channel, new, name, int(meta.get("size", 0)),
                            str(meta.get("sha256", "")), self._rec(new, "data"), time.time())
-            write_atomic(self.fs, self._rec(new, "meta"), self._meta_bytes(item))
+            write_atomic(self.fs, self._rec(new, "meta"),
+                         self._meta_bytes(item, migrated_from=seq))
             self._move_across(src_data, item.path)
             problems.append(f"migrated claimed file {name!r} (seq {seq}) into {self._q} as "
                             f"seq {new}")
@@ -836,7 +880,6 @@ class Outbound:
             for item in items:
                 src = self._out / item.name
                 try:
-                    set_name_xattr(src, item.name)
                     self.fs.rename_noreplace(src, item.path)
                 except FileNotFoundError:
                     unlink_quietly(self.fs, self._rec(item.seq, "meta"))
@@ -845,6 +888,9 @@ class Outbound:
                 if not stat.S_ISREG(st.st_mode):
                     failed.append(self._fail_claimed(item, "is not a regular file"))
                     continue
+                # only now: setting an xattr changes the ctime, which is the file's
+                # place in the arrival order while it is still in out/
+                set_name_xattr(item.path, item.name)
                 if (st.st_ino, st.st_size, st.st_mtime_ns) != (item.ino, item.size,
                                                                 item.mtime_ns):
                     item = self._rehash(item)  # replaced or written since examine()
@@ -941,6 +987,11 @@ class Outbound:
             raise self._broken(f"failing seq {item.seq}", exc) from None
 
     def _fail_claimed(self, item: Claimed, reason: str) -> FailedFile:
+        if item.seq >= self._saved_next:
+            # the queue alone would let a restart hand this seq (logged as failed)
+            # to another file: record that it is used
+            self.next_seq = max(self.next_seq, item.seq + 1)
+            self._save_state()
         write_atomic(self.fs, self._rec(item.seq, "fail"),
                      dump_json({"seq": item.seq, "name": item.name, "reason": reason}))
         if os.path.lexists(item.path):

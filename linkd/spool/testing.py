@@ -107,9 +107,11 @@ class LinkHarness:
     daemon is meant to drive the API -- the reference for its session loop:
 
     session start: recover() both sides; the hello carries the receiver's
-    `committed`, which the sender ack()s; scan(); for each pending item: skip it
-    if seq <= committed, else begin() at the receiver's resume point, stream the
-    bytes, finish(); commit() in batches and ack() the new `committed`.
+    `committed`: raise_floor() it, and probe each pending item at or below it
+    (`_probe`: resolve it if the receiver holds the same content under its seq,
+    else renumber it); scan(); for each pending item:
+    begin() at the receiver's resume point, stream the bytes, finish(); commit()
+    in batches and resolve() the delivered seqs whose content matches.
     A session ends early on Crash (that side is rebuilt from disk) or SpoolError
     (objects kept; the next session's recover() repairs them).
     """
