@@ -617,12 +617,6 @@ def test_12_out_and_queue_on_different_mounts_are_refused_in_one_line(tmp_path):
 
 # -- (2) sender state loss: renumbering keeps the pick-up order -------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open bug: _probe (and net/connection.py) renumber only the queued files at or "
-    "below the peer's committed seq, so files claimed after them keep their lower "
-    "seqs and go out first. Renumbering the whole tail in seq order is not crash-safe "
-    "either (a cut leaves the moved head above the rest: the crash sweep caught it); "
-    "it needs the tail renumbered last-first to exact targets (an Outbound change)"))
 def test_2_files_claimed_after_a_lost_sender_state_go_out_in_pick_up_order(tmp_path):
     from linkd.spool.testing import LinkHarness
 

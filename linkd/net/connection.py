@@ -119,6 +119,8 @@ class _OutChannel:
     digest: Any = None                       # SHA-256 of what we read, when sent from 0
     resume: tuple[int, int] | None = None
     peer_committed: int = 0                  # from the peer's hello
+    probing: bool = False                    # queued seqs <= peer_committed await answers
+    verdicts: dict[int, str] = dataclasses.field(default_factory=dict)  # seq -> other|unknown
     held: str | None = None                  # why its files wait (peer lacks the channel)
     wait_until: float = 0.0                  # trio time before which nothing is sent
 
@@ -546,6 +548,8 @@ class SessionRunner:
                 missing.append(name)
             else:
                 state.peer_committed = peer_ch.committed
+                pending_now = link.outbound[name].pending() if name in link.outbound else []
+                state.probing = bool(pending_now) and pending_now[0].seq <= peer_ch.committed
                 state.resume = peer_ch.resume
             pending = link.outbound[name].pending() if name in link.outbound else []
             state.next_seq = pending[0].seq if pending else 1
@@ -825,14 +829,9 @@ class SessionRunner:
                 return
         for item, _entry in other:
             # Our numbering went wrong (state lost or restored): the peer holds other
-            # content under this seq. Renumber and send ours; no duplicate arises.
-            new = await spool.renumber(item, state.peer_committed)
-            self.attempts.pop((ch, item.seq), None)
-            if new is not None:
-                self.log.info("message_renumbered", peer=link.name, channel=ch, name=item.name,
-                              seq=new.seq, old_seq=item.seq,
-                              reason="the peer holds other content under the old seq")
-                state.next_seq = min(state.next_seq, new.seq)
+            # content under this seq. Renumbered (with everything after it) once every
+            # probe of the channel is answered: see _finish_probing.
+            state.verdicts[item.seq] = "other"
         if matched:
             # The receipts are durable before any file leaves the queue.
             await trio.to_thread.run_sync(self._store_receipts, ch,
@@ -883,6 +882,8 @@ class SessionRunner:
             return None
         try:
             item: Claimed | None = out.next_pending(state.next_seq)
+            if state.probing and item is not None and item.seq > state.peer_committed:
+                return None     # nothing but probes until every probe is answered
             return item
         except (RuntimeError, KeyError):
             # The pending set is changing in a worker thread right now; it wakes the
@@ -912,6 +913,9 @@ class SessionRunner:
             if self.nacks:
                 await self._handle_nacks()
                 continue
+            for state in list(self.out.values()):
+                if state.probing and self._probing_done(state):
+                    await self._finish_probing(state)
             ready = self._ready()
             if not ready:
                 with trio.move_on_at(self._next_wait()):
@@ -922,6 +926,44 @@ class SessionRunner:
             await self._step(self.out[name])
             await self.flush()
             await trio.lowlevel.checkpoint()
+
+    def _probing_done(self, state: _OutChannel) -> bool:
+        """Every queued seq <= the peer's committed has been probed and answered."""
+        if any(f.probe for f in state.in_flight.values()):
+            return False
+        out = self.link.outbound.get(state.name)
+        nxt = out.next_pending(state.next_seq) if out is not None else None
+        return nxt is None or nxt.seq > state.peer_committed
+
+    async def _finish_probing(self, state: _OutChannel) -> None:
+        """The probes are answered. Where the peer holds other content under one of
+        our seqs (or cannot say), that file and every later one are renumbered above
+        everything in use, in order (so pick-up order still holds: a file claimed
+        later never overtakes it)."""
+        state.probing = False
+        verdicts, state.verdicts = state.verdicts, {}
+        spool = self.link.spools.get(state.name)
+        if not verdicts or spool is None:
+            return
+        first = min(verdicts)
+        moved = await spool.renumber_tail(first, state.peer_committed)
+        for old, new in moved:
+            self.attempts.pop((state.name, old.seq), None)
+            fields: dict[str, Any] = dict(peer=self.link.name, channel=state.name,
+                                          name=old.name, seq=new.seq, old_seq=old.seq,
+                                          size=old.size, sha256=old.sha256)
+            verdict = verdicts.get(old.seq)
+            if verdict == "unknown":
+                self.log.warning("duplicate_possible", **fields,
+                                 reason=f"the peer cannot say what it holds under seq "
+                                        f"{old.seq}: sent again as seq {new.seq}")
+            else:
+                why = ("the peer holds other content under the old seq" if verdict
+                       else "an earlier file of the channel was renumbered")
+                self.log.info("message_renumbered", **fields, reason=why)
+        if moved:
+            state.next_seq = moved[0][1].seq
+        self.sender_wake.set()
 
     async def _fail(self, item: Claimed, reason: str) -> None:
         self.attempts.pop((item.channel, item.seq), None)   # bookkeeping dies with the message
@@ -1102,15 +1144,10 @@ class SessionRunner:
                 state.wait_until = trio.current_time() + max(nack.wait, 0.1)
                 continue
             if nack.kind == F.NACK_STALE:
-                new = await spool.renumber(item, state.peer_committed)
-                self.attempts.pop((nack.ch, item.seq), None)
-                if new is not None:
-                    self.log.warning(
-                        "duplicate_possible", peer=self.link.name, channel=nack.ch,
-                        name=item.name, seq=new.seq, old_seq=item.seq, size=item.size,
-                        sha256=item.sha256,
-                        reason=f"the peer cannot say what it holds under seq {item.seq}: "
-                               f"sent again as seq {new.seq}")
+                # The peer cannot say what it holds under this seq: renumbered with the
+                # rest of the tail once the probing is over (duplicate_possible then).
+                state.verdicts[item.seq] = "unknown"
+                state.next_seq = nack.seq + 1       # probe the rest (they were discarded)
                 continue
             if spool.outbound.changed(item):
                 await self._fail(item, f"not sent: the queued file was changed after it was "

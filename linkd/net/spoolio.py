@@ -66,6 +66,9 @@ class ChannelSpool:
                 return None
             return await trio.to_thread.run_sync(self.outbound.renumber, item, above)
 
+    async def renumber_tail(self, first: int, above: int) -> list[tuple[Claimed, Claimed]]:
+        return await self._locked(self.outbound.renumber_tail, first, above)
+
     async def raise_floor(self, committed: int) -> bool:
         return await self._locked(self.outbound.raise_floor, committed)
 

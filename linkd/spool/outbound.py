@@ -1008,11 +1008,30 @@ class Outbound:
     def renumber(self, item: Claimed, above: int) -> Claimed:
         """Give a pending item a new seq above both `above` and every number used,
         durably (the peer holds other content, or cannot say, under its old one)."""
+        return self._renumber_to(item, max(self.next_seq, min(above, MAX_SEQ - 1) + 1))
+
+    def renumber_tail(self, first: int, above: int) -> list[tuple[Claimed, Claimed]]:
+        """Renumber every pending item from seq `first` on, keeping their order, to
+        base+1, base+2, ... where base is above `above` and every number used:
+        (old, new) pairs in seq order. The items move last-first, each to its exact
+        target, so a crash between two moves leaves the queue in pick-up order
+        (the moved tail above the unmoved head); the next session moves the rest."""
+        self._require()
+        items = [self._pending[s] for s in sorted(self._pending) if s >= first]
+        base = max(self.next_seq - 1, min(above, MAX_SEQ - len(items) - 1))
+        moved = []
+        for i in range(len(items) - 1, -1, -1):
+            moved.append((items[i], self._renumber_to(items[i], base + 1 + i)))
+        return moved[::-1]
+
+    def _renumber_to(self, item: Claimed, new_seq: int) -> Claimed:
         self._require()
         if self._pending.get(item.seq) is None:
             raise SpoolError(f"seq {item.seq} is not pending on {self.layout.peer}/"
                              f"{self.channel}")
-        new_seq = max(self.next_seq, min(above, MAX_SEQ - 1) + 1)
+        if new_seq in self._pending or new_seq > MAX_SEQ:
+            raise SpoolError(f"cannot renumber seq {item.seq} to {new_seq} on "
+                             f"{self.layout.peer}/{self.channel}")
         new = replace(item, seq=new_seq, path=self._rec(new_seq, "data"))
         self._check(self._q)
         try:
@@ -1021,7 +1040,7 @@ class Outbound:
             self.fs.fsync_dir(self._q)
             self.fs.rename_noreplace(item.path, new.path)
             unlink_quietly(self.fs, self._rec(item.seq, "meta"))
-            self.next_seq = new_seq + 1
+            self.next_seq = max(self.next_seq, new_seq + 1)
             self._save_state()
         except OSError as exc:
             raise self._broken(f"renumbering seq {item.seq}", exc) from None

@@ -205,17 +205,21 @@ class LinkHarness:
     def _probe(self) -> None:
         """What the daemon does at session start: raise the numbering above the
         receiver's committed seq, resolve queued files the receiver holds with the
-        same content, renumber those under which it holds something else."""
+        same content; if it holds other content (or cannot say) under any of them,
+        renumber that file and every later one, keeping pick-up order."""
         self.ob.raise_floor(self.ib.committed)
+        first = None
         for item in self.ob.pending():
             if item.seq > self.ib.committed:
-                continue
+                break
             held = self.ib.lookup(item.seq)
             if held is not None and (held["sha256"], held["size"], held["sent_name"]) == \
                     (item.sha256, item.size, item.name):
                 self.acked += [r.item for r in self.ob.resolve([item.seq])]
-            else:
-                self.ob.renumber(item, self.ib.committed)
+            elif first is None:
+                first = item.seq
+        if first is not None:
+            self.ob.renumber_tail(first, self.ib.committed)
 
     def _commit(self, batch: list[Completed]) -> None:
         got = self.ib.commit(batch) if batch else []
