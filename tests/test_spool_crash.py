@@ -13,11 +13,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from spoolkit import Crash, FaultyFS, LinkHarness, drop
 
 from linkd.errors import SpoolError
-from linkd.spool import Crash
 from linkd.spool import inbound as inbound_module
-from linkd.spool.testing import FaultyFS, LinkHarness, drop
 
 CH = "data"
 BIG = 40_000                 # with 8 KiB checkpoints and 4 KiB chunks: several checkpoints

@@ -16,11 +16,11 @@ import threading
 from pathlib import Path
 
 import pytest
+from spoolkit import Crash, FaultyFS, drop
 
 from linkd.errors import SpoolError
-from linkd.spool import Crash, Inbound, Outbound, ResourceBusy, SpoolLayout
+from linkd.spool import Inbound, Outbound, ResourceBusy, SpoolLayout
 from linkd.spool import outbound as outbound_module
-from linkd.spool.testing import FaultyFS, drop
 
 CH = "data"
 
@@ -618,7 +618,7 @@ def test_12_out_and_queue_on_different_mounts_are_refused_in_one_line(tmp_path):
 # -- (2) sender state loss: renumbering keeps the pick-up order -------------------
 
 def test_2_files_claimed_after_a_lost_sender_state_go_out_in_pick_up_order(tmp_path):
-    from linkd.spool.testing import LinkHarness
+    from spoolkit import LinkHarness
 
     h = LinkHarness(tmp_path)
     for name in ("old-1", "old-2"):

@@ -9,10 +9,10 @@ import os
 import stat
 
 import pytest
+from spoolkit import FaultyFS
 
 from linkd.errors import SpoolError
 from linkd.spool import ChecksumMismatch, Inbound, InboundRefused, SpoolLayout
-from linkd.spool.testing import FaultyFS
 
 CH = "data"
 MiB = 1 << 20

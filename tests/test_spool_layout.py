@@ -7,11 +7,11 @@ import os
 import stat
 
 import pytest
+from spoolkit import FaultyFS
 
 from linkd.errors import SpoolError
 from linkd.spool import SpoolLayout, lock_state_dir, plain_name_problem, tilde_name
 from linkd.spool.fs import FS
-from linkd.spool.testing import FaultyFS
 
 
 def mode(path) -> int:

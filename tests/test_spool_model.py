@@ -30,9 +30,9 @@ from pathlib import Path
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from spoolkit import Crash, FaultyFS, LinkHarness, drop
 
-from linkd.spool import Claimed, Crash, Delivered, InboundRefused
-from linkd.spool.testing import FaultyFS, LinkHarness, drop
+from linkd.spool import Claimed, Delivered, InboundRefused
 
 CH = "data"
 SIDES = st.sampled_from(["sender", "receiver"])

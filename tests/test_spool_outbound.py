@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from spoolkit import FaultyFS, drop
 
 import linkd
 from linkd.errors import SpoolError
 from linkd.spool import Outbound, SpoolLayout
-from linkd.spool.testing import FaultyFS, drop
 
 CH = "data"
 ROOT = str(Path(linkd.__file__).resolve().parent.parent)

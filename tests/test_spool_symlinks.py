@@ -14,12 +14,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from spoolkit import drop
 
 from linkd.errors import SpoolError
 from linkd.spool import Inbound, Outbound, SpoolLayout
 from linkd.spool.outbound import FolderRefused, ResourceBusy
 from linkd.spool.safedir import SymlinkedFolder, check_folders, open_folder
-from linkd.spool.testing import drop
 
 CH, OTHER = "data", "other"
 

@@ -21,11 +21,20 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import SpoolError
-from .fs import FS, Crash, PathLike
-from .inbound import ChecksumMismatch, Completed, Delivered, Inbound
-from .layout import SpoolLayout
-from .outbound import Claimed, FailedFile, Outbound
+from linkd.errors import SpoolError
+from linkd.spool.fs import FS, PathLike
+from linkd.spool.inbound import ChecksumMismatch, Completed, Delivered, Inbound
+from linkd.spool.layout import SpoolLayout
+from linkd.spool.outbound import Claimed, FailedFile, Outbound
+
+
+class Crash(BaseException):
+    """A simulated process death (tests only). A BaseException so that no
+    `except Exception` / `except OSError` in the code under test can swallow it."""
+
+    def __init__(self, index: int, op: str, target: str, tag: str = "") -> None:
+        super().__init__(f"simulated crash at step {index} ({op} {target}) {tag}".rstrip())
+        self.index, self.op, self.target, self.tag = index, op, target, tag
 
 Point = int | tuple[str, int] | None
 Fault = Callable[[int, str, object], BaseException | None]
