@@ -138,7 +138,7 @@ class _BadFile:
 def quick_retry(monkeypatch):
     # Real time, not an autojump clock: spool work runs in threads, and a MockClock
     # would leap to the test's own deadline while a thread is slow on a loaded machine.
-    monkeypatch.setattr("linkd.net.connection.READ_RETRY", 0.05)
+    monkeypatch.setattr("linkd.net.sender.READ_RETRY", 0.05)
 
 
 async def test_a_file_that_cannot_be_read_is_failed_and_wedges_nothing(tmp_path, quick_retry):
