@@ -24,7 +24,12 @@ from . import log as logmod
 from .check import startup_problems
 from .config import Config, PeerConfig, load_config
 from .control import Controller, PauseState, count_files
-from .errors import ConfigError, LinkdError
+from .errors import (
+    ConfigError,
+    LinkdError,
+    StartupError,  # noqa: F401 (re-exported)
+    StatusSocketError,
+)
 from .evidence import service as evidence
 from .expiry import ExpiryWatch, tls_dates
 from .metrics import tls_refusal_kind
@@ -35,7 +40,6 @@ from .peer import PeerLink, in_thread
 from .spool import lock_state_dir
 from .status import (
     StatusBoard,
-    StatusSocketError,
     open_metrics_listener,
     serve_metrics,
     serve_status,
@@ -48,8 +52,6 @@ BYE_SHUTDOWN = "shutdown: peer is shutting down"
 BYE_RELOAD = "reload: configuration reloaded, redial at once"
 
 
-class StartupError(LinkdError):
-    """The daemon cannot start; str() is the one line to print."""
 
 
 class Daemon:

@@ -52,7 +52,9 @@ import h11
 import structlog
 import trio
 
-from .errors import LinkdError
+from .errors import (
+    StatusSocketError,  # noqa: F401 (re-exported)
+)
 from .net.admission import serve_listener
 
 STATES = ("connected", "connecting", "backoff", "waiting")
@@ -63,8 +65,6 @@ METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 log = structlog.get_logger("linkd.status")
 
 
-class StatusSocketError(LinkdError):
-    """The status socket cannot be set up. str() is the one line to print."""
 
 
 def _utcnow() -> dt.datetime:

@@ -46,7 +46,9 @@ from OpenSSL._util import lib as _lib  # SSL_CTX_set1_curves_list: no public pyO
 
 from ..certs import cert_matches_name, cert_sha256
 from ..config import Config, PeerConfig
-from ..errors import ConfigError
+from ..errors import ConfigError as ConfigError  # re-exported
+from ..errors import IdentityError as IdentityError
+from ..errors import TLSRefused as TLSRefused
 from .tls_stream import EOF_WITHOUT_CLOSE_NOTIFY, TLSError, TLSStream, describe_openssl_error
 
 HYBRID_GROUP = "X25519MLKEM768"
@@ -60,12 +62,8 @@ POST_QUANTUM_GROUPS = frozenset({"X25519MLKEM768", "SecP256r1MLKEM768", "SecP384
 _VERIFY_MODE = SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT
 
 
-class IdentityError(Exception):
-    """The peer's certificate is valid but not acceptable for this link."""
 
 
-class TLSRefused(Exception):
-    """The TLS handshake did not give a peer we accept; str() is the reason to log."""
 
 
 def is_post_quantum(group: str | None) -> bool:

@@ -71,7 +71,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import SpoolError
+from ..errors import ChecksumMismatch as ChecksumMismatch  # re-exported
+from ..errors import InboundRefused as InboundRefused
+from ..errors import SpoolError as SpoolError
+from ..errors import SymlinkedFolder
 from .files import (
     is_int,
     is_sha256,
@@ -92,7 +95,6 @@ from .layout import (
     safe_name,
 )
 from .records import InState, Journal, load_state
-from .safedir import SymlinkedFolder
 
 SYNCFS_MIN = 8           # batches this large use one syncfs instead of an fsync per file
 
@@ -138,20 +140,8 @@ class Delivered:
                 "delivered_at": self.delivered_at}
 
 
-class InboundRefused(SpoolError):
-    """The peer asked for something this spool will not do; `reason` says what."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
-class ChecksumMismatch(SpoolError):
-    """The received bytes do not match the announced SHA-256; kept in quarantine/."""
-
-    def __init__(self, message: str, quarantined: Path) -> None:
-        super().__init__(message)
-        self.quarantined = quarantined
 
 
 @dataclass

@@ -84,7 +84,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ..errors import SpoolError
+from ..errors import FileChanged as FileChanged  # re-exported
+from ..errors import ResourceBusy as ResourceBusy
+from ..errors import SpoolError as SpoolError
+from ..errors import SymlinkedFolder
 from . import inbound as _inbound
 from .files import (
     dump_json,
@@ -108,7 +111,6 @@ from .layout import (
     make_folder,
     plain_name_problem,
 )
-from .safedir import SymlinkedFolder
 
 READ_SIZE = 1 << 20
 CLAIM_BATCH = 64                 # files claimed per claim() call
@@ -123,9 +125,6 @@ _RECORD = re.compile(r"([1-9][0-9]{0,15})\.(meta|data|fail)")
 _XATTR_NAME = "user.linkd.name"
 
 
-class ResourceBusy(SpoolError):
-    """Out of descriptors, memory or similar: try again later; nothing is wrong
-    with the file."""
 
 
 class FolderRefused(ResourceBusy):
@@ -133,8 +132,6 @@ class FolderRefused(ResourceBusy):
     recover() finds real folders again (see the module docstring)."""
 
 
-class FileChanged(SpoolError):
-    """A queued file is no longer what was claimed (changed after pick-up)."""
 
 
 def is_resource_error(exc: BaseException) -> bool:

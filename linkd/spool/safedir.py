@@ -41,19 +41,14 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..errors import SpoolError
+from ..errors import (
+    SpoolError,
+    SymlinkedFolder,  # noqa: F401 (re-exported)
+)
 
 _FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-class SymlinkedFolder(SpoolError):
-    """A spool or state folder is a symbolic link: refused."""
-
-    def __init__(self, folder: Path, what: str) -> None:
-        super().__init__(
-            f"{folder} is {what}: linkd never writes through links in the spool or "
-            f"state dir; replace it with a real folder (rm {folder}; linkd creates it)")
-        self.folder = folder
 
 
 def _below(root: Path, path: Path) -> tuple[str, ...]:
