@@ -143,9 +143,13 @@ def check_final(h: Checked) -> None:
     assert len(acked) == len(set(acked)), f"acknowledged twice: {h.acked}"
     # Numbers follow pick-up order: 11 claims, the last one refused (seq 11); after
     # the state loss, the 3 new claims are renumbered from committed + 1 = 11 (a
-    # lost state may reuse a number; the receiver never committed 11 before).
+    # lost state may reuse a number; the receiver never committed 11 before). A crash
+    # inside that renumbering moves the tail again at the next session, so numbers
+    # may then skip; what must hold is the order, and nothing numbered twice.
     # Delivery events (a crash may lose some) in pick-up order.
-    assert (h.ob.next_seq, h.ib.committed) == (14, 13)
+    assert h.ob.next_seq == h.ib.committed + 1 and h.ib.committed >= 13
+    if not h.crashes:
+        assert (h.ob.next_seq, h.ib.committed) == (14, 13)
     pickup = {hashlib.sha256(d).hexdigest(): i for i, d in enumerate(h.dropped)}
     order = [pickup[d.sha256] for d in h.delivered]
     assert order == sorted(order)
