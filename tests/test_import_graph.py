@@ -46,6 +46,15 @@ def imports_of(path: Path, name: str, known: set[str]) -> set[str]:
                 visit(node.body + getattr(node, "orelse", []) +
                       [s for h in getattr(node, "handlers", []) for s in h.body])
     visit(tree.body)
+    # Importing a.b.c first imports the packages a.b and a (their __init__): an edge to
+    # each, unless it is one of the importer's own packages (already importing).
+    ancestors = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
+    for target in list(found):
+        parts = target.split(".")
+        for i in range(2, len(parts)):
+            parent = ".".join(parts[:i])
+            if parent in known and parent not in ancestors:
+                found.add(parent)
     found.discard(name)
     return found
 

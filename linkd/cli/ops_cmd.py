@@ -22,8 +22,8 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..expiry import WARN_DAYS
-from ..status import _span, _table, http_request, human_bytes
 from .safe import printable, safe_doc
+from .status_client import _span, _table, http_request, human_bytes
 from .status_cmd import _HINT, _emit, _fail
 
 DEFAULT_HEARTBEAT_TIMEOUT = 15.0

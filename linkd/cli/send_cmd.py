@@ -24,8 +24,8 @@ from typing import Any
 
 from ..config import Config
 from ..spool import SpoolLayout, plain_name_problem
-from ..status import http_get
 from .safe import printable
+from .status_client import http_get
 
 POLL = 0.05
 

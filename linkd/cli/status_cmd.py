@@ -15,8 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-from ..status import format_status, http_get
 from .safe import printable, printable_lines, safe_doc
+from .status_client import format_status, http_get
 
 _HINT = "is the daemon running? check `systemctl status linkd`"
 
