@@ -34,9 +34,9 @@ from .evidence import service as evidence
 from .expiry import ExpiryWatch, tls_dates
 from .metrics import tls_refusal_kind
 from .net.admission import Gate, Limits, serve_listener
+from .net.peer import PeerLink, in_thread
 from .net.supervisor import dial_loop, handle_inbound, outage_watch
 from .net.tls import TLSContexts, make_contexts
-from .peer import PeerLink, in_thread
 from .spool import lock_state_dir
 from .status import (
     StatusBoard,

@@ -22,13 +22,13 @@ from typing import Any, TypeVar
 
 import trio
 
-from . import log as logmod
-from .config import ChannelConfig, Config, PeerConfig
-from .errors import SpoolError
-from .net.spoolio import ChannelSpool
-from .spool import Claimed, FailedFile, Inbound, Outbound, ResourceBusy, SpoolLayout
-from .status import PeerStatus
-from .wakeup import Wakeup
+from .. import log as logmod
+from ..config import ChannelConfig, Config, PeerConfig
+from ..errors import SpoolError
+from ..spool import Claimed, FailedFile, Inbound, Outbound, ResourceBusy, SpoolLayout
+from ..status import PeerStatus
+from ..wakeup import Wakeup
+from .spoolio import ChannelSpool
 
 T = TypeVar("T")
 RESCAN_INTERVAL = 2.0
