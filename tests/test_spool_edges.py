@@ -21,6 +21,7 @@ from spoolkit import Crash, FaultyFS, drop
 from linkd.errors import SpoolError
 from linkd.spool import Inbound, Outbound, ResourceBusy, SpoolLayout
 from linkd.spool import outbound as outbound_module
+from linkd.spool import pickup as pickup_module
 
 CH = "data"
 
@@ -57,7 +58,8 @@ def put(layout, name, data=None, channel=CH, mtime_ns=None):
 
 
 class Clock:
-    """Stands in for the `time` module of outbound.py: real time plus an offset."""
+    """Stands in for the `time` module of outbound.py and pickup.py: real time plus an
+    offset."""
 
     def __init__(self):
         self.offset = 0.0
@@ -74,6 +76,7 @@ class Clock:
 def clock(monkeypatch):
     clock = Clock()
     monkeypatch.setattr(outbound_module, "time", clock)
+    monkeypatch.setattr(pickup_module, "time", clock)
     return clock
 
 
