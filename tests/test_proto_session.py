@@ -107,7 +107,7 @@ def test_data_beyond_granted_credit_closes_the_session():
     p.pump()
     p.b.take = None
     p.a.send_msg("data", 1, "f", 100, b"\0" * 32)
-    p.a._send_windows["data"].available = 100      # a misbehaving sender
+    p.a.channels["data"].send_window.available = 100      # a misbehaving sender
     p.a.send_data("data", b"y" * 100)
     p.pump()
     closed = [e for e in p.events["b"] if isinstance(e, S.SessionClosed)]
@@ -144,7 +144,7 @@ def test_msg_before_the_previous_message_is_complete_is_a_violation():
     p = Pair()
     p.pump()
     p.a.send_msg("data", 1, "one", 10, b"\0" * 32)
-    p.a._outgoing["data"].remaining = 0         # pretend, to send the next one early
+    p.a.channels["data"].outgoing.remaining = 0      # pretend, to send the next one early
     p.a.send_msg("data", 2, "two", 10, b"\0" * 32)
     p.pump()
     assert any(isinstance(e, S.SessionClosed) and "before message 1" in e.reason
@@ -152,12 +152,14 @@ def test_msg_before_the_previous_message_is_complete_is_a_violation():
 
 
 def test_channel_not_configured_for_the_peer_is_a_violation():
+    from linkd.proto.channel import ChannelState
     from linkd.proto.flow import SendWindow
     p = Pair(a_channels=chans(names=("data",)))
     p.pump()
     with pytest.raises(LocalProtocolError):     # an honest sender refuses by itself
         p.b.send_msg("alerts", 1, "x", 1, b"\0" * 32)
-    p.b._send_windows["alerts"] = SendWindow(100)   # a peer that ignores our hello
+    p.b.channels["alerts"] = ChannelState("alerts")   # a peer that ignores our hello
+    p.b.channels["alerts"].send_window = SendWindow(100)
     p.b.send_msg("alerts", 1, "x", 1, b"\0" * 32)
     p.pump()
     assert any(isinstance(e, S.SessionClosed) and "not configured" in e.reason
