@@ -437,7 +437,9 @@ def test_frames_about_our_sending_need_a_channel_the_peer_offered(frame, what):
 def test_frames_about_our_receiving_need_a_channel_we_configured(frame):
     p = opened()
     (closed,) = p.a.receive_data(encode_frame(frame), 0)
-    assert "on channel 'zzz', which is not configured for peer bravo" in closed.reason
+    what = type(frame).__name__.lower()
+    assert f"violation: {what} on channel 'zzz', which is not configured for peer bravo" \
+        in closed.reason
 
 
 def test_data_must_belong_to_the_started_message_and_fit_its_size():
@@ -554,3 +556,72 @@ def test_a_checkpoint_reaches_the_peer_only_while_open():
     p.a.send_checkpoint(b"line")
     p.pump()
     assert p.take("b") == [S.CheckpointReceived(b"line")]
+
+
+def test_defaults_and_initial_state():
+    a = S.Session(node="alpha", peer="bravo", channels=chans(), now=100.0)
+    assert (a.node, a.peer, a.state) == ("alpha", "bravo", S.State.HANDSHAKE)
+    assert a.peer_hello is None and a.peer_channels == {} and a.close_reason is None
+    assert a.get_timer() == 110.0                       # handshake_timeout 10 s
+    b = S.Session(node="bravo", peer="alpha", channels=chans(), now=100.0)
+    # opened by the peer's hello before our own went out: deadlines count from `now`
+    a.receive_data(b.data_to_send(100.0), 100.0)
+    assert a.get_timer() == 105.0                       # heartbeat_interval 5 s
+    assert a.heartbeat.dead_at() == 115.0               # heartbeat_timeout 15 s
+    assert a.sendable("data") == 0 and a.remaining("data") is None
+
+
+def test_credit_granted_during_the_handshake_follows_the_hello():
+    a = S.Session(node="alpha", peer="bravo", channels=chans(), now=0.0)
+    a.grant("data", 9)
+    a.grant("data", 1)
+    got = frames_of(a.data_to_send(0.0))
+    assert [type(f) for f in got] == [F.Hello, F.Credit] and got[1] == F.Credit("data", 10)
+
+
+def test_every_control_frame_overtakes_queued_bulk_frames():
+    p = opened(heartbeat_interval=5.0)
+    p.a.receive_data(encode_frame(F.Msg("data", 1, "in", 5, b"\0" * 32)), 0)
+    p.a.send_msg("data", 1, "f", 4, b"\0" * 32)
+    p.a.send_data("data", b"abcd")
+    p.a.receive_data(encode_frame(F.Ping(3)), 0)
+    p.a.send_ack("alerts", [F.AckEntry(1, b"\0" * 32, 0, "f", "f", 1.0)])
+    p.a.send_nack("data", 1, "no", True)
+    assert p.a.handle_timer(5.0) == []
+    assert p.a.get_timer() == 10.0                     # the ping counts as sent at once
+    p.a.close("bye")
+    kinds = [type(f) for f in frames_of(p.a.data_to_send(5.0))]
+    assert kinds == [F.Pong, F.Ack, F.Nack, F.Ping, F.Bye, F.Msg, F.Data]
+
+
+def test_a_violation_bye_overtakes_queued_bulk_frames():
+    p = opened()
+    p.a.send_msg("data", 1, "f", 4, b"\0" * 32)
+    p.a.receive_data(encode_frame(F.Hello(2, "bravo", ())), 0)     # a second hello
+    kinds = [type(f) for f in frames_of(p.a.data_to_send(0))]
+    assert kinds == [F.Bye, F.Msg]
+
+
+def test_discarded_data_returns_all_its_credit_in_one_grant():
+    p = opened()
+    p.a.receive_data(encode_frame(F.Msg("data", 1, "f", 9, b"\0" * 32)), 0)
+    p.a.send_nack("data", 1, "no", True)
+    p.a.data_to_send(0)
+    p.a.receive_data(encode_frame(F.Data("data", 1, b"abc"))
+                     + encode_frame(F.Data("data", 1, b"defg")), 0)
+    p.a.grant("data", 2)
+    assert frames_of(p.a.data_to_send(0)) == [F.Credit("data", 9)]
+
+
+def test_an_ack_for_the_nacked_message_is_a_violation():
+    p = opened()
+    p.a.send_msg("data", 1, "f", 0, b"\0" * 32)
+    p.a.receive_data(encode_frame(F.Nack("data", 1, "no", True)), 0)
+    entry = F.AckEntry(1, b"\0" * 32, 0, "f", "f", 1.0)
+    (closed,) = p.a.receive_data(encode_frame(F.Ack("data", (entry,))), 0)
+    assert "ack for message 1 on 'data', which is not in flight" in closed.reason
+
+
+def test_an_unknown_pong_measures_nothing():
+    p = opened()
+    assert p.a.receive_data(encode_frame(F.Pong(12345)), 1.0) == []

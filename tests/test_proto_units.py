@@ -52,6 +52,8 @@ def test_receive_window_consumes_what_was_granted_and_no_more():
     assert w.outstanding == 7
     w.consume(3)
     assert w.outstanding == 4
+    w.grant(6)
+    assert w.outstanding == 10
 
 
 # -- heartbeat --------------------------------------------------------------
@@ -130,6 +132,12 @@ def test_forget_resets_a_channels_history():
     s.forget("a")
     s.forget("never-seen")
     assert s.pick([("z", 0), ("a", 0)]) == "a"
+
+
+def test_a_channel_never_seen_is_not_starving():
+    s = Scheduler(starvation_limit=1)
+    assert s.pick([("a", 9), ("b", 0)]) == "a"
+    assert s.pick([("a", 9), ("b", 0), ("c", 5)]) == "b"
 
 
 def test_a_single_candidate_is_picked_and_not_counted_as_skipped():
@@ -283,6 +291,8 @@ def test_nack_map_omits_defaults():
 
 def test_bye_reason_is_cut_to_the_limit():
     assert dec({"t": "bye", "why": "x" * 5000}).reason == "x" * F.MAX_REASON_CHARS
+    with pytest.raises(RemoteProtocolError, match="bye frame lacks field 'why'"):
+        dec({"t": "bye"})
 
 
 @pytest.mark.parametrize("ck, ok", [(b"x", True), (b"x" * F.MAX_CHECKPOINT, True),

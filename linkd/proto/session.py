@@ -73,7 +73,6 @@ class Session:
         self.node = node
         self.peer = peer
         self.state = State.HANDSHAKE
-        self.local_channels = {c.name: c for c in channels}
         self.peer_hello: F.Hello | None = None
         self.peer_channels: dict[str, F.ChannelHello] = {}
         self.close_reason: str | None = None
@@ -294,11 +293,12 @@ class Session:
     def grant(self, ch: str, n: int) -> None:
         """Give the peer `n` more bytes of credit on `ch` (after they were written out);
         n == 0 does nothing. LocalProtocolError for n < 0 or a channel we do not receive."""
-        if not self._step(Input.GRANT) or n == 0:
+        if not self._step(Input.GRANT):
             return
         if n < 0:
             raise LocalProtocolError(f"negative credit grant ({n}) on {ch!r}")
-        self._local_receiving(ch).grant(n)
+        if n:
+            self._local_receiving(ch).grant(n)
 
     def discarding(self, ch: str) -> bool:
         """True while we discard `ch`'s frames after our nack (until the sender rewinds)."""
