@@ -343,3 +343,85 @@ def test_hello_limits():
 def test_encoding_a_non_frame_is_our_bug():
     with pytest.raises(LocalProtocolError):
         F.frame_to_map("ping")  # type: ignore[arg-type]
+
+
+MSG = {"t": "msg", "ch": "d", "s": 1, "n": "ok", "z": 5, "h": b"\0" * 32, "o": 0}
+NACK = {"t": "nack", "ch": "d", "s": 1, "why": "r", "retry": True}
+HELLO_CH = {"n": "x", "max": 9, "c": 3, "cr": 7}
+
+
+def without(m, key):
+    return {k: v for k, v in m.items() if k != key}
+
+
+@pytest.mark.parametrize("m, message", [
+    ({"t": "data", "ch": "d", "s": 1}, "data frame lacks field 'd'"),
+    ({"t": "data", "ch": "d", "d": b""}, "data frame lacks field 's'"),
+    ({"t": "data", "s": 1, "d": b""}, "data frame lacks field 'ch'"),
+    ({"t": "data", "ch": 5, "s": 1, "d": b""}, "data frame field 'ch' has the wrong type"),
+    ({"t": "data", "ch": "..", "s": 1, "d": b""}, "data frame names an invalid channel '..'"),
+    (without(MSG, "n"), "msg frame lacks field 'n'"),
+    (without(MSG, "h"), "msg frame lacks field 'h'"),
+    (without(MSG, "z"), "msg frame lacks field 'z'"),
+    (without(MSG, "o"), "msg frame lacks field 'o'"),
+    (without(MSG, "s"), "msg frame lacks field 's'"),
+    (without(MSG, "ch"), "msg frame lacks field 'ch'"),
+    ({**MSG, "s": 0}, "msg frame field 's' out of range: 0"),
+    ({"t": "ack", "ch": "d"}, "ack frame lacks field 'a'"),
+    ({"t": "ack", "a": [ENTRY]}, "ack frame lacks field 'ch'"),
+    ({"t": "ack", "ch": "d", "a": [without(ENTRY, "h")]}, "ack entry frame lacks field 'h'"),
+    ({"t": "ack", "ch": "d", "a": [without(ENTRY, "n")]}, "ack entry frame lacks field 'n'"),
+    ({"t": "ack", "ch": "d", "a": [without(ENTRY, "d")]}, "ack entry frame lacks field 'd'"),
+    ({"t": "ack", "ch": "d", "a": [without(ENTRY, "at")]}, "ack entry frame lacks field 'at'"),
+    ({"t": "ack", "ch": "d", "a": [without(ENTRY, "s")]}, "ack entry frame lacks field 's'"),
+    ({"t": "ack", "ch": "d", "a": [without(ENTRY, "z")]}, "ack entry frame lacks field 'z'"),
+    ({"t": "ack", "ch": "d", "a": [{**ENTRY, **without(RECEIPT, "rc")}]},
+     "ack entry frame lacks field 'rc'"),
+    ({"t": "ack", "ch": "d", "a": [{**ENTRY, **RECEIPT, "rs": "s"}]},
+     "ack entry frame field 'rs' has the wrong type"),
+    ({"t": "ack", "ch": "d", "a": [{**ENTRY, **without(RECEIPT, "rn")}]},
+     "ack entry frame lacks field 'rn'"),
+    ({"t": "ack", "ch": "d", "a": [{**ENTRY, **without(RECEIPT, "ri")}]},
+     "ack entry frame lacks field 'ri'"),
+    ({"t": "ack", "ch": "d", "a": [{**ENTRY, **without(RECEIPT, "rp")}]},
+     "ack entry frame lacks field 'rp'"),
+    ({"t": "ack", "ch": "d", "a": [{**ENTRY, **RECEIPT, "rn": 0}]},
+     "ack entry frame field 'rn' out of range: 0"),
+    ({"t": "ack", "ch": "d", "a": [{**ENTRY, **RECEIPT, "rn": F.MAX_SEQ + 1}]},
+     "ack entry frame field 'rn' out of range"),
+    ({"t": "ack", "ch": "d", "a": [{**ENTRY, **RECEIPT, "ri": 4}]},
+     "ack entry frame field 'ri' out of range: 4"),
+    ({"t": "credit", "ch": "d"}, "credit frame lacks field 'b'"),
+    ({"t": "credit", "b": 1}, "credit frame lacks field 'ch'"),
+    (without(NACK, "retry"), "nack frame lacks field 'retry'"),
+    (without(NACK, "why"), "nack frame lacks field 'why'"),
+    (without(NACK, "s"), "nack frame lacks field 's'"),
+    (without(NACK, "ch"), "nack frame lacks field 'ch'"),
+    ({"t": "ping"}, "ping frame lacks field 'id'"),
+    ({"t": "pong"}, "pong frame lacks field 'id'"),
+    ({"t": "ckpt"}, "ckpt frame lacks field 'c'"),
+    ({"t": "hello", "node": "n", "ch": []}, "hello frame lacks field 'v'"),
+    ({"t": "hello", "v": 2, "ch": []}, "hello frame lacks field 'node'"),
+    ({"t": "hello", "v": 2, "node": "n"}, "hello frame lacks field 'ch'"),
+    ({"t": "hello", "v": 2, "node": "n", "ch": [without(HELLO_CH, "n")]},
+     "hello channel frame lacks field 'n'"),
+    ({"t": "hello", "v": 2, "node": "n", "ch": [without(HELLO_CH, "max")]},
+     "hello channel frame lacks field 'max'"),
+    ({"t": "hello", "v": 2, "node": "n", "ch": [without(HELLO_CH, "c")]},
+     "hello channel frame lacks field 'c'"),
+    ({"t": "hello", "v": 2, "node": "n", "ch": [without(HELLO_CH, "cr")]},
+     "hello channel frame lacks field 'cr'"),
+])
+def test_a_malformed_frame_is_refused_naming_the_frame_and_field(m, message):
+    with pytest.raises(RemoteProtocolError) as info:
+        dec(m)
+    assert str(info.value).startswith(message)
+
+
+def test_a_batch_of_one_receipt_is_valid():
+    (e,) = dec({"t": "ack", "ch": "d", "a": [{**ENTRY, **RECEIPT, "rn": 1, "ri": 0,
+                                              "rp": []}]}).entries
+    assert (e.batch, e.index, e.path) == (1, 0, ())
+    (e,) = dec({"t": "ack", "ch": "d", "a": [{**ENTRY, **RECEIPT, "rn": F.MAX_SEQ,
+                                              "ri": F.MAX_SEQ - 1}]}).entries
+    assert e.batch == F.MAX_SEQ

@@ -97,7 +97,8 @@ IGNORED: frozenset[tuple[State, Input]] = frozenset(
     | {(CL, Input.CLOSE), (CL, Input.SEND_ACK), (CL, Input.SEND_NACK), (CL, Input.GRANT),
        (CL, Input.SEND_CHECKPOINT), (HS, Input.SEND_CHECKPOINT)})
 
-# Why an illegal input from the peer is illegal (the reason in its bye).
+# Why an illegal input from the peer is illegal (the reason in its bye); every illegal
+# pair of a peer input has one (tests/test_proto_state.py checks).
 PEER_RULES: dict[tuple[State, Input], str] = {
     (HS, Input.PEER_FRAME): "expected hello, got {what}",
     (OP, Input.PEER_HELLO): "second hello",
@@ -115,6 +116,5 @@ def next_state(state: State, inp: Input, what: str = "") -> State | None:
     if new is not None:
         return new
     if inp in PEER_INPUTS:
-        rule = PEER_RULES.get((state, inp), "{what} in state {state}")
-        raise RemoteProtocolError(rule.format(what=what or inp.value, state=state.value))
+        raise RemoteProtocolError(PEER_RULES[(state, inp)].format(what=what or inp.value))
     raise LocalProtocolError(f"session is {state.value}, not open ({inp.value})")
