@@ -425,3 +425,43 @@ def test_a_batch_of_one_receipt_is_valid():
     (e,) = dec({"t": "ack", "ch": "d", "a": [{**ENTRY, **RECEIPT, "rn": F.MAX_SEQ,
                                               "ri": F.MAX_SEQ - 1}]}).entries
     assert e.batch == F.MAX_SEQ
+
+
+def test_receipt_fields_survive_a_round_trip():
+    entry = F.AckEntry(3, b"h" * 32, 10, "a", "b", 2.5, sig=b"s" * 64, index=1, batch=2,
+                       path=(b"p" * 32,), signer=b"c" * 32)
+    ack = F.Ack("d", (entry,))
+    assert F.decode_body(F.encode_body(ack), 1 << 20) == ack
+
+
+def test_version_zero_decodes_and_is_refused_by_the_session_not_the_codec():
+    assert dec({"t": "hello", "v": 0, "node": "n", "ch": []}).version == 0
+
+
+def raw_body(obj):
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+@pytest.mark.parametrize("body, ok", [
+    (raw_body({"t": "bye", "why": "x" * (64 * 1024)}), True),
+    (raw_body({"t": "bye", "why": "x" * (64 * 1024 + 1)}), False),
+    (raw_body({"t": "ping", "id": 1, "x": list(range(4096))}), True),
+    (raw_body({"t": "ping", "id": 1, "x": list(range(4097))}), False),
+    (raw_body({"t": "ping", "id": 1, **{f"k{i}": 0 for i in range(62)}}), True),   # 64 keys
+    (raw_body({"t": "ping", "id": 1, **{f"k{i}": 0 for i in range(63)}}), False),  # 65 keys
+    (raw_body({"t": "ping", "id": 1, "x": msgpack.ExtType(1, b"a")}), False),
+    (raw_body({"t": "ping", "id": 1, 5: 0}), False),                              # int key
+    (raw_body({"t": "ping", "id": 1, "x": {"y": (1, 2)}}), True),
+])
+def test_the_msgpack_limits_of_a_frame_body(body, ok):
+    if ok:
+        assert F.decode_body(body, 1 << 20) in (F.Ping(1), F.Bye("x" * F.MAX_REASON_CHARS))
+    else:
+        with pytest.raises(RemoteProtocolError, match="not valid msgpack"):
+            F.decode_body(body, 1 << 20)
+
+
+def test_a_name_in_a_frame_is_text_not_bytes():
+    body = raw_body({"t": "bye", "why": "ok"}).replace(b"\xa2ok", b"\xc4\x02ok")
+    with pytest.raises(RemoteProtocolError, match="wrong type"):
+        F.decode_body(body, 1 << 20)
