@@ -625,3 +625,11 @@ def test_an_ack_for_the_nacked_message_is_a_violation():
 def test_an_unknown_pong_measures_nothing():
     p = opened()
     assert p.a.receive_data(encode_frame(F.Pong(12345)), 1.0) == []
+
+
+def test_a_heartbeat_timeout_says_how_long_the_peer_was_silent():
+    p = opened(heartbeat_interval=100.0, heartbeat_timeout=15.0)
+    p.a.receive_data(encode_frame(F.Ping(1)), 2.0)
+    (closed,) = p.a.handle_timer(17.0)
+    assert closed == S.SessionClosed("heartbeat timeout: nothing received for 15.0s",
+                                     error=True, by_peer=True)

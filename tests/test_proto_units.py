@@ -465,3 +465,18 @@ def test_a_name_in_a_frame_is_text_not_bytes():
     body = raw_body({"t": "bye", "why": "ok"}).replace(b"\xa2ok", b"\xc4\x02ok")
     with pytest.raises(RemoteProtocolError, match="wrong type"):
         F.decode_body(body, 1 << 20)
+
+
+@pytest.mark.parametrize("m", [{"t": "data", "ch": "d", "s": F.MAX_SEQ + 1, "d": b""},
+                               {"t": "nack", "ch": "d", "s": F.MAX_SEQ + 1, "why": "",
+                                "retry": True}])
+def test_sequence_numbers_above_the_limit_are_refused_everywhere(m):
+    with pytest.raises(RemoteProtocolError, match="'s' out of range"):
+        dec(m)
+    assert dec({**m, "s": F.MAX_SEQ}).seq == F.MAX_SEQ
+
+
+def test_the_default_starvation_limit_is_sixteen_turns():
+    s = Scheduler()
+    picks = [s.pick([("bulk", 0), ("alerts", 10)]) for _ in range(17)]
+    assert picks == ["alerts"] * 16 + ["bulk"]
