@@ -149,3 +149,31 @@ def test_unknown_extra_keys_are_ignored_for_forward_compatibility():
     decoder = FrameDecoder()
     decoder.feed(raw({"t": "ack", "ch": "data", "a": [ENTRY], "future": [1, 2]}))
     assert decoder.next_frame() == F.Ack("data", (F.AckEntry(7, b"h" * 32, 3, "a", "a", 1.0),))
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "a\0b", "a\x1fb", "a\x7fb", ".hidden",
+                                  "x" * 256])
+def test_a_name_the_spool_would_not_write_is_refused_on_the_wire(name):
+    # One rule (linkd.names) for the wire and the spool: what a peer may name, we may write.
+    from linkd import names
+    from linkd.spool import layout
+    assert layout.plain_name_problem is names.plain_name_problem
+    assert names.plain_name_problem(name) is not None
+    body = msgpack.packb({"t": "msg", "ch": "d", "s": 1, "n": name, "z": 1, "h": b"\0" * 32,
+                          "o": 0}, use_bin_type=True)
+    with pytest.raises(RemoteProtocolError, match="bad file: file name "):
+        F.decode_body(body, 1 << 20)
+
+
+@pytest.mark.parametrize("name, ok", [("a", True), ("a" * 64, True), ("a" * 65, False),
+                                      (".", False), ("..", False), ("a.b-c_D9", True),
+                                      ("a b", False), ("a\n", False), ("", False)])
+def test_channel_names_follow_one_rule(name, ok):
+    from linkd import names
+    assert names.is_channel_name(name) is ok
+    frame = {"t": "credit", "ch": name, "b": 1}
+    if ok:
+        assert F.map_to_frame(frame) == F.Credit(name, 1)
+    else:
+        with pytest.raises(RemoteProtocolError, match="invalid channel"):
+            F.map_to_frame(frame)

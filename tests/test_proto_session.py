@@ -108,7 +108,7 @@ def test_data_beyond_granted_credit_closes_the_session():
     p.pump()
     p.b.take = None
     p.a.send_msg("data", 1, "f", 100, b"\0" * 32)
-    p.a._send_windows["data"].available = 100      # a misbehaving sender
+    p.a.channels["data"].send_window.available = 100      # a misbehaving sender
     p.a.send_data("data", b"y" * 100)
     p.pump()
     closed = [e for e in p.events["b"] if isinstance(e, S.SessionClosed)]
@@ -145,7 +145,7 @@ def test_msg_before_the_previous_message_is_complete_is_a_violation():
     p = Pair()
     p.pump()
     p.a.send_msg("data", 1, "one", 10, b"\0" * 32)
-    p.a._outgoing["data"].remaining = 0         # pretend, to send the next one early
+    p.a.channels["data"].outgoing.remaining = 0      # pretend, to send the next one early
     p.a.send_msg("data", 2, "two", 10, b"\0" * 32)
     p.pump()
     assert any(isinstance(e, S.SessionClosed) and "before message 1" in e.reason
@@ -153,12 +153,14 @@ def test_msg_before_the_previous_message_is_complete_is_a_violation():
 
 
 def test_channel_not_configured_for_the_peer_is_a_violation():
+    from linkd.proto.channel import ChannelState
     from linkd.proto.flow import SendWindow
     p = Pair(a_channels=chans(names=("data",)))
     p.pump()
     with pytest.raises(LocalProtocolError):     # an honest sender refuses by itself
         p.b.send_msg("alerts", 1, "x", 1, b"\0" * 32)
-    p.b._send_windows["alerts"] = SendWindow(100)   # a peer that ignores our hello
+    p.b.channels["alerts"] = ChannelState("alerts")   # a peer that ignores our hello
+    p.b.channels["alerts"].send_window = SendWindow(100)
     p.b.send_msg("alerts", 1, "x", 1, b"\0" * 32)
     p.pump()
     assert any(isinstance(e, S.SessionClosed) and "not configured" in e.reason
@@ -259,3 +261,375 @@ def test_any_sequence_of_messages_arrives_whole_under_any_credit(sizes, credit):
             received[e.seq] = received.get(e.seq, b"") + e.data
     assert {s: received.get(s, b"") for s in range(1, len(sizes) + 1)} == \
         {s: bytes([s % 256]) * size for s, size in enumerate(sizes, 1)}
+
+
+# -- exact behaviours, pinned against surviving mutants (docs/DEVELOPMENT.md) ------------
+
+def opened(**kw):
+    p = Pair(**kw)
+    p.pump()
+    p.take("a"), p.take("b")
+    return p
+
+
+def frames_of(wire):
+    from linkd.proto.framing import FrameDecoder
+    d = FrameDecoder()
+    d.feed(wire)
+    out = []
+    while (f := d.next_frame()) is not None:
+        out.append(f)
+    return out
+
+
+def test_end_of_stream_without_bye_is_the_peers_error_and_answered_with_a_bye():
+    a = opened().a
+    (closed,) = a.receive_data(b"", 1.0)
+    assert closed == S.SessionClosed("connection closed by the peer without a goodbye",
+                                     error=True, by_peer=True)
+    assert a.close_reason == closed.reason and a.state is S.State.CLOSED
+    assert frames_of(a.data_to_send(1.0)) == [F.Bye(closed.reason)]
+    assert a.receive_data(encode_frame(F.Ping(1)), 2.0) == []   # late bytes are ignored
+    assert a.data_to_send(2.0) == b"" and a.get_timer() is None
+
+
+def test_handshake_timeout_blames_the_peer_and_says_why():
+    a = S.Session(node="alpha", peer="bravo", channels=chans(), now=0, handshake_timeout=3)
+    a.data_to_send(0)
+    (closed,) = a.handle_timer(3.0)
+    assert closed == S.SessionClosed("handshake timeout: no hello from the peer", error=True,
+                                     by_peer=True)
+    assert frames_of(a.data_to_send(3.0)) == [F.Bye(closed.reason)]
+    assert a.handle_timer(100.0) == []
+
+
+def test_a_refusal_during_the_handshake_is_an_error_with_the_peers_reason():
+    a = S.Session(node="alpha", peer="bravo", channels=chans(), now=0)
+    a.data_to_send(0)
+    (closed,) = a.receive_data(encode_frame(F.Bye("unknown node")), 0)
+    assert closed == S.SessionClosed("refused by the peer: unknown node", error=True, by_peer=True)
+    assert a.close_reason == "unknown node" and a.data_to_send(0) == b""
+
+
+def test_our_close_queues_one_bye_and_then_nothing():
+    p = opened()
+    p.a.close("reload")
+    p.a.close("again")
+    assert p.a.close_reason == "reload"
+    wire = p.a.data_to_send(0)
+    assert frames_of(wire) == [F.Bye("reload")]
+    assert p.b.receive_data(wire, 0) == [S.SessionClosed("peer said goodbye: reload",
+                                                         error=False, by_peer=True)]
+    assert p.b.close_reason == "reload"
+
+
+def test_hello_carries_channels_and_checkpoint_to_the_peer():
+    a = S.Session(node="alpha", peer="bravo", channels=chans(), now=0, checkpoint=b"ck-line")
+    b = S.Session(node="bravo", peer="alpha", channels=chans(names=("data",)), now=0)
+    (ev,) = b.receive_data(a.data_to_send(0), 0)
+    assert ev.hello.checkpoint == b"ck-line" and ev.hello.version == F.PROTOCOL_VERSION
+    assert b.peer_hello == ev.hello and set(b.peer_channels) == {"alerts", "data"}
+    assert b.peer_channels["data"].credit == 1 << 20
+    assert b.credit("data") == 1 << 20 and b.credit("nope") == 0
+    a.receive_data(b.data_to_send(0), 0)
+    assert a.credit("data") == 1 << 20 and a.credit("alerts") == 0
+
+
+def test_control_frames_overtake_bulk_frames():
+    p = opened()
+    p.a.send_msg("data", 1, "f", 4, b"\0" * 32)
+    p.a.send_data("data", b"abcd")
+    p.a.grant("data", 5)
+    p.a.send_checkpoint(b"ck")
+    before = p.a.pending_output
+    assert before > 0
+    got = frames_of(p.a.data_to_send(0))
+    assert [type(f) for f in got] == [F.Checkpoint, F.Credit, F.Msg, F.Data]
+    assert got[1] == F.Credit("data", 5) and p.a.pending_output == 0
+    p.pump()
+
+
+def test_grants_add_up_into_one_credit_frame_and_zero_grants_nothing():
+    p = opened()
+    p.a.grant("data", 3)
+    p.a.grant("data", 4)
+    p.a.grant("data", 0)
+    assert frames_of(p.a.data_to_send(0)) == [F.Credit("data", 7)]
+    assert p.a.data_to_send(0) == b""
+    with pytest.raises(LocalProtocolError):
+        p.a.grant("data", -1)
+    with pytest.raises(LocalProtocolError):
+        p.a.grant("nope", 1)
+
+
+def test_output_counts_as_activity_for_the_heartbeat():
+    p = opened(heartbeat_interval=5.0, heartbeat_timeout=15.0)
+    p.a.send_checkpoint(b"x")
+    p.a.data_to_send(4.0)
+    assert p.a.heartbeat.last_sent == 4.0 and p.a.get_timer() == 9.0
+    p.a.data_to_send(6.0)                       # nothing to send: not activity
+    assert p.a.heartbeat.last_sent == 4.0
+    assert p.a.handle_timer(8.9) == [] and p.a.data_to_send(8.9) == b""
+    assert p.a.handle_timer(9.0) == []
+    assert [type(f) for f in frames_of(p.a.data_to_send(9.0))] == [F.Ping]
+    p.a.receive_data(encode_frame(F.Pong(12345)), 10.0)   # unknown pong: no rtt, but alive
+    assert p.a.heartbeat.last_received == 10.0
+    assert p.a.receive_data(encode_frame(F.Ping(77)), 10.0) == []
+    assert frames_of(p.a.data_to_send(10.0)) == [F.Pong(77)]
+
+
+def test_acks_and_nacks_must_name_messages_in_flight():
+    p = opened()
+    for seq in (1, 2, 3):
+        p.a.send_msg("data", seq, f"f{seq}", 0, b"\0" * 32)
+    p.pump()
+    entry = F.AckEntry(1, b"\0" * 32, 0, "f1", "f1", 1.0)
+    assert p.a.receive_data(encode_frame(F.Ack("data", (entry,))), 0) == \
+        [S.AckReceived("data", (entry,))]
+    # nack of 2: 2 and 3 leave the wire; 1 was acked already
+    (nack,) = p.a.receive_data(encode_frame(F.Nack("data", 2, "no", True, "busy", 1.5)), 0)
+    assert nack == S.NackReceived("data", 2, "no", True, "busy", 1.5)
+    assert p.a.remaining("data") is None
+    third = F.AckEntry(3, b"\0" * 32, 0, "f3", "f3", 1.0)
+    (closed,) = p.a.receive_data(encode_frame(F.Ack("data", (third,))), 0)
+    assert "ack for message 3 on 'data', which is not in flight" in closed.reason
+
+
+def test_a_twice_acked_message_is_a_violation():
+    p = opened()
+    p.a.send_msg("data", 1, "f", 0, b"\0" * 32)
+    entry = F.AckEntry(1, b"\0" * 32, 0, "f", "f", 1.0)
+    assert p.a.receive_data(encode_frame(F.Ack("data", (entry,))), 0)
+    (closed,) = p.a.receive_data(encode_frame(F.Ack("data", (entry,))), 0)
+    assert "not in flight" in closed.reason and p.a.state is S.State.CLOSED
+
+
+def test_a_nack_keeps_older_messages_in_flight_and_rewinds_the_next_msg():
+    p = opened()
+    for seq in (1, 2):
+        p.a.send_msg("data", seq, "f", 0, b"\0" * 32)
+    p.a.receive_data(encode_frame(F.Nack("data", 2, "no", True)), 0)
+    entry = F.AckEntry(1, b"\0" * 32, 0, "f", "f", 1.0)
+    assert p.a.receive_data(encode_frame(F.Ack("data", (entry,))), 0) == \
+        [S.AckReceived("data", (entry,))]
+    p.a.data_to_send(0)
+    p.a.send_msg("data", 2, "f", 0, b"\0" * 32)
+    p.a.send_msg("data", 3, "g", 0, b"\0" * 32)
+    msgs = [f for f in frames_of(p.a.data_to_send(0)) if isinstance(f, F.Msg)]
+    assert [(m.seq, m.rewind) for m in msgs] == [(2, True), (3, False)]
+    (closed,) = p.a.receive_data(encode_frame(F.Nack("data", 9, "no", True)), 0)
+    assert "nack for message 9 on 'data', which is not in flight" in closed.reason
+
+
+@pytest.mark.parametrize("frame, what", [
+    (F.Ack("alerts", (F.AckEntry(1, b"\0" * 32, 0, "f", "f", 1.0),)), "ack"),
+    (F.Credit("alerts", 1), "credit"),
+    (F.Nack("alerts", 1, "no", True), "nack"),
+])
+def test_frames_about_our_sending_need_a_channel_the_peer_offered(frame, what):
+    p = opened(a_channels=chans(names=("data",)))
+    (closed,) = p.b.receive_data(encode_frame(frame), 0)
+    assert f"{what} for channel 'alerts', which the peer did not offer" in closed.reason
+
+
+@pytest.mark.parametrize("frame", [F.Data("zzz", 1, b"x"),
+                                   F.Msg("zzz", 1, "f", 1, b"\0" * 32)])
+def test_frames_about_our_receiving_need_a_channel_we_configured(frame):
+    p = opened()
+    (closed,) = p.a.receive_data(encode_frame(frame), 0)
+    what = type(frame).__name__.lower()
+    assert f"violation: {what} on channel 'zzz', which is not configured for peer bravo" \
+        in closed.reason
+
+
+def test_data_must_belong_to_the_started_message_and_fit_its_size():
+    p = opened()
+    (closed,) = p.a.receive_data(encode_frame(F.Data("data", 1, b"x")), 0)
+    assert "data for message 1 on 'data', which was not started" in closed.reason
+    p = opened()
+    wire = encode_frame(F.Msg("data", 4, "f", 3, b"\0" * 32, 1))
+    events = p.a.receive_data(wire + encode_frame(F.Data("data", 4, b"ab")), 0)
+    assert events == [S.MessageStart("data", 4, "f", 3, b"\0" * 32, 1, False),
+                      S.MessageData("data", 4, 1, b"ab"), S.MessageComplete("data", 4)]
+    events = p.a.receive_data(encode_frame(F.Msg("data", 5, "g", 2, b"\0" * 32))
+                              + encode_frame(F.Data("data", 6, b"a")), 0)
+    assert "data for message 6" in events[-1].reason
+    p = opened()
+    events = p.a.receive_data(encode_frame(F.Msg("data", 5, "g", 2, b"\0" * 32))
+                              + encode_frame(F.Data("data", 5, b"a"))
+                              + encode_frame(F.Data("data", 5, b"bc")), 0)
+    assert events[1] == S.MessageData("data", 5, 0, b"a")
+    assert "data beyond the announced size of message 5 on 'data'" in events[-1].reason
+
+
+def test_a_resumed_message_that_is_already_whole_completes_at_once():
+    p = opened()
+    events = p.a.receive_data(encode_frame(F.Msg("data", 2, "f", 7, b"\0" * 32, 7)), 0)
+    assert events == [S.MessageStart("data", 2, "f", 7, b"\0" * 32, 7, False),
+                      S.MessageComplete("data", 2)]
+    # complete: the next msg may start without rewind
+    assert len(p.a.receive_data(encode_frame(F.Msg("data", 3, "g", 1, b"\0" * 32)), 0)) == 1
+
+
+def test_an_abandoned_message_is_replaced_by_a_rewind_msg():
+    p = opened()
+    p.a.send_msg("data", 1, "f", 10, b"\0" * 32)
+    p.a.send_data("data", b"12345")
+    assert p.a.remaining("data") == 5
+    p.a.abandon("data")
+    assert p.a.remaining("data") is None and p.a.sendable("data") == 0
+    p.a.send_msg("data", 2, "g", 3, b"\0" * 32)
+    p.a.send_data("data", b"xyz")
+    p.pump()
+    events = p.take("b")
+    assert S.MessageStart("data", 2, "g", 3, b"\0" * 32, 0, True) in events
+    assert events[-1] == S.MessageComplete("data", 2)
+
+
+def test_the_sender_refuses_its_own_mistakes():
+    p = opened(b_channels=chans(credit=10 << 20))
+    with pytest.raises(LocalProtocolError, match="no message in progress"):
+        p.a.send_data("data", b"x")
+    with pytest.raises(LocalProtocolError, match="no message in progress"):
+        p.a.send_data("nope", b"x")
+    with pytest.raises(LocalProtocolError, match="does not accept"):
+        p.a.send_msg("nope", 1, "f", 1, b"\0" * 32)
+    p.a.send_msg("data", 1, "f", CHUNK_SIZE + 10, b"\0" * 32, offset=5)
+    assert p.a.remaining("data") == CHUNK_SIZE + 5
+    assert p.a.sendable("data") == CHUNK_SIZE
+    with pytest.raises(LocalProtocolError, match="not finished"):
+        p.a.send_msg("data", 2, "g", 1, b"\0" * 32)
+    with pytest.raises(LocalProtocolError, match="chunk size"):
+        p.a.send_data("data", b"x" * (CHUNK_SIZE + 1))
+    p.a.send_data("data", b"x" * CHUNK_SIZE)
+    assert p.a.sendable("data") == 5
+    with pytest.raises(LocalProtocolError, match="message size"):
+        p.a.send_data("data", b"x" * 6)
+    p.a.send_data("data", b"x" * 5)
+    assert p.a.remaining("data") == 0 and p.a.sendable("data") == 0
+    p.a.send_msg("data", 2, "g", 1, b"\0" * 32)
+    p.a.close("bye")
+    assert p.a.sendable("data") == 0 and p.a.remaining("data") == 1
+    with pytest.raises(LocalProtocolError, match="session is closed"):
+        p.a.send_data("data", b"x")
+
+
+def test_receiver_actions_on_unknown_channels_are_our_bug():
+    p = opened()
+    with pytest.raises(LocalProtocolError):
+        p.a.send_ack("nope", [F.AckEntry(1, b"\0" * 32, 0, "f", "f", 1.0)])
+    with pytest.raises(LocalProtocolError):
+        p.a.send_nack("nope", 1, "no", True)
+    assert not p.a.discarding("nope")
+
+
+def test_acks_are_split_into_frames_of_at_most_the_limit():
+    p = opened()
+    entries = [F.AckEntry(i, b"\0" * 32, 0, "f", "f", 1.0)
+               for i in range(1, 2 * F.MAX_ACK_ENTRIES + 2)]
+    p.a.send_ack("data", entries)
+    acks = frames_of(p.a.data_to_send(0))
+    assert [len(a.entries) for a in acks] == [F.MAX_ACK_ENTRIES, F.MAX_ACK_ENTRIES, 1]
+    assert [e for a in acks for e in a.entries] == entries
+
+
+def test_a_nack_carries_its_fields_and_cuts_the_reason():
+    p = opened()
+    p.a.receive_data(encode_frame(F.Msg("data", 1, "f", 5, b"\0" * 32)), 0)
+    p.a.send_nack("data", 1, "r" * 5000, False, F.NACK_STALE, 2.5)
+    assert p.a.discarding("data") and not p.a.discarding("alerts")
+    assert frames_of(p.a.data_to_send(0)) == [F.Nack("data", 1, "r" * F.MAX_REASON_CHARS, False,
+                                                     F.NACK_STALE, 2.5)]
+    # discarding: data of the nacked message is dropped and its credit returned
+    assert p.a.receive_data(encode_frame(F.Data("data", 1, b"abc")), 0) == []
+    assert frames_of(p.a.data_to_send(0)) == [F.Credit("data", 3)]
+    assert p.a.receive_data(encode_frame(F.Msg("data", 2, "g", 0, b"\0" * 32)), 0) == []
+    events = p.a.receive_data(encode_frame(F.Msg("data", 1, "f", 0, b"\0" * 32, 0, True)), 0)
+    assert events[0].rewind and not p.a.discarding("data")
+
+
+def test_a_checkpoint_reaches_the_peer_only_while_open():
+    p = Pair()
+    p.a.send_checkpoint(b"early")                 # during the handshake: dropped (hello has it)
+    p.pump()
+    p.take("b")
+    p.a.send_checkpoint(b"line")
+    p.pump()
+    assert p.take("b") == [S.CheckpointReceived(b"line")]
+
+
+def test_defaults_and_initial_state():
+    a = S.Session(node="alpha", peer="bravo", channels=chans(), now=100.0)
+    assert (a.node, a.peer, a.state) == ("alpha", "bravo", S.State.HANDSHAKE)
+    assert a.peer_hello is None and a.peer_channels == {} and a.close_reason is None
+    assert a.get_timer() == 110.0                       # handshake_timeout 10 s
+    b = S.Session(node="bravo", peer="alpha", channels=chans(), now=100.0)
+    # opened by the peer's hello before our own went out: deadlines count from `now`
+    a.receive_data(b.data_to_send(100.0), 100.0)
+    assert a.get_timer() == 105.0                       # heartbeat_interval 5 s
+    assert a.heartbeat.dead_at() == 115.0               # heartbeat_timeout 15 s
+    assert a.sendable("data") == 0 and a.remaining("data") is None
+
+
+def test_credit_granted_during_the_handshake_follows_the_hello():
+    a = S.Session(node="alpha", peer="bravo", channels=chans(), now=0.0)
+    a.grant("data", 9)
+    a.grant("data", 1)
+    got = frames_of(a.data_to_send(0.0))
+    assert [type(f) for f in got] == [F.Hello, F.Credit] and got[1] == F.Credit("data", 10)
+
+
+def test_every_control_frame_overtakes_queued_bulk_frames():
+    p = opened(heartbeat_interval=5.0)
+    p.a.receive_data(encode_frame(F.Msg("data", 1, "in", 5, b"\0" * 32)), 0)
+    p.a.send_msg("data", 1, "f", 4, b"\0" * 32)
+    p.a.send_data("data", b"abcd")
+    p.a.receive_data(encode_frame(F.Ping(3)), 0)
+    p.a.send_ack("alerts", [F.AckEntry(1, b"\0" * 32, 0, "f", "f", 1.0)])
+    p.a.send_nack("data", 1, "no", True)
+    assert p.a.handle_timer(5.0) == []
+    assert p.a.get_timer() == 10.0                     # the ping counts as sent at once
+    p.a.close("bye")
+    kinds = [type(f) for f in frames_of(p.a.data_to_send(5.0))]
+    assert kinds == [F.Pong, F.Ack, F.Nack, F.Ping, F.Bye, F.Msg, F.Data]
+
+
+def test_a_violation_bye_overtakes_queued_bulk_frames():
+    p = opened()
+    p.a.send_msg("data", 1, "f", 4, b"\0" * 32)
+    p.a.receive_data(encode_frame(F.Hello(2, "bravo", ())), 0)     # a second hello
+    kinds = [type(f) for f in frames_of(p.a.data_to_send(0))]
+    assert kinds == [F.Bye, F.Msg]
+
+
+def test_discarded_data_returns_all_its_credit_in_one_grant():
+    p = opened()
+    p.a.receive_data(encode_frame(F.Msg("data", 1, "f", 9, b"\0" * 32)), 0)
+    p.a.send_nack("data", 1, "no", True)
+    p.a.data_to_send(0)
+    p.a.receive_data(encode_frame(F.Data("data", 1, b"abc"))
+                     + encode_frame(F.Data("data", 1, b"defg")), 0)
+    p.a.grant("data", 2)
+    assert frames_of(p.a.data_to_send(0)) == [F.Credit("data", 9)]
+
+
+def test_an_ack_for_the_nacked_message_is_a_violation():
+    p = opened()
+    p.a.send_msg("data", 1, "f", 0, b"\0" * 32)
+    p.a.receive_data(encode_frame(F.Nack("data", 1, "no", True)), 0)
+    entry = F.AckEntry(1, b"\0" * 32, 0, "f", "f", 1.0)
+    (closed,) = p.a.receive_data(encode_frame(F.Ack("data", (entry,))), 0)
+    assert "ack for message 1 on 'data', which is not in flight" in closed.reason
+
+
+def test_an_unknown_pong_measures_nothing():
+    p = opened()
+    assert p.a.receive_data(encode_frame(F.Pong(12345)), 1.0) == []
+
+
+def test_a_heartbeat_timeout_says_how_long_the_peer_was_silent():
+    p = opened(heartbeat_interval=100.0, heartbeat_timeout=15.0)
+    p.a.receive_data(encode_frame(F.Ping(1)), 2.0)
+    (closed,) = p.a.handle_timer(17.0)
+    assert closed == S.SessionClosed("heartbeat timeout: nothing received for 15.0s",
+                                     error=True, by_peer=True)

@@ -41,45 +41,17 @@ import errno
 import fcntl
 import grp
 import os
-import re
 from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import SpoolError
+from ..names import NAME_MAX, is_channel_name
+from ..names import plain_name_problem as plain_name_problem  # re-exported: spool callers
 from .fs import DEFAULT_FS, FS
 from .safedir import check_folders
 
 FOLDER_MODE = 0o750
 STATE_MODE = 0o700
-NAME_MAX = 255
-_CHANNEL_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-
-
-def plain_name_problem(name: str) -> str | None:
-    """None if `name` is one plain path component; else a short reason."""
-    if not isinstance(name, str):
-        return "is not a string"
-    if not name:
-        return "is empty"
-    if name in (".", ".."):
-        return f"is {name!r}"
-    if "/" in name:
-        return "contains '/'"
-    if "\0" in name:
-        return "contains a NUL byte"
-    if any(c < " " or c == "\x7f" for c in name):
-        return "contains a control character"
-    if name.startswith("."):
-        return "starts with '.'"
-    try:
-        size = len(name.encode("utf-8"))
-    except UnicodeEncodeError:
-        return "is not valid UTF-8"
-    if size > NAME_MAX:
-        return f"is {size} bytes long (at most {NAME_MAX})"
-    return None
-
-
 def _bytes(name: str) -> int:
     return len(name.encode("utf-8", "surrogateescape"))
 
@@ -109,8 +81,7 @@ def safe_name(name: str) -> str:
 
 
 def check_channel(channel: str) -> str:
-    if not isinstance(channel, str) or not _CHANNEL_RE.fullmatch(channel) \
-            or channel in (".", ".."):
+    if not is_channel_name(channel):
         raise SpoolError(f"channel name {channel!r} is not [A-Za-z0-9_.-]{{1,64}} "
                          f"(and not '.' or '..'): rename it in the config")
     return channel
