@@ -41,6 +41,8 @@ from typing import Any
 
 import trio
 
+from .spool.fs import fsync_dir
+
 PAUSE_FILE = "paused.json"
 RENAME_NOREPLACE = 1
 AT_FDCWD = -100
@@ -160,12 +162,6 @@ def _renameat2(src: Path, dst: Path) -> None:
     os.unlink(src)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def list_failed(layout: Any, peer: str, channels: list[str]) -> list[dict[str, Any]]:
@@ -232,8 +228,8 @@ def retry_failed(layout: Any, channel: str, names: list[str]) -> list[tuple[str,
             pass
         results.append((name, None))
     if any(problem is None for _, problem in results):
-        _fsync_dir(out)
-        _fsync_dir(failed)
+        fsync_dir(out)
+        fsync_dir(failed)
     return results
 
 

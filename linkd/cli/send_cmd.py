@@ -24,18 +24,13 @@ from typing import Any
 
 from ..config import Config
 from ..spool import SpoolLayout, plain_name_problem
+from ..spool.fs import fsync_dir
 from .safe import printable
 from .status_client import http_get
 
 POLL = 0.05
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def queue_file(out_dir: Path, source: Path) -> tuple[str, int]:
@@ -53,7 +48,7 @@ def queue_file(out_dir: Path, source: Path) -> tuple[str, int]:
         raise
     ino = os.stat(temp).st_ino
     os.unlink(temp)
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
     return name, ino
 
 

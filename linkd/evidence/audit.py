@@ -43,6 +43,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from ..spool.fs import fsync_dir
 from . import keys
 from .canonical import canonical_json
 
@@ -236,7 +237,7 @@ class AuditLog:
         os.close(self.fd)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
                           | os.O_CLOEXEC, 0o600)
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)
         self._write({"event": "audit_rotated", "node": self.node, "timestamp": _now(),
                      "previous_file": target.name})
         if self.signer is not None:
@@ -266,12 +267,6 @@ class AuditLog:
             self.fd = -1
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 _ROTATED = re.compile(r"audit-(\d{12})\.jsonl\Z")

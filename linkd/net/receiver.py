@@ -24,7 +24,6 @@ from ..evidence import receipts as R
 from ..evidence.canonical import micros
 from ..proto import frames as F
 from ..proto import session as S
-from ..proto.scheduler import Scheduler
 from ..spool import (
     ChecksumMismatch,
     Completed,
@@ -32,41 +31,14 @@ from ..spool import (
     InboundRefused,
 )
 from ..spool.inbound import quarantine_usage
-from ..wakeup import Wakeup
-from .sender import _OutChannel
+from .sender import RunnerState
 
 BUSY_WAIT = (1.0, 30.0)       # a channel whose disk work failed nacks "busy" (first, max wait)
 QUARANTINE_WAIT = 30.0        # seconds a sender waits after a "quarantine full" busy nack
 ACKS_PER_FRAME = 256          # signed ack entries per frame (an RSA-4096 entry is ~1.5 KiB)
 
 
-class ReceiverMixin:
-    # The runner's state these methods use (set by SessionRunner.__init__).
-    link: Any
-    log: Any
-    session: S.Session | None
-    out: dict[str, _OutChannel]
-    nacks: list[S.NackReceived]
-    attempts: dict[tuple[str, int], int]
-    sender_wake: Wakeup
-    writer_wake: Wakeup
-    inbound_drained: Wakeup
-    inbound_qs: dict[str, tuple[Any, Any]]
-    ack_q: Any
-    scheduler: Scheduler
-    signer: Any
-    verifier: Any
-    peer_cert_der: bytes | None
-
-    def end(self, reason: str, error: bool) -> None:  # pragma: no cover - SessionRunner's
-        raise NotImplementedError
-
-    async def flush(self) -> None:  # pragma: no cover - SessionRunner's
-        raise NotImplementedError
-
-    def _violation(self, reason: str) -> None:  # pragma: no cover - SessionRunner's
-        raise NotImplementedError
-
+class ReceiverMixin(RunnerState):
     def _sign(self, ch: str, entries: list[F.AckEntry]) -> list[F.AckEntry]:
         """Blocking: sign receipts for these ack entries (one signature per batch)."""
         if not entries or self.signer is None:

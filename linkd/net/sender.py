@@ -67,8 +67,10 @@ class _OutChannel:
     wait_until: float = 0.0                  # trio time before which nothing is sent
 
 
-class SenderMixin:
-    # The runner's state these methods use (set by SessionRunner.__init__).
+class RunnerState:
+    """What the sender and receiver halves use of SessionRunner (a typed seam: the
+    attributes are set by SessionRunner.__init__, the methods are its own)."""
+
     link: Any
     log: Any
     session: S.Session | None
@@ -94,6 +96,8 @@ class SenderMixin:
     def _violation(self, reason: str) -> None:  # pragma: no cover - SessionRunner's
         raise NotImplementedError
 
+
+class SenderMixin(RunnerState):
     def _receipt(self, ch: str, item: Claimed | None, entry: F.AckEntry,
                  ) -> tuple[R.Receipt, R.Proof, str | None]:
         """The receipt `entry` must carry (for our queued `item`, or as it says), and

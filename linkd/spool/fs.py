@@ -181,3 +181,8 @@ def fsync_file(fs: FS, path: PathLike, mode: int | None = None) -> None:
         fs.fsync(fd)
     finally:
         fs.close(fd)
+
+
+def fsync_dir(path: PathLike) -> None:
+    """fsync a folder (outside the spool's FS seam: for tools and the audit log)."""
+    DEFAULT_FS.fsync_dir(path)

@@ -6,14 +6,19 @@ import errno
 import json
 import os
 import re
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import FileChanged as FileChanged  # re-exported
 from ..errors import ResourceBusy as ResourceBusy
 from ..errors import SpoolError as SpoolError
 from .fs import FS
+
+if TYPE_CHECKING:
+    from ..errors import SpoolError
+    from .layout import SpoolLayout
 
 READ_SIZE = 1 << 20
 CLAIM_BATCH = 64                 # files claimed per claim() call
@@ -160,3 +165,39 @@ def describe_queue_record(path: Path) -> dict[str, Any] | None:
         return None
     return rec if isinstance(rec, dict) else None
 
+
+class OutboundState:
+    """What pickup.py and recovery_out.py use of Outbound (a typed seam: the
+    attributes are set by Outbound.__init__, the methods are its own)."""
+
+    layout: SpoolLayout
+    channel: str
+    fs: FS
+    max_bytes: int
+    archive_sent: bool
+    next_seq: int
+    acked: int
+    _out: Path
+    _q: Path
+    _failed: Path
+    _state: Path
+    _pending: _Pending
+    _listed: dict[str, int]
+    _backlog_bytes: int
+    _backlog: deque[str]
+    _not_ready: dict[str, float]
+    _ready: bool
+    _refused: str | None
+    _saved_next: int
+
+    if TYPE_CHECKING:
+        def _require(self) -> None: ...
+        def _check(self, *folders: Path) -> None: ...
+        def _spool_folders(self) -> list[Path]: ...
+        def _broken(self, what: str, exc: OSError) -> SpoolError: ...
+        def _rec(self, seq: int, kind: str) -> Path: ...
+        def _save_state(self) -> None: ...
+        def _load_state(self, problems: list[str]) -> None: ...
+        def _rehash(self, item: Claimed) -> Claimed: ...
+        def _recover_queue(self, problems: list[str]) -> None: ...
+        def _meta_bytes(self, item: Claimed, **extra: Any) -> bytes: ...

@@ -14,8 +14,6 @@ import signal
 import stat
 import time
 from collections import deque
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from ..errors import FileChanged as FileChanged  # re-exported
 from ..errors import ResourceBusy as ResourceBusy
@@ -23,9 +21,7 @@ from ..errors import SpoolError as SpoolError
 from .files import (
     place_with_reason,
 )
-from .fs import FS
 from .layout import (
-    SpoolLayout,
     plain_name_problem,
 )
 from .outbound_items import (
@@ -38,48 +34,14 @@ from .outbound_items import (
     READ_SIZE,
     SETTLE,
     Candidate,
-    Claimed,
     Examined,
     FailedFile,
-    _Pending,
+    OutboundState,
     is_resource_error,
 )
 
 
-class PickupMixin:
-    # The Outbound state these methods use (set by Outbound.__init__; typed seam).
-    layout: SpoolLayout
-    channel: str
-    fs: FS
-    max_bytes: int
-    archive_sent: bool
-    next_seq: int
-    acked: int
-    _out: Path
-    _q: Path
-    _failed: Path
-    _state: Path
-    _pending: _Pending
-    _listed: dict[str, int]
-    _backlog_bytes: int
-    _backlog: deque[str]
-    _not_ready: dict[str, float]
-    _ready: bool
-    _refused: str | None
-    _saved_next: int
-
-    if TYPE_CHECKING:
-        def _require(self) -> None: ...
-        def _check(self, *folders: Path) -> None: ...
-        def _spool_folders(self) -> list[Path]: ...
-        def _broken(self, what: str, exc: OSError) -> SpoolError: ...
-        def _rec(self, seq: int, kind: str) -> Path: ...
-        def _save_state(self) -> None: ...
-        def _load_state(self, problems: list[str]) -> None: ...
-        def _rehash(self, item: Claimed) -> Claimed: ...
-        def _recover_queue(self, problems: list[str]) -> None: ...
-        def _meta_bytes(self, item: Claimed, **extra: Any) -> bytes: ...
-
+class PickupMixin(OutboundState):
     # -- pick-up, step 1: examine (reads only; no lock needed) --------------
     def _list_out(self) -> list[str]:
         found: list[tuple[int, str]] = []

@@ -10,9 +10,8 @@ import os
 import re
 import shutil
 import time
-from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import FileChanged as FileChanged  # re-exported
 from ..errors import ResourceBusy as ResourceBusy
@@ -28,11 +27,10 @@ from .files import (
     same_file,
     unlink_quietly,
 )
-from .fs import FS, write_atomic
+from .fs import write_atomic
 from .layout import (
     FOLDER_MODE,
     STATE_MODE,
-    SpoolLayout,
     make_folder,
     plain_name_problem,
 )
@@ -41,42 +39,12 @@ from .outbound_items import (
     _XATTR_NAME,
     READ_SIZE,
     Claimed,
+    OutboundState,
     _Pending,
 )
 
 
-class RecoveryMixin:
-    # The Outbound state these methods use (set by Outbound.__init__; typed seam).
-    layout: SpoolLayout
-    channel: str
-    fs: FS
-    max_bytes: int
-    archive_sent: bool
-    next_seq: int
-    acked: int
-    _out: Path
-    _q: Path
-    _failed: Path
-    _state: Path
-    _pending: _Pending
-    _listed: dict[str, int]
-    _backlog_bytes: int
-    _backlog: deque[str]
-    _not_ready: dict[str, float]
-    _ready: bool
-    _refused: str | None
-    _saved_next: int
-
-    if TYPE_CHECKING:
-        def _require(self) -> None: ...
-        def _check(self, *folders: Path) -> None: ...
-        def _spool_folders(self) -> list[Path]: ...
-        def _broken(self, what: str, exc: OSError) -> SpoolError: ...
-        def _rec(self, seq: int, kind: str) -> Path: ...
-        def _save_state(self) -> None: ...
-        def _load_state(self, problems: list[str]) -> None: ...
-        def _rehash(self, item: Claimed) -> Claimed: ...
-
+class RecoveryMixin(OutboundState):
     # -- recovery ----------------------------------------------------------
     def recover(self) -> list[str]:
         """Rebuild the view from disk, finishing whatever a crash cut short."""
