@@ -86,6 +86,10 @@ class LinkConfig:
     reconnect_max: float = 60.0
     handshake_timeout: float = 10.0
     archive_sent: bool = False
+    # Per peer: beyond either, inbound is refused with a "busy" nack until the operator
+    # clears quarantine/ (a lying or broken peer cannot fill the disk with bad files).
+    quarantine_max_files: int = 1000
+    quarantine_max_bytes: int = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -126,7 +130,8 @@ _TLS_KEYS = ("cert", "key", "ca", "crl", "require_post_quantum")
 _LISTEN_KEYS = ("address", "port")
 _LINK_FLOATS = ("heartbeat_interval", "heartbeat_timeout", "reconnect_min", "reconnect_max",
                 "handshake_timeout")
-_LINK_KEYS = (*_LINK_FLOATS, "archive_sent")
+_LINK_INTS = ("quarantine_max_files", "quarantine_max_bytes")
+_LINK_KEYS = (*_LINK_FLOATS, "archive_sent", *_LINK_INTS)
 _PEER_KEYS = ("name", "connect", "pin_sha256", "channel")
 _CHANNEL_KEYS = ("name", "priority", "max_message_bytes")
 
@@ -371,6 +376,13 @@ class _Loader:
         archive = self.get(t, "archive_sent", "link", bool)
         if archive is not None:
             values["archive_sent"] = archive
+        for key in _LINK_INTS:
+            count = self.get(t, key, "link", int)
+            if count is not None:
+                if count < 1:
+                    self.fail(f"link.{key}", f"{count} is not a positive integer",
+                              f"write e.g. {key} = {getattr(LinkConfig(), key)}")
+                values[key] = count
         link = LinkConfig(**values)
         if link.heartbeat_timeout <= link.heartbeat_interval:
             self.fail("link.heartbeat_timeout",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import signal
+from functools import partial
 from typing import Any
 
 import trio
@@ -23,17 +24,22 @@ from . import log as logmod
 from .check import startup_problems
 from .config import Config, PeerConfig, load_config
 from .control import Controller, PauseState, count_files
-from .errors import ConfigError, LinkdError
+from .errors import (
+    ConfigError,
+    LinkdError,
+    StartupError,  # noqa: F401 (re-exported)
+    StatusSocketError,
+)
 from .evidence import service as evidence
 from .expiry import ExpiryWatch, tls_dates
 from .metrics import tls_refusal_kind
+from .net.admission import Gate, Limits, serve_listener
+from .net.peer import PeerLink, in_thread
 from .net.supervisor import dial_loop, handle_inbound, outage_watch
 from .net.tls import TLSContexts, make_contexts
-from .peer import PeerLink, in_thread
 from .spool import lock_state_dir
 from .status import (
     StatusBoard,
-    StatusSocketError,
     open_metrics_listener,
     serve_metrics,
     serve_status,
@@ -46,8 +52,6 @@ BYE_SHUTDOWN = "shutdown: peer is shutting down"
 BYE_RELOAD = "reload: configuration reloaded, redial at once"
 
 
-class StartupError(LinkdError):
-    """The daemon cannot start; str() is the one line to print."""
 
 
 class Daemon:
@@ -67,6 +71,8 @@ class Daemon:
         self.expiry = ExpiryWatch(self.log)
         self.board.cert_not_after, self.board.crl_next_update = tls_dates(cfg)
         self._stop_observing = logmod.add_observer(self._observe)
+        # Bounds on unauthenticated connections, from the descriptor limit at start.
+        self.gate = Gate(Limits.from_rlimit())
 
     def _observe(self, event: dict[str, Any]) -> None:
         """Count TLS refusals for /metrics from the very events the audit log gets."""
@@ -179,9 +185,12 @@ class Daemon:
                 nursery.start_soon(self._accept_all, listeners)
                 for link in self.links.values():
                     await nursery.start(self._run_link, link)
+                limits = self.gate.limits
                 self.log.info("started", version=__version__, peers=len(self.links),
                               listen=(f"{cfg.listen.address}:{cfg.listen.port}"
-                                      if cfg.listen else None))
+                                      if cfg.listen else None),
+                              nofile=limits.nofile, unauthenticated_max=limits.total,
+                              unauthenticated_per_source=limits.per_source)
                 systemd.ready(f"serving {len(self.links)} peer(s)")
                 nursery.start_soon(systemd.watchdog_loop, lambda: True)
                 nursery.start_soon(self._status_loop)
@@ -197,6 +206,7 @@ class Daemon:
                         await self.shutdown(signal.Signals(signum).name)
                         nursery.cancel_scope.cancel()
                         break
+        logmod.flush_suppressed(force=True)
         self.log.info("stopped")
 
     def summary(self) -> str:
@@ -236,20 +246,13 @@ class Daemon:
         while True:
             await self.refresh_folder_counts()
             self.expiry.check(self.board)
+            logmod.flush_suppressed()       # the log_suppressed summary, when due
             await trio.sleep(HOUSEKEEPING)
 
     async def _accept(self, listener: trio.SocketListener) -> None:
-        async with listener, trio.open_nursery() as nursery:
-            while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as exc:
-                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                        self.log.error("accept_failed", reason=str(exc))
-                        await trio.sleep(0.5)
-                        continue
-                    raise
-                nursery.start_soon(handle_inbound, self, stream)
+        # EMFILE & co: one (rate-limited) line and a short wait, never a traceback;
+        # unauthenticated connections are bounded by self.gate (net/admission.py).
+        await serve_listener(listener, partial(handle_inbound, self), self.log, "[listen]")
 
     async def _reload_task(self) -> None:
         async with self.reload_lock:
@@ -279,6 +282,10 @@ class Daemon:
         try:
             cfg = await in_thread(load_config, self.cfg.path)
             problems = await in_thread(startup_problems, cfg)
+            # An expired CRL does not keep the old one in force: it is loaded and fails
+            # closed (OpenSSL refuses every new handshake: "CRL has expired"), logged.
+            crl_expired = [p for p in problems if CRL_EXPIRED in p]
+            problems = [p for p in problems if CRL_EXPIRED not in p]
             if problems:
                 raise ConfigError(problems[0])
             if cfg.node != self.cfg.node:
@@ -294,6 +301,10 @@ class Daemon:
         old = self.cfg
         self.cfg, self.tls = cfg, tls
         self.board.cert_not_after, self.board.crl_next_update = tls_dates(cfg)
+        if crl_expired:
+            self.log.error("crl_expired", reason=f"{crl_expired[0]}; new sessions are refused "
+                                                 "until a fresh CRL is loaded (SIGHUP)")
+        await self._close_revoked(cfg)
         if listeners is not None:
             self.listen_scope.cancel()
             assert self.nursery is not None
@@ -334,6 +345,31 @@ class Daemon:
         self.log.info("reloaded", peers=len(self.links))
         systemd.ready(f"serving {len(self.links)} peer(s)")
 
+
+    async def _close_revoked(self, cfg: Config) -> None:
+        """End at once every session whose peer certificate the (new) CRL revokes."""
+        if cfg.tls.crl is None:
+            return
+        sessions = {name: link.active for name, link in self.links.items()
+                    if link.active is not None}
+        if not sessions:
+            return
+        ders = {name: der for name, runner in sessions.items()
+                if (der := _peer_der(runner)) is not None}
+        try:
+            revoked = await in_thread(revoked_peers, cfg.tls.crl, cfg.tls.ca, ders)
+        except (LinkdError, OSError) as exc:
+            self.log.error("crl_unusable", reason=f"{exc}: connected sessions were not "
+                                                  "checked against it")
+            return
+        for name, serial in revoked.items():
+            runner = sessions[name]
+            if self.links.get(name) is None or self.links[name].active is not runner:
+                continue
+            reason = (f"certificate revoked: serial {serial:x} is listed in the reloaded CRL "
+                      f"{cfg.tls.crl.name}")
+            self.log.warning("session_revoked", peer=name, remote=runner.remote, reason=reason)
+            await runner.close(reason, error=True)
 
     async def _rebind(self, cfg: Config) -> list[trio.SocketListener] | None:
         """New listeners when [listen] changed (None: unchanged). The old ones keep
@@ -388,6 +424,30 @@ def _find(exc: BaseException, kind: type[BaseException]) -> BaseException | None
             if found is not None:
                 return found
     return None
+
+
+CRL_EXPIRED = "(tls.crl): CRL expired"      # certs.load_crl's wording
+
+
+def _peer_der(runner: Any) -> bytes | None:
+    get = getattr(runner.stream, "peer_certificate_der", None)
+    return get() if get is not None else None
+
+
+def revoked_peers(crl_path: Any, ca_path: Any, ders: dict[str, bytes]) -> dict[str, int]:
+    """Blocking: {peer: serial} for the certificates in `ders` that the CRL lists
+    (verified against the CA; an expired CRL still counts: revocation is final)."""
+    from cryptography import x509
+
+    from .certs import load_crl
+    crl = load_crl(crl_path, ca_path, now=dt.datetime(1970, 1, 1, tzinfo=dt.UTC))
+    found: dict[str, int] = {}
+    for name, der in ders.items():
+        cert = x509.load_der_x509_certificate(der)
+        if cert.issuer == crl.issuer and \
+                crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
+            found[name] = cert.serial_number
+    return found
 
 
 def _folder_counts(layout: Any, channels: list[str]) -> tuple[dict[str, int], int]:

@@ -11,6 +11,15 @@ with its syslog priority ("<4>" for a warning), which journald strips and
 records, so `journalctl -p warning` finds warnings. A stderr redirected
 elsewhere (the variable inherited but stale) gets no prefix.
 
+Rate limits (CONTRACT §5): `RateLimiter` is one processor, after the
+observers (metrics count every refusal) and before rendering. Each kind of
+event from one source (the remote IP address, else the peer) may log a
+burst of `BURST` lines, then one line per `1/RATE` seconds; what it drops
+is counted and reported by `flush_suppressed()` (the daemon calls it every
+few seconds) as one `log_suppressed` line per `SUMMARY_INTERVAL` with the
+counts. Audit events (message_*, duplicate_possible, link_up/down and the
+daemon's own start/stop/reload lines) are never suppressed.
+
 Observers see every event that passes the level filter, before it is
 rendered; the daemon uses one to count TLS refusals by reason for /metrics,
 so the metric and the audit log cannot disagree.
@@ -21,6 +30,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -68,6 +79,7 @@ def configure(fmt: str | None = None, level: str = "info", node: str | None = No
             _add_node,
             structlog.processors.add_log_level,
             _notify_observers,
+            limiter,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _audit,     # the tamper-evident audit log (linkd/evidence/audit.py)
             _LevelFilter(level),    # after the audit log: log_level never hides evidence
@@ -132,6 +144,108 @@ def _audit(logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
     from .evidence.audit import sink
     sink(event)
     return event
+
+
+# Never suppressed: the audit trail (CONTRACT §8, §10) and the daemon's own life events.
+AUDIT_PREFIXES = ("message_",)
+AUDIT_EVENTS = frozenset({
+    "duplicate_possible", "link_up", "link_down", "log_suppressed", "link_still_down",
+    "started", "stopping", "stopped", "reloaded", "reload_failed", "cert_expiring",
+    "listen_changed", "crl_expired", "session_revoked"})
+
+
+def is_audit(event: str) -> bool:
+    return event in AUDIT_EVENTS or event.startswith(AUDIT_PREFIXES)
+
+
+class RateLimiter:
+    """A token bucket per (event, source); see the module docstring."""
+
+    BURST = 10.0                # lines a (kind, source) may log at once
+    RATE = 0.5                  # then lines per second
+    SUMMARY_INTERVAL = 10.0     # at most one log_suppressed line this often
+    MAX_KEYS = 4096             # beyond this, new sources share one bucket per kind
+    SHOWN = 20                  # (kind, source) pairs listed in one summary
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._buckets: dict[tuple[str, str], tuple[float, float]] = {}
+        self._dropped: dict[tuple[str, str], int] = {}
+        self._last_summary = clock()
+        self._pruned_at = -1e9
+        self._lock = threading.Lock()    # events come from worker threads too
+
+    @staticmethod
+    def source(event: dict[str, Any]) -> str:
+        remote = event.get("remote")
+        if isinstance(remote, str) and remote not in ("", "?"):
+            return remote.rsplit(":", 1)[0].strip("[]") if ":" in remote else remote
+        peer = event.get("peer")
+        return str(peer) if peer is not None else ""
+
+    def allow(self, event: dict[str, Any]) -> bool:
+        kind = str(event.get("event", ""))
+        if is_audit(kind):
+            return True
+        key = (kind, self.source(event))
+        now = self.clock()
+        with self._lock:
+            if key not in self._buckets and len(self._buckets) >= self.MAX_KEYS:
+                if now - self._pruned_at >= 1.0:     # O(keys): at most once a second
+                    self._pruned_at = now
+                    self._prune(now)
+                if len(self._buckets) >= self.MAX_KEYS:
+                    key = (kind, "*")
+            tokens, at = self._buckets.get(key, (self.BURST, now))
+            tokens = min(self.BURST, tokens + (now - at) * self.RATE)
+            if tokens >= 1.0:
+                self._buckets[key] = (tokens - 1.0, now)
+                return True
+            self._buckets[key] = (tokens, now)
+            self._dropped[key] = self._dropped.get(key, 0) + 1
+            return False
+
+    def _prune(self, now: float) -> None:
+        """Forget buckets that are full again (nothing to remember about them)."""
+        full = [k for k, (tokens, at) in self._buckets.items()
+                if tokens + (now - at) * self.RATE >= self.BURST and k not in self._dropped]
+        for k in full:
+            del self._buckets[k]
+
+    def summary(self, force: bool = False) -> dict[str, Any] | None:
+        """The fields of a log_suppressed line, if one is due (and anything was dropped)."""
+        now = self.clock()
+        with self._lock:
+            if not self._dropped or (not force and
+                                     now - self._last_summary < self.SUMMARY_INTERVAL):
+                return None
+            dropped, self._dropped = self._dropped, {}
+            window = now - self._last_summary
+            self._last_summary = now
+            self._prune(now)
+        top = sorted(dropped.items(), key=lambda kv: -kv[1])
+        return {"total": sum(dropped.values()), "window_s": round(window, 1),
+                "counts": [{"event": k[0], "source": k[1], "count": n}
+                           for k, n in top[:self.SHOWN]],
+                "kinds_not_shown": max(0, len(top) - self.SHOWN),
+                "reason": "repeated events were rate-limited (at most "
+                          f"{self.BURST:g} at once, then {self.RATE:g}/s per kind and source)"}
+
+    def __call__(self, logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
+        if self.allow(event):
+            return event
+        raise structlog.DropEvent
+
+
+limiter = RateLimiter()
+
+
+def flush_suppressed(force: bool = False) -> None:
+    """Log one `log_suppressed` summary if events were dropped (at most one per
+    SUMMARY_INTERVAL unless `force`, e.g. at shutdown)."""
+    fields = limiter.summary(force)
+    if fields is not None:
+        get().warning("log_suppressed", **fields)
 
 
 def _noop(logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:

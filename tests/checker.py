@@ -28,6 +28,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+
 def untilde(name: str) -> str | None:
     """The name a `~N` copy was made from (the inverse of linkd.spool.layout.tilde_name
     for names that were not cut to fit 255 bytes), or None if `name` has no such tag."""
@@ -171,7 +172,7 @@ def check_events(delivered: list[dict[str, Any]],
             rank = {name: i for i, name in enumerate(order)}
             got = [name for _, name in sorted(names_by_seq.get(ch, []))]
             ranks = [rank[n] for n in got if n in rank]
-            for before, after in zip(ranks, ranks[1:]):
+            for before, after in zip(ranks, ranks[1:], strict=False):
                 if after <= before:
                     report.order_violations.append(
                         f"{ch}: {order[after]} delivered after {order[before]}")

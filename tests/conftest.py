@@ -1,5 +1,4 @@
 import pytest
-
 from procs import make_pair, stop_all
 
 

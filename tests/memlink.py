@@ -84,7 +84,7 @@ def node_config(tmp_path: Path, ca: trustme.CA, name: str, peers: list[PeerConfi
 
 def make_link(cfg: Config, peer_name: str) -> Any:
     """A prepared PeerLink (folders made, recovery run) for `peer_name` of `cfg`."""
-    from linkd.peer import PeerLink
+    from linkd.net.peer import PeerLink
     from linkd.status import PeerStatus, _utcnow
     peer = next(p for p in cfg.peers if p.name == peer_name)
     status = PeerStatus(peer.name, "connecting" if peer.connect else "waiting", _utcnow())
@@ -278,5 +278,5 @@ INF = math.inf
 def scan_sync(link: Any) -> None:
     """Claim what was dropped, on every channel (blocking; outside trio)."""
     for name, out in link.outbound.items():
-        out.scan(link.peer_max.get(name))
+        out.scan(None)
         link.refresh_queued([name])

@@ -138,7 +138,7 @@ class _BadFile:
 def quick_retry(monkeypatch):
     # Real time, not an autojump clock: spool work runs in threads, and a MockClock
     # would leap to the test's own deadline while a thread is slow on a loaded machine.
-    monkeypatch.setattr("linkd.net.connection.READ_RETRY", 0.05)
+    monkeypatch.setattr("linkd.net.sender.READ_RETRY", 0.05)
 
 
 async def test_a_file_that_cannot_be_read_is_failed_and_wedges_nothing(tmp_path, quick_retry):
@@ -157,8 +157,8 @@ async def test_a_file_that_cannot_be_read_is_failed_and_wedges_nothing(tmp_path,
     real_open = spool.open
     opened = []
 
-    async def failing_open(item, offset):
-        fh = await real_open(item, offset)
+    async def failing_open(item, offset, *args, **kwargs):
+        fh = await real_open(item, offset, *args, **kwargs)
         if item.name == "bad.bin":
             fh.close()
             opened.append(item.seq)
@@ -189,11 +189,11 @@ async def test_resource_errors_delay_a_send_but_never_fail_the_file(tmp_path, qu
     real_open = spool.open
     refusals = []
 
-    async def emfile_open(item, offset):
+    async def emfile_open(item, offset, *args, **kwargs):
         if len(refusals) < 5:
             refusals.append(item.seq)
             raise OSError(errno.EMFILE, "Too many open files")
-        return await real_open(item, offset)
+        return await real_open(item, offset, *args, **kwargs)
     spool.open = emfile_open
     peer = FakePeer(None)
 

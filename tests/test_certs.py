@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from fsmodes import modes_are_enforced
 
 from linkd import pki
 from linkd.certs import (
@@ -31,7 +32,6 @@ from linkd.certs import (
 from linkd.check import run_check, startup_problems
 from linkd.config import Config, LinkConfig, NodeConfig, TLSConfig
 from linkd.errors import ConfigError
-from fsmodes import modes_are_enforced
 
 NOW = dt.datetime.now(dt.UTC)
 DAY = dt.timedelta(days=1)

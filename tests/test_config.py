@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fsmodes import modes_are_enforced
 
 from linkd.config import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -20,7 +21,6 @@ from linkd.config import (
     load_config,
 )
 from linkd.errors import ConfigError
-from fsmodes import modes_are_enforced
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "config"
@@ -414,6 +414,7 @@ CONTRACT_KEYS = {
     "listen.address", "listen.port",
     "link.heartbeat_interval", "link.heartbeat_timeout", "link.reconnect_min",
     "link.reconnect_max", "link.handshake_timeout", "link.archive_sent",
+    "link.quarantine_max_files", "link.quarantine_max_bytes",    # issue 8 (beyond §2)
     "peer.name", "peer.connect", "peer.pin_sha256",
     "peer.channel.name", "peer.channel.priority", "peer.channel.max_message_bytes",
 }

@@ -52,10 +52,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from checker import check_events, check_queue, scan_inbox
-from procs import (Daemon, entries, file_sha256, make_pair, make_pair_via_proxy, stop_all,
-                   wait_for, write_file)
+from procs import (
+    Daemon,
+    entries,
+    file_sha256,
+    make_pair,
+    make_pair_via_proxy,
+    stop_all,
+    wait_for,
+    write_file,
+)
 
 CHANNELS = [{"name": "alerts", "priority": 10}, {"name": "data"}]
 NAMES = ["alerts", "data"]
@@ -126,7 +133,7 @@ def _plan(rng: random.Random, count: int, big: list[int]) -> list[Drop]:
         else:
             sizes.append(rng.randint(1, 64 * 1024))
     slots = sorted(rng.sample(range(len(sizes) + len(big)), len(big)))
-    for slot, size in zip(slots, big):
+    for slot, size in zip(slots, big, strict=True):
         sizes.insert(slot, size)
     drops = []
     for i, size in enumerate(sizes):
@@ -618,7 +625,7 @@ def test_crash_point_sweep_with_strace(tmp_path: Path, call: str) -> None:
                     return "survived"
                 return None
             outcome = wait_for(settled, 60, interval=0.05,
-                               message=lambda: f"round {n}\n{b.tail()}\n{a.tail(10)}")
+                               message=lambda n=n: f"round {n}\n{b.tail()}\n{a.tail(10)}")
             b.kill()
             b.wrap = []
             landed = sum(1 for ch in NAMES for x in entries(b.in_dir("alpha", ch))
@@ -630,7 +637,7 @@ def test_crash_point_sweep_with_strace(tmp_path: Path, call: str) -> None:
             b.start()                                    # a clean restart: recovery
             wait_for(lambda: _queued(a, "bravo") == 0 and all(
                 set(expected[ch]) <= set(entries(b.in_dir("alpha", ch))) for ch in NAMES),
-                60, message=lambda: f"after round {n}\n{b.tail()}")
+                60, message=lambda n=n: f"after round {n}\n{b.tail()}")
             b.stop()
         b.start()
         _stopped_cleanly(a, b)

@@ -419,6 +419,9 @@ def test_a_reload_goodbye_makes_the_dialler_redial_at_once(tmp_path: Path,
     a.write_config()
     a.signal(signal.SIGHUP)
     wait_for(lambda: a.events("reloaded"), 15)
+    # alpha's own reload replaced the session: wait for the new one on both sides, or
+    # bravo's reload may find no session to say goodbye on.
+    wait_for(lambda: len(a.events("link_up")) >= 2 and len(b.events("link_up")) >= 2, 15)
     b.write_config()
     b.signal(signal.SIGHUP)          # bravo (listening) closes the session with "reload:"
     wait_for(lambda: [e for e in a.events("link_down")
@@ -453,6 +456,24 @@ def test_send_wait_says_plainly_while_the_link_is_down(tmp_path: Path,
             proc.kill()
     assert "note.txt: delivered to bravo" in out.read_text()
     assert b.inbound("alpha", "data") == {"note.txt": b"hello"}
+
+
+def test_send_wait_names_the_file_as_the_peer_delivered_it(tmp_path: Path,
+                                                         daemons: list[Any]) -> None:
+    """A name clash in the peer's in/ gives the file `~1`: send --wait says so (from the
+    peer's signed receipt)."""
+    a, b = make_pair(tmp_path)
+    daemons += [a, b]
+    b.in_dir("alpha", "data").mkdir(parents=True, exist_ok=True)
+    (b.in_dir("alpha", "data") / "report.txt").write_bytes(b"the consumer's copy")
+    source = tmp_path / "report.txt"
+    source.write_bytes(b"new report")
+    result = subprocess.run([sys.executable, "-m", "linkd.cli.linkctl_main", "-c",
+                             str(a.config_path), "send", "--peer", "bravo", "--channel",
+                             "data", "--wait", "--timeout", "60", str(source)],
+                            capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result
+    assert "report.txt: delivered to bravo as report~1.txt" in result.stdout, result.stdout
 
 
 # --------------------------------------------------------------------------- demo

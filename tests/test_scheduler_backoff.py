@@ -37,7 +37,7 @@ def test_backoff_doubles_within_jitter_and_caps():
     b = Backoff(1.0, 60.0, random.Random(7))
     delays = [b.next_delay() for _ in range(12)]
     ceilings = [min(60.0, 2 ** i) for i in range(12)]
-    for d, c in zip(delays, ceilings):
+    for d, c in zip(delays, ceilings, strict=True):
         assert c / 2 <= d <= c
     assert max(delays) <= 60.0
     b.reset()

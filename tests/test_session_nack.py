@@ -54,8 +54,8 @@ async def test_a_nacked_message_is_resent_and_nothing_behind_it_is_lost(tmp_path
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ra.run)
             nursery.start_soon(rb.run)
-            while outbound.pending():            # acknowledged = durable in bravo's in/
-                await trio.sleep(0.01)           # noqa: ASYNC110 (waiting on the spool)
+            while outbound.pending():  # noqa: ASYNC110 (acknowledged = durable in bravo's in/)
+                await trio.sleep(0.01)
             await ra.close("done")
             nursery.cancel_scope.cancel()
 

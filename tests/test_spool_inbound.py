@@ -9,10 +9,10 @@ import os
 import stat
 
 import pytest
+from spoolkit import FaultyFS
 
 from linkd.errors import SpoolError
 from linkd.spool import ChecksumMismatch, Inbound, InboundRefused, SpoolLayout
-from linkd.spool.testing import FaultyFS
 
 CH = "data"
 MiB = 1 << 20
@@ -244,7 +244,7 @@ def test_corrupt_state_is_moved_aside_and_committed_salvaged(layout):
     [problem] = ib.recover()
     assert "moved to" in problem and "committed falls back to 2" in problem
     assert ib.committed == 2
-    assert any(n.startswith("data.json.corrupt-") for n in os.listdir(path.parent))
+    assert any(n.startswith("in.json.corrupt-") for n in os.listdir(path.parent))
     assert json.loads(path.read_text())["committed"] == 2
     path.write_text("[]")
     ib = Inbound(layout, CH, 1 << 30, 0o640)
@@ -266,3 +266,61 @@ def test_an_intent_whose_name_was_taken_meanwhile_picks_the_next_free_one(layout
     assert (layout.in_dir(CH) / "a~1.txt").read_bytes() == b"ours"
     assert (layout.in_dir(CH) / "a.txt").read_bytes() == b"someone else's"
     assert ib.committed == 1
+
+
+def test_the_journal_answers_what_was_committed_under_a_seq_across_restarts(layout):
+    ib = inbound(layout)
+    (layout.in_dir(CH) / "a.txt").write_text("taken")
+    ib.commit([receive(ib, 1, "a.txt", b"one"), receive(ib, 2, "b", b"two")])
+    assert ib.lookup(3) is None
+    for got in (ib, inbound(layout)):
+        one, two = got.lookup(1), got.lookup(2)
+        assert {k: one[k] for k in ("seq", "sha256", "size", "sent_name", "name")} == {
+            "seq": 1, "sha256": sha(b"one"), "size": 3, "sent_name": "a.txt",
+            "name": "a~1.txt"}
+        assert (two["sha256"], two["name"]) == (sha(b"two"), "b")
+
+
+def test_a_torn_journal_line_is_ignored_and_the_last_line_of_a_seq_wins(layout):
+    ib = inbound(layout)
+    ib.commit([receive(ib, 1, "a", b"a")])
+    journal = layout.journal_file(CH)
+    with open(journal, "ab") as f:
+        f.write(json.dumps({"seq": 1, "sha256": sha(b"z"), "size": 1, "sent_name": "z",
+                            "name": "z"}).encode() + b"\n")
+        f.write(b'{"seq": 2, "sha2')                   # a crash mid-append
+    ib = inbound(layout)
+    assert ib.lookup(1)["sha256"] == sha(b"z") and ib.lookup(2) is None
+    ib.commit([receive(ib, 2, "b", b"b")])             # appends after the torn line
+    assert inbound(layout).lookup(2)["sha256"] == sha(b"b")
+
+
+def test_the_journal_keeps_the_newest_entries_and_is_compacted(layout, monkeypatch):
+    from linkd.spool import records
+    monkeypatch.setattr(records, "KEEP", 4)
+    ib = inbound(layout)
+    for seq in range(1, 12):
+        ib.commit([receive(ib, seq, f"f{seq}", str(seq).encode())])
+    assert [s for s in range(1, 12) if ib.lookup(s)] == [8, 9, 10, 11]
+    assert len(layout.journal_file(CH).read_text().splitlines()) <= 2 * 4 + 1
+    assert [s for s in range(1, 12) if inbound(layout).lookup(s)] == [8, 9, 10, 11]
+
+
+def test_revision_1_state_file_is_moved_to_the_channel_folder(layout):
+    legacy = layout.legacy_state_file_in(CH)
+    legacy.parent.mkdir(parents=True)
+    legacy.write_text('{"committed": 7, "intent": null, "partial": null}')
+    ib = inbound(layout)
+    assert ib.committed == 7 and not legacy.exists()
+    assert json.loads(layout.state_file_in(CH).read_text())["committed"] == 7
+    with pytest.raises(InboundRefused, match="duplicate"):
+        ib.begin(7, "x", 1, sha(b"x"))
+
+
+def test_configure_applies_reloaded_limits_to_the_next_message(layout):
+    ib = inbound(layout, max_bytes=10)
+    with pytest.raises(InboundRefused, match="max_message_bytes"):
+        ib.begin(1, "big", 20, sha(b"y" * 20))
+    ib.configure(100, 0o600)
+    [d] = ib.commit([receive(ib, 1, "big", b"y" * 20)])
+    assert stat.S_IMODE(os.stat(d.path).st_mode) == 0o600

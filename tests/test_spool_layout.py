@@ -7,11 +7,11 @@ import os
 import stat
 
 import pytest
+from spoolkit import FaultyFS
 
 from linkd.errors import SpoolError
 from linkd.spool import SpoolLayout, lock_state_dir, plain_name_problem, tilde_name
 from linkd.spool.fs import FS
-from linkd.spool.testing import FaultyFS
 
 
 def mode(path) -> int:
@@ -33,14 +33,41 @@ def test_create_makes_every_folder_0750_and_state_0700(tmp_path, strict_umask):
     expected = [layout.spool_dir, peer, peer / "out", peer / "in", peer / "failed",
                 layout.quarantine_dir(), layout.tmp_dir()]
     for ch in ("alerts", "data"):
-        expected += [layout.out_dir(ch), layout.in_dir(ch), layout.failed_dir(ch)]
+        expected += [layout.out_dir(ch), layout.queue_dir(ch), layout.in_dir(ch),
+                     layout.failed_dir(ch)]
     assert {str(p): oct(mode(p)) for p in expected} == {str(p): "0o750" for p in expected}
     assert mode(layout.state_dir) == 0o700
-    assert mode(layout.claimed_dir("data")) == 0o700
+    for ch in ("alerts", "data"):
+        assert mode(layout.channel_state_dir(ch)) == 0o700
     assert not (peer / "sent").exists()
-    # the mount probe leaves nothing behind
-    assert os.listdir(layout.tmp_dir()) == []
-    assert os.listdir(layout.claimed_dir("alerts")) == []
+    # the mount probes leave nothing behind
+    for ch in ("alerts", "data"):
+        for folder in (layout.tmp_dir(), layout.out_dir(ch), layout.queue_dir(ch),
+                       layout.in_dir(ch)):
+            assert os.listdir(folder) == []
+
+
+def test_state_dir_may_live_on_another_mount(tmp_path, monkeypatch):
+    # only out->queue and tmp->in are probed: nothing is renamed into state_dir
+    layout = SpoolLayout(tmp_path / "spool", tmp_path / "state", "p")
+    real_rename = os.rename
+
+    def cross_device(src, dst):
+        if str(dst).startswith(str(layout.state_dir)):
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(src))
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", cross_device)
+    layout.create(["data"], archive_sent=False)
+
+
+def test_channel_records_never_share_a_name_with_a_channel(tmp_path):
+    layout = SpoolLayout(tmp_path / "spool", tmp_path / "state", "p")
+    paths = {layout.state_file_out("X"), layout.state_file_in("X"), layout.journal_file("X")}
+    for ch in ("X.json", "X", "out.json", "in.json", "channels"):
+        assert layout.channel_state_dir(ch) not in paths
+        assert layout.queue_dir(ch) not in paths
+    assert layout.channel_state_dir("X") != layout.channel_state_dir("X.json")
 
 
 def test_create_with_archive_sent_makes_sent_folders(tmp_path):
@@ -69,19 +96,24 @@ def test_create_refuses_a_file_where_a_folder_belongs(tmp_path):
         layout.create(["data"], archive_sent=False)
 
 
-def test_create_refuses_state_dir_on_another_mount(tmp_path, monkeypatch):
+@pytest.mark.parametrize("which", ["queue", "in"])
+def test_create_refuses_queue_or_in_on_another_mount(tmp_path, monkeypatch, which):
     layout = SpoolLayout(tmp_path / "spool", tmp_path / "state", "p")
     real_rename = os.rename
+    target = layout.queue_dir("data") if which == "queue" else layout.in_dir("data")
 
     def cross_device(src, dst):
-        if ".linkd-probe" in str(src):
+        if ".linkd-probe" in str(src) and os.path.dirname(dst) == str(target):
             raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(src))
         return real_rename(src, dst)
 
     monkeypatch.setattr(os, "rename", cross_device)
-    with pytest.raises(SpoolError, match="different file systems or mounts"):
+    with pytest.raises(SpoolError, match="different file systems or mounts") as info:
         layout.create(["data"], archive_sent=False)
-    assert [n for n in os.listdir(layout.tmp_dir()) if "probe" in n] == []
+    assert str(target) in str(info.value) and "\n" not in str(info.value)
+    for folder in (layout.tmp_dir(), layout.out_dir("data"), layout.queue_dir("data"),
+                   layout.in_dir("data")):
+        assert [n for n in os.listdir(folder) if "probe" in n] == []
 
 
 def test_create_fsyncs_the_parent_of_every_new_folder(tmp_path):

@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from spoolkit import FaultyFS, drop
 
 import linkd
 from linkd.errors import SpoolError
 from linkd.spool import Outbound, SpoolLayout
-from linkd.spool.testing import FaultyFS, drop
 
 CH = "data"
 ROOT = str(Path(linkd.__file__).resolve().parent.parent)
@@ -35,9 +35,19 @@ def outbound(layout, max_bytes=1 << 20, archive_sent=False, fs=None):
     return ob
 
 
+_last_ctime: dict[Path, int] = {}
+
+
 def put(layout, name, data=None, t=0):
-    return drop(layout.out_dir(CH), name, name.encode() * 3 if data is None else data,
+    """Drop a file (mtime set from `t`); its ctime (arrival) is later than that of
+    every file put before it in the same folder, so arrival order is drop order."""
+    out = layout.out_dir(CH)
+    path = drop(out, name, name.encode() * 3 if data is None else data,
                 mtime_ns=1_700_000_000_000_000_000 + t)
+    while os.lstat(path).st_ctime_ns <= _last_ctime.get(out, 0):
+        os.utime(path, ns=(os.lstat(path).st_atime_ns, os.lstat(path).st_mtime_ns))
+    _last_ctime[out] = os.lstat(path).st_ctime_ns
+    return path
 
 
 def reason_of(layout, name):
@@ -46,15 +56,17 @@ def reason_of(layout, name):
     return text
 
 
-def test_claims_in_mtime_then_name_order_with_contiguous_seqs(layout):
+def test_claims_in_arrival_order_with_contiguous_seqs(layout):
+    # arrival = ctime (the rename into out/), not mtime: z.txt was written first but
+    # arrived last (CONTRACT §4.2: pick-up order)
     put(layout, "c.txt", t=1)
     put(layout, "b.txt", t=2)
     put(layout, "a.txt", t=2)
     put(layout, "z.txt", t=0)
     ob = outbound(layout)
     claimed, failed = ob.scan()
-    assert [(c.seq, c.name) for c in claimed] == [(1, "z.txt"), (2, "c.txt"), (3, "a.txt"),
-                                                  (4, "b.txt")]
+    assert [(c.seq, c.name) for c in claimed] == [(1, "c.txt"), (2, "b.txt"), (3, "a.txt"),
+                                                  (4, "z.txt")]
     assert failed == [] and ob.pending() == claimed
     assert os.listdir(layout.out_dir(CH)) == []
     for c in claimed:
@@ -62,9 +74,44 @@ def test_claims_in_mtime_then_name_order_with_contiguous_seqs(layout):
         assert c.size == len(data) and c.sha256 == hashlib.sha256(data).hexdigest()
         with ob.open(c) as f:
             assert f.read() == data
-        meta = json.loads((layout.claimed_dir(CH) / f"{c.seq:012d}.meta").read_text())
+        meta = json.loads((layout.queue_dir(CH) / f"{c.seq}.meta").read_text())
+        st = os.lstat(layout.queue_dir(CH) / f"{c.seq}.data")
+        assert c.path == layout.queue_dir(CH) / f"{c.seq}.data"
         assert meta == {"seq": c.seq, "name": c.name, "size": c.size, "sha256": c.sha256,
-                        "claimed_at": c.claimed_at}
+                        "claimed_at": c.claimed_at, "ino": st.st_ino,
+                        "mtime_ns": st.st_mtime_ns}
+    assert ob.next_seq == 5
+
+
+def test_same_ctime_falls_back_to_name_order(layout, monkeypatch):
+    for name in ("b", "c", "a"):
+        put(layout, name)
+    real = os.scandir
+
+    class SameCtime:
+        def __init__(self, entry):
+            self._e, self.name = entry, entry.name
+
+        def is_dir(self, **kw):
+            return self._e.is_dir(**kw)
+
+        def stat(self, **kw):
+            st = self._e.stat(**kw)
+            return os.stat_result((*st[:7], 0, 0, 0))
+
+    class Listing:
+        def __init__(self, path):
+            self._it = real(path)
+
+        def __enter__(self):
+            return (SameCtime(e) for e in self._it)
+
+        def __exit__(self, *exc):
+            self._it.close()
+
+    monkeypatch.setattr(os, "scandir", Listing)
+    assert [(c.seq, c.name) for c in outbound(layout).scan()[0]] == [(1, "a"), (2, "b"),
+                                                                      (3, "c")]
 
 
 def test_numbering_continues_across_restarts_and_acks(layout):
@@ -75,14 +122,15 @@ def test_numbering_continues_across_restarts_and_acks(layout):
     ob2 = outbound(layout)                       # a restart: nothing acked yet
     assert [c.seq for c in ob2.pending()] == [1]
     assert [c.seq for c in ob2.scan()[0]] == [2]
-    assert [c.seq for c in ob2.ack(2)] == [1, 2]
+    assert [r.item.seq for r in ob2.resolve([2, 1])] == [1, 2]
     put(layout, "c", t=2)
     ob3 = outbound(layout)
-    assert ob3.last_done == 2 and ob3.pending() == []
+    assert (ob3.acked, ob3.next_seq) == (2, 3) and ob3.pending() == []
     assert [c.seq for c in ob3.scan()[0]] == [3]
 
 
-def test_dot_files_subfolders_and_symlinks_are_ignored(layout, tmp_path):
+def test_dot_files_and_subfolders_are_ignored_links_and_fifos_never_followed(layout,
+                                                                            tmp_path):
     out = layout.out_dir(CH)
     (out / ".hidden").write_text("no")
     (out / "sub").mkdir()
@@ -95,8 +143,16 @@ def test_dot_files_subfolders_and_symlinks_are_ignored(layout, tmp_path):
     ob = outbound(layout)
     assert ob.waiting() == (1, len(b"real.txt" * 3))
     claimed, failed = ob.scan()
-    assert [c.name for c in claimed] == ["real.txt"] and failed == []
-    assert sorted(os.listdir(out)) == [".hidden", "fifo", "link", "sub"]
+    assert [c.name for c in claimed] == ["real.txt"]
+    # a link or a FIFO can never be sent: failed/ with a reason (the link itself moved,
+    # never followed; the FIFO never opened for a blocking read)
+    assert sorted((f.name, f.seq) for f in failed) == [("fifo", None), ("link", None)]
+    assert "symbolic link" in reason_of(layout, "link")
+    assert "not a regular file" in reason_of(layout, "fifo")
+    assert os.readlink(layout.failed_dir(CH) / "link") == str(target)
+    assert target.read_text() == "secret"
+    assert sorted(os.listdir(out)) == [".hidden", "sub"]
+    assert os.listdir(out / "sub") == ["inner"]
     assert ob.waiting() == (0, 0)
 
 
@@ -162,8 +218,8 @@ def test_unreadable_file_goes_to_failed_for_real(layout):
     result = subprocess.run(command, capture_output=True, text=True, timeout=60,
                             env={**os.environ, "PYTHONPATH": ROOT})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == \
-        "['fine.bin'] [('secret.bin', 'cannot read it: Permission denied')]"
+    assert result.stdout.strip() == ("['fine.bin'] [('secret.bin', 'cannot read it: "
+                                     "Permission denied: check its permissions')]")
     assert "Permission denied" in reason_of(layout, "secret.bin")
 
 
@@ -179,30 +235,38 @@ def test_failed_names_get_tilde_n_and_never_overwrite(layout):
     assert "over this channel" in reason_of(layout, "r~1.txt")
 
 
-def test_ack_deletes_in_seq_order_and_persists_last_done_first(layout):
+def test_resolve_deletes_in_seq_order_and_persists_the_state_first(layout):
     for i in range(3):
         put(layout, f"m{i}", t=i)
     fs = FaultyFS()
     ob = outbound(layout, fs=fs)
     ob.scan()
     mark = len(fs.trace)
-    assert [c.seq for c in ob.ack(2)] == [1, 2]
+    got = ob.resolve([2, 1])
+    assert [(r.item.seq, r.changed) for r in got] == [(1, False), (2, False)]
     ops = fs.trace[mark:]
+    unlinks = [t for op, t in ops if op == "unlink"]
     first_unlink = next(i for i, (op, _) in enumerate(ops) if op == "unlink")
     replace = next(i for i, (op, t) in enumerate(ops) if op == "replace" and t.endswith(".json"))
     assert replace < first_unlink
-    assert json.loads(layout.state_file_out(CH).read_text()) == {"last_done": 2}
+    assert [os.path.basename(t) for t in unlinks] == ["1.data", "1.meta", "2.data", "2.meta"]
+    assert json.loads(layout.state_file_out(CH).read_text()) == {"acked": 2, "next": 4}
     assert [c.seq for c in ob.pending()] == [3]
-    assert ob.ack(2) == [] and ob.ack(1) == []
-    assert sorted(os.listdir(layout.claimed_dir(CH))) == ["000000000003.data",
-                                                         "000000000003.meta"]
+    assert ob.resolve([2]) == [] and ob.resolve([1]) == []
+    assert sorted(os.listdir(layout.queue_dir(CH))) == ["3.data", "3.meta"]
 
 
-def test_ack_beyond_everything_moves_numbering_forward(layout):
+def test_the_peers_committed_seq_moves_numbering_forward_but_resolves_nothing(layout):
+    put(layout, "waiting")
     ob = outbound(layout)
-    assert ob.ack(41) == [] and ob.last_done == 41
-    put(layout, "next")
+    [item] = ob.scan()[0]
+    assert ob.raise_floor(41) is True and ob.next_seq == 42
+    assert ob.raise_floor(41) is False and ob.raise_floor(3) is False
+    assert ob.acked == 0 and ob.pending() == [item]   # only a matching ack resolves
+    assert ob.resolve([41]) == [] and ob.pending() == [item]
+    put(layout, "next", t=1)
     assert [c.seq for c in ob.scan()[0]] == [42]
+    assert outbound(layout).next_seq == 43           # durable
 
 
 def test_archive_sent_moves_to_sent_with_tilde_n(layout):
@@ -211,10 +275,35 @@ def test_archive_sent_moves_to_sent_with_tilde_n(layout):
     put(layout, "keep.txt", b"new")
     ob = outbound(layout, archive_sent=True)
     ob.scan()
-    [done] = ob.ack(1)
+    [done] = ob.resolve([1])
     assert (sent / "keep.txt").read_text() == "an earlier keep.txt"
     assert (sent / "keep~1.txt").read_bytes() == b"new"
-    assert os.listdir(layout.claimed_dir(CH)) == []
+    assert os.listdir(layout.queue_dir(CH)) == []
+
+
+def test_a_peer_whose_committed_went_back_is_remembered_once(layout):
+    for i in range(3):
+        put(layout, f"m{i}", t=i)
+    ob = outbound(layout)
+    ob.scan()
+    ob.resolve([1, 2, 3])
+    assert ob.acked == 3
+    assert ob.raise_floor(1) is True         # the peer lost state: remember the lower figure
+    assert (ob.acked, ob.next_seq) == (1, 4)
+    assert ob.raise_floor(1) is False
+    assert outbound(layout).acked == 1
+
+
+def test_configure_applies_reloaded_limits_to_the_next_pick_up_and_resolve(layout):
+    put(layout, "a", b"x" * 150)
+    ob = outbound(layout, max_bytes=100)
+    assert [f.name for f in ob.scan()[1]] == ["a"]
+    ob.configure(200, archive_sent=True)
+    put(layout, "b", b"y" * 150, t=1)
+    [item] = ob.scan()[0]
+    assert item.name == "b"
+    ob.resolve([item.seq])
+    assert (layout.sent_dir(CH) / "b").read_bytes() == b"y" * 150
 
 
 def test_fail_moves_a_claimed_file_with_tilde_n_and_keeps_its_number(layout):
@@ -227,16 +316,18 @@ def test_fail_moves_a_claimed_file_with_tilde_n_and_keeps_its_number(layout):
     assert (f.seq, f.name, f.path) == (2, "x.bin", layout.failed_dir(CH) / "x~1.bin")
     assert f.path.read_bytes() == b"x.bin" * 3
     assert reason_of(layout, "x~1.bin") == "the peer refused it: name taken\n"
-    assert ob.last_done == 0                       # seq 1 is still pending below it
     assert [p.seq for p in ob.pending()] == [1, 3]
-    ob2 = outbound(layout)                         # the tombstone survives a restart
+    assert sorted(os.listdir(layout.queue_dir(CH))) == ["1.data", "1.meta", "3.data",
+                                                        "3.meta"]
+    with pytest.raises(SpoolError, match="not pending"):
+        ob.fail(x, "again")
+    ob2 = outbound(layout)                         # the failure survives a restart
     assert [p.seq for p in ob2.pending()] == [1, 3]
     put(layout, "d", t=9)
     assert [c.seq for c in ob2.scan()[0]] == [4]   # 2 is never reused
-    assert [p.seq for p in ob2.ack(1)] == [1]
-    assert ob2.last_done == 2                      # passes over the failed seq
-    assert [p.seq for p in ob2.ack(4)] == [3, 4]
-    assert os.listdir(layout.claimed_dir(CH)) == []
+    assert [r.item.seq for r in ob2.resolve([1])] == [1]
+    assert [r.item.seq for r in ob2.resolve([2, 3, 4])] == [3, 4]
+    assert os.listdir(layout.queue_dir(CH)) == []
 
 
 def test_failing_the_last_claim_keeps_its_number_used(layout):
@@ -244,8 +335,9 @@ def test_failing_the_last_claim_keeps_its_number_used(layout):
     ob = outbound(layout)
     [item] = ob.scan()[0]
     ob.fail(item, "refused")
-    assert ob.last_done == 1
+    assert ob.next_seq == 2
     put(layout, "next", t=1)
+    # after a restart too: seq 1 was logged as failed, it never names another file
     assert [c.seq for c in outbound(layout).scan()[0]] == [2]
 
 
@@ -253,36 +345,62 @@ def test_a_claim_without_its_record_goes_to_failed_without_blocking(layout):
     for i in range(3):
         put(layout, f"m{i}", t=i)
     outbound(layout).scan()
-    (layout.claimed_dir(CH) / "000000000002.meta").write_text("{not json")
+    (layout.queue_dir(CH) / "2.meta").write_text("{not json")
     ob = Outbound(layout, CH, 1 << 20, False)
     problems = ob.recover()
     assert len(problems) == 1 and "seq 2" in problems[0] and "missing or unreadable" in problems[0]
     assert [p.seq for p in ob.pending()] == [1, 3]
-    failed = layout.failed_dir(CH) / "000000000002.data"
+    # under its own name where the file system keeps user xattrs, else seq-2
+    name = "m1" if xattrs_work(layout.queue_dir(CH)) else "seq-2"
+    failed = layout.failed_dir(CH) / name
     assert failed.read_bytes() == b"m1" * 3
-    assert "claim record" in reason_of(layout, "000000000002.data")
+    assert "claim record" in reason_of(layout, name)
+    assert sorted(os.listdir(layout.queue_dir(CH))) == ["1.data", "1.meta", "3.data", "3.meta"]
+
+
+def xattrs_work(folder: Path) -> bool:
+    probe = folder / ".xattr-probe"
+    probe.write_bytes(b"")
+    try:
+        os.setxattr(probe, "user.linkd.test", b"1")
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.unlink()
 
 
 def test_recover_removes_a_cut_claim_and_orphan_temporaries(layout):
     put(layout, "a")
-    claimed = layout.claimed_dir(CH)
-    (claimed / "000000000001.meta").write_text('{"seq": 1}')    # claim cut before rename
-    (claimed / ".000000000001.meta.tmp").write_text("half")
+    queue = layout.queue_dir(CH)
+    (queue / "1.meta").write_text('{"seq": 1}')    # claim cut before rename
+    (queue / ".1.meta.tmp").write_text("half")
+    (layout.failed_dir(CH) / ".x.reason.tmp").write_text("half")
     ob = outbound(layout)
-    assert os.listdir(claimed) == []
+    assert os.listdir(queue) == [] and os.listdir(layout.failed_dir(CH)) == []
     assert [c.seq for c in ob.scan()[0]] == [1]
 
 
-def test_corrupt_last_done_is_moved_aside_and_salvaged(layout):
-    put(layout, "a")
+def test_unknown_files_in_the_queue_are_reported_and_left_alone(layout):
+    (layout.queue_dir(CH) / "stray.txt").write_text("someone put this here")
+    ob = Outbound(layout, CH, 1 << 20, False)
+    [problem] = ob.recover()
+    assert "stray.txt" in problem and "left alone" in problem
+    assert (layout.queue_dir(CH) / "stray.txt").exists() and ob.pending() == []
+
+
+def test_corrupt_state_is_moved_aside_and_numbering_continues_above_the_queue(layout):
+    for i, name in enumerate("abc"):
+        put(layout, name, t=i)
     ob = outbound(layout)
     ob.scan()
-    ob.ack(1)
-    layout.state_file_out(CH).write_text('{"last_done": 1, trailing garbage')
+    ob.resolve([1])
+    layout.state_file_out(CH).write_text('{"next": 4, trailing garbage')
     ob2 = Outbound(layout, CH, 1 << 20, False)
     [problem] = ob2.recover()
-    assert "moved to" in problem and ob2.last_done == 1
-    assert any(n.startswith("data.json.corrupt-") for n in
+    assert "moved to" in problem and "nothing is lost" in problem
+    assert [p.seq for p in ob2.pending()] == [2, 3] and ob2.next_seq == 4
+    assert any(n.startswith("out.json.corrupt-") for n in
                os.listdir(layout.state_file_out(CH).parent))
 
 
@@ -297,25 +415,89 @@ def test_operations_before_recover_or_after_an_error_are_refused(layout):
     put(layout, "a")
     with pytest.raises(SpoolError, match="Input/output error"):
         ob.scan()
-    with pytest.raises(SpoolError, match="recover"):
-        ob.ack(1)
+    assert not ob.usable
+    for refused in (lambda: ob.resolve([1]), lambda: ob.scan(), lambda: ob.raise_floor(5)):
+        with pytest.raises(SpoolError, match="recover"):
+            refused()
     ob.recover()                                    # the cut claim is undone...
     assert ob.pending() == [] and ob.waiting() == (1, 3)
     assert [c.seq for c in ob.scan()[0]] == [1]     # ...and its number used again
 
 
-def test_file_removed_before_rename_does_not_skip_a_number(layout, monkeypatch):
+def test_file_removed_between_examine_and_claim_leaves_no_record(layout):
+    # (revision 1 also promised that no number is skipped; seqs are now labels,
+    # only increasing: the vanished file's number stays unused)
     for i, name in enumerate(["a", "b", "c"]):
         put(layout, name, t=i)
 
     class Vanishing(FaultyFS):
-        def rename(self, src, dst):
+        def rename_noreplace(self, src, dst):
             if str(src).endswith("/b"):
                 os.unlink(src)                      # someone removed b after we hashed it
-            super().rename(src, dst)
+            super().rename_noreplace(src, dst)
 
     ob = outbound(layout, fs=Vanishing())
+    claimed, failed = ob.scan()
+    assert [c.name for c in claimed] == ["a", "c"] and failed == []
+    assert claimed[0].seq < claimed[1].seq and ob.next_seq > claimed[1].seq
+    assert sorted(os.listdir(layout.queue_dir(CH))) == sorted(
+        f"{c.seq}.{k}" for c in claimed for k in ("data", "meta"))
+    assert [p.seq for p in outbound(layout).pending()] == [c.seq for c in claimed]
+
+
+def test_queue_stats_stay_exact_through_claim_resolve_fail_renumber_and_restart(layout):
+    """queue_stats() is O(1) (kept up to date, not recounted per batch: issue 13) and
+    must agree with a full count after every kind of change."""
+    def full(ob):
+        pending = ob.pending()
+        waiting = ob.waiting()
+        return (len(pending), sum(i.size for i in pending),
+                min((i.claimed_at for i in pending), default=None), *waiting)
+
+    for i in range(6):
+        put(layout, f"f{i}.txt", b"x" * (10 + i), t=i)
+    ob = outbound(layout)
+    found = ob.examine(limit=2)
+    assert ob.queue_stats()[3:] == (4, 12 + 13 + 14 + 15)   # still waiting in out/
+    ob.claim(found.ready)
+    assert ob.queue_stats() == full(ob)
     claimed, _ = ob.scan()
-    assert [(c.seq, c.name) for c in claimed] == [(1, "a"), (2, "c")]
-    assert sorted(os.listdir(layout.claimed_dir(CH))) == [
-        "000000000001.data", "000000000001.meta", "000000000002.data", "000000000002.meta"]
+    assert ob.queue_stats() == full(ob) and ob.queue_stats()[:2] == (6, sum(range(10, 16)))
+    items = ob.pending()
+    ob.resolve([items[0].seq])
+    assert ob.queue_stats() == full(ob)
+    ob.fail(items[1], "test")
+    assert ob.queue_stats() == full(ob)
+    ob.renumber(items[2], 100)              # its claim time is now out of seq order
+    assert ob.queue_stats() == full(ob)
+    ob.resolve([i.seq for i in ob.pending()[:-1]])
+    assert ob.queue_stats() == full(ob)
+    again = outbound(layout)                # a restart reads the queue from disk
+    assert again.queue_stats() == full(again) and again.queue_stats()[0] == 1
+
+
+def test_a_claim_batch_shares_one_syncfs_and_the_meta_precedes_every_rename(layout,
+                                                                            monkeypatch):
+    """Issue 13: a batch of >= SYNCFS_MIN claims writes every .meta, syncs the file
+    system once (no fsync per .meta) and fsyncs queue/ before the first rename, so a
+    claimed file never exists without its durable record. Small batches keep their
+    per-file fsync."""
+    from linkd.spool import inbound as inbound_module
+    monkeypatch.setattr(inbound_module, "SYNCFS_OK", True)
+    for i in range(inbound_module.SYNCFS_MIN):
+        put(layout, f"f{i}.txt", t=i)
+    fs = FaultyFS()
+    ob = outbound(layout, fs=fs)
+    fs.trace.clear()
+    claimed, _ = ob.scan()
+    assert len(claimed) == inbound_module.SYNCFS_MIN
+    ops = [op for op, _ in fs.trace]
+    first_rename = ops.index("rename_noreplace")
+    assert ops[:first_rename].count("syncfs") == 1 and "fsync" not in ops
+    assert ops[first_rename - 1] == "fsync_dir"
+    assert ops.count("rename_noreplace") == len(claimed)
+    put(layout, "one.txt", t=99)
+    fs.trace.clear()
+    ob.scan()
+    assert [op for op, _ in fs.trace].count("fsync") == 1 and \
+        "syncfs" not in [op for op, _ in fs.trace]

@@ -50,6 +50,7 @@ def connect_bravo(board: StatusBoard) -> None:
     board.peers["bravo"].set_state(
         "connected", remote="127.0.0.1:7443", now=T0 + dt.timedelta(seconds=5),
         tls={"version": "TLSv1.3", "cipher": "TLS_AES_256_GCM_SHA384",
+             "group": "X25519MLKEM768", "post_quantum": True,
              "peer_subject": "CN=bravo", "peer_not_after": T0 + dt.timedelta(days=800)})
 
 
@@ -258,6 +259,7 @@ def test_format_status_names_peers_states_and_channels() -> None:
     header = next(line for line in lines if line.startswith("PEER"))
     row = next(line for line in lines if line.startswith("bravo"))
     assert row.index("127.0.0.1") == header.index("REMOTE")      # aligned columns
+    assert "TLS_AES_256_GCM_SHA384 X25519MLKEM768, peer CN=bravo" in text, text
 
 
 def test_format_status_copes_with_no_peers_and_odd_values() -> None:

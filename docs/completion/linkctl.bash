@@ -6,7 +6,9 @@
 # See also: https://github.com/scop/bash-completion/blob/main/doc/configuration.md
 
 _shtab_linkctl_pki_subparsers=(init issue revoke crl)
-_shtab_linkctl_subparsers=(status metrics queue failed retry pause resume reconnect check send pki demo)
+_shtab_linkctl_receipt_subparsers=(show verify)
+_shtab_linkctl_audit_subparsers=(verify export)
+_shtab_linkctl_subparsers=(status metrics queue failed retry pause resume reconnect check send pki receipt audit demo)
 
 _shtab_linkctl_status_option_strings=(-h --help --json)
 _shtab_linkctl_metrics_option_strings=(-h --help)
@@ -23,13 +25,21 @@ _shtab_linkctl_pki_issue_option_strings=(-h --help --force --days)
 _shtab_linkctl_pki_revoke_option_strings=(-h --help)
 _shtab_linkctl_pki_crl_option_strings=(-h --help --days)
 _shtab_linkctl_pki_option_strings=(-h --help)
+_shtab_linkctl_receipt_show_option_strings=(-h --help --peer --channel --seq --name)
+_shtab_linkctl_receipt_verify_option_strings=(-h --help --cert --ca --file)
+_shtab_linkctl_receipt_option_strings=(-h --help)
+_shtab_linkctl_audit_verify_option_strings=(-h --help --log --peer-log)
+_shtab_linkctl_audit_export_option_strings=(-h --help --since --until --log -o --output)
+_shtab_linkctl_audit_option_strings=(-h --help)
 _shtab_linkctl_demo_option_strings=(-h --help --seconds --dir)
 _shtab_linkctl_option_strings=(-h --help --version -c --config -s --socket)
 
 
 
 _shtab_linkctl_pki_pos_0_choices=(init issue revoke crl)
-_shtab_linkctl_pos_0_choices=(status metrics queue failed retry pause resume reconnect check send pki demo)
+_shtab_linkctl_receipt_pos_0_choices=(show verify)
+_shtab_linkctl_audit_pos_0_choices=(verify export)
+_shtab_linkctl_pos_0_choices=(status metrics queue failed retry pause resume reconnect check send pki receipt audit demo)
 
 _shtab_linkctl_status__h_nargs=0
 _shtab_linkctl_status___help_nargs=0
@@ -70,6 +80,20 @@ _shtab_linkctl_pki_crl___help_nargs=0
 _shtab_linkctl_pki_pos_0_nargs=A...
 _shtab_linkctl_pki__h_nargs=0
 _shtab_linkctl_pki___help_nargs=0
+_shtab_linkctl_receipt_show__h_nargs=0
+_shtab_linkctl_receipt_show___help_nargs=0
+_shtab_linkctl_receipt_verify__h_nargs=0
+_shtab_linkctl_receipt_verify___help_nargs=0
+_shtab_linkctl_receipt_pos_0_nargs=A...
+_shtab_linkctl_receipt__h_nargs=0
+_shtab_linkctl_receipt___help_nargs=0
+_shtab_linkctl_audit_verify__h_nargs=0
+_shtab_linkctl_audit_verify___help_nargs=0
+_shtab_linkctl_audit_export__h_nargs=0
+_shtab_linkctl_audit_export___help_nargs=0
+_shtab_linkctl_audit_pos_0_nargs=A...
+_shtab_linkctl_audit__h_nargs=0
+_shtab_linkctl_audit___help_nargs=0
 _shtab_linkctl_demo__h_nargs=0
 _shtab_linkctl_demo___help_nargs=0
 _shtab_linkctl_pos_0_nargs=A...

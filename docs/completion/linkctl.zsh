@@ -10,6 +10,7 @@
 
 _shtab_linkctl_commands() {
   local _commands=(
+    audit:'verify or export the tamper-evident audit log'
     check:'one line and a Nagios-plugin exit code (0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN)'
     demo:'two nodes on 127.0.0.1 exchanging sample traffic'
     failed:'files in failed/ with the reason of each'
@@ -17,6 +18,7 @@ _shtab_linkctl_commands() {
     pause:'stop sending to a peer or one of its channels (receiving goes on; kept across restarts)'
     pki:'make a private link CA and node certificates'
     queue:'every queued file: waiting, in flight or held (and why)'
+    receipt:'show or verify signed delivery receipts'
     reconnect:'skip the backoff and dial the peer now'
     resume:'send again after pause'
     retry:'put failed files back in the queue (.reason removed)'
@@ -24,6 +26,14 @@ _shtab_linkctl_commands() {
     status:'live state of the running daemon'
   )
   _describe 'linkctl commands' _commands
+}
+
+_shtab_linkctl_audit_commands() {
+  local _commands=(
+    export:'write a self-contained bundle of a time range'
+    verify:'check the hash chain, checkpoints and witnesses'
+  )
+  _describe 'linkctl audit commands' _commands
 }
 
 _shtab_linkctl_pki_commands() {
@@ -36,6 +46,14 @@ _shtab_linkctl_pki_commands() {
   _describe 'linkctl pki commands' _commands
 }
 
+_shtab_linkctl_receipt_commands() {
+  local _commands=(
+    show:'print the receipt of a sent file (from the state dir)'
+    verify:'check a receipt offline'
+  )
+  _describe 'linkctl receipt commands' _commands
+}
+
 _shtab_linkctl_options=(
   "(- : *)"{-h,--help}"[show this help message and exit]"
   "(- : *)--version[show program\'s version number and exit]"
@@ -45,6 +63,33 @@ _shtab_linkctl_options=(
 
 # guard to ensure default positional specs are added only once per session
 _shtab_linkctl_defaults_added=0
+
+_shtab_linkctl_audit_options=(
+  "(- : *)"{-h,--help}"[show this help message and exit]"
+)
+
+# guard to ensure default positional specs are added only once per session
+_shtab_linkctl_audit_defaults_added=0
+
+_shtab_linkctl_audit_export_options=(
+  "(- : *)"{-h,--help}"[show this help message and exit]"
+  "--since[ISO 8601 time (inclusive)]:since:"
+  "--until[ISO 8601 time (inclusive)]:until:"
+  "--log[log]:log:"
+  {-o,--output}"[default\: stdout]:output:"
+)
+
+# guard to ensure default positional specs are added only once per session
+_shtab_linkctl_audit_export_defaults_added=0
+
+_shtab_linkctl_audit_verify_options=(
+  "(- : *)"{-h,--help}"[show this help message and exit]"
+  "--log[the log (default \<state_dir\>\/audit\/audit.jsonl) or an export bundle]:log:"
+  "--peer-log[the peer\'s log\: detects a cut tail through its witnesses]:peer_log:"
+)
+
+# guard to ensure default positional specs are added only once per session
+_shtab_linkctl_audit_verify_defaults_added=0
 
 _shtab_linkctl_check_options=(
   "(- : *)"{-h,--help}"[show this help message and exit]"
@@ -143,6 +188,35 @@ _shtab_linkctl_queue_options=(
 # guard to ensure default positional specs are added only once per session
 _shtab_linkctl_queue_defaults_added=0
 
+_shtab_linkctl_receipt_options=(
+  "(- : *)"{-h,--help}"[show this help message and exit]"
+)
+
+# guard to ensure default positional specs are added only once per session
+_shtab_linkctl_receipt_defaults_added=0
+
+_shtab_linkctl_receipt_show_options=(
+  "(- : *)"{-h,--help}"[show this help message and exit]"
+  "--peer[peer]:peer:"
+  "--channel[channel]:channel:"
+  "--seq[seq]:seq:"
+  "--name[name]:name:"
+)
+
+# guard to ensure default positional specs are added only once per session
+_shtab_linkctl_receipt_show_defaults_added=0
+
+_shtab_linkctl_receipt_verify_options=(
+  "(- : *)"{-h,--help}"[show this help message and exit]"
+  "--cert[the peer\'s certificate (PEM)]:cert:"
+  "--ca[the link CA certificate (PEM)]:ca:"
+  "--file[the original file\: its SHA-256 and size are compared]:file:"
+  ":RECEIPT_FILE:"
+)
+
+# guard to ensure default positional specs are added only once per session
+_shtab_linkctl_receipt_verify_defaults_added=0
+
 _shtab_linkctl_reconnect_options=(
   "(- : *)"{-h,--help}"[show this help message and exit]"
   "--peer[peer]:peer:"
@@ -210,6 +284,7 @@ _shtab_linkctl() {
       (( CURRENT += 1 ))
       curcontext="${curcontext%:*:*}:_shtab_linkctl-$line[1]:"
       case $line[1] in
+        audit) _shtab_linkctl_audit ;;
         check) _arguments -C -s $_shtab_linkctl_check_options ;;
         demo) _arguments -C -s $_shtab_linkctl_demo_options ;;
         failed) _arguments -C -s $_shtab_linkctl_failed_options ;;
@@ -217,11 +292,36 @@ _shtab_linkctl() {
         pause) _arguments -C -s $_shtab_linkctl_pause_options ;;
         pki) _shtab_linkctl_pki ;;
         queue) _arguments -C -s $_shtab_linkctl_queue_options ;;
+        receipt) _shtab_linkctl_receipt ;;
         reconnect) _arguments -C -s $_shtab_linkctl_reconnect_options ;;
         resume) _arguments -C -s $_shtab_linkctl_resume_options ;;
         retry) _arguments -C -s $_shtab_linkctl_retry_options ;;
         send) _arguments -C -s $_shtab_linkctl_send_options ;;
         status) _arguments -C -s $_shtab_linkctl_status_options ;;
+      esac
+  esac
+}
+
+_shtab_linkctl_audit() {
+  local context state line curcontext="$curcontext" one_or_more='(*)' remainder='(-)*:' default='*::: :->audit'
+
+  # Add default positional/remainder specs only if none exist, and only once per session
+  if (( ! _shtab_linkctl_audit_defaults_added )); then
+    if (( ${_shtab_linkctl_audit_options[(I)${(q)one_or_more}*]} +          ${_shtab_linkctl_audit_options[(I)${(q)remainder}*]} +          ${_shtab_linkctl_audit_options[(I)${(q)default}]} == 0 )); then
+      _shtab_linkctl_audit_options+=(': :_shtab_linkctl_audit_commands' '*::: :->audit')
+    fi
+    _shtab_linkctl_audit_defaults_added=1
+  fi
+  _arguments -C -s $_shtab_linkctl_audit_options
+
+  case $state in
+    audit)
+      words=($line[1] "${words[@]}")
+      (( CURRENT += 1 ))
+      curcontext="${curcontext%:*:*}:_shtab_linkctl_audit-$line[1]:"
+      case $line[1] in
+        export) _arguments -C -s $_shtab_linkctl_audit_export_options ;;
+        verify) _arguments -C -s $_shtab_linkctl_audit_verify_options ;;
       esac
   esac
 }
@@ -248,6 +348,30 @@ _shtab_linkctl_pki() {
         init) _arguments -C -s $_shtab_linkctl_pki_init_options ;;
         issue) _arguments -C -s $_shtab_linkctl_pki_issue_options ;;
         revoke) _arguments -C -s $_shtab_linkctl_pki_revoke_options ;;
+      esac
+  esac
+}
+
+_shtab_linkctl_receipt() {
+  local context state line curcontext="$curcontext" one_or_more='(*)' remainder='(-)*:' default='*::: :->receipt'
+
+  # Add default positional/remainder specs only if none exist, and only once per session
+  if (( ! _shtab_linkctl_receipt_defaults_added )); then
+    if (( ${_shtab_linkctl_receipt_options[(I)${(q)one_or_more}*]} +          ${_shtab_linkctl_receipt_options[(I)${(q)remainder}*]} +          ${_shtab_linkctl_receipt_options[(I)${(q)default}]} == 0 )); then
+      _shtab_linkctl_receipt_options+=(': :_shtab_linkctl_receipt_commands' '*::: :->receipt')
+    fi
+    _shtab_linkctl_receipt_defaults_added=1
+  fi
+  _arguments -C -s $_shtab_linkctl_receipt_options
+
+  case $state in
+    receipt)
+      words=($line[1] "${words[@]}")
+      (( CURRENT += 1 ))
+      curcontext="${curcontext%:*:*}:_shtab_linkctl_receipt-$line[1]:"
+      case $line[1] in
+        show) _arguments -C -s $_shtab_linkctl_receipt_show_options ;;
+        verify) _arguments -C -s $_shtab_linkctl_receipt_verify_options ;;
       esac
   esac
 }

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import pki
-from ..status import http_get
+from .status_client import http_get
 
 NODES = ("interpol", "europol")
 CHANNELS = [("alerts", 10), ("cases", 5), ("bulk", 0)]

@@ -22,7 +22,8 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..expiry import WARN_DAYS
-from ..status import _span, _table, http_request, human_bytes
+from .safe import printable, safe_doc
+from .status_client import _span, _table, http_request, human_bytes
 from .status_cmd import _HINT, _emit, _fail
 
 DEFAULT_HEARTBEAT_TIMEOUT = 15.0
@@ -65,9 +66,7 @@ def _error_of(code: int, doc: Any) -> str:
     return f"the daemon answered HTTP {code}"
 
 
-def _clean(text: str) -> str:
-    """Escape control characters (names and reasons may come from a peer)."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+_clean = printable      # names and reasons may come from a peer (safe.py)
 
 
 def _query(**params: str | None) -> str:
@@ -127,6 +126,7 @@ def run_queue(sock: Path, peer: str | None, channel: str | None, as_json: bool) 
         return _emit(json.dumps(doc, indent=2))
     if not doc:
         return _emit("queue empty")
+    doc = safe_doc(doc)
     rows = [["PEER", "CHANNEL", "SEQ", "NAME", "SIZE", "AGE", "SENT", "STATE"]]
     for e in doc:
         state = str(e.get("state"))
@@ -148,6 +148,7 @@ def run_failed(sock: Path, peer: str | None, channel: str | None, as_json: bool)
         return _emit(json.dumps(doc, indent=2))
     if not doc:
         return _emit("no failed files")
+    doc = safe_doc(doc)
     rows = [["PEER", "CHANNEL", "NAME", "SIZE", "FAILED AT", "REASON"]]
     for e in doc:
         rows.append([str(e.get("peer")), str(e.get("channel")), _clean(str(e.get("name"))),
@@ -171,7 +172,7 @@ def run_retry(sock: Path, peer: str, channel: str | None, names: list[str],
     if code != 200 or not isinstance(doc, list):
         return _fail(_error_of(code, doc))
     missing = 0
-    for r in doc:
+    for r in safe_doc(doc):
         where = f"{r.get('peer')}/{r.get('channel')}/{_clean(str(r.get('name')))}"
         if r.get("retried"):
             print(f"retried {where}: back in out/, queued again")
@@ -188,7 +189,7 @@ def run_retry(sock: Path, peer: str, channel: str | None, names: list[str],
 
 
 def _nagios(code: int, line: str) -> int:
-    print(line, flush=True)
+    print(printable(line), flush=True)
     return code
 
 
@@ -261,5 +262,5 @@ def run_check(sock: Path, heartbeat_timeout: float, max_queue_age: float | None)
         return _nagios(3, f"UNKNOWN: {exc}")
     if code != 200 or not isinstance(doc, dict):
         return _nagios(3, f"UNKNOWN: {_error_of(code, doc)}")
-    status, line = evaluate(doc, heartbeat_timeout, max_queue_age)
+    status, line = evaluate(safe_doc(doc), heartbeat_timeout, max_queue_age)
     return _nagios(status, line)

@@ -24,7 +24,8 @@ from typing import Any
 
 from ..config import Config
 from ..spool import SpoolLayout, plain_name_problem
-from ..status import http_get
+from .safe import printable
+from .status_client import http_get
 
 POLL = 0.05
 
@@ -110,11 +111,11 @@ def run_send(cfg: Config, peer_name: str, channel: str, files: list[str], wait: 
     sources = [Path(f) for f in files]
     for source in sources:
         if not source.is_file():
-            print(f"linkctl: {source}: no such regular file", file=sys.stderr)
+            print(f"linkctl: {_clean(source)}: no such regular file", file=sys.stderr)
             return 1
         problem = plain_name_problem(source.name)
         if problem:
-            print(f"linkctl: {source}: cannot be sent under this name ({problem}); "
+            print(f"linkctl: {_clean(source)}: cannot be sent under this name ({problem}); "
                   "rename it first", file=sys.stderr)
             return 1
     if not out_dir.is_dir():
@@ -126,14 +127,14 @@ def run_send(cfg: Config, peer_name: str, channel: str, files: list[str], wait: 
         try:
             queued.append(queue_file(out_dir, source))
         except FileExistsError:
-            print(f"linkctl: {source.name} is already queued in {out_dir}: wait for it to go "
-                  "or rename the new file", file=sys.stderr)
+            print(f"linkctl: {_clean(source.name)} is already queued in {out_dir}: wait for "
+                  "it to go or rename the new file", file=sys.stderr)
             return 1
         except OSError as exc:
             # Name the folder (a producer's permission problem is about out/, not the
             # source file it could read), unless reading the source is what failed.
             if exc.filename is not None and Path(exc.filename) == source:
-                print(f"linkctl: cannot read {source}: {exc.strerror or exc}",
+                print(f"linkctl: cannot read {_clean(source)}: {exc.strerror or exc}",
                       file=sys.stderr)
             else:
                 print(f"linkctl: cannot write into {out_dir}: {exc.strerror or exc}: this "
@@ -142,7 +143,7 @@ def run_send(cfg: Config, peer_name: str, channel: str, files: list[str], wait: 
             return 1
     if not wait:
         for name, _ in queued:
-            print(f"queued {name} for {peer_name}/{channel}")
+            print(f"queued {_clean(name)} for {peer_name}/{channel}")
         return 0
     progress = Progress(cfg, peer_name, channel, [(n, source.stat().st_size)
                                                   for (n, _), source in zip(queued, sources,
@@ -169,7 +170,7 @@ def run_send(cfg: Config, peer_name: str, channel: str, files: list[str], wait: 
             if deadline is not None and time.monotonic() > deadline:
                 progress.close()
                 print(f"linkctl: timed out waiting for {peer_name} to acknowledge "
-                      f"{', '.join(left)}", file=sys.stderr)
+                      f"{_clean(', '.join(left))}", file=sys.stderr)
                 return 1
             progress.poll(list(left))
             time.sleep(POLL)
@@ -192,6 +193,7 @@ class Progress:
     def __init__(self, cfg: Config, peer: str, channel: str,
                  files: list[tuple[str, int]]) -> None:
         self.sock = cfg.node.status_socket
+        self.state_dir = cfg.node.state_dir
         self.peer, self.channel = peer, channel
         self.sizes = dict(files)
         self.last_poll = 0.0
@@ -222,7 +224,24 @@ class Progress:
     def done(self, name: str) -> None:
         if self.bar is not None:
             self.bar.update(self.tasks[name], completed=self.sizes.get(name) or 1)
-        self._say(f"{_clean(name)}: delivered to {self.peer}")
+        delivered = self.delivered_name(name)
+        where = f" as {_clean(delivered)}" if delivered and delivered != name else ""
+        self._say(f"{_clean(name)}: delivered to {self.peer}{where}")
+
+    def delivered_name(self, name: str) -> str | None:
+        """The name the peer delivered `name` under (`~N` on a clash), from its signed
+        receipt (docs/EVIDENCE.md); None where this user cannot read the state dir."""
+        from ..evidence.receipts import ReceiptStore
+        try:
+            doc = ReceiptStore(self.state_dir / "receipts").find(self.peer, self.channel,
+                                                                 name=name)
+        except OSError:
+            return None
+        receipt = (doc or {}).get("receipt") or {}
+        if receipt.get("sent_name") != name or receipt.get("size") != self.sizes.get(name):
+            return None
+        value = receipt.get("delivered_name")
+        return value if isinstance(value, str) else None
 
     def failed(self, name: str, reason: str) -> None:
         self._say(f"{_clean(name)}: FAILED: {_clean(reason)}", err=True)
@@ -268,8 +287,7 @@ class Progress:
                                 completed=int(flight.get("sent_bytes") or 0))
 
 
-def _clean(text: str) -> str:
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+_clean = printable      # names and reasons may come from a peer (safe.py)
 
 
 def _local_hhmm(value: Any) -> str:

@@ -15,7 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-from ..status import format_status, http_get
+from .safe import printable, printable_lines, safe_doc
+from .status_client import format_status, http_get
 
 _HINT = "is the daemon running? check `systemctl status linkd`"
 
@@ -44,12 +45,14 @@ def _get(socket_path: Path, url_path: str) -> bytes | int:
     if code != 200:
         first = body.decode("utf-8", "replace").strip().splitlines()[:1]
         return _fail(f"linkd on {socket_path} answered {url_path} with HTTP {code}"
-                     + (f": {first[0][:200]}" if first else ""))
+                     + (f": {printable(first[0][:200])}" if first else ""))
     return body
 
 
 def _emit(text: str) -> int:
-    """Print to stdout; a reader that went away (`| head`) is not an error."""
+    """Print to stdout; a reader that went away (`| head`) is not an error. Every
+    line is made printable (safe.py): the last guard against a peer's escape codes."""
+    text = printable_lines(text)
     try:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
         sys.stdout.flush()
@@ -71,7 +74,7 @@ def run_status(socket_path: Path, as_json: bool) -> int:
             raise ValueError("not an object")
     except ValueError:
         return _fail(f"linkd on {socket_path} sent a /status that is not a JSON object")
-    return _emit(json.dumps(doc, indent=2) if as_json else format_status(doc))
+    return _emit(json.dumps(doc, indent=2) if as_json else format_status(safe_doc(doc)))
 
 
 def run_metrics(socket_path: Path) -> int:

@@ -15,11 +15,11 @@ import datetime as dt
 import json
 from typing import Any
 
+from ..errors import EncodingError as EncodingError  # re-exported
+
 MAX_SAFE_INT = (1 << 53) - 1
 
 
-class EncodingError(ValueError):
-    """A value that has no canonical encoding (a float, a huge integer...)."""
 
 
 def _check(value: Any, where: str) -> None:

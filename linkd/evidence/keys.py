@@ -24,11 +24,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 
+from ..errors import KeyError_ as KeyError_  # re-exported
+
 PSS_SALT = 32
 
 
-class KeyError_(ValueError):
-    """A key or certificate that cannot be used for evidence."""
 
 
 def cert_sha256(der: bytes) -> str:

@@ -35,6 +35,7 @@ from typing import Any
 
 from cryptography import x509
 
+from ..errors import ReceiptError as ReceiptError  # re-exported
 from . import keys
 from .canonical import EncodingError, canonical_json, parse_utc, utc_text
 
@@ -44,8 +45,6 @@ BATCH_TYPE = "linkd-receipt-batch"
 _HEX64 = re.compile(r"[0-9a-f]{64}\Z")
 
 
-class ReceiptError(ValueError):
-    """A receipt that is malformed or does not verify; str() is one line."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -56,12 +56,7 @@ are not abandoned, so cancelling the session waits for the batch in hand.
 
 from __future__ import annotations
 
-import collections
-import dataclasses
-import errno
-import hashlib
 import math
-import os
 from typing import Any
 
 import trio
@@ -70,57 +65,21 @@ from ..errors import LocalProtocolError, SpoolError
 from ..evidence import audit as audit_mod
 from ..evidence import keys as ekeys
 from ..evidence import receipts as R
-from ..evidence.canonical import micros
 from ..proto import frames as F
 from ..proto import session as S
 from ..proto.framing import CHUNK_SIZE
 from ..proto.scheduler import Scheduler
-from ..spool import (
-    ChecksumMismatch,
-    Claimed,
-    Completed,
-    Delivered,
-    FileChanged,
-    InboundRefused,
-    ResourceBusy,
-)
-from ..spool.outbound import is_resource_error
 from ..wakeup import Wakeup
+from .receiver import ReceiverMixin
+from .sender import MAX_IN_FLIGHT, SenderMixin, _OutChannel
 
 INITIAL_CREDIT = 4 << 20
-MAX_IN_FLIGHT = 1024          # unacknowledged messages per channel
-MAX_ATTEMPTS = 3              # sends of one message that fail its checksum before it is failed
 READ_SIZE = 64 * 1024
 MAX_INBOUND_BACKLOG = 4096    # queued inbound events before the reader stops reading
 MAX_PENDING_OUTPUT = 1 << 20  # queued control bytes (pongs, acks...) before the reader waits
-BUSY_WAIT = (1.0, 30.0)       # a channel whose disk work failed nacks "busy" (first, max wait)
-READ_RETRY = 2.0              # seconds before a queued file that could not be read is retried
-ACKS_PER_FRAME = 256          # signed ack entries per frame (an RSA-4096 entry is ~1.5 KiB)
 
 
-@dataclasses.dataclass
-class _InFlight:
-    item: Claimed
-    probe: bool                              # sent as a probe (seq <= the peer's committed)
-
-
-@dataclasses.dataclass
-class _OutChannel:
-    name: str
-    priority: int
-    next_seq: int = 1                        # send items with seq >= this next
-    in_flight: dict[int, _InFlight] = dataclasses.field(default_factory=dict)
-    current: Claimed | None = None
-    fh: Any = None
-    offset: int = 0
-    digest: Any = None                       # SHA-256 of what we read, when sent from 0
-    resume: tuple[int, int] | None = None
-    peer_committed: int = 0                  # from the peer's hello
-    held: str | None = None                  # why its files wait (peer lacks the channel)
-    wait_until: float = 0.0                  # trio time before which nothing is sent
-
-
-class SessionRunner:
+class SessionRunner(SenderMixin, ReceiverMixin):
     def __init__(self, link: Any, stream: trio.abc.Stream, *, remote: str, dialed_by_us: bool,
                  tls_info: dict[str, Any] | None, now: float | None = None,
                  peer_cert: bytes | None = None) -> None:
@@ -159,6 +118,10 @@ class SessionRunner:
         self.was_open = False
         self.opened_at: float | None = None     # trio time of the peer's hello
         self.ended_at: float | None = None
+        # One handshake_timeout from the TCP connection covers TLS *and* the hello
+        # (the supervisor sets it); None: a full handshake_timeout from run().
+        self.handshake_deadline: float | None = None
+        self.preread = b""          # the peer's bytes read (and its hello checked) before run()
 
     @property
     def open_seconds(self) -> float:
@@ -222,14 +185,20 @@ class SessionRunner:
                 channels = self.hello_channels()
                 self.inbound_qs = {c.name: trio.open_memory_channel[Any](math.inf)
                                    for c in channels}
+                now = trio.current_time()
+                handshake = lcfg.handshake_timeout if self.handshake_deadline is None \
+                    else max(0.0, self.handshake_deadline - now)
                 self.session = S.Session(
                     node=link.cfg.node.name, peer=link.name, channels=channels,
-                    now=trio.current_time(), heartbeat_interval=lcfg.heartbeat_interval,
+                    now=now, heartbeat_interval=lcfg.heartbeat_interval,
                     heartbeat_timeout=lcfg.heartbeat_timeout,
-                    handshake_timeout=lcfg.handshake_timeout,
+                    handshake_timeout=handshake,
                     checkpoint=audit.latest_checkpoint if audit is not None else None)
                 async with trio.open_nursery() as nursery:
                     self.nursery = nursery
+                    if self.preread:
+                        self._dispatch(self.session.receive_data(self.preread, now))
+                        self.preread = b""
                     nursery.start_soon(self._reader)
                     nursery.start_soon(self._timer)
                     nursery.start_soon(self._writer)
@@ -287,8 +256,12 @@ class SessionRunner:
             self.log.warning("recovery", problem=p)
         link.log_recovered()
 
-    async def close(self, reason: str) -> None:
-        """A clean goodbye (shutdown, reload, losing a tie-break)."""
+    async def close(self, reason: str, error: bool = False) -> None:
+        """A goodbye from our side (shutdown, reload, losing a tie-break; `error` for a
+        revoked certificate). Its reason is the session's, even if the peer hangs up
+        while the goodbye is being sent."""
+        if self.reason is None:
+            self.reason, self.error = reason, error
         if self.session is not None and self.session.state is not S.State.CLOSED:
             self.session.close(reason)
             with trio.move_on_after(2):
@@ -296,7 +269,7 @@ class SessionRunner:
                     await self.flush()
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass
-        self.end(reason, False)
+        self.end(reason, error)
 
     async def _cleanup(self) -> None:
         for ch in self.out.values():
@@ -436,75 +409,6 @@ class SessionRunner:
             return
         self.log.info("audit_witness", peer=self.link.name, checkpoint=obj)
 
-    def _sign(self, ch: str, entries: list[F.AckEntry]) -> list[F.AckEntry]:
-        """Blocking: sign receipts for these ack entries (one signature per batch)."""
-        if not entries or self.signer is None:
-            return entries
-        link = self.link
-        receipts = [R.Receipt(frm=link.name, to=link.cfg.node.name, channel=ch, seq=e.seq,
-                              sent_name=e.sent_name, delivered_name=e.name, size=e.size,
-                              sha256=e.sha256.hex(), delivered_at_us=micros(e.delivered_at))
-                    for e in entries]
-        proofs = R.sign_batch(receipts, self.signer)
-        return [dataclasses.replace(e, sig=p.signature, index=p.index, batch=p.size,
-                                    path=p.path, signer=bytes.fromhex(p.signer))
-                for e, p in zip(entries, proofs, strict=True)]
-
-    def _receipt(self, ch: str, item: Claimed | None, entry: F.AckEntry,
-                 ) -> tuple[R.Receipt, R.Proof, str | None]:
-        """The receipt `entry` must carry (for our queued `item`, or as it says), and
-        why it does not verify (None if it does)."""
-        link = self.link
-        if item is not None:
-            receipt = R.Receipt(frm=link.cfg.node.name, to=link.name, channel=ch,
-                                seq=item.seq, sent_name=item.name, delivered_name=entry.name,
-                                size=item.size, sha256=item.sha256,
-                                delivered_at_us=micros(entry.delivered_at))
-        else:
-            receipt = R.Receipt(frm=link.cfg.node.name, to=link.name, channel=ch,
-                                seq=entry.seq, sent_name=entry.sent_name,
-                                delivered_name=entry.name, size=entry.size,
-                                sha256=entry.sha256.hex(),
-                                delivered_at_us=micros(entry.delivered_at))
-        proof = R.Proof(entry.index, entry.batch, entry.path, entry.sig, entry.signer.hex())
-        if not entry.sig:
-            return receipt, proof, "it carries no signed receipt"
-        if self.verifier is None:
-            return receipt, proof, "there is no peer certificate to check its receipt with"
-        return receipt, proof, self.verifier.problem(receipt, proof)
-
-    def _store_receipts(self, ch: str, docs: list[dict[str, Any]]) -> None:
-        """Blocking: receipts durable in <state_dir>/receipts/ before the files go."""
-        R.ReceiptStore(self.link.cfg.node.state_dir / "receipts").append(self.link.name, ch,
-                                                                        docs)
-
-    def _archive_receipts(self, ch: str, docs: list[dict[str, Any]]) -> None:
-        """Blocking: with archive_sent, `.<name>.receipt` beside each archived file (a
-        dot-file, so that sent/<ch>/ still lists only the files themselves)."""
-        sent = self.link.layout.sent_dir(ch)
-        for doc in docs:
-            r = doc["receipt"]
-            for name in (f".{r['sent_name']}.receipt", f".{r['sent_name']}.{r['seq']}.receipt"):
-                try:
-                    fd = os.open(sent / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL
-                                 | os.O_NOFOLLOW, 0o640)
-                except FileExistsError:
-                    continue
-                try:
-                    os.write(fd, R.dumps(doc))
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                break
-        if docs:
-            dfd = os.open(sent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-
-    # -- opening --------------------------------------------------------------
-
     def _on_open(self) -> None:
         assert self.session is not None and self.session.peer_hello is not None
         self.was_open = True
@@ -514,19 +418,23 @@ class SessionRunner:
         if link.sessions_opened:
             link.status.reconnects += 1
         link.sessions_opened += 1
-        for ch in self.session.peer_hello.channels:
-            link.peer_max[ch.name] = ch.max
+        # Retry counts of messages that left the queue by any path are dropped here, so
+        # the per-message bookkeeping never outgrows the queue (CONTRACT §4.6).
+        pending = {(name, i.seq) for name, out in link.outbound.items() for i in out.pending()}
+        for key in [k for k in self.attempts if k not in pending]:
+            del self.attempts[key]
         missing = []
         for name, cfg in link.channels.items():
             peer_ch = self.session.peer_channels.get(name)
             state = _OutChannel(name, cfg.priority)
             if peer_ch is None:
-                link.peer_max.pop(name, None)       # the peer's old limit has no meaning now
                 state.held = (f"peer {link.name} does not offer channel {name!r} (yet): its "
                               f"files wait until it does")
                 missing.append(name)
             else:
                 state.peer_committed = peer_ch.committed
+                pending_now = link.outbound[name].pending() if name in link.outbound else []
+                state.probing = bool(pending_now) and pending_now[0].seq <= peer_ch.committed
                 state.resume = peer_ch.resume
             pending = link.outbound[name].pending() if name in link.outbound else []
             state.next_seq = pending[0].seq if pending else 1
@@ -569,252 +477,6 @@ class SessionRunner:
 
     # -- inbound --------------------------------------------------------------
 
-    def _inbound_backlog(self) -> int:
-        return sum(r.statistics().current_buffer_used for _s, r in self.inbound_qs.values())
-
-    async def _inbound_worker(self, queue: Any) -> None:
-        """Applies one channel's inbound events to its spool, a batch per thread hop."""
-        assert self.session is not None
-        rx = _Receiver()
-        busy_wait = BUSY_WAIT[0]
-        while True:
-            batch = [await queue.receive()]
-            while len(batch) < 512:
-                try:
-                    batch.append(queue.receive_nowait())
-                except trio.WouldBlock:
-                    break
-            try:
-                result = await trio.to_thread.run_sync(self._apply_inbound, batch, rx)
-            except (OSError, SpoolError) as exc:
-                # Disk full, EIO, EMFILE... on this channel: nothing of the batch was
-                # acknowledged. Nack the oldest unacknowledged message as "busy" (the
-                # sender waits, then sends it again; not counted as an attempt) and
-                # repair the spool; the session and the other channels go on.
-                ch = batch[0].ch
-                self.log.error("inbound_storage_failed", channel=ch, reason=str(exc))
-                inbound = self.link.inbound.get(ch)
-                if inbound is not None:
-                    try:
-                        await trio.to_thread.run_sync(inbound.recover)
-                    except (OSError, SpoolError) as again:
-                        self.end(f"local storage failure: {again}", True)
-                        return
-                credit = sum(len(ev.data) for ev in batch if isinstance(ev, S.MessageData))
-                self.session.grant(ch, credit)
-                seq = rx.oldest_unacked(ch)
-                if seq is not None and ch not in rx.discarding:
-                    self.session.send_nack(ch, seq, f"receiver cannot store it now: {exc}",
-                                           True, F.NACK_BUSY, busy_wait)
-                    rx.discard(ch)
-                busy_wait = min(busy_wait * 2, BUSY_WAIT[1])
-                self.inbound_drained.set()
-                self.writer_wake.set()
-                continue
-            busy_wait = BUSY_WAIT[0]
-            self.inbound_drained.set()
-            acks, nacks, delivered, credit, quarantined = result
-            for ch, seq, reason, retry, kind in nacks:
-                self.session.send_nack(ch, seq, reason, retry, kind)
-            for d in delivered:
-                stats = self.link.status.channel(d.channel)
-                stats.note_received(d.size)
-                fields: dict[str, Any] = dict(peer=self.link.name, channel=d.channel, name=d.name,
-                                              seq=d.seq, size=d.size, sha256=d.sha256)
-                if d.sent_name != d.name:
-                    fields["sent_name"] = d.sent_name
-                self.log.info("message_delivered", **fields)
-            for ch, name, seq, reason, where in quarantined:
-                self.link.status.channel(ch).quarantined += 1
-                self.log.warning("message_quarantined", peer=self.link.name, channel=ch,
-                                 name=name, seq=seq, reason=reason, path=str(where))
-            audit = audit_mod.current()
-            if audit is not None and delivered:
-                # A delivery's audit line is durable before its ack leaves (no receipt
-                # the peer holds without our audit line for it, even after a crash).
-                await trio.to_thread.run_sync(audit.sync)
-            for ch, entries in acks.items():
-                for i in range(0, len(entries), ACKS_PER_FRAME):
-                    self.session.send_ack(ch, entries[i:i + ACKS_PER_FRAME])
-            for ch, n in credit.items():
-                self.session.grant(ch, n)
-            self.writer_wake.set()
-
-    def _apply_inbound(self, batch: list[Any], rx: _Receiver) -> tuple[Any, ...]:
-        """Blocking: apply a batch of inbound events to the spool (one thread hop)."""
-        link = self.link
-        acks: dict[str, list[F.AckEntry]] = collections.defaultdict(list)
-        nacks: list[tuple[str, int, str, bool, str]] = []
-        credit: dict[str, int] = collections.defaultdict(int)
-        quarantined: list[tuple[str, str, int, str, Any]] = []
-        done: dict[str, list[Completed]] = collections.defaultdict(list)
-        names: dict[tuple[str, int], str] = {}
-        for ev in batch:
-            ch = ev.ch
-            inbound = link.inbound.get(ch)
-            if isinstance(ev, S.MessageData):
-                credit[ch] += len(ev.data)
-            if inbound is None:
-                continue
-            if ch in rx.discarding:
-                if isinstance(ev, S.MessageStart) and ev.rewind:
-                    rx.discarding.discard(ch)
-                else:
-                    continue
-            if isinstance(ev, S.MessageStart):
-                rx.skipping.pop(ch, None)
-                names[(ch, ev.seq)] = ev.name
-                if ev.rewind:
-                    inbound.abort()             # a message the sender abandoned mid-way
-                if ev.seq <= inbound.committed:
-                    # A re-send (its ack was lost) or a probe: say what we hold there.
-                    rx.skipping[ch] = ev.seq
-                    held = inbound.lookup(ev.seq)
-                    if held is not None:
-                        acks[ch].append(_ack_entry_from_journal(held))
-                    else:
-                        nacks.append((ch, ev.seq, f"seq {ev.seq} is at or below the committed "
-                                      f"seq {inbound.committed} and no longer in the delivery "
-                                      f"journal", True, F.NACK_STALE))
-                        rx.discard(ch)
-                    continue
-                if done[ch] and ev.seq <= done[ch][-1].seq:
-                    rx.skipping[ch] = ev.seq
-                    continue
-                try:
-                    inbound.begin(ev.seq, ev.name, ev.size, ev.sha256.hex(), ev.offset)
-                    rx.started(ch, ev.seq)
-                except InboundRefused as exc:
-                    # A resume we cannot honour is retried from byte 0; anything else
-                    # (size over our limit...) is final.
-                    rx.skipping[ch] = ev.seq
-                    nacks.append((ch, ev.seq, str(exc), ev.offset > 0, F.NACK_RETRY))
-                    rx.discard(ch)
-            elif isinstance(ev, S.MessageData):
-                if rx.skipping.get(ch) == ev.seq:
-                    continue
-                inbound.write(ev.data)
-            elif isinstance(ev, S.MessageComplete):
-                if rx.skipping.get(ch) == ev.seq:
-                    continue
-                try:
-                    done[ch].append(inbound.finish())
-                except ChecksumMismatch as exc:
-                    nacks.append((ch, ev.seq, str(exc), True, F.NACK_RETRY))
-                    rx.discard(ch)
-                    quarantined.append((ch, names.get((ch, ev.seq), "?"), ev.seq, str(exc),
-                                        getattr(exc, "quarantined", None)))
-                except InboundRefused as exc:
-                    nacks.append((ch, ev.seq, str(exc), False, F.NACK_RETRY))
-                    rx.discard(ch)
-        delivered: list[Delivered] = []
-        for ch, completed in done.items():
-            if completed:
-                got = link.inbound[ch].commit(completed)
-                delivered += got
-                acks[ch].extend(_ack_entry(d) for d in got)
-                rx.acked(ch, [d.seq for d in got])
-        # One signature per channel and batch: re-sends answered from the journal and
-        # new deliveries share one Merkle tree.
-        signed = {ch: self._sign(ch, entries) for ch, entries in acks.items()}
-        return signed, nacks, delivered, dict(credit), quarantined
-
-    # -- acknowledgements -----------------------------------------------------
-
-    async def _ack_worker(self) -> None:
-        while True:
-            batch = [await self.ack_q.receive()]
-            while True:
-                try:
-                    batch.append(self.ack_q.receive_nowait())
-                except trio.WouldBlock:
-                    break
-            by_channel: dict[str, list[F.AckEntry]] = collections.defaultdict(list)
-            for ev in batch:
-                by_channel[ev.ch].extend(ev.entries)
-            # Channels resolve their acks side by side: one channel's spool work must not
-            # hold back another's acks.
-            async with trio.open_nursery() as nursery:
-                for ch, entries in by_channel.items():
-                    nursery.start_soon(self._resolve_acks, ch, entries)
-            self.sender_wake.set()
-
-    async def _resolve_acks(self, ch: str, entries: list[F.AckEntry]) -> None:
-        link = self.link
-        spool = link.spools.get(ch)
-        state = self.out.get(ch)
-        if spool is None or state is None:
-            return
-        matched: dict[int, F.AckEntry] = {}
-        other: list[tuple[Claimed, F.AckEntry]] = []
-        docs: dict[int, dict[str, Any]] = {}
-        alg = ekeys.algorithm(self.verifier.cert.public_key()) if self.verifier else "?"
-        for entry in entries:
-            flight = state.in_flight.pop(entry.seq, None)
-            if flight is None:
-                continue        # failed or renumbered meanwhile (e.g. changed while sent)
-            item = flight.item
-            same = (entry.sha256.hex(), entry.size, entry.sent_name) == \
-                (item.sha256, item.size, item.name)
-            receipt, proof, problem = self._receipt(ch, item if same else None, entry)
-            if problem is not None and (same or flight.probe):
-                self.log.error("receipt_invalid", peer=link.name, channel=ch, seq=item.seq,
-                               name=item.name, sha256=item.sha256, reason=problem)
-                self._violation(f"the receipt for message {item.seq} on {ch!r} does not "
-                                f"verify: {problem}")
-                return
-            if same:
-                matched[item.seq] = entry
-                docs[item.seq] = R.document(receipt, proof, alg)
-            elif flight.probe:
-                other.append((item, entry))
-            else:
-                self.log.error("ack_mismatch", peer=link.name, channel=ch, seq=item.seq,
-                               name=item.name, sha256=item.sha256,
-                               acked_sha256=entry.sha256.hex(), acked_name=entry.sent_name)
-                self._violation(f"acknowledgement for message {item.seq} on {ch!r} names "
-                                f"other content (sha256 {entry.sha256.hex()[:16]}…, "
-                                f"{entry.size} bytes, {entry.sent_name!r}) than was sent")
-                return
-        for item, _entry in other:
-            # Our numbering went wrong (state lost or restored): the peer holds other
-            # content under this seq. Renumber and send ours; no duplicate arises.
-            new = await spool.renumber(item, state.peer_committed)
-            if new is not None:
-                self.log.info("message_renumbered", peer=link.name, channel=ch, name=item.name,
-                              seq=new.seq, old_seq=item.seq,
-                              reason="the peer holds other content under the old seq")
-                state.next_seq = min(state.next_seq, new.seq)
-        if matched:
-            # The receipts are durable before any file leaves the queue.
-            await trio.to_thread.run_sync(self._store_receipts, ch,
-                                          [docs[s] for s in sorted(docs)])
-            resolved = await spool.resolve(list(matched))
-            if getattr(spool.outbound, "archive_sent", False) and resolved:
-                try:
-                    await trio.to_thread.run_sync(
-                        self._archive_receipts, ch, [docs[r.item.seq] for r in resolved])
-                except OSError as exc:
-                    self.log.warning("receipt_archive_failed", peer=link.name, channel=ch,
-                                     reason=str(exc))
-            link.refresh_queued([ch])
-            stats = link.status.channel(ch)
-            for r in resolved:
-                item, entry = r.item, matched[r.item.seq]
-                self.attempts.pop((ch, item.seq), None)
-                stats.note_sent(item.size)
-                fields: dict[str, Any] = dict(peer=link.name, channel=ch, name=item.name,
-                                              seq=item.seq, size=item.size, sha256=item.sha256)
-                if entry.name != item.name:
-                    fields["delivered_name"] = entry.name
-                self.log.info("message_sent", **fields)
-                if r.changed:
-                    self.log.warning("message_changed", peer=link.name, channel=ch,
-                                     name=item.name, seq=item.seq, sha256=item.sha256,
-                                     reason="the queued file was changed after pick-up; the "
-                                            "peer holds it as it was when it was queued")
-        self.sender_wake.set()
-
     def _violation(self, reason: str) -> None:
         """The peer broke the protocol in a way only the driver can see."""
         assert self.session is not None
@@ -824,278 +486,3 @@ class SessionRunner:
         self.end(f"protocol violation by the peer: {reason}", True)
 
     # -- sender ---------------------------------------------------------------
-
-    def _next_item(self, state: _OutChannel) -> Claimed | None:
-        if len(state.in_flight) >= MAX_IN_FLIGHT or state.held is not None:
-            return None
-        out = self.link.outbound.get(state.name)
-        if out is None or self.link.is_paused(state.name):
-            return None
-        if state.wait_until and trio.current_time() < state.wait_until:
-            return None
-        try:
-            item: Claimed | None = out.next_pending(state.next_seq)
-            return item
-        except (RuntimeError, KeyError):
-            # The pending set is changing in a worker thread right now; it wakes the
-            # sender when it is done.
-            return None
-
-    def _ready(self) -> list[tuple[str, int]]:
-        assert self.session is not None
-        ready = []
-        for name, state in self.out.items():
-            if state.current is not None:
-                if self.session.sendable(name) > 0:
-                    ready.append((name, state.priority))
-            elif self._next_item(state) is not None:
-                ready.append((name, state.priority))
-        return ready
-
-    def _next_wait(self) -> float:
-        """When a channel held back by `wait_until` may send again."""
-        now = trio.current_time()
-        waits = [s.wait_until for s in self.out.values() if s.wait_until > now]
-        return min(waits) if waits else math.inf
-
-    async def _sender(self) -> None:
-        assert self.session is not None
-        while self.session.state is S.State.OPEN:
-            if self.nacks:
-                await self._handle_nacks()
-                continue
-            ready = self._ready()
-            if not ready:
-                with trio.move_on_at(self._next_wait()):
-                    await self.sender_wake.wait()
-                continue
-            name = self.scheduler.pick(ready)
-            assert name is not None
-            await self._step(self.out[name])
-            await self.flush()
-            await trio.lowlevel.checkpoint()
-
-    async def _fail(self, item: Claimed, reason: str) -> None:
-        spool = self.link.spools.get(item.channel)
-        if spool is None:
-            return
-        failed = await spool.fail(item, reason)
-        self.link.refresh_queued([item.channel])
-        if failed is not None:
-            self.link.log_failed([failed])
-
-    def _nacked(self, ch: str) -> bool:
-        """A nack for `ch` arrived and is not handled yet: whatever _step was about to
-        send on `ch` is stale (the session dropped the message; sending the next one
-        would carry the rewind flag past the nacked message)."""
-        return any(n.ch == ch for n in self.nacks)
-
-    async def _unreadable(self, state: _OutChannel, item: Claimed, exc: BaseException) -> None:
-        """A queued file could not be opened or read. A resource error (EMFILE...)
-        is retried without counting; a changed file is failed; anything else (EIO)
-        is retried a few times, then failed, so one bad file never wedges the peer."""
-        state.next_seq = item.seq
-        if isinstance(exc, FileChanged):
-            await self._fail(item, f"not sent: {exc}")
-            return
-        if isinstance(exc, ResourceBusy) or is_resource_error(exc):
-            self.log.warning("send_delayed", peer=self.link.name, channel=state.name,
-                             seq=item.seq, name=item.name, reason=str(exc))
-            state.wait_until = trio.current_time() + READ_RETRY
-            return
-        key = (state.name, item.seq)
-        self.attempts[key] = self.attempts.get(key, 0) + 1
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        if self.attempts[key] >= MAX_ATTEMPTS:
-            self.attempts.pop(key, None)
-            await self._fail(item, f"cannot read the queued file: {why}")
-            return
-        self.log.warning("message_retry", peer=self.link.name, channel=state.name,
-                         seq=item.seq, name=item.name, reason=f"cannot read it: {why}")
-        state.wait_until = trio.current_time() + READ_RETRY
-
-    def _show_in_flight(self, state: _OutChannel) -> None:
-        """/status `in_flight`: the message being sent on the channel, if any."""
-        stats = self.link.status.channel(state.name)
-        if not hasattr(stats, "in_flight"):
-            return
-        item = state.current
-        stats.in_flight = None if item is None else {
-            "name": item.name, "seq": item.seq, "size": item.size, "sent_bytes": state.offset}
-
-    def _abandon(self, state: _OutChannel) -> None:
-        """Stop sending the current message mid-way (its file went bad); the next
-        Msg on the channel carries the rewind flag, which tells the peer to drop
-        what it has of it."""
-        assert self.session is not None
-        if state.fh is not None:
-            state.fh.close()
-        if state.current is not None:
-            state.in_flight.pop(state.current.seq, None)
-        state.current, state.fh, state.digest = None, None, None
-        self._show_in_flight(state)
-        self.session.abandon(state.name)
-
-    async def _step(self, state: _OutChannel) -> None:
-        assert self.session is not None
-        session = self.session
-        if state.current is None:
-            item = self._next_item(state)
-            if item is None:        # the pending set changed since _ready() looked
-                return
-            state.next_seq = item.seq + 1
-            peer_max = self.link.peer_max.get(state.name)
-            if peer_max is not None and item.size > peer_max:
-                await self._fail(item, f"{item.size} bytes is over {self.link.name}'s "
-                                       f"max_message_bytes of {peer_max} on {state.name!r}")
-                return
-            if item.seq <= state.peer_committed:
-                # A probe: the peer says what it holds under this seq (see the top).
-                session.send_msg(state.name, item.seq, item.name, item.size,
-                                 bytes.fromhex(item.sha256), item.size)
-                state.in_flight[item.seq] = _InFlight(item, probe=True)
-                return
-            offset = 0
-            if state.resume is not None and state.resume[0] == item.seq \
-                    and state.resume[1] <= item.size:
-                offset = state.resume[1]
-            state.resume = None
-            spool = self.link.spools[state.name]
-            try:
-                fh = await spool.open(item, offset)
-            except (OSError, SpoolError) as exc:
-                await self._unreadable(state, item, exc)
-                return
-            if self._nacked(state.name) or session.state is not S.State.OPEN:
-                fh.close()
-                state.next_seq = item.seq       # _handle_nacks decides where to resume
-                return
-            session.send_msg(state.name, item.seq, item.name, item.size,
-                             bytes.fromhex(item.sha256), offset)
-            state.in_flight[item.seq] = _InFlight(item, probe=False)
-            if offset == item.size:
-                fh.close()
-                return
-            state.current, state.fh, state.offset = item, fh, offset
-            state.digest = hashlib.sha256() if offset == 0 else None
-            self._show_in_flight(state)
-            return
-        n = session.sendable(state.name)
-        item = state.current
-        fh = state.fh
-        try:
-            data = await trio.to_thread.run_sync(fh.read, n)
-        except (OSError, ValueError) as exc:
-            if self._nacked(state.name) or state.fh is not fh:
-                return
-            self._abandon(state)
-            await self._unreadable(state, item, exc if isinstance(exc, OSError)
-                                   else OSError(errno.EIO, str(exc)))
-            return
-        if self._nacked(state.name) or session.state is not S.State.OPEN or state.fh is not fh:
-            return                              # _handle_nacks closes the file
-        if len(data) < n:
-            # The file shrank under us: never send a truncated file.
-            self._abandon(state)
-            await self._fail(item, "not sent: the queued file changed size while being sent")
-            return
-        if state.digest is not None:
-            state.digest.update(data)
-        session.send_data(state.name, data)
-        state.offset += len(data)
-        shown = getattr(self.link.status.channel(state.name), "in_flight", None)
-        if isinstance(shown, dict):
-            shown["sent_bytes"] = state.offset
-        if session.remaining(state.name) == 0:
-            fh.close()
-            state.current, state.fh = None, None
-            self._show_in_flight(state)
-            if state.digest is not None and state.digest.hexdigest() != item.sha256:
-                # Changed while we read it: the peer will refuse the checksum; make sure
-                # the file is failed, not retried.
-                state.in_flight.pop(item.seq, None)
-                await self._fail(item, "not sent: the queued file was changed while being "
-                                       "sent")
-            state.digest = None
-
-    async def _handle_nacks(self) -> None:
-        nacks, self.nacks = self.nacks, []
-        for nack in nacks:
-            state = self.out.get(nack.ch)
-            spool = self.link.spools.get(nack.ch)
-            if state is None or spool is None:
-                continue
-            if state.fh is not None:
-                state.fh.close()
-            state.current, state.fh, state.digest = None, None, None
-            flight = state.in_flight.get(nack.seq)
-            for seq in [s for s in state.in_flight if s >= nack.seq]:
-                del state.in_flight[seq]
-            item = flight.item if flight is not None else spool.outbound.get(nack.seq)
-            state.next_seq = nack.seq
-            if item is None or spool.outbound.get(item.seq) is None:
-                continue            # failed or resolved meanwhile
-            if nack.kind == F.NACK_BUSY:
-                self.log.warning("message_retry", peer=self.link.name, channel=nack.ch,
-                                 seq=nack.seq, name=item.name, reason=nack.reason,
-                                 wait=nack.wait)
-                state.wait_until = trio.current_time() + max(nack.wait, 0.1)
-                continue
-            if nack.kind == F.NACK_STALE:
-                new = await spool.renumber(item, state.peer_committed)
-                if new is not None:
-                    self.log.warning(
-                        "duplicate_possible", peer=self.link.name, channel=nack.ch,
-                        name=item.name, seq=new.seq, old_seq=item.seq, size=item.size,
-                        sha256=item.sha256,
-                        reason=f"the peer cannot say what it holds under seq {item.seq}: "
-                               f"sent again as seq {new.seq}")
-                continue
-            if spool.outbound.changed(item):
-                await self._fail(item, f"not sent: the queued file was changed after it was "
-                                       f"queued (refused by {self.link.name}: {nack.reason})")
-                continue
-            key = (nack.ch, nack.seq)
-            self.attempts[key] = self.attempts.get(key, 0) + 1
-            if not nack.retry or self.attempts[key] >= MAX_ATTEMPTS:
-                await self._fail(item, f"refused by {self.link.name}: {nack.reason}")
-                self.attempts.pop(key, None)
-                state.next_seq = nack.seq + 1
-            else:
-                self.log.warning("message_retry", peer=self.link.name, channel=nack.ch,
-                                 seq=nack.seq, name=item.name, reason=nack.reason)
-
-
-class _Receiver:
-    """What one channel's inbound worker remembers between batches."""
-
-    def __init__(self) -> None:
-        self.discarding: set[str] = set()
-        self.skipping: dict[str, int] = {}      # channel -> seq whose data we ignore
-        self._unacked: dict[str, list[int]] = collections.defaultdict(list)
-
-    def discard(self, ch: str) -> None:
-        self.discarding.add(ch)
-        self._unacked.pop(ch, None)
-
-    def started(self, ch: str, seq: int) -> None:
-        self._unacked[ch].append(seq)
-
-    def acked(self, ch: str, seqs: list[int]) -> None:
-        done = set(seqs)
-        self._unacked[ch] = [s for s in self._unacked[ch] if s not in done]
-
-    def oldest_unacked(self, ch: str) -> int | None:
-        seqs = self._unacked.get(ch)
-        return min(seqs) if seqs else None
-
-
-def _ack_entry(d: Delivered) -> F.AckEntry:
-    return F.AckEntry(seq=d.seq, sha256=bytes.fromhex(d.sha256), size=d.size,
-                      sent_name=d.sent_name, name=d.name, delivered_at=d.delivered_at)
-
-
-def _ack_entry_from_journal(held: dict[str, Any]) -> F.AckEntry:
-    return F.AckEntry(seq=int(held["seq"]), sha256=bytes.fromhex(str(held["sha256"])),
-                      size=int(held["size"]), sent_name=str(held["sent_name"]),
-                      name=str(held["name"]), delivered_at=float(held["delivered_at"]))

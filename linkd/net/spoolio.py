@@ -20,6 +20,7 @@ a cancelled session cannot leave half a state change behind.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from typing import BinaryIO, TypeVar
 
@@ -65,19 +66,31 @@ class ChannelSpool:
                 return None
             return await trio.to_thread.run_sync(self.outbound.renumber, item, above)
 
+    async def renumber_tail(self, first: int, above: int) -> list[tuple[Claimed, Claimed]]:
+        return await self._locked(self.outbound.renumber_tail, first, above)
+
     async def raise_floor(self, committed: int) -> bool:
         return await self._locked(self.outbound.raise_floor, committed)
 
     async def recover_outbound(self) -> list[str]:
         return await self._locked(self.outbound.recover)
 
-    async def open(self, item: Claimed, offset: int) -> BinaryIO:
-        """Open a queued file for sending at `offset` (FileChanged, OSError)."""
+    async def open(self, item: Claimed, offset: int, prefetch: bool = False) -> BinaryIO:
+        """Open a queued file for sending at `offset` (FileChanged, OSError).
+
+        prefetch=True (a small file: the caller sends it in one chunk): read the
+        rest of it in the same thread hop and return it as an in-memory file
+        (`io.BytesIO`, read without a hop); a file that shrank meanwhile gives
+        fewer bytes, which the sender treats like any short read."""
         def _open() -> BinaryIO:
             fh = self.outbound.open(item)
             try:
                 if offset:
                     fh.seek(offset)
+                if prefetch:
+                    data = fh.read(item.size - offset)
+                    fh.close()
+                    return io.BytesIO(data)
             except BaseException:
                 fh.close()
                 raise

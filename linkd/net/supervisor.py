@@ -26,11 +26,14 @@ from typing import Any
 
 import trio
 
+from ..errors import RemoteProtocolError
 from ..metrics import connect_failure_kind
 from ..proto import frames as F
-from ..proto.framing import encode_frame
+from ..proto import session as S
+from ..proto.framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
+from .admission import Gate, Ticket
 from .backoff import Backoff
-from .connection import SessionRunner
+from .connection import READ_SIZE, SessionRunner
 from .tls import TLSContexts, TLSRefused, tls_info
 
 
@@ -59,7 +62,83 @@ async def refuse(stream: trio.abc.Stream, reason: str) -> None:
     await trio.aclose_forcefully(stream)
 
 
+def _host(remote: str) -> str:
+    return remote.rsplit(":", 1)[0].strip("[]")
+
+
+async def read_hello(runner: SessionRunner, peer: str) -> str | None:
+    """Read the peer's first frame without sending ours: None when it is a valid hello
+    from `peer` (kept in runner.preread for the session), else why not."""
+    decoder = FrameDecoder(DEFAULT_MAX_FRAME)
+    got = bytearray()
+    deadline = runner.handshake_deadline
+    if deadline is None:
+        deadline = trio.current_time() + runner.link.cfg.link.handshake_timeout
+    try:
+        with trio.fail_at(deadline):
+            while True:
+                data = await runner.stream.receive_some(READ_SIZE)
+                if not data:
+                    return "connection closed before its hello"
+                got += data
+                decoder.feed(data)
+                frame = decoder.next_frame()
+                if frame is not None:
+                    break
+        S.check_hello(frame, peer)
+    except trio.TooSlowError:
+        return "handshake timeout: no hello from the peer"
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        return f"connection lost before its hello: {exc.__cause__ or exc}"
+    except RemoteProtocolError as exc:
+        return f"protocol violation: {exc}"
+    runner.preread = bytes(got)
+    return None
+
+
+def _alive(link: Any, existing: SessionRunner) -> bool:
+    """The live session heard from its peer within two heartbeat intervals."""
+    session = existing.session
+    if session is None or session.state is not S.State.OPEN:
+        return False
+    lcfg = link.cfg.link
+    window = min(lcfg.heartbeat_timeout, 2 * lcfg.heartbeat_interval)
+    return bool(trio.current_time() - session.heartbeat.last_received < window)
+
+
+async def _refuse_runner(link: Any, runner: SessionRunner, reason: str, *, error: bool,
+                         bye: str | None = None) -> None:
+    (link.log.warning if error else link.log.info)(
+        "session_refused", peer=link.name, remote=runner.remote, reason=reason)
+    runner.reason, runner.error = reason, error
+    await refuse(runner.stream, bye or reason)
+
+
 async def run_session(daemon: Any, link: Any, runner: SessionRunner) -> None:
+    existing = link.active
+    if existing is not None and new_wins(daemon.cfg.node.name, link.name, existing, runner):
+        # A live session is replaced only by a connection whose own hello is valid
+        # (CONTRACT §5): read it first, without sending ours.
+        problem = await read_hello(runner, link.name)
+        if problem is not None:
+            await _refuse_runner(link, runner, f"not replacing the live session: {problem}",
+                                 error=True, bye=problem)
+            return
+        existing = link.active
+        if existing is not None and _host(existing.remote) != _host(runner.remote):
+            alive = _alive(link, existing)
+            link.log.warning(
+                "peer_identity_conflict", peer=link.name, remote=runner.remote,
+                existing_remote=existing.remote, existing_alive=alive,
+                reason=f"two hosts present the identity of {link.name}: {existing.remote} "
+                       f"(connected) and {runner.remote} (new)" + (
+                           "; keeping the live session" if alive else
+                           "; the connected one is silent, replacing it"))
+            if alive:
+                await _refuse_runner(
+                    link, runner, f"duplicate session: {link.name} is connected and alive "
+                                  f"from {existing.remote}", error=True)
+                return
     async with link.slot_lock:
         if link.removed:        # a SIGHUP removed the peer while this session waited
             await refuse(runner.stream, "peer is no longer configured")
@@ -69,10 +148,15 @@ async def run_session(daemon: Any, link: Any, runner: SessionRunner) -> None:
             if not new_wins(daemon.cfg.node.name, link.name, existing, runner):
                 dialer = daemon.cfg.node.name if existing.dialed_by_us else link.name
                 reason = f"duplicate session: keeping the one dialled by {dialer}"
-                link.log.info("session_refused", remote=runner.remote, reason=reason)
-                runner.reason, runner.error = reason, False    # not a fault: the link is up
-                await refuse(runner.stream, reason)
+                await _refuse_runner(link, runner, reason, error=False)  # the link is up
                 return
+            if not runner.preread:      # the slot was taken while we waited for the lock
+                problem = await read_hello(runner, link.name)
+                if problem is not None:
+                    await _refuse_runner(link, runner,
+                                         f"not replacing the live session: {problem}",
+                                         error=True, bye=problem)
+                    return
             await existing.close("replaced by a newer session")
             await link.wait_idle()
         link.take_slot(runner)
@@ -244,15 +328,17 @@ async def _dial(daemon: Any, link: Any, host: str, port: int, remote: str,
         link.log.debug("connect_failed", reason=reason)
         return reason
     remote = _remote_of(tcp)
+    deadline = trio.current_time() + lcfg.handshake_timeout   # TLS and hello together
     sni = None
     try:
         ipaddress.ip_address(host)
     except ValueError:
         sni = host
     contexts: TLSContexts = daemon.tls
-    tls_stream = contexts.client_stream(tcp, link.peer, server_hostname=sni)
+    tls_stream = contexts.client_stream(tcp, link.peer, server_hostname=sni,
+                                        configured=list(daemon.cfg.peers))
     try:
-        with trio.fail_after(lcfg.handshake_timeout):
+        with trio.fail_at(deadline):
             identity = await contexts.finish_handshake(tls_stream)
     except (TLSRefused, trio.TooSlowError) as exc:
         reason = "TLS handshake timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
@@ -261,6 +347,7 @@ async def _dial(daemon: Any, link: Any, host: str, port: int, remote: str,
         return f"TLS with {remote} refused: {reason}"
     runner = SessionRunner(link, tls_stream, remote=remote, dialed_by_us=True,
                            tls_info=tls_info(tls_stream, identity))
+    runner.handshake_deadline = deadline
     await run_session(daemon, link, runner)
     # Only a stable session resets the backoff (see stable_after).
     link.last_session_open = runner.was_open and runner.open_seconds >= stable_after(lcfg)
@@ -269,13 +356,48 @@ async def _dial(daemon: Any, link: Any, host: str, port: int, remote: str,
     return runner.reason or "session failed"
 
 
+def _host_of(stream: trio.abc.Stream) -> str:
+    try:
+        return str(stream.socket.getpeername()[0])  # type: ignore[attr-defined]
+    except (OSError, AttributeError, IndexError):
+        return "?"
+
+
+async def _release_on_open(runner: SessionRunner, ticket: Ticket) -> None:
+    await runner.opened.wait()
+    ticket.release()
+
+
 async def handle_inbound(daemon: Any, tcp: trio.SocketStream) -> None:
+    """One accepted connection. It counts against the gate (net/admission.py) until
+    its hello is validated, and gets one handshake_timeout from the TCP accept for
+    the TLS handshake *and* the hello."""
+    started = trio.current_time()
     remote = _remote_of(tcp)
+    gate: Gate | None = getattr(daemon, "gate", None)
+    ticket: Ticket | None = None
+    if gate is not None:
+        admitted = gate.admit(_host_of(tcp))
+        if isinstance(admitted, str):
+            daemon.log.warning("connection_refused", remote=remote, reason=admitted)
+            await trio.aclose_forcefully(tcp)
+            return
+        ticket = admitted
+    try:
+        await _handle_inbound(daemon, tcp, remote, started, ticket)
+    finally:
+        if ticket is not None:
+            ticket.release()
+
+
+async def _handle_inbound(daemon: Any, tcp: trio.SocketStream, remote: str, started: float,
+                          ticket: Ticket | None) -> None:
     lcfg = daemon.cfg.link
+    deadline = started + lcfg.handshake_timeout
     contexts: TLSContexts = daemon.tls
     tls_stream = contexts.server_stream(tcp, list(daemon.cfg.peers))
     try:
-        with trio.fail_after(lcfg.handshake_timeout):
+        with trio.fail_at(deadline):
             identity = await contexts.finish_handshake(tls_stream)
     except (TLSRefused, trio.TooSlowError) as exc:
         reason = "TLS handshake timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
@@ -289,4 +411,9 @@ async def handle_inbound(daemon: Any, tcp: trio.SocketStream) -> None:
         return
     runner = SessionRunner(link, tls_stream, remote=remote, dialed_by_us=False,
                            tls_info=tls_info(tls_stream, identity))
-    await run_session(daemon, link, runner)
+    runner.handshake_deadline = deadline
+    async with trio.open_nursery() as nursery:
+        if ticket is not None:
+            nursery.start_soon(_release_on_open, runner, ticket)
+        await run_session(daemon, link, runner)
+        nursery.cancel_scope.cancel()

@@ -46,7 +46,9 @@ from OpenSSL._util import lib as _lib  # SSL_CTX_set1_curves_list: no public pyO
 
 from ..certs import cert_matches_name, cert_sha256
 from ..config import Config, PeerConfig
-from ..errors import ConfigError
+from ..errors import ConfigError as ConfigError  # re-exported
+from ..errors import IdentityError as IdentityError
+from ..errors import TLSRefused as TLSRefused
 from .tls_stream import EOF_WITHOUT_CLOSE_NOTIFY, TLSError, TLSStream, describe_openssl_error
 
 HYBRID_GROUP = "X25519MLKEM768"
@@ -60,12 +62,8 @@ POST_QUANTUM_GROUPS = frozenset({"X25519MLKEM768", "SecP256r1MLKEM768", "SecP384
 _VERIFY_MODE = SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT
 
 
-class IdentityError(Exception):
-    """The peer's certificate is valid but not acceptable for this link."""
 
 
-class TLSRefused(Exception):
-    """The TLS handshake did not give a peer we accept; str() is the reason to log."""
 
 
 def is_post_quantum(group: str | None) -> bool:
@@ -90,12 +88,24 @@ def _subject(cert: x509.Certificate) -> str:
     return cert.subject.rfc4514_string()
 
 
-def identify(der: bytes | None, candidates: list[PeerConfig]) -> PeerIdentity:
-    """The configured peer that `der` names, or IdentityError with the reason."""
+def identify(der: bytes | None, candidates: list[PeerConfig],
+             configured: list[PeerConfig] | None = None) -> PeerIdentity:
+    """The configured peer that `der` names, or IdentityError with the reason.
+
+    `candidates` are the peers acceptable on this connection (the dialled one, or all
+    on the listener); `configured` all peers (default: the candidates). A
+    certificate naming several configured peers is refused: it would let one key
+    speak for several peers (CONTRACT §5)."""
     if not der:
         raise IdentityError("peer presented no certificate")
     cert = x509.load_der_x509_certificate(der)
     digest = cert_sha256(der)
+    everyone = {p.name: p for p in (configured or [])} | {p.name: p for p in candidates}
+    all_named = [p for p in everyone.values() if cert_matches_name(cert, p.name)]
+    if len(all_named) > 1:
+        names = ", ".join(sorted(p.name for p in all_named))
+        raise IdentityError(f"certificate names several configured peers ({names}): "
+                            "ambiguous, refused (issue one certificate per peer)")
     named = [p for p in candidates if cert_matches_name(cert, p.name)]
     if not named:
         cns = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
@@ -120,6 +130,7 @@ class Verifier:
     """One connection's verification: which peers may be on the other end, and the verdict."""
 
     candidates: list[PeerConfig]
+    configured: list[PeerConfig] | None = None
     error: str | None = None
     identity: PeerIdentity | None = None
 
@@ -133,7 +144,7 @@ class Verifier:
             return True
         try:
             der = cert.to_cryptography().public_bytes(Encoding.DER)
-            self.identity = identify(der, self.candidates)
+            self.identity = identify(der, self.candidates, self.configured)
         except IdentityError as exc:
             self.error = str(exc)
             return False
@@ -208,9 +219,10 @@ class TLSContexts:
                          app_data=Verifier(list(candidates)))
 
     def client_stream(self, transport: trio.abc.Stream, peer: PeerConfig,
-                      server_hostname: str | None = None) -> TLSStream:
+                      server_hostname: str | None = None,
+                      configured: list[PeerConfig] | None = None) -> TLSStream:
         return TLSStream(transport, self.client, server_hostname=server_hostname,
-                         app_data=Verifier([peer]))
+                         app_data=Verifier([peer], configured))
 
     async def finish_handshake(self, stream: TLSStream) -> PeerIdentity:
         """Run the handshake and return who the peer is, or raise TLSRefused (the reason).

@@ -47,6 +47,8 @@ from typing import Any, TypeVar
 import trio
 from OpenSSL import SSL
 
+from ..errors import TLSError as TLSError  # re-exported
+
 T = TypeVar("T")
 
 DEFAULT_RECEIVE_SIZE = 64 * 1024
@@ -56,8 +58,6 @@ _BIO_READ_SIZE = 512 * 1024
 EOF_WITHOUT_CLOSE_NOTIFY = "peer closed the connection without close_notify"
 
 
-class TLSError(Exception):
-    """A TLS failure, as one readable line (the cause of a BrokenResourceError)."""
 
 
 def describe_openssl_error(exc: BaseException) -> str:

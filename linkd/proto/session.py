@@ -61,8 +61,33 @@ from .state import Input, State, next_state
 __all__ = [
     "AckReceived", "CheckpointReceived", "CreditReceived", "Event", "Input", "MessageComplete",
     "MessageData", "MessageStart", "NackReceived", "PeerHello", "RttMeasured", "Session",
-    "SessionClosed", "State",
+    "SessionClosed", "State", "check_hello", "named_reason",
 ]
+
+
+def named_reason(reason: str) -> str:
+    """Every bye and violation names the rule broken: never an empty reason, nor one
+    whose detail is empty ("frame body is not valid msgpack: ")."""
+    text = reason.strip()
+    if not text:
+        return "no reason given"
+    return f"{text} (no detail)" if text.endswith(":") else text
+
+
+def _theirs(reason: str) -> str:
+    return reason if reason.strip() else "(the peer gave no reason)"
+
+
+def check_hello(frame: F.Frame, peer: str) -> None:
+    """Raise RemoteProtocolError unless `frame` is a hello from `peer` in our version
+    (also used before a session exists: a replacement is validated first)."""
+    if not isinstance(frame, F.Hello):
+        raise RemoteProtocolError(f"expected hello, got {type(frame).__name__.lower()}")
+    if frame.version != F.PROTOCOL_VERSION:
+        raise RemoteProtocolError(f"unsupported protocol version {frame.version} "
+                                  f"(this linkd speaks {F.PROTOCOL_VERSION})")
+    if frame.node != peer:
+        raise RemoteProtocolError(f"hello names node {frame.node!r}, expected {peer!r}")
 
 
 class Session:
@@ -152,6 +177,7 @@ class Session:
 
     def _fail(self, inp: Input, reason: str) -> SessionClosed:
         """Close because of the peer (`inp`: its violation, silence or end of stream)."""
+        reason = named_reason(reason)
         if self._step(inp):
             self._queue(F.Bye(reason), control=True)
             self.close_reason = reason
@@ -159,6 +185,7 @@ class Session:
 
     def close(self, reason: str) -> None:
         """A clean goodbye from our side (shutdown, reload). A quiet no-op once closed."""
+        reason = named_reason(reason)
         if self._step(Input.CLOSE):
             self._queue(F.Bye(reason), control=True)
             self.close_reason = reason
@@ -193,9 +220,10 @@ class Session:
                 self._step(Input.PEER_BYE)
                 self.close_reason = reason
                 if was is State.HANDSHAKE:
-                    return [SessionClosed(f"refused by the peer: {reason}", error=True,
-                                          by_peer=True)]
-                return [SessionClosed(f"peer said goodbye: {reason}", error=False, by_peer=True)]
+                    return [SessionClosed(f"refused by the peer: {_theirs(reason)}",
+                                          error=True, by_peer=True)]
+                return [SessionClosed(f"peer said goodbye: {_theirs(reason)}", error=False,
+                                      by_peer=True)]
         self._step(Input.PEER_FRAME, type(frame).__name__.lower())
         match frame:
             case F.Data():
@@ -226,11 +254,7 @@ class Session:
 
     def _handle_hello(self, hello: F.Hello) -> list[Event]:
         opened = next_state(self.state, Input.PEER_HELLO)   # a second hello raises here
-        if hello.version != F.PROTOCOL_VERSION:
-            raise RemoteProtocolError(f"unsupported protocol version {hello.version} "
-                                      f"(this linkd speaks {F.PROTOCOL_VERSION})")
-        if hello.node != self.peer:
-            raise RemoteProtocolError(f"hello names node {hello.node!r}, expected {self.peer!r}")
+        check_hello(hello, self.peer)
         self.peer_hello = hello
         self.peer_channels = {c.name: c for c in hello.channels}
         for c in hello.channels:

@@ -6,8 +6,8 @@ The spool's correctness rests on the *order* of a handful of system calls
 (write, fsync, rename, fsync of the folder, ...). Each of them is a method of
 `FS`, and every method that changes what is on disk first calls
 `FS.step(op, target)`. Production code uses `FS()` (plain `os` calls); tests
-use `linkd.spool.testing.FaultyFS`, whose `step` raises `OSError` (ENOSPC,
-EIO, ...) or `Crash` at the N-th step, so every crash point of every
+use `FaultyFS` (tests/spoolkit.py), whose `step` raises `OSError` (ENOSPC,
+EIO, ...) or a simulated crash at the N-th step, so every crash point of every
 protocol can be visited one by one, on real files.
 
 Steps (the `op` names): open, write, fsync, fsync_dir, rename, replace,
@@ -37,15 +37,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = getattr(_libc, "renameat2", None)
 _syncfs = getattr(_libc, "syncfs", None)
 _UNSUPPORTED = {errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP}
-
-
-class Crash(BaseException):
-    """A simulated process death (tests only). A BaseException so that no
-    `except Exception` / `except OSError` in the code under test can swallow it."""
-
-    def __init__(self, index: int, op: str, target: str, tag: str = "") -> None:
-        super().__init__(f"simulated crash at step {index} ({op} {target}) {tag}".rstrip())
-        self.index, self.op, self.target, self.tag = index, op, target, tag
 
 
 class FS:

@@ -39,7 +39,8 @@ Crash points:
      in/<ch>/, journals and records the commit; those are reported in
      `recovered`. An intent entry whose partial is gone *and* whose final name is
      not in in/ is not counted as delivered: committed stops below it, so the
-     sender sends it again (a duplicate at worst, never a loss);
+     sender sends it again (a duplicate at worst, never a loss); the partials of
+     later entries are then deleted, not delivered, as they will be sent again;
   K3 after 4, before 5 is durable: as K2, every partial is already gone;
   K4 after 5: done; the sender's ack may be lost, the resend is a duplicate.
 Any OSError inside begin/write/commit/abort leaves the object "broken": nothing
@@ -49,6 +50,14 @@ it at every session start). A corrupt state file is moved aside as
 `<name>.corrupt-<time>`; `committed` falls back to the highest seq evidenced
 by its text or a leftover temporary (else 0). Risk: messages committed but not
 yet acknowledged when the file was damaged can then be delivered twice.
+
+Symlinked folders (safedir.py): begin() checks tmp/, finish() quarantine/,
+commit() tmp/, in/<ch>/ and the state folder, before writing anything. A spool
+folder found to be a link makes recover() load the state but touch no spool
+folder and leave the channel *refused*: every begin()/commit() raises
+SymlinkedFolder (the session nacks the message as busy, so the sender keeps
+it and retries; the other channels go on) until a recover() finds real
+folders again. A symlinked state folder makes recover() raise.
 """
 
 from __future__ import annotations
@@ -62,7 +71,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import SpoolError
+from ..errors import ChecksumMismatch as ChecksumMismatch  # re-exported
+from ..errors import InboundRefused as InboundRefused
+from ..errors import SpoolError as SpoolError
+from ..errors import SymlinkedFolder
 from .files import (
     is_int,
     is_sha256,
@@ -128,20 +140,8 @@ class Delivered:
                 "delivered_at": self.delivered_at}
 
 
-class InboundRefused(SpoolError):
-    """The peer asked for something this spool will not do; `reason` says what."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
-class ChecksumMismatch(SpoolError):
-    """The received bytes do not match the announced SHA-256; kept in quarantine/."""
-
-    def __init__(self, message: str, quarantined: Path) -> None:
-        super().__init__(message)
-        self.quarantined = quarantined
 
 
 @dataclass
@@ -173,6 +173,7 @@ class Inbound:
         self._finished: dict[int, Completed] = {}
         self._unreported: list[Delivered] = []   # renamed in a commit that then failed
         self._ready = False
+        self._refused: str | None = None         # a symlinked spool folder (see the top)
         self.recovered: list[Delivered] = []     # deliveries the last recover() completed
 
     @property
@@ -188,6 +189,8 @@ class Inbound:
         return self._journal.lookup(seq)
 
     def _require(self) -> None:
+        if self._refused is not None:
+            raise SpoolError(self._refused)
         if not self._ready:
             raise SpoolError(f"inbound {self.layout.peer}/{self.channel} needs recover() "
                              f"(not yet run, or a disk operation failed)")
@@ -216,13 +219,23 @@ class Inbound:
                 pass  # recovery below truncates to the last durable checkpoint
         self._ready, self._finished = False, {}
         problems: list[str] = []
+        folders = (self._in, self._tmp, self.layout.quarantine_dir())
         try:
-            for folder in (self._in, self._tmp, self.layout.quarantine_dir()):
-                make_folder(folder, FOLDER_MODE, self.fs)
+            self.layout.check(self._st.path.parent)
             make_folder(self._st.path.parent, 0o700, self.fs)
             self._st = load_state(self.fs, self._st.path, self.channel, problems,
                                   self.layout.legacy_state_file_in(self.channel))
             self._journal.load(self.fs, problems)
+            try:
+                self.layout.check(*folders)
+            except SymlinkedFolder as exc:
+                if self._refused != str(exc):
+                    problems.append(f"inbound {self.layout.peer}/{self.channel} refused: {exc}")
+                self._refused = str(exc)
+                return problems
+            self._refused = None
+            for folder in folders:
+                make_folder(folder, FOLDER_MODE, self.fs)
             self.recovered = self._recover(problems)
         except OSError as exc:
             raise self._broken("recovery", exc) from None
@@ -262,6 +275,7 @@ class Inbound:
             raise InboundRefused(f"offset {offset!r} is not within 0..{size}")
         path = self._partial_path(seq)
         ck = self._st.partial
+        self._check(self._tmp)
         try:
             if offset:
                 if ck is None or (ck["seq"], ck["name"], ck["size"], ck["sha256"],
@@ -286,6 +300,15 @@ class Inbound:
             raise self._broken(f"starting seq {seq}", exc) from None
         self._xfer = _Transfer(seq, name, size, sha, fd, path, offset, offset, digest)
         return offset
+
+    def _check(self, *folders: Path) -> None:
+        """Refuse (SymlinkedFolder, channel refused until recover()) if a folder we are
+        about to write into is a symbolic link."""
+        try:
+            self.layout.check(*folders)
+        except SymlinkedFolder as exc:
+            self._refused = str(exc)
+            raise
 
     def _rehash(self, fd: int, offset: int) -> Any:
         digest = hashlib.sha256()
@@ -321,6 +344,7 @@ class Inbound:
             raise self._broken(f"writing seq {x.seq}", exc) from None
 
     def _checkpoint(self, x: _Transfer) -> None:
+        self._check(self._st.path.parent)
         self.fs.fsync(x.fd)
         self._st = self._st.saved(self.fs, partial={
             "seq": x.seq, "name": x.name, "size": x.size, "sha256": x.sha256,
@@ -337,6 +361,7 @@ class Inbound:
         got = x.digest.hexdigest()
         if got != x.sha256:
             reason = f"seq {x.seq}: sha256 is {got}, the sender announced {x.sha256}"
+            self._check(self.layout.quarantine_dir(), self._st.path.parent)
             try:
                 where = place_with_reason(self.fs, x.path, self.layout.quarantine_dir(),
                                           x.name, reason)
@@ -378,6 +403,7 @@ class Inbound:
                                  f"finished, uncommitted message of this object")
         if not items:
             return []
+        self._check(self._tmp, self._in, self._st.path.parent)
         try:
             if SYNCFS_OK and len(items) >= SYNCFS_MIN:
                 for c in items:
@@ -422,6 +448,7 @@ class Inbound:
         folder = self.layout.quarantine_dir()
         plain = name if isinstance(name, str) and plain_name_problem(name) is None \
             else safe_name(name)
+        self._check(folder)
         try:
             make_folder(folder, FOLDER_MODE, self.fs)
             if data_path is None:
@@ -442,6 +469,11 @@ class Inbound:
         if st.intent:
             for seq, part, final, sent, size, sha in sorted(st.intent):
                 src = tmp / part
+                if lost and os.path.lexists(src):
+                    # above a lost entry committed stops, so the sender sends this
+                    # again: delivering it now would make that a duplicate (the
+                    # stray sweep below deletes the partial)
+                    continue
                 if os.path.lexists(src):
                     fsync_file(fs, src, ib.file_mode)
                     path = place_noreplace(fs, src, in_dir, sent, preferred=final)
@@ -496,3 +528,22 @@ class Inbound:
             fs.fsync_dir(tmp)
         ib._st = st.saved(fs) if dirty else st
         return recovered
+
+
+def quarantine_usage(folder: Path) -> tuple[int, int]:
+    """(files, bytes) held in a peer's quarantine/ (the .reason notes not counted);
+    a missing folder is empty. Symlinks are counted, never followed."""
+    count = total = 0
+    try:
+        with os.scandir(folder) as it:
+            for entry in it:
+                if entry.name.endswith(".reason") or entry.name.startswith("."):
+                    continue
+                count += 1
+                try:
+                    total += entry.stat(follow_symlinks=False).st_size
+                except OSError:
+                    pass
+    except FileNotFoundError:
+        pass
+    return count, total

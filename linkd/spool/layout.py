@@ -48,6 +48,7 @@ from ..errors import SpoolError
 from ..names import NAME_MAX, is_channel_name
 from ..names import plain_name_problem as plain_name_problem  # re-exported: spool callers
 from .fs import DEFAULT_FS, FS
+from .safedir import check_folders
 
 FOLDER_MODE = 0o750
 STATE_MODE = 0o700
@@ -179,9 +180,21 @@ class SpoolLayout:
     def legacy_state_file_in(self, ch: str) -> Path:
         return self.state_peer_dir / "in" / f"{check_channel(ch)}.json"
 
+    def check(self, *folders: Path) -> None:
+        """SymlinkedFolder if any of `folders`, or a folder between it and its root
+        (spool_dir, or state_dir for a state folder outside the spool; a state dir
+        inside the spool, the default <spool>/.linkd, is itself checked) is a
+        symbolic link (safedir.py). Called before every step that writes into a folder."""
+        for folder in folders:
+            inside = folder.is_relative_to(self.spool_dir)
+            check_folders(self.spool_dir if inside else self.state_dir, (folder,))
+
     def create(self, channels: Iterable[str], archive_sent: bool, fs: FS | None = None) -> None:
         """Make every missing folder (spool 0750, state 0700), leave existing ones
-        as they are, then check that claims and deliveries can be done by rename."""
+        as they are, then check that claims and deliveries can be done by rename.
+        SymlinkedFolder (before anything is made, and again after) if a folder it
+        would use is a symbolic link: linkd refuses to start rather than write
+        through it."""
         fs = fs or DEFAULT_FS
         channels = [check_channel(ch) for ch in channels]
         spool = [(self.spool_dir, "path"), (self.peer_dir, "path"),
@@ -192,14 +205,18 @@ class SpoolLayout:
                       (self.in_dir(ch), "in"), (self.failed_dir(ch), "private")]
             if archive_sent:
                 spool.append((self.sent_dir(ch), "private"))
+        state = [self.channel_state_dir(ch) for ch in channels]
+        every = [folder for folder, _kind in spool] + state
+        self.check(*every)      # before mkdir: never create folders through a link
         for folder, kind in spool:
             mode, gid = group_folder_mode(kind, self.spool_group)
             make_folder(folder, mode, fs)
             if gid is not None:
                 _apply_group(folder, mode, gid)
         make_folder(self.state_dir, STATE_MODE, fs)
-        for ch in channels:
-            make_folder(self.channel_state_dir(ch), STATE_MODE, fs)
+        for folder in state:
+            make_folder(folder, STATE_MODE, fs)
+        self.check(*every)      # and after: what we will write into is what we checked
         for ch in channels:
             self._probe_same_mount(self.out_dir(ch), self.queue_dir(ch),
                                    "dropped files cannot be claimed")

@@ -15,7 +15,8 @@ re-sent message at or below `committed` with what it holds under that seq
 (an ack naming the content), so that a sender whose numbering went wrong
 (state lost or restored) can tell "delivered" from "something else". It keeps
 the newest KEEP entries (rewritten atomically when twice that many lines
-accumulate); a torn last line (crash mid-append) is ignored, and a seq logged
+accumulate); a torn last line (crash mid-append) is ignored (the next append
+starts on a new line, so it never swallows a good entry), and a seq logged
 twice (a commit redone by recovery) keeps its last line.
 """
 
@@ -120,10 +121,11 @@ class Journal:
         self.path = path
         self.entries: collections.OrderedDict[int, dict[str, Any]] = collections.OrderedDict()
         self._lines = 0
+        self._torn = False      # the file ends inside a line (a crash mid-append)
 
     def load(self, fs: FS, problems: list[str]) -> None:
         self.entries.clear()
-        self._lines = 0
+        self._lines, self._torn = 0, False
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -131,6 +133,7 @@ class Journal:
         with os.fdopen(fd, "rb") as f:
             for raw in f:
                 self._lines += 1
+                self._torn = not raw.endswith(b"\n")
                 try:
                     entry = json.loads(raw)
                 except ValueError:
@@ -150,12 +153,15 @@ class Journal:
         if not entries:
             return
         data = b"".join(dump_json(e) for e in entries)
+        if self._torn:          # end the torn line first, or it swallows our first entry
+            data = b"\n" + data
         fd = fs.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW)
         try:
             fs.write(fd, data)
             fs.fsync(fd)
         finally:
             fs.close(fd)
+        self._torn = False
         for e in entries:
             self.entries.pop(e["seq"], None)
             self.entries[e["seq"]] = e

@@ -22,13 +22,13 @@ from typing import Any, TypeVar
 
 import trio
 
-from . import log as logmod
-from .config import ChannelConfig, Config, PeerConfig
-from .errors import SpoolError
-from .net.spoolio import ChannelSpool
-from .spool import Claimed, FailedFile, Inbound, Outbound, ResourceBusy, SpoolLayout
-from .status import PeerStatus
-from .wakeup import Wakeup
+from .. import log as logmod
+from ..config import ChannelConfig, Config, PeerConfig
+from ..errors import SpoolError
+from ..spool import Claimed, FailedFile, Inbound, Outbound, ResourceBusy, SpoolLayout
+from ..status import PeerStatus
+from ..wakeup import Wakeup
+from .spoolio import ChannelSpool
 
 T = TypeVar("T")
 RESCAN_INTERVAL = 2.0
@@ -56,7 +56,6 @@ class PeerLink:
         self.inbound: dict[str, Inbound] = {}
         self.spools: dict[str, ChannelSpool] = {}
         self.channels: dict[str, ChannelConfig] = {}
-        self.peer_max: dict[str, int] = {}      # the peer's limits from its last session
         self.active: Any = None                 # the SessionRunner holding the slot
         self._slot_free = trio.Event()
         self._slot_free.set()
@@ -155,11 +154,10 @@ class PeerLink:
             if out is None:
                 continue
             stats = self.status.channel(name)
-            pending = out.pending()
-            waiting_count, waiting_bytes = out.waiting()
-            stats.queued = len(pending) + waiting_count
-            stats.queued_bytes = sum(i.size for i in pending) + waiting_bytes
-            oldest = min((i.claimed_at for i in pending), default=None)
+            # O(1): this runs after every pick-up batch and every batch of acks
+            count, size, oldest, waiting_count, waiting_bytes = out.queue_stats()
+            stats.queued = count + waiting_count
+            stats.queued_bytes = size + waiting_bytes
             self.oldest_claim[name] = oldest
             if hasattr(stats, "oldest_queued_age_s"):
                 stats.oldest_queued_age_s = None if oldest is None else round(now - oldest, 3)
@@ -242,7 +240,9 @@ class PeerLink:
                 if not spool.outbound.usable:   # an earlier I/O error: rebuild first
                     for problem in await spool.recover_outbound():
                         self.log.warning("recovery", channel=name, problem=problem)
-                found = await spool.examine(self.peer_max.get(name), relist)
+                # No peer limit at pick-up: only a live session's limits count, at send
+                # time (net/connection.py); our own max_message_bytes applies here.
+                found = await spool.examine(None, relist)
                 claimed, failed = await spool.claim(found.ready)
             except ResourceBusy as exc:
                 # Out of descriptors or memory: nothing is wrong with the files.

@@ -21,11 +21,20 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import SpoolError
-from .fs import FS, Crash, PathLike
-from .inbound import ChecksumMismatch, Completed, Delivered, Inbound
-from .layout import SpoolLayout
-from .outbound import Claimed, FailedFile, Outbound
+from linkd.errors import SpoolError
+from linkd.spool.fs import FS, PathLike
+from linkd.spool.inbound import ChecksumMismatch, Completed, Delivered, Inbound
+from linkd.spool.layout import SpoolLayout
+from linkd.spool.outbound import Claimed, FailedFile, Outbound
+
+
+class Crash(BaseException):
+    """A simulated process death (tests only). A BaseException so that no
+    `except Exception` / `except OSError` in the code under test can swallow it."""
+
+    def __init__(self, index: int, op: str, target: str, tag: str = "") -> None:
+        super().__init__(f"simulated crash at step {index} ({op} {target}) {tag}".rstrip())
+        self.index, self.op, self.target, self.tag = index, op, target, tag
 
 Point = int | tuple[str, int] | None
 Fault = Callable[[int, str, object], BaseException | None]
@@ -107,9 +116,11 @@ class LinkHarness:
     daemon is meant to drive the API -- the reference for its session loop:
 
     session start: recover() both sides; the hello carries the receiver's
-    `committed`, which the sender ack()s; scan(); for each pending item: skip it
-    if seq <= committed, else begin() at the receiver's resume point, stream the
-    bytes, finish(); commit() in batches and ack() the new `committed`.
+    `committed`: raise_floor() it, and probe each pending item at or below it
+    (`_probe`: resolve it if the receiver holds the same content under its seq,
+    else renumber it); scan(); for each pending item:
+    begin() at the receiver's resume point, stream the bytes, finish(); commit()
+    in batches and resolve() the delivered seqs whose content matches.
     A session ends early on Crash (that side is rebuilt from disk) or SpoolError
     (objects kept; the next session's recover() repairs them).
     """
@@ -203,17 +214,21 @@ class LinkHarness:
     def _probe(self) -> None:
         """What the daemon does at session start: raise the numbering above the
         receiver's committed seq, resolve queued files the receiver holds with the
-        same content, renumber those under which it holds something else."""
+        same content; if it holds other content (or cannot say) under any of them,
+        renumber that file and every later one, keeping pick-up order."""
         self.ob.raise_floor(self.ib.committed)
+        first = None
         for item in self.ob.pending():
             if item.seq > self.ib.committed:
-                continue
+                break
             held = self.ib.lookup(item.seq)
             if held is not None and (held["sha256"], held["size"], held["sent_name"]) == \
                     (item.sha256, item.size, item.name):
                 self.acked += [r.item for r in self.ob.resolve([item.seq])]
-            else:
-                self.ob.renumber(item, self.ib.committed)
+            elif first is None:
+                first = item.seq
+        if first is not None:
+            self.ob.renumber_tail(first, self.ib.committed)
 
     def _commit(self, batch: list[Completed]) -> None:
         got = self.ib.commit(batch) if batch else []

@@ -1,0 +1,298 @@
+"""The receiving half of a session (see connection.py for the whole picture).
+
+One inbound worker per channel applies that channel's message events to its
+`Inbound` spool a batch per thread hop (begin/write/finish, then one group
+commit), signs the receipts of the batch (one signature over their Merkle root,
+docs/EVIDENCE.md), and answers with acks naming each message's content, or with
+nacks. A storage error on one channel nacks its oldest unacknowledged message as
+"busy" (the sender waits and resends, not counted as an attempt) instead of
+ending the session; a re-send or probe at or below `committed` is answered from
+the delivery journal. `ReceiverMixin` holds these methods of SessionRunner.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any
+
+import trio
+
+from ..errors import SpoolError
+from ..evidence import audit as audit_mod
+from ..evidence import receipts as R
+from ..evidence.canonical import micros
+from ..proto import frames as F
+from ..proto import session as S
+from ..proto.scheduler import Scheduler
+from ..spool import (
+    ChecksumMismatch,
+    Completed,
+    Delivered,
+    InboundRefused,
+)
+from ..spool.inbound import quarantine_usage
+from ..wakeup import Wakeup
+from .sender import _OutChannel
+
+BUSY_WAIT = (1.0, 30.0)       # a channel whose disk work failed nacks "busy" (first, max wait)
+QUARANTINE_WAIT = 30.0        # seconds a sender waits after a "quarantine full" busy nack
+ACKS_PER_FRAME = 256          # signed ack entries per frame (an RSA-4096 entry is ~1.5 KiB)
+
+
+class ReceiverMixin:
+    # The runner's state these methods use (set by SessionRunner.__init__).
+    link: Any
+    log: Any
+    session: S.Session | None
+    out: dict[str, _OutChannel]
+    nacks: list[S.NackReceived]
+    attempts: dict[tuple[str, int], int]
+    sender_wake: Wakeup
+    writer_wake: Wakeup
+    inbound_drained: Wakeup
+    inbound_qs: dict[str, tuple[Any, Any]]
+    ack_q: Any
+    scheduler: Scheduler
+    signer: Any
+    verifier: Any
+    peer_cert_der: bytes | None
+
+    def end(self, reason: str, error: bool) -> None:  # pragma: no cover - SessionRunner's
+        raise NotImplementedError
+
+    async def flush(self) -> None:  # pragma: no cover - SessionRunner's
+        raise NotImplementedError
+
+    def _violation(self, reason: str) -> None:  # pragma: no cover - SessionRunner's
+        raise NotImplementedError
+
+    def _sign(self, ch: str, entries: list[F.AckEntry]) -> list[F.AckEntry]:
+        """Blocking: sign receipts for these ack entries (one signature per batch)."""
+        if not entries or self.signer is None:
+            return entries
+        link = self.link
+        receipts = [R.Receipt(frm=link.name, to=link.cfg.node.name, channel=ch, seq=e.seq,
+                              sent_name=e.sent_name, delivered_name=e.name, size=e.size,
+                              sha256=e.sha256.hex(), delivered_at_us=micros(e.delivered_at))
+                    for e in entries]
+        proofs = R.sign_batch(receipts, self.signer)
+        return [dataclasses.replace(e, sig=p.signature, index=p.index, batch=p.size,
+                                    path=p.path, signer=bytes.fromhex(p.signer))
+                for e, p in zip(entries, proofs, strict=True)]
+
+    def _inbound_backlog(self) -> int:
+        return sum(r.statistics().current_buffer_used for _s, r in self.inbound_qs.values())
+
+    async def _inbound_worker(self, queue: Any) -> None:
+        """Applies one channel's inbound events to its spool, a batch per thread hop."""
+        assert self.session is not None
+        rx = _Receiver()
+        busy_wait = BUSY_WAIT[0]
+        while True:
+            batch = [await queue.receive()]
+            while len(batch) < 512:
+                try:
+                    batch.append(queue.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            try:
+                result = await trio.to_thread.run_sync(self._apply_inbound, batch, rx)
+            except (OSError, SpoolError) as exc:
+                # Disk full, EIO, EMFILE... on this channel: nothing of the batch was
+                # acknowledged. Nack the oldest unacknowledged message as "busy" (the
+                # sender waits, then sends it again; not counted as an attempt) and
+                # repair the spool; the session and the other channels go on.
+                ch = batch[0].ch
+                self.log.error("inbound_storage_failed", channel=ch, reason=str(exc))
+                inbound = self.link.inbound.get(ch)
+                if inbound is not None:
+                    try:
+                        await trio.to_thread.run_sync(inbound.recover)
+                    except (OSError, SpoolError) as again:
+                        self.end(f"local storage failure: {again}", True)
+                        return
+                credit = sum(len(ev.data) for ev in batch if isinstance(ev, S.MessageData))
+                self.session.grant(ch, credit)
+                seq = rx.oldest_unacked(ch)
+                if seq is not None and ch not in rx.discarding:
+                    self.session.send_nack(ch, seq, f"receiver cannot store it now: {exc}",
+                                           True, F.NACK_BUSY, busy_wait)
+                    rx.discard(ch)
+                busy_wait = min(busy_wait * 2, BUSY_WAIT[1])
+                self.inbound_drained.set()
+                self.writer_wake.set()
+                continue
+            busy_wait = BUSY_WAIT[0]
+            self.inbound_drained.set()
+            acks, nacks, delivered, credit, quarantined = result
+            for ch, seq, reason, retry, kind in nacks:
+                if kind == F.NACK_BUSY:     # quarantine/ over its quota: ask again later
+                    self.log.warning("quarantine_full", peer=self.link.name, channel=ch,
+                                     seq=seq, reason=reason)
+                self.session.send_nack(ch, seq, reason, retry, kind,
+                                       QUARANTINE_WAIT if kind == F.NACK_BUSY else 0.0)
+            for d in delivered:
+                stats = self.link.status.channel(d.channel)
+                stats.note_received(d.size)
+                fields: dict[str, Any] = dict(peer=self.link.name, channel=d.channel, name=d.name,
+                                              seq=d.seq, size=d.size, sha256=d.sha256)
+                if d.sent_name != d.name:
+                    fields["sent_name"] = d.sent_name
+                self.log.info("message_delivered", **fields)
+            for ch, name, seq, reason, where in quarantined:
+                self.link.status.channel(ch).quarantined += 1
+                self.log.warning("message_quarantined", peer=self.link.name, channel=ch,
+                                 name=name, seq=seq, reason=reason, path=str(where))
+            audit = audit_mod.current()
+            if audit is not None and delivered:
+                # A delivery's audit line is durable before its ack leaves (no receipt
+                # the peer holds without our audit line for it, even after a crash).
+                await trio.to_thread.run_sync(audit.sync)
+            for ch, entries in acks.items():
+                for i in range(0, len(entries), ACKS_PER_FRAME):
+                    self.session.send_ack(ch, entries[i:i + ACKS_PER_FRAME])
+            for ch, n in credit.items():
+                self.session.grant(ch, n)
+            self.writer_wake.set()
+
+    def _apply_inbound(self, batch: list[Any], rx: _Receiver) -> tuple[Any, ...]:
+        """Blocking: apply a batch of inbound events to the spool (one thread hop)."""
+        link = self.link
+        acks: dict[str, list[F.AckEntry]] = collections.defaultdict(list)
+        nacks: list[tuple[str, int, str, bool, str]] = []
+        credit: dict[str, int] = collections.defaultdict(int)
+        quarantined: list[tuple[str, str, int, str, Any]] = []
+        done: dict[str, list[Completed]] = collections.defaultdict(list)
+        names: dict[tuple[str, int], str] = {}
+        full: str | None = None          # quarantine quota problem (looked up once a batch)
+        for ev in batch:
+            ch = ev.ch
+            inbound = link.inbound.get(ch)
+            if isinstance(ev, S.MessageData):
+                credit[ch] += len(ev.data)
+            if inbound is None:
+                continue
+            if ch in rx.discarding:
+                if isinstance(ev, S.MessageStart) and ev.rewind:
+                    rx.discarding.discard(ch)
+                else:
+                    continue
+            if isinstance(ev, S.MessageStart):
+                rx.skipping.pop(ch, None)
+                names[(ch, ev.seq)] = ev.name
+                if ev.rewind:
+                    inbound.abort()             # a message the sender abandoned mid-way
+                if ev.seq <= inbound.committed:
+                    # A re-send (its ack was lost) or a probe: say what we hold there.
+                    rx.skipping[ch] = ev.seq
+                    held = inbound.lookup(ev.seq)
+                    if held is not None:
+                        acks[ch].append(_ack_entry_from_journal(held))
+                    else:
+                        nacks.append((ch, ev.seq, f"seq {ev.seq} is at or below the committed "
+                                      f"seq {inbound.committed} and no longer in the delivery "
+                                      f"journal", True, F.NACK_STALE))
+                        rx.discard(ch)
+                    continue
+                if done[ch] and ev.seq <= done[ch][-1].seq:
+                    rx.skipping[ch] = ev.seq
+                    continue
+                if full is None:
+                    full = self._quarantine_full()
+                if full:
+                    rx.skipping[ch] = ev.seq
+                    nacks.append((ch, ev.seq, full, True, F.NACK_BUSY))
+                    rx.discard(ch)
+                    continue
+                # Unacknowledged from here on, even if begin() fails for a storage
+                # reason: the worker's error path nacks it as busy (without this a
+                # begin() that fails on the resend, e.g. a refused symlinked folder,
+                # left the sender waiting for an answer that never came).
+                rx.started(ch, ev.seq)
+                try:
+                    inbound.begin(ev.seq, ev.name, ev.size, ev.sha256.hex(), ev.offset)
+                except InboundRefused as exc:
+                    # A resume we cannot honour is retried from byte 0; anything else
+                    # (size over our limit...) is final.
+                    rx.skipping[ch] = ev.seq
+                    nacks.append((ch, ev.seq, str(exc), ev.offset > 0, F.NACK_RETRY))
+                    rx.discard(ch)
+            elif isinstance(ev, S.MessageData):
+                if rx.skipping.get(ch) == ev.seq:
+                    continue
+                inbound.write(ev.data)
+            elif isinstance(ev, S.MessageComplete):
+                if rx.skipping.get(ch) == ev.seq:
+                    continue
+                try:
+                    done[ch].append(inbound.finish())
+                except ChecksumMismatch as exc:
+                    nacks.append((ch, ev.seq, str(exc), True, F.NACK_RETRY))
+                    rx.discard(ch)
+                    quarantined.append((ch, names.get((ch, ev.seq), "?"), ev.seq, str(exc),
+                                        getattr(exc, "quarantined", None)))
+                except InboundRefused as exc:
+                    nacks.append((ch, ev.seq, str(exc), False, F.NACK_RETRY))
+                    rx.discard(ch)
+        delivered: list[Delivered] = []
+        for ch, completed in done.items():
+            if completed:
+                got = link.inbound[ch].commit(completed)
+                delivered += got
+                acks[ch].extend(_ack_entry(d) for d in got)
+                rx.acked(ch, [d.seq for d in got])
+        # One signature per channel and batch: re-sends answered from the journal and
+        # new deliveries share one Merkle tree.
+        signed = {ch: self._sign(ch, entries) for ch, entries in acks.items()}
+        return signed, nacks, delivered, dict(credit), quarantined
+
+    def _quarantine_full(self) -> str:
+        """Blocking: why quarantine/ takes nothing more from this peer, or ""."""
+        lcfg = self.link.cfg.link
+        folder = self.link.layout.quarantine_dir()
+        files, size = quarantine_usage(folder)
+        if files < lcfg.quarantine_max_files and size < lcfg.quarantine_max_bytes:
+            return ""
+        return (f"quarantine quota full on {self.link.cfg.node.name} ({files} files, {size} "
+                f"bytes; [link] quarantine_max_files {lcfg.quarantine_max_files}, "
+                f"quarantine_max_bytes {lcfg.quarantine_max_bytes}): an operator must "
+                f"clear {folder}")
+
+    # -- acknowledgements -----------------------------------------------------
+
+
+class _Receiver:
+    """What one channel's inbound worker remembers between batches."""
+
+    def __init__(self) -> None:
+        self.discarding: set[str] = set()
+        self.skipping: dict[str, int] = {}      # channel -> seq whose data we ignore
+        self._unacked: dict[str, list[int]] = collections.defaultdict(list)
+
+    def discard(self, ch: str) -> None:
+        self.discarding.add(ch)
+        self._unacked.pop(ch, None)
+
+    def started(self, ch: str, seq: int) -> None:
+        self._unacked[ch].append(seq)
+
+    def acked(self, ch: str, seqs: list[int]) -> None:
+        done = set(seqs)
+        self._unacked[ch] = [s for s in self._unacked[ch] if s not in done]
+
+    def oldest_unacked(self, ch: str) -> int | None:
+        seqs = self._unacked.get(ch)
+        return min(seqs) if seqs else None
+
+
+def _ack_entry(d: Delivered) -> F.AckEntry:
+    return F.AckEntry(seq=d.seq, sha256=bytes.fromhex(d.sha256), size=d.size,
+                      sent_name=d.sent_name, name=d.name, delivered_at=d.delivered_at)
+
+
+def _ack_entry_from_journal(held: dict[str, Any]) -> F.AckEntry:
+    return F.AckEntry(seq=int(held["seq"]), sha256=bytes.fromhex(str(held["sha256"])),
+                      size=int(held["size"]), sent_name=str(held["sent_name"]),
+                      name=str(held["name"]), delivered_at=float(held["delivered_at"]))
+

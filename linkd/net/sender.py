@@ -1,0 +1,533 @@
+"""The sending half of a session (see connection.py for the whole picture).
+
+`_sender` picks a channel with the Scheduler and sends its next Msg or Data chunk
+within the credit; `_ack_worker` checks each acknowledgement (and its signed
+receipt) against the file it names before resolving it (an ack is evidence, not a
+number); `_handle_nacks` retries, waits ("busy") or marks a probe for
+renumbering ("stale"); the probe phase and the tail renumbering keep pick-up
+order after our numbering went wrong. `SenderMixin` holds these methods of
+SessionRunner; `_OutChannel` is its per-channel state.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import errno
+import hashlib
+import io
+import math
+import os
+from typing import Any
+
+import trio
+
+from ..errors import SpoolError
+from ..evidence import keys as ekeys
+from ..evidence import receipts as R
+from ..evidence.canonical import micros
+from ..proto import frames as F
+from ..proto import session as S
+from ..proto.framing import CHUNK_SIZE
+from ..proto.scheduler import Scheduler
+from ..spool import (
+    Claimed,
+    FileChanged,
+    ResourceBusy,
+)
+from ..spool.outbound import is_resource_error
+from ..wakeup import Wakeup
+
+MAX_IN_FLIGHT = 1024          # unacknowledged messages per channel
+MAX_ATTEMPTS = 3              # sends of one message that fail its checksum before it is failed
+READ_RETRY = 2.0              # seconds before a queued file that could not be read is retried
+
+
+@dataclasses.dataclass
+class _InFlight:
+    item: Claimed
+    probe: bool                              # sent as a probe (seq <= the peer's committed)
+
+
+@dataclasses.dataclass
+class _OutChannel:
+    name: str
+    priority: int
+    next_seq: int = 1                        # send items with seq >= this next
+    in_flight: dict[int, _InFlight] = dataclasses.field(default_factory=dict)
+    current: Claimed | None = None
+    fh: Any = None
+    offset: int = 0
+    digest: Any = None                       # SHA-256 of what we read, when sent from 0
+    resume: tuple[int, int] | None = None
+    peer_committed: int = 0                  # from the peer's hello
+    probing: bool = False                    # queued seqs <= peer_committed await answers
+    verdicts: dict[int, str] = dataclasses.field(default_factory=dict)  # seq -> other|unknown
+    held: str | None = None                  # why its files wait (peer lacks the channel)
+    wait_until: float = 0.0                  # trio time before which nothing is sent
+
+
+class SenderMixin:
+    # The runner's state these methods use (set by SessionRunner.__init__).
+    link: Any
+    log: Any
+    session: S.Session | None
+    out: dict[str, _OutChannel]
+    nacks: list[S.NackReceived]
+    attempts: dict[tuple[str, int], int]
+    sender_wake: Wakeup
+    writer_wake: Wakeup
+    inbound_drained: Wakeup
+    inbound_qs: dict[str, tuple[Any, Any]]
+    ack_q: Any
+    scheduler: Scheduler
+    signer: Any
+    verifier: Any
+    peer_cert_der: bytes | None
+
+    def end(self, reason: str, error: bool) -> None:  # pragma: no cover - SessionRunner's
+        raise NotImplementedError
+
+    async def flush(self) -> None:  # pragma: no cover - SessionRunner's
+        raise NotImplementedError
+
+    def _violation(self, reason: str) -> None:  # pragma: no cover - SessionRunner's
+        raise NotImplementedError
+
+    def _receipt(self, ch: str, item: Claimed | None, entry: F.AckEntry,
+                 ) -> tuple[R.Receipt, R.Proof, str | None]:
+        """The receipt `entry` must carry (for our queued `item`, or as it says), and
+        why it does not verify (None if it does)."""
+        link = self.link
+        if item is not None:
+            receipt = R.Receipt(frm=link.cfg.node.name, to=link.name, channel=ch,
+                                seq=item.seq, sent_name=item.name, delivered_name=entry.name,
+                                size=item.size, sha256=item.sha256,
+                                delivered_at_us=micros(entry.delivered_at))
+        else:
+            receipt = R.Receipt(frm=link.cfg.node.name, to=link.name, channel=ch,
+                                seq=entry.seq, sent_name=entry.sent_name,
+                                delivered_name=entry.name, size=entry.size,
+                                sha256=entry.sha256.hex(),
+                                delivered_at_us=micros(entry.delivered_at))
+        proof = R.Proof(entry.index, entry.batch, entry.path, entry.sig, entry.signer.hex())
+        if not entry.sig:
+            return receipt, proof, "it carries no signed receipt"
+        if self.verifier is None:
+            return receipt, proof, "there is no peer certificate to check its receipt with"
+        return receipt, proof, self.verifier.problem(receipt, proof)
+
+    def _store_receipts(self, ch: str, docs: list[dict[str, Any]]) -> None:
+        """Blocking: receipts durable in <state_dir>/receipts/ before the files go."""
+        R.ReceiptStore(self.link.cfg.node.state_dir / "receipts").append(self.link.name, ch,
+                                                                        docs)
+
+    def _archive_receipts(self, ch: str, docs: list[dict[str, Any]]) -> None:
+        """Blocking: with archive_sent, `.<name>.receipt` beside each archived file (a
+        dot-file, so that sent/<ch>/ still lists only the files themselves)."""
+        sent = self.link.layout.sent_dir(ch)
+        for doc in docs:
+            r = doc["receipt"]
+            for name in (f".{r['sent_name']}.receipt", f".{r['sent_name']}.{r['seq']}.receipt"):
+                try:
+                    fd = os.open(sent / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                                 | os.O_NOFOLLOW, 0o640)
+                except FileExistsError:
+                    continue
+                try:
+                    os.write(fd, R.dumps(doc))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                break
+        if docs:
+            dfd = os.open(sent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+
+    # -- opening --------------------------------------------------------------
+
+    async def _ack_worker(self) -> None:
+        while True:
+            batch = [await self.ack_q.receive()]
+            while True:
+                try:
+                    batch.append(self.ack_q.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            by_channel: dict[str, list[F.AckEntry]] = collections.defaultdict(list)
+            for ev in batch:
+                by_channel[ev.ch].extend(ev.entries)
+            # Channels resolve their acks side by side: one channel's spool work must not
+            # hold back another's acks.
+            async with trio.open_nursery() as nursery:
+                for ch, entries in by_channel.items():
+                    nursery.start_soon(self._resolve_acks, ch, entries)
+            self.sender_wake.set()
+
+    async def _resolve_acks(self, ch: str, entries: list[F.AckEntry]) -> None:
+        link = self.link
+        spool = link.spools.get(ch)
+        state = self.out.get(ch)
+        if spool is None or state is None:
+            return
+        matched: dict[int, F.AckEntry] = {}
+        other: list[tuple[Claimed, F.AckEntry]] = []
+        docs: dict[int, dict[str, Any]] = {}
+        alg = ekeys.algorithm(self.verifier.cert.public_key()) if self.verifier else "?"
+        for entry in entries:
+            flight = state.in_flight.pop(entry.seq, None)
+            if flight is None:
+                continue        # failed or renumbered meanwhile (e.g. changed while sent)
+            item = flight.item
+            same = (entry.sha256.hex(), entry.size, entry.sent_name) == \
+                (item.sha256, item.size, item.name)
+            receipt, proof, problem = self._receipt(ch, item if same else None, entry)
+            if problem is not None and (same or flight.probe):
+                self.log.error("receipt_invalid", peer=link.name, channel=ch, seq=item.seq,
+                               name=item.name, sha256=item.sha256, reason=problem)
+                self._violation(f"the receipt for message {item.seq} on {ch!r} does not "
+                                f"verify: {problem}")
+                return
+            if same:
+                matched[item.seq] = entry
+                docs[item.seq] = R.document(receipt, proof, alg)
+            elif flight.probe:
+                other.append((item, entry))
+            else:
+                self.log.error("ack_mismatch", peer=link.name, channel=ch, seq=item.seq,
+                               name=item.name, sha256=item.sha256,
+                               acked_sha256=entry.sha256.hex(), acked_name=entry.sent_name)
+                self._violation(f"acknowledgement for message {item.seq} on {ch!r} names "
+                                f"other content (sha256 {entry.sha256.hex()[:16]}…, "
+                                f"{entry.size} bytes, {entry.sent_name!r}) than was sent")
+                return
+        for item, _entry in other:
+            # Our numbering went wrong (state lost or restored): the peer holds other
+            # content under this seq. Renumbered (with everything after it) once every
+            # probe of the channel is answered: see _finish_probing.
+            state.verdicts[item.seq] = "other"
+        if matched:
+            # The receipts are durable before any file leaves the queue.
+            await trio.to_thread.run_sync(self._store_receipts, ch,
+                                          [docs[s] for s in sorted(docs)])
+            resolved = await spool.resolve(list(matched))
+            if getattr(spool.outbound, "archive_sent", False) and resolved:
+                try:
+                    await trio.to_thread.run_sync(
+                        self._archive_receipts, ch, [docs[r.item.seq] for r in resolved])
+                except OSError as exc:
+                    self.log.warning("receipt_archive_failed", peer=link.name, channel=ch,
+                                     reason=str(exc))
+            link.refresh_queued([ch])
+            stats = link.status.channel(ch)
+            for r in resolved:
+                item, entry = r.item, matched[r.item.seq]
+                self.attempts.pop((ch, item.seq), None)
+                stats.note_sent(item.size)
+                fields: dict[str, Any] = dict(peer=link.name, channel=ch, name=item.name,
+                                              seq=item.seq, size=item.size, sha256=item.sha256)
+                if entry.name != item.name:
+                    fields["delivered_name"] = entry.name
+                self.log.info("message_sent", **fields)
+                if r.changed:
+                    self.log.warning("message_changed", peer=link.name, channel=ch,
+                                     name=item.name, seq=item.seq, sha256=item.sha256,
+                                     reason="the queued file was changed after pick-up; the "
+                                            "peer holds it as it was when it was queued")
+        self.sender_wake.set()
+
+    def _next_item(self, state: _OutChannel) -> Claimed | None:
+        if len(state.in_flight) >= MAX_IN_FLIGHT or state.held is not None:
+            return None
+        out = self.link.outbound.get(state.name)
+        if out is None or self.link.is_paused(state.name):
+            return None
+        if state.wait_until and trio.current_time() < state.wait_until:
+            return None
+        try:
+            item: Claimed | None = out.next_pending(state.next_seq)
+            if state.probing and item is not None and item.seq > state.peer_committed:
+                return None     # nothing but probes until every probe is answered
+            return item
+        except (RuntimeError, KeyError):
+            # The pending set is changing in a worker thread right now; it wakes the
+            # sender when it is done.
+            return None
+
+    def _ready(self) -> list[tuple[str, int]]:
+        assert self.session is not None
+        ready = []
+        for name, state in self.out.items():
+            if state.current is not None:
+                if self.session.sendable(name) > 0:
+                    ready.append((name, state.priority))
+            elif self._next_item(state) is not None:
+                ready.append((name, state.priority))
+        return ready
+
+    def _next_wait(self) -> float:
+        """When a channel held back by `wait_until` may send again."""
+        now = trio.current_time()
+        waits = [s.wait_until for s in self.out.values() if s.wait_until > now]
+        return min(waits) if waits else math.inf
+
+    async def _sender(self) -> None:
+        assert self.session is not None
+        while self.session.state is S.State.OPEN:
+            if self.nacks:
+                await self._handle_nacks()
+                continue
+            for state in list(self.out.values()):
+                if state.probing and self._probing_done(state):
+                    await self._finish_probing(state)
+            ready = self._ready()
+            if not ready:
+                with trio.move_on_at(self._next_wait()):
+                    await self.sender_wake.wait()
+                continue
+            name = self.scheduler.pick(ready)
+            assert name is not None
+            await self._step(self.out[name])
+            await self.flush()
+            await trio.lowlevel.checkpoint()
+
+    def _probing_done(self, state: _OutChannel) -> bool:
+        """Every queued seq <= the peer's committed has been probed and answered."""
+        if any(f.probe for f in state.in_flight.values()):
+            return False
+        out = self.link.outbound.get(state.name)
+        nxt = out.next_pending(state.next_seq) if out is not None else None
+        return nxt is None or nxt.seq > state.peer_committed
+
+    async def _finish_probing(self, state: _OutChannel) -> None:
+        """The probes are answered. Where the peer holds other content under one of
+        our seqs (or cannot say), that file and every later one are renumbered above
+        everything in use, in order (so pick-up order still holds: a file claimed
+        later never overtakes it)."""
+        state.probing = False
+        verdicts, state.verdicts = state.verdicts, {}
+        spool = self.link.spools.get(state.name)
+        if not verdicts or spool is None:
+            return
+        first = min(verdicts)
+        moved = await spool.renumber_tail(first, state.peer_committed)
+        for old, new in moved:
+            self.attempts.pop((state.name, old.seq), None)
+            fields: dict[str, Any] = dict(peer=self.link.name, channel=state.name,
+                                          name=old.name, seq=new.seq, old_seq=old.seq,
+                                          size=old.size, sha256=old.sha256)
+            verdict = verdicts.get(old.seq)
+            if verdict == "unknown":
+                self.log.warning("duplicate_possible", **fields,
+                                 reason=f"the peer cannot say what it holds under seq "
+                                        f"{old.seq}: sent again as seq {new.seq}")
+            else:
+                why = ("the peer holds other content under the old seq" if verdict
+                       else "an earlier file of the channel was renumbered")
+                self.log.info("message_renumbered", **fields, reason=why)
+        if moved:
+            state.next_seq = moved[0][1].seq
+        self.sender_wake.set()
+
+    async def _fail(self, item: Claimed, reason: str) -> None:
+        self.attempts.pop((item.channel, item.seq), None)   # bookkeeping dies with the message
+        spool = self.link.spools.get(item.channel)
+        if spool is None:
+            return
+        failed = await spool.fail(item, reason)
+        self.link.refresh_queued([item.channel])
+        if failed is not None:
+            self.link.log_failed([failed])
+
+    def _nacked(self, ch: str) -> bool:
+        """A nack for `ch` arrived and is not handled yet: whatever _step was about to
+        send on `ch` is stale (the session dropped the message; sending the next one
+        would carry the rewind flag past the nacked message)."""
+        return any(n.ch == ch for n in self.nacks)
+
+    async def _unreadable(self, state: _OutChannel, item: Claimed, exc: BaseException) -> None:
+        """A queued file could not be opened or read. A resource error (EMFILE...)
+        is retried without counting; a changed file is failed; anything else (EIO)
+        is retried a few times, then failed, so one bad file never wedges the peer."""
+        state.next_seq = item.seq
+        if isinstance(exc, FileChanged):
+            await self._fail(item, f"not sent: {exc}")
+            return
+        if isinstance(exc, ResourceBusy) or is_resource_error(exc):
+            self.log.warning("send_delayed", peer=self.link.name, channel=state.name,
+                             seq=item.seq, name=item.name, reason=str(exc))
+            state.wait_until = trio.current_time() + READ_RETRY
+            return
+        key = (state.name, item.seq)
+        self.attempts[key] = self.attempts.get(key, 0) + 1
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        if self.attempts[key] >= MAX_ATTEMPTS:
+            self.attempts.pop(key, None)
+            await self._fail(item, f"cannot read the queued file: {why}")
+            return
+        self.log.warning("message_retry", peer=self.link.name, channel=state.name,
+                         seq=item.seq, name=item.name, reason=f"cannot read it: {why}")
+        state.wait_until = trio.current_time() + READ_RETRY
+
+    def _show_in_flight(self, state: _OutChannel) -> None:
+        """/status `in_flight`: the message being sent on the channel, if any."""
+        stats = self.link.status.channel(state.name)
+        if not hasattr(stats, "in_flight"):
+            return
+        item = state.current
+        stats.in_flight = None if item is None else {
+            "name": item.name, "seq": item.seq, "size": item.size, "sent_bytes": state.offset}
+
+    def _abandon(self, state: _OutChannel) -> None:
+        """Stop sending the current message mid-way (its file went bad); the next
+        Msg on the channel carries the rewind flag, which tells the peer to drop
+        what it has of it."""
+        assert self.session is not None
+        if state.fh is not None:
+            state.fh.close()
+        if state.current is not None:
+            state.in_flight.pop(state.current.seq, None)
+        state.current, state.fh, state.digest = None, None, None
+        self._show_in_flight(state)
+        self.session.abandon(state.name)
+
+    async def _step(self, state: _OutChannel) -> None:
+        assert self.session is not None
+        session = self.session
+        if state.current is None:
+            item = self._next_item(state)
+            if item is None:        # the pending set changed since _ready() looked
+                return
+            state.next_seq = item.seq + 1
+            # Only this session's word counts: a limit from an earlier session of the
+            # peer means nothing now (it may have been raised since).
+            peer_ch = session.peer_channels.get(state.name)
+            peer_max = peer_ch.max if peer_ch is not None else None
+            if peer_max is not None and item.size > peer_max:
+                await self._fail(item, f"{item.size} bytes is over {self.link.name}'s "
+                                       f"max_message_bytes of {peer_max} on {state.name!r}")
+                return
+            if item.seq <= state.peer_committed:
+                # A probe: the peer says what it holds under this seq (see the top).
+                session.send_msg(state.name, item.seq, item.name, item.size,
+                                 bytes.fromhex(item.sha256), item.size)
+                state.in_flight[item.seq] = _InFlight(item, probe=True)
+                return
+            offset = 0
+            if state.resume is not None and state.resume[0] == item.seq \
+                    and state.resume[1] <= item.size:
+                offset = state.resume[1]
+            state.resume = None
+            spool = self.link.spools[state.name]
+            # A small file is read whole in the hop that opens it, and sent at once
+            # below (one thread hop per file instead of two).
+            small = item.size - offset <= CHUNK_SIZE
+            try:
+                fh = await spool.open(item, offset, prefetch=True) if small \
+                    else await spool.open(item, offset)
+            except (OSError, SpoolError) as exc:
+                await self._unreadable(state, item, exc)
+                return
+            if self._nacked(state.name) or session.state is not S.State.OPEN:
+                fh.close()
+                state.next_seq = item.seq       # _handle_nacks decides where to resume
+                return
+            session.send_msg(state.name, item.seq, item.name, item.size,
+                             bytes.fromhex(item.sha256), offset)
+            state.in_flight[item.seq] = _InFlight(item, probe=False)
+            if offset == item.size:
+                fh.close()
+                return
+            state.current, state.fh, state.offset = item, fh, offset
+            state.digest = hashlib.sha256() if offset == 0 else None
+            self._show_in_flight(state)
+            if not isinstance(fh, io.BytesIO) or session.sendable(state.name) == 0:
+                return
+        n = session.sendable(state.name)
+        item = state.current
+        fh = state.fh
+        try:
+            if isinstance(fh, io.BytesIO):
+                data = fh.read(n)           # prefetched when opened: no thread hop
+            else:
+                data = await trio.to_thread.run_sync(fh.read, n)
+        except (OSError, ValueError) as exc:
+            if self._nacked(state.name) or state.fh is not fh:
+                return
+            self._abandon(state)
+            await self._unreadable(state, item, exc if isinstance(exc, OSError)
+                                   else OSError(errno.EIO, str(exc)))
+            return
+        if self._nacked(state.name) or session.state is not S.State.OPEN or state.fh is not fh:
+            return                              # _handle_nacks closes the file
+        if len(data) < n:
+            # The file shrank under us: never send a truncated file.
+            self._abandon(state)
+            await self._fail(item, "not sent: the queued file changed size while being sent")
+            return
+        if state.digest is not None:
+            state.digest.update(data)
+        session.send_data(state.name, data)
+        state.offset += len(data)
+        shown = getattr(self.link.status.channel(state.name), "in_flight", None)
+        if isinstance(shown, dict):
+            shown["sent_bytes"] = state.offset
+        if session.remaining(state.name) == 0:
+            fh.close()
+            state.current, state.fh = None, None
+            self._show_in_flight(state)
+            if state.digest is not None and state.digest.hexdigest() != item.sha256:
+                # Changed while we read it: the peer will refuse the checksum; make sure
+                # the file is failed, not retried.
+                state.in_flight.pop(item.seq, None)
+                await self._fail(item, "not sent: the queued file was changed while being "
+                                       "sent")
+            state.digest = None
+
+    async def _handle_nacks(self) -> None:
+        nacks, self.nacks = self.nacks, []
+        for nack in nacks:
+            state = self.out.get(nack.ch)
+            spool = self.link.spools.get(nack.ch)
+            if state is None or spool is None:
+                continue
+            if state.fh is not None:
+                state.fh.close()
+            state.current, state.fh, state.digest = None, None, None
+            flight = state.in_flight.get(nack.seq)
+            for seq in [s for s in state.in_flight if s >= nack.seq]:
+                del state.in_flight[seq]
+            item = flight.item if flight is not None else spool.outbound.get(nack.seq)
+            state.next_seq = nack.seq
+            if item is None or spool.outbound.get(item.seq) is None:
+                continue            # failed or resolved meanwhile
+            if nack.kind == F.NACK_BUSY:
+                self.log.warning("message_retry", peer=self.link.name, channel=nack.ch,
+                                 seq=nack.seq, name=item.name, reason=nack.reason,
+                                 wait=nack.wait)
+                state.wait_until = trio.current_time() + max(nack.wait, 0.1)
+                continue
+            if nack.kind == F.NACK_STALE:
+                # The peer cannot say what it holds under this seq: renumbered with the
+                # rest of the tail once the probing is over (duplicate_possible then).
+                state.verdicts[item.seq] = "unknown"
+                state.next_seq = nack.seq + 1       # probe the rest (they were discarded)
+                continue
+            if spool.outbound.changed(item):
+                await self._fail(item, f"not sent: the queued file was changed after it was "
+                                       f"queued (refused by {self.link.name}: {nack.reason})")
+                continue
+            key = (nack.ch, nack.seq)
+            self.attempts[key] = self.attempts.get(key, 0) + 1
+            if not nack.retry or self.attempts[key] >= MAX_ATTEMPTS:
+                await self._fail(item, f"refused by {self.link.name}: {nack.reason}")
+                self.attempts.pop(key, None)
+                state.next_seq = nack.seq + 1
+            else:
+                self.log.warning("message_retry", peer=self.link.name, channel=nack.ch,
+                                 seq=nack.seq, name=item.name, reason=nack.reason)
+
+

@@ -1,0 +1,162 @@
+"""The outbound spool's small types and constants (a leaf module)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import FileChanged as FileChanged  # re-exported
+from ..errors import ResourceBusy as ResourceBusy
+from ..errors import SpoolError as SpoolError
+from .fs import FS
+
+READ_SIZE = 1 << 20
+CLAIM_BATCH = 64                 # files claimed per claim() call
+CLAIM_BYTES = 64 << 20           # bytes hashed per examine() call (a big file: itself alone)
+SETTLE = 1.0                     # seconds unchanged, where no lease can be taken
+MAX_SEQ = (1 << 53) - 1
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN,
+                             errno.ENOBUFS})
+_GONE = frozenset({errno.ENOENT, errno.ENOTDIR})
+_F_SETLEASE, _F_GETLEASE, _F_SETSIG = 1024, 1025, 10
+_RECORD = re.compile(r"([1-9][0-9]{0,15})\.(meta|data|fail)")
+_XATTR_NAME = "user.linkd.name"
+
+
+
+
+class FolderRefused(ResourceBusy):
+    """A folder of the channel is a symbolic link: the channel waits until
+    recover() finds real folders again (see the module docstring)."""
+
+
+
+
+def is_resource_error(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    channel: str
+    seq: int
+    name: str
+    size: int
+    sha256: str
+    path: Path
+    claimed_at: float
+    ino: int = 0
+    mtime_ns: int = 0
+
+
+class _Pending(dict[int, Claimed]):
+    """seq -> Claimed, keeping the total size and whether claim times still rise with
+    seq (so the oldest claim is the first entry), for O(1) status counts: a queue of
+    100,000 files is not summed again after every batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+        self.ordered = True         # claimed_at never falls as seq rises
+
+    def __setitem__(self, seq: int, item: Claimed) -> None:
+        old = self.get(seq)
+        if old is not None:
+            self.bytes -= old.size
+        elif self and (seq < next(reversed(self.keys()))
+                       or item.claimed_at < self[next(reversed(self.keys()))].claimed_at):
+            self.ordered = False
+        super().__setitem__(seq, item)
+        self.bytes += item.size
+
+    def __delitem__(self, seq: int) -> None:
+        self.bytes -= self[seq].size
+        super().__delitem__(seq)
+        if not self:
+            self.ordered = True
+
+    def pop(self, seq: int, default: Any = None) -> Any:
+        if seq in self:
+            item = self[seq]
+            del self[seq]
+            return item
+        return default
+
+    def oldest(self) -> float | None:
+        if not self:
+            return None
+        if self.ordered:
+            return next(iter(self.values())).claimed_at
+        return min(i.claimed_at for i in self.values())
+
+
+@dataclass(frozen=True)
+class FailedFile:
+    channel: str
+    name: str
+    size: int | None
+    reason: str
+    seq: int | None
+    path: Path  # where it now lies in failed/ (for a vanished file: its .reason)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A file in out/<ch>/ that examine() found complete and hashed."""
+
+    name: str
+    size: int
+    sha256: str
+    ino: int
+    mtime_ns: int
+
+
+@dataclass
+class Examined:
+    ready: list[Candidate]
+    failed: list[FailedFile]
+    retry_after: float | None = None     # some files were not ready: look again then
+    more: bool = False                   # the backlog has more right now
+
+
+@dataclass(frozen=True)
+class Resolved:
+    item: Claimed
+    changed: bool        # the queued file changed after pick-up (the peer has the original)
+
+
+def write_new(fs: FS, path: Path, data: bytes, sync: bool = True) -> None:
+    """Write a new record file and fsync it (its folder is fsync'd by the caller;
+    sync=False: the caller syncs the file system before relying on it)."""
+    fd = fs.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW)
+    try:
+        fs.write(fd, data)
+        if sync:
+            fs.fsync(fd)
+    finally:
+        fs.close(fd)
+
+
+def set_name_xattr(path: Path, name: str) -> None:
+    """Keep the original name on the file itself, where the file system allows
+    (it names the file in failed/ if its .meta is ever lost)."""
+    try:
+        os.setxattr(path, _XATTR_NAME, name.encode("utf-8"), follow_symlinks=False)
+    except OSError:
+        pass
+
+
+def describe_queue_record(path: Path) -> dict[str, Any] | None:
+    """A queue .meta as a dict (for `linkctl queue` when no daemon runs)."""
+    try:
+        with open(path, "rb") as f:
+            rec = json.loads(f.read(1 << 16))
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else None
+

@@ -1,0 +1,334 @@
+"""Pick-up, step 1 of a claim (outbound.py's theory of operation): `examine()`
+finds complete files in out/<ch>/ in arrival order and hashes them one at a time
+(one descriptor), reading only: it runs without the channel's lock. A read lease
+tells whether a writer still has a file open; resource errors raise
+ResourceBusy. `PickupMixin` holds these methods of Outbound."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import signal
+import stat
+import time
+from collections import deque
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import FileChanged as FileChanged  # re-exported
+from ..errors import ResourceBusy as ResourceBusy
+from ..errors import SpoolError as SpoolError
+from .files import (
+    place_with_reason,
+)
+from .fs import FS
+from .layout import (
+    SpoolLayout,
+    plain_name_problem,
+)
+from .outbound_items import (
+    _F_GETLEASE,
+    _F_SETLEASE,
+    _F_SETSIG,
+    _GONE,
+    CLAIM_BATCH,
+    CLAIM_BYTES,
+    READ_SIZE,
+    SETTLE,
+    Candidate,
+    Claimed,
+    Examined,
+    FailedFile,
+    _Pending,
+    is_resource_error,
+)
+
+
+class PickupMixin:
+    # The Outbound state these methods use (set by Outbound.__init__; typed seam).
+    layout: SpoolLayout
+    channel: str
+    fs: FS
+    max_bytes: int
+    archive_sent: bool
+    next_seq: int
+    acked: int
+    _out: Path
+    _q: Path
+    _failed: Path
+    _state: Path
+    _pending: _Pending
+    _listed: dict[str, int]
+    _backlog_bytes: int
+    _backlog: deque[str]
+    _not_ready: dict[str, float]
+    _ready: bool
+    _refused: str | None
+    _saved_next: int
+
+    if TYPE_CHECKING:
+        def _require(self) -> None: ...
+        def _check(self, *folders: Path) -> None: ...
+        def _spool_folders(self) -> list[Path]: ...
+        def _broken(self, what: str, exc: OSError) -> SpoolError: ...
+        def _rec(self, seq: int, kind: str) -> Path: ...
+        def _save_state(self) -> None: ...
+        def _load_state(self, problems: list[str]) -> None: ...
+        def _rehash(self, item: Claimed) -> Claimed: ...
+        def _recover_queue(self, problems: list[str]) -> None: ...
+        def _meta_bytes(self, item: Claimed, **extra: Any) -> bytes: ...
+
+    # -- pick-up, step 1: examine (reads only; no lock needed) --------------
+    def _list_out(self) -> list[str]:
+        found: list[tuple[int, str]] = []
+        sizes: dict[str, int] = {}
+        self._sizes_seen = sizes
+        try:
+            with os.scandir(self._out) as it:
+                for entry in it:
+                    if entry.name.startswith("."):
+                        continue
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            continue        # sub-folders are ignored (CONTRACT §3)
+                        st = entry.stat(follow_symlinks=False)
+                        found.append((st.st_ctime_ns, entry.name))
+                        sizes[entry.name] = st.st_size
+                    except FileNotFoundError:
+                        continue
+        except FileNotFoundError:
+            return []
+        return [name for _, name in sorted(found)]
+
+    def queue_stats(self) -> tuple[int, int, float | None, int, int]:
+        """(queued count, queued bytes, oldest claim time, waiting count, waiting bytes)
+        in O(1): `waiting` is the pick-up backlog as last listed (out/ is listed
+        again on every inotify wake-up and rescan), not a fresh scan of out/."""
+        return (len(self._pending), self._pending.bytes, self._pending.oldest(),
+                len(self._backlog), self._backlog_bytes)
+
+    def _backlog_add(self, names: list[str] | deque[str], front: bool = False) -> None:
+        for name in names:
+            self._backlog_bytes += self._listed.get(name, 0)
+        if front:
+            self._backlog.extendleft(reversed(names))
+        else:
+            self._backlog.extend(names)
+
+    def waiting(self) -> tuple[int, int]:
+        """(count, bytes) of files in out/<ch>/ not yet claimed (one scandir)."""
+        count = total = 0
+        try:
+            with os.scandir(self._out) as it:
+                for entry in it:
+                    try:
+                        if not entry.name.startswith(".") and entry.is_file(
+                                follow_symlinks=False):
+                            total += entry.stat(follow_symlinks=False).st_size
+                            count += 1
+                    except FileNotFoundError:
+                        continue
+        except FileNotFoundError:
+            pass
+        return count, total
+
+    def waiting_files(self, limit: int = 100_000) -> list[tuple[str, int, float]]:
+        """(name, size, ctime) of files in out/<ch>/ not yet claimed, arrival order."""
+        found: list[tuple[float, str, int]] = []
+        try:
+            with os.scandir(self._out) as it:
+                for entry in it:
+                    try:
+                        if not entry.name.startswith(".") and entry.is_file(
+                                follow_symlinks=False):
+                            st = entry.stat(follow_symlinks=False)
+                            found.append((st.st_ctime, entry.name, st.st_size))
+                    except FileNotFoundError:
+                        continue
+                    if len(found) >= limit:
+                        break
+        except FileNotFoundError:
+            pass
+        return [(name, size, ctime) for ctime, name, size in sorted(found)]
+
+    def examine(self, peer_max: int | None = None, limit: int = CLAIM_BATCH,
+                max_bytes: int = CLAIM_BYTES, relist: bool = False) -> Examined:
+        """Find and hash up to `limit` complete files of out/<ch>/ (see the module
+        docstring). Files that can never be sent go to failed/ here. ResourceBusy
+        when descriptors or memory run out (nothing is failed for that)."""
+        self._require()
+        if self._refused is not None:
+            return Examined([], [])             # recover() looks again (usable is False)
+        self._check(self._out, self._q, self._failed)
+        now = time.monotonic()
+        if relist or not self._backlog:
+            queued = set(self._backlog)
+            new = [n for n in self._list_out() if n not in queued]
+            for n in new:
+                self._listed[n] = self._sizes_seen.get(n, 0)
+            self._backlog_add(new)
+        result = Examined([], [])
+        hashed = 0
+        skipped: list[str] = []
+        while self._backlog and len(result.ready) < limit and hashed < max_bytes:
+            name = self._backlog.popleft()
+            self._backlog_bytes -= self._listed.get(name, 0)
+            again = self._not_ready.get(name)
+            if again is not None and again > now:
+                skipped.append(name)
+                continue
+            try:
+                got = self._examine_one(name, peer_max, result.failed)
+            except OSError as exc:
+                self._backlog_add([name], front=True)
+                self._backlog_add(skipped, front=True)
+                skipped = []
+                if is_resource_error(exc):
+                    raise ResourceBusy(f"picking up {name!r} on {self.layout.peer}/"
+                                       f"{self.channel}: {exc.strerror}: will retry") from None
+                raise SpoolError(f"cannot pick up {self._out / name}: {exc.strerror}") from None
+            if isinstance(got, Candidate):
+                self._not_ready.pop(name, None)
+                self._listed.pop(name, None)
+                result.ready.append(got)
+                hashed += got.size
+            elif isinstance(got, float):
+                self._not_ready[name] = now + got
+                skipped.append(name)
+            else:
+                self._not_ready.pop(name, None)
+                self._listed.pop(name, None)
+        # files not ready yet stay in the backlog, at its front (they arrived first)
+        self._backlog_add(skipped, front=True)
+        waits = [t - now for t in self._not_ready.values()]
+        result.retry_after = max(0.05, min(waits)) if waits else None
+        result.more = len(self._backlog) > len(skipped)
+        if len(self._not_ready) > 4 * len(self._backlog) + 64:      # forget vanished names
+            keep = set(self._backlog)
+            self._not_ready = {n: t for n, t in self._not_ready.items() if n in keep}
+        return result
+
+    def _examine_one(self, name: str, peer_max: int | None,
+                     failed: list[FailedFile]) -> Candidate | float | None:
+        """A Candidate; a float: not ready, look again in that many seconds; None:
+        gone, or moved to failed/."""
+        path = self._out / name
+        problem = plain_name_problem(name)
+        if problem:
+            failed.append(self._fail_unclaimed(name, None, f"file name {problem}"))
+            return None
+        try:
+            st = os.lstat(path)
+        except OSError as exc:
+            if exc.errno in _GONE:
+                return None
+            raise
+        if stat.S_ISDIR(st.st_mode):
+            return None
+        if stat.S_ISLNK(st.st_mode):
+            failed.append(self._fail_unclaimed(
+                name, None, "is a symbolic link: linkd never follows links in the spool; "
+                "copy the file into out/ instead"))
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            failed.append(self._fail_unclaimed(name, None, "is not a regular file"))
+            return None
+        try:
+            fd = self.fs.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno in _GONE or exc.errno in (errno.ELOOP, errno.ENXIO):
+                return None             # gone, or swapped for a link or FIFO: next scan
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                failed.append(self._fail_unclaimed(name, None, f"cannot read it: "
+                                                   f"{exc.strerror}: check its permissions"))
+                return None
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return None             # swapped meanwhile: look again at the next scan
+            leased = self._lease(fd)
+            if leased is None:
+                return 0.2              # someone has it open for writing (a cp running)
+            if not leased:
+                settled = time.time() - max(st.st_mtime, st.st_ctime)
+                if settled < SETTLE:
+                    return SETTLE - settled + 0.01
+            problem = self._size_problem(st.st_size, peer_max)
+            if problem is not None:
+                os.close(fd)
+                fd = -1
+                failed.append(self._fail_unclaimed(name, st.st_size, problem))
+                return None
+            digest, size = hashlib.sha256(), 0
+            while chunk := self.fs.read(fd, READ_SIZE):
+                digest.update(chunk)
+                size += len(chunk)
+            if leased and fcntl.fcntl(fd, _F_GETLEASE) != fcntl.F_RDLCK:
+                return 0.2              # a writer opened it while we hashed
+            after = os.fstat(fd)
+            if (after.st_size, after.st_mtime_ns) != (size, st.st_mtime_ns):
+                return 0.2              # written while we hashed (no lease here)
+            problem = self._size_problem(size, peer_max)
+            if problem is not None:
+                os.close(fd)
+                fd = -1
+                failed.append(self._fail_unclaimed(name, size, problem))
+                return None
+            return Candidate(name, size, digest.hexdigest(), st.st_ino, st.st_mtime_ns)
+        except OSError as exc:
+            if is_resource_error(exc):
+                raise
+            if fd >= 0:
+                os.close(fd)
+                fd = -1
+            failed.append(self._fail_unclaimed(name, None, f"cannot read it: "
+                                               f"{exc.strerror or exc}"))
+            return None
+        finally:
+            if fd >= 0:
+                os.close(fd)            # closing drops the lease
+
+    @staticmethod
+    def _lease(fd: int) -> bool | None:
+        """Take a read lease: True; None if a writer holds the file open; False if
+        no lease can be had here (not the owner without CAP_LEASE, or no support)."""
+        try:
+            # A lease break would signal us with SIGIO, whose default is to end the
+            # process: route it to SIGURG, which is ignored by default.
+            fcntl.fcntl(fd, _F_SETSIG, int(signal.SIGURG))
+            fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_RDLCK)
+            return True
+        except OSError as exc:
+            if exc.errno == errno.EAGAIN:
+                return None
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EINVAL, errno.ENOSYS,
+                             errno.ENOTSUP):
+                return False
+            raise
+
+    def _size_problem(self, size: int, peer_max: int | None) -> str | None:
+        if size > self.max_bytes:
+            return f"{size} bytes is over this channel's max_message_bytes ({self.max_bytes})"
+        if peer_max is not None and size > peer_max:
+            return f"{size} bytes is over the peer's max_message_bytes ({peer_max})"
+        return None
+
+    def _fail_unclaimed(self, name: str, size: int | None, reason: str) -> FailedFile:
+        try:
+            path = place_with_reason(self.fs, self._out / name, self._failed, name, reason)
+            self.fs.fsync_dir(self._out)
+        except FileNotFoundError:
+            if os.path.lexists(self._out / name):
+                raise SpoolError(f"cannot move {self._out / name} to {self._failed}: "
+                                 f"is the folder missing?") from None
+            path = self._failed / name   # vanished meanwhile: nothing to keep
+        except OSError as exc:
+            if is_resource_error(exc):
+                raise
+            raise SpoolError(f"cannot move {self._out / name} to {self._failed}: "
+                             f"{exc.strerror}") from None
+        return FailedFile(self.channel, name, size, reason, None, path)
+
