@@ -59,10 +59,9 @@ from .heartbeat import Heartbeat
 from .state import Input, State, next_state
 
 __all__ = [
-    "check_hello", "named_reason",
     "AckReceived", "CheckpointReceived", "CreditReceived", "Event", "Input", "MessageComplete",
     "MessageData", "MessageStart", "NackReceived", "PeerHello", "RttMeasured", "Session",
-    "SessionClosed", "State",
+    "SessionClosed", "State", "check_hello", "named_reason",
 ]
 
 
@@ -221,8 +220,8 @@ class Session:
                 self._step(Input.PEER_BYE)
                 self.close_reason = reason
                 if was is State.HANDSHAKE:
-                    return [SessionClosed(f"refused by the peer: {_theirs(reason)}", error=True,
-                                          by_peer=True)]
+                    return [SessionClosed(f"refused by the peer: {_theirs(reason)}",
+                                          error=True, by_peer=True)]
                 return [SessionClosed(f"peer said goodbye: {_theirs(reason)}", error=False,
                                       by_peer=True)]
         self._step(Input.PEER_FRAME, type(frame).__name__.lower())
