@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .errors import ConfigError
+from .names import is_channel_name
 
 DEFAULT_CONFIG = "/etc/linkd/linkd.toml"
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
@@ -114,7 +115,6 @@ class Config:
 # --------------------------------------------------------------------------
 
 # Names that become directory names: one plain path component, nothing hidden.
-_CHANNEL_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _NODE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,253}")
 _BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 _PORT_RE = re.compile(r"[0-9]{1,5}")
@@ -422,7 +422,7 @@ class _Loader:
         t = self.table(value, key, "[[peer.channel]]")
         self.keys(t, _CHANNEL_KEYS, key, ctx)
         name = self.get(t, "name", key, str, required=True, ctx=ctx)
-        if not _CHANNEL_RE.fullmatch(name) or name in (".", ".."):
+        if not is_channel_name(name):
             self.fail(f"{key}.name", f"{_quote(name)} is not a valid channel name",
                       "use 1-64 of A-Z a-z 0-9 _ . - (not '.' or '..')", ctx)
         priority = self.get(t, "priority", key, int, ctx=ctx)
