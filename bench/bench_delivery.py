@@ -4,7 +4,7 @@
     .venv/bin/python bench/bench_delivery.py [--files 20000] [--file-kib 4]
                                              [--big-mib 1024] [--dir DIR] [--keep]
 
-Two runs, each on a fresh pair of daemons (tests/procs.py: throwaway PKI, JSON logs):
+Two runs, each on a fresh pair of daemons (tests/support/procs.py: throwaway PKI, JSON logs):
 
 1. many small files: `--files` files of `--file-kib` KiB are written to a staging folder
    first (not timed), then renamed into the sender's out/data/ as fast as possible
@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE.parent / "tests" / "support"))
 
 from procs import entries, make_pair, stop_all, wait_for, write_file  # noqa: E402
 

@@ -2,7 +2,7 @@
 """Benchmark: pick-up-to-delivery latency of small high-priority files while a big
 low-priority file streams over the same link (CONTRACT §4.4; target p99 < 50 ms).
 
-Two real daemons on 127.0.0.1 (the tests' harness, tests/procs.py). A file of
+Two real daemons on 127.0.0.1 (the tests' harness, tests/support/procs.py). A file of
 --bulk-mib MiB goes on channel "bulk" (priority 0); while it streams, a small file
 is renamed into out/alerts/ (priority 10) every --interval seconds. Latency is
 measured from just after that rename() to the IN_MOVED_TO inotify event for the
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import inotify_simple
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "support"))
 from procs import make_pair, proc_rss_bytes, stop_all, wait_for  # noqa: E402
 
 CHANNELS = [{"name": "bulk", "priority": 0}, {"name": "alerts", "priority": 10}]

@@ -16,7 +16,7 @@ Ceilings (what the hardware and the libraries allow):
   group          4 KiB files in batches of 64: write all, one syncfs, rename all,
                  one folder fsync (20,000 files: shorter runs see only the page cache)
   sha256         hashlib over 1 MiB pieces
-linkd (two real daemons on 127.0.0.1, tests/procs.py; each workload on a fresh pair):
+linkd (two real daemons on 127.0.0.1, tests/support/procs.py; each workload on a fresh pair):
   big            one file renamed into out/ -> durable in the peer's in/ (and acked)
   small          N x 4 KiB renamed into out/ -> all in the peer's in/ and acked
   priority       1 KiB files every 20 ms on a priority-10 channel while a big file
@@ -50,7 +50,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests" / "support"))
 sys.path.insert(0, str(HERE))
 
 MiB = 1 << 20

@@ -1,7 +1,7 @@
 """The sans-IO protocol core: bytes, events and `now` in; bytes, events and deadlines out.
 
 Nothing in this package may import trio, socket, ssl, os, time or a logger
-(tests/test_proto_purity.py enforces it).
+(tests/proto/test_proto_purity.py enforces it).
 
     session.py    the Session: dispatch of frames, calls and timers; output queues
     state.py      the session's states and the (state, input) -> state table

@@ -98,7 +98,7 @@ IGNORED: frozenset[tuple[State, Input]] = frozenset(
        (CL, Input.SEND_CHECKPOINT), (HS, Input.SEND_CHECKPOINT)})
 
 # Why an illegal input from the peer is illegal (the reason in its bye); every illegal
-# pair of a peer input has one (tests/test_proto_state.py checks).
+# pair of a peer input has one (tests/proto/test_proto_state.py checks).
 PEER_RULES: dict[tuple[State, Input], str] = {
     (HS, Input.PEER_FRAME): "expected hello, got {what}",
     (OP, Input.PEER_HELLO): "second hello",

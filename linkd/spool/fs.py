@@ -6,7 +6,7 @@ The spool's correctness rests on the *order* of a handful of system calls
 (write, fsync, rename, fsync of the folder, ...). Each of them is a method of
 `FS`, and every method that changes what is on disk first calls
 `FS.step(op, target)`. Production code uses `FS()` (plain `os` calls); tests
-use `FaultyFS` (tests/spoolkit.py), whose `step` raises `OSError` (ENOSPC,
+use `FaultyFS` (tests/support/spoolkit.py), whose `step` raises `OSError` (ENOSPC,
 EIO, ...) or a simulated crash at the N-th step, so every crash point of every
 protocol can be visited one by one, on real files.
 

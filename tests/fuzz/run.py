@@ -10,7 +10,7 @@ corpus (tests/fuzz/corpus/<target>/, made by make_corpus.py from real
 Sessions). New interesting inputs go to a scratch copy of the corpus (pass
 --keep-corpus to grow the committed one on a long run). A crash writes the
 input to tests/fuzz/crashes/<target>-crash-<sha1> and fails the run: add it to
-tests/fuzz/regressions/<target>/ so that tests/test_fuzz_regressions.py replays
+tests/fuzz/regressions/<target>/ so that tests/proto/test_fuzz_regressions.py replays
 it on every test run, then fix the bug.
 
 Exit: 0 no crash, 1 a crash, 3 atheris is not installed (the caller decides).

@@ -6,7 +6,7 @@ bytes), the Session nothing at all (it turns a peer's violation into a
 SessionClosed event) and, for calls we make ourselves, `LocalProtocolError`.
 Anything else -- an IndexError, a KeyError, a RecursionError, an assertion --
 is a crash: atheris (tests/fuzz/run.py) saves the input, and the input is kept
-as a regression test (tests/test_fuzz_regressions.py replays the corpus).
+as a regression test (tests/proto/test_fuzz_regressions.py replays the corpus).
 
 Shared by the atheris runner and by the plain replay test, so it imports
 nothing but linkd (no atheris).

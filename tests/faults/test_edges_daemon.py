@@ -1,7 +1,7 @@
 """Issue 7 at the level of real daemons: no file lost, stuck or truncated at the edges.
 
 One regression test per daemon-level item of the issue, each on two real linkd
-processes (tests/procs.py), reached only through the outside contract (spool folders,
+processes (tests/support/procs.py), reached only through the outside contract (spool folders,
 configs, signals, JSON log events):
 
   (1)  in-place writers     a 64 MiB file written straight into out/<ch>/ in 1 MiB chunks

@@ -2,7 +2,7 @@
 
 alpha runs in namespace A and dials bravo in namespace B across a veth pair
 (10.231.N.1 <-> 10.231.N.2, addresses that exist only inside those namespaces).
-Faults are nft rules in B's own ruleset (tests/netns.py):
+Faults are nft rules in B's own ruleset (tests/support/netns.py):
 
 * partition: DROP every packet both ways for 20 s (60 s in the slow variant), in
   the middle of a 256 MiB transfer, with small files flowing both ways;

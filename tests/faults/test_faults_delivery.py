@@ -1,6 +1,6 @@
 """Exactly-once delivery under real faults, on real processes and real files (issue 3).
 
-Every test here runs two linkd daemons (tests/procs.py) and injects a fault
+Every test here runs two linkd daemons (tests/support/procs.py) and injects a fault
 from outside: SIGKILL at random moments, a TCP proxy that holds back or cuts
 the bytes, a full file system, strace killing the daemon at its N-th fsync or
 rename, dropped capabilities. Tests wait on observable conditions (files,
@@ -11,7 +11,7 @@ Tests and how each fault is induced:
   kill test            2,000 files (10,000 with -m slow) on `alerts` (priority 10) and
                        `data`, dropped while SIGKILL hits receiver and sender in turn
                        (20 / 100 kills) at random moments of a live link; checked by
-                       tests/checker.py (lost, duplicated, unexpected, corrupt; log order)
+                       tests/support/checker.py (lost, duplicated, unexpected, corrupt; log order)
   consumer took it     (a) the sender's state dir is rolled back to "seq 1 claimed" after
                        delivery and consumption; (b) a hand-driven protocol peer resends
                        seq 1 on the wire to the real receiver

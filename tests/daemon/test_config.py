@@ -22,7 +22,7 @@ from linkd.config import (
 )
 from linkd.errors import ConfigError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "config"
 
 BASE: dict[str, Any] = {

@@ -1,4 +1,4 @@
-"""Latency and mid-frame cuts through our own user-space TCP proxy (tests/delayproxy.py).
+"""Latency and mid-frame cuts through our own user-space TCP proxy (tests/support/delayproxy.py).
 
 alpha dials bravo through the proxy. With 200 ms added each way the link must come
 up, stay up (heartbeats are not fooled by a long round trip), report the RTT and

@@ -5,7 +5,7 @@ how recovery.py, inbound.py and outbound.py used to hang together."""
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent / "linkd"
+ROOT = Path(__file__).resolve().parents[2] / "linkd"
 
 
 def module_name(path: Path) -> str:
