@@ -322,9 +322,12 @@ async def _dial(daemon: Any, link: Any, host: str, port: int, remote: str,
             cause = exc.__cause__.exceptions[-1]
         if not isinstance(cause, OSError):
             cause = exc
+        detail = getattr(cause, "strerror", None) or str(cause)
+        # trio words it "Error connecting to ('127.0.0.1', 7443): Connection refused"
+        detail = detail.split("): ", 1)[1] if detail.startswith("Error connecting to (") \
+            and "): " in detail else detail
         reason = f"cannot connect to {remote}: " + (
-            "timed out" if isinstance(exc, trio.TooSlowError) else
-            (getattr(cause, "strerror", None) or str(cause)))
+            "timed out" if isinstance(exc, trio.TooSlowError) else detail)
         link.log.debug("connect_failed", reason=reason)
         return reason
     remote = _remote_of(tcp)

@@ -111,6 +111,9 @@ def test_an_outage_is_visible_in_status_and_logged_after_10s(tmp_path: Path,
     first = wait_for(lambda: (p := peer(a, "bravo"))["attempts"] >= 1 and p["last_error"] and p,
                      15)
     assert first["down_since"] and first["last_error_at"]
+    # one plain reason, not trio's "Error connecting to ('127.0.0.1', N): ..." echo
+    assert first["last_error"].startswith("cannot connect to 127.0.0.1:") and \
+        "Error connecting to" not in first["last_error"], first["last_error"]
     later = wait_for(lambda: (p := peer(a, "bravo"))["attempts"] > first["attempts"] and p, 15)
     assert later["down_since"] == first["down_since"], "down_since moved within one outage"
     event = wait_for(lambda: a.events("link_still_down"), 20)[0]
