@@ -406,6 +406,14 @@ class SenderMixin(RunnerState):
             if item is None:        # the pending set changed since _ready() looked
                 return
             state.next_seq = item.seq + 1
+            if item.seq <= state.peer_committed:
+                # A probe: the peer says what it holds under this seq (see the top). No
+                # size limit applies: no data goes out, and the peer may hold it already
+                # (its limit may have been lowered since it took it).
+                session.send_msg(state.name, item.seq, item.name, item.size,
+                                 bytes.fromhex(item.sha256), item.size)
+                state.in_flight[item.seq] = _InFlight(item, probe=True)
+                return
             # Only this session's word counts: a limit from an earlier session of the
             # peer means nothing now (it may have been raised since).
             peer_ch = session.peer_channels.get(state.name)
@@ -413,12 +421,6 @@ class SenderMixin(RunnerState):
             if peer_max is not None and item.size > peer_max:
                 await self._fail(item, f"{item.size} bytes is over {self.link.name}'s "
                                        f"max_message_bytes of {peer_max} on {state.name!r}")
-                return
-            if item.seq <= state.peer_committed:
-                # A probe: the peer says what it holds under this seq (see the top).
-                session.send_msg(state.name, item.seq, item.name, item.size,
-                                 bytes.fromhex(item.sha256), item.size)
-                state.in_flight[item.seq] = _InFlight(item, probe=True)
                 return
             offset = 0
             if state.resume is not None and state.resume[0] == item.seq \

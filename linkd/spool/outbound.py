@@ -9,7 +9,8 @@ the queued file, to notice a change after pick-up) plus `<seq>.data` (the file
 itself, renamed out of out/<ch>/). `<seq>.fail` marks a seq being failed. The
 small state file `<state>/peers/<peer>/channels/<ch>/out.json` holds `next`
 (the lowest seq the next claim may take) and `acked` (the highest seq the peer
-ever acknowledged, to notice a peer whose state went backwards).
+acknowledged or reported committed in a hello, to notice a peer whose state went
+backwards, even for messages whose acknowledgement never reached us).
 
 Sequence numbers are labels, not evidence: a file leaves the queue only on an
 acknowledgement that names its seq *and* content (checked by the caller), or
@@ -130,7 +131,7 @@ class Outbound(PickupMixin, RecoveryMixin):
         self._out, self._q = layout.out_dir(channel), layout.queue_dir(channel)
         self._failed, self._state = layout.failed_dir(channel), layout.state_file_out(channel)
         self.next_seq = 1
-        self.acked = 0                          # highest seq the peer ever acknowledged
+        self.acked = 0                  # highest seq the peer acknowledged or reported committed
         self._saved_next = 1                    # `next` as the state file has it
         self._pending = _Pending()
         self._backlog: deque[str] = deque()
@@ -260,10 +261,12 @@ class Outbound(PickupMixin, RecoveryMixin):
         warning about possible duplicates is given once). True if anything moved."""
         self._require()
         target = min(committed, MAX_SEQ - 1) + 1
-        if target <= self.next_seq and committed >= self.acked:
+        if target <= self.next_seq and committed == self.acked:
             return False
         self.next_seq = max(self.next_seq, target)
-        self.acked = min(self.acked, committed)
+        # `acked` follows what the peer reports: a later report below it means the
+        # peer's state went back, even for messages whose ack never reached us.
+        self.acked = committed
         try:
             self._save_state()
         except OSError as exc:

@@ -234,7 +234,7 @@ def test_5_channels_x_and_x_json_never_touch_each_other(tmp_path):
     x, xj = outbound(layout, "X"), outbound(layout, "X.json")          # restart
     assert [(p.seq, p.name) for p in x.pending()] == [(3, "x2")]
     assert [(p.seq, p.name) for p in xj.pending()] == [(1, "j0"), (2, "j1"), (3, "j2")]
-    assert (x.next_seq, x.acked, xj.next_seq, xj.acked) == (4, 2, 11, 0)
+    assert (x.next_seq, x.acked, xj.next_seq, xj.acked) == (4, 2, 11, 10)
     for p in xj.pending():
         with xj.open(p) as f:
             assert f.read() == p.name.encode() * 3
