@@ -123,6 +123,24 @@ async def test_a_peer_claiming_a_high_committed_seq_resolves_nothing_unsent(link
     assert link.outbound["data"].next_seq > 1003
 
 
+async def test_a_probe_ignores_the_peers_size_limit(link):
+    """The peer took the file before it lowered its limit (campaign seed 1733724005):
+    the probe carries no data, the peer says it holds it, the file is sent, not failed
+    (it used to be failed as 'over the peer's max_message_bytes' while delivered)."""
+    payload = os.urandom(5000)
+    drop(link, "data", "big.bin", payload)
+    scan_sync(link)
+    peer = FakePeer(None, committed=1, max_bytes=1000, holds={("data", 1): payload})
+
+    async def until(runner, peer):
+        while link.status.channel("data").sent < 1:  # noqa: ASYNC110 (resolved in a thread)
+            await trio.sleep(0.01)
+    runner = await run_against(link, peer, until)
+    assert not hasattr(runner, "result"), runner.result
+    assert link.outbound["data"].pending() == []
+    assert list(link.layout.failed_dir("data").iterdir()) == []
+
+
 # -- a queued file that cannot be read (issue 7 item 4) ------------------------------------
 
 

@@ -162,18 +162,20 @@ class FakePeer:
                  channels: tuple[str, ...] = ("data",), credit: int = 4 << 20,
                  silent: bool = False, ack: bool = True,
                  withhold: frozenset[str] = frozenset(), committed: int = 0,
-                 forge: Any = None) -> None:
+                 forge: Any = None, max_bytes: int = 1 << 40,
+                 holds: dict[tuple[str, int], bytes] | None = None) -> None:
         self.stream = stream
         self.silent = silent
         self.ack = ack
         self.forge = forge                 # AckEntry -> AckEntry: a peer that lies
+        self.holds = holds or {}           # (ch, seq) -> what it already committed there
         self.node = node
         self.peer = peer
         self.signer = fake_identity(node)  # signs receipts like a real peer
         self.withhold = set(withhold)      # channels whose credit we do not give back
         self.session = S.Session(
             node=node, peer=peer, now=trio.current_time(),
-            channels=[F.ChannelHello(name=c, max=1 << 40, credit=credit, committed=committed)
+            channels=[F.ChannelHello(name=c, max=max_bytes, credit=credit, committed=committed)
                       for c in channels],
             heartbeat_interval=FAR, heartbeat_timeout=FAR, handshake_timeout=FAR)
         self.lock = trio.StrictFIFOLock()
@@ -242,7 +244,7 @@ class FakePeer:
     def _done(self, ch: str, seq: int, now: float) -> None:
         self.complete[(ch, seq)] = now
         if self.ack and not self.silent:
-            body = bytes(self.bodies[(ch, seq)])
+            body = self.holds.get((ch, seq), bytes(self.bodies[(ch, seq)]))
             name = self.names[(ch, seq)]
             entry = F.AckEntry(seq, hashlib.sha256(body).digest(), len(body), name, name, now)
             entry = self.sign(ch, entry)
