@@ -133,12 +133,13 @@ async def test_a_probe_ignores_the_peers_size_limit(link):
     peer = FakePeer(None, committed=1, max_bytes=1000, holds={("data", 1): payload})
 
     async def until(runner, peer):
-        while link.status.channel("data").sent < 1:  # noqa: ASYNC110 (resolved in a thread)
+        stats = link.status.channel("data")
+        while stats.sent + stats.failed < 1:  # noqa: ASYNC110 (resolved in a thread)
             await trio.sleep(0.01)
     runner = await run_against(link, peer, until)
     assert not hasattr(runner, "result"), runner.result
-    assert link.outbound["data"].pending() == []
     assert list(link.layout.failed_dir("data").iterdir()) == []
+    assert link.outbound["data"].pending() == [] and link.status.channel("data").sent == 1
 
 
 # -- a queued file that cannot be read (issue 7 item 4) ------------------------------------
