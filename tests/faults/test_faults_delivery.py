@@ -42,8 +42,6 @@ import hashlib
 import os
 import random
 import shutil
-import socket
-import ssl
 import subprocess
 import sys
 import threading
@@ -63,6 +61,7 @@ from procs import (
     wait_for,
     write_file,
 )
+from socketpeer import FakeSender
 
 CHANNELS = [{"name": "alerts", "priority": 10}, {"name": "data"}]
 NAMES = ["alerts", "data"]
@@ -316,64 +315,6 @@ def test_consumer_took_it_sender_state_rolled_back(tmp_path: Path) -> None:
         stop_all(a, b)
 
 
-class FakeSender:
-    """A hand-driven protocol peer (linkd.proto.Session over a blocking TLS socket) that
-    speaks as `node` and sends whatever seq it is told to, whatever the hello says."""
-
-    def __init__(self, pki_dir: Path, node: str, peer: str, port: int,
-                 channels: list[str]) -> None:
-        from linkd.proto import frames as F
-        from linkd.proto import session as S
-
-        self.S = S
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_3
-        ctx.check_hostname = False
-        ctx.load_cert_chain(str(pki_dir / f"{node}.crt"), str(pki_dir / f"{node}.key"))
-        ctx.load_verify_locations(cafile=str(pki_dir / "ca.crt"))
-        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.sock = ctx.wrap_socket(raw)
-        self.session = S.Session(
-            node=node, peer=peer, now=time.monotonic(), heartbeat_interval=60,
-            heartbeat_timeout=120,
-            channels=[F.ChannelHello(name=c, max=1 << 30, credit=4 << 20) for c in channels])
-        self.events: list[Any] = []
-        self.flush()
-
-    def flush(self) -> None:
-        data = self.session.data_to_send(time.monotonic())
-        if data:
-            self.sock.sendall(data)
-
-    def pump_until(self, predicate: Any, timeout: float = 20) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            found = predicate(self.events)
-            if found:
-                return found
-            if time.monotonic() > deadline:
-                raise AssertionError(f"fake sender: timed out; events {self.events}")
-            self.sock.settimeout(max(0.05, deadline - time.monotonic()))
-            data = self.sock.recv(65536)
-            self.events += self.session.receive_data(data, time.monotonic())
-            self.flush()
-            if any(isinstance(e, self.S.SessionClosed) for e in self.events):
-                raise AssertionError(f"session closed: {self.events}")
-
-    def send_file(self, ch: str, seq: int, name: str, data: bytes) -> None:
-        digest = hashlib.sha256(data).digest()
-        self.session.send_msg(ch, seq, name, len(data), digest, 0)
-        for i in range(0, len(data), 256 * 1024):
-            self.session.send_data(ch, data[i:i + 256 * 1024])
-        self.flush()
-
-    def close(self) -> None:
-        try:
-            self.session.close("test done")
-            self.flush()
-        except Exception:  # best effort: the test is over
-            pass
-        self.sock.close()
 
 
 def test_consumer_took_it_wire_resend(tmp_path: Path) -> None:

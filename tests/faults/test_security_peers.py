@@ -21,61 +21,12 @@ from procs import (
     stop_all,
     wait_for,
 )
+from socketpeer import SocketPeer as FakePeer
 
 from linkd import pki
 from linkd.proto import frames as F
 from linkd.proto import session as S
 from linkd.proto.framing import encode_frame
-
-
-class FakePeer:
-    """A hand-driven protocol peer over a blocking TLS socket: speaks as `node` with
-    `cert`'s identity, from `source` (127.0.0.2 is another host on lo)."""
-
-    def __init__(self, pki_dir: Path, cert: str, node: str, peer: str, port: int,
-                 channels: list[str], source: str = "127.0.0.1") -> None:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_3
-        ctx.check_hostname = False
-        ctx.load_cert_chain(str(pki_dir / f"{cert}.crt"), str(pki_dir / f"{cert}.key"))
-        ctx.load_verify_locations(cafile=str(pki_dir / "ca.crt"))
-        raw = socket.create_connection(("127.0.0.1", port), timeout=10,
-                                       source_address=(source, 0))
-        self.sock = ctx.wrap_socket(raw)
-        self.session = S.Session(
-            node=node, peer=peer, now=time.monotonic(), heartbeat_interval=60,
-            heartbeat_timeout=120,
-            channels=[F.ChannelHello(name=c, max=1 << 30, credit=4 << 20) for c in channels])
-        self.events: list[Any] = []
-        self.flush()
-
-    def flush(self) -> None:
-        data = self.session.data_to_send(time.monotonic())
-        if data:
-            self.sock.sendall(data)
-
-    def pump(self, until: Any, timeout: float = 20) -> Any:
-        """Read until `until(events)` is true or the connection ends; the events."""
-        deadline = time.monotonic() + timeout
-        while not until(self.events):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"fake peer: timed out; events {self.events}")
-            self.sock.settimeout(max(0.05, deadline - time.monotonic()))
-            try:
-                data = self.sock.recv(65536)
-            except (ConnectionError, ssl.SSLError):
-                data = b""
-            self.events += self.session.receive_data(data, time.monotonic())
-            if not data or self.session.state is S.State.CLOSED:
-                break
-            self.flush()
-        return self.events
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
 
 
 def closed(events: list[Any]) -> Any:
