@@ -118,15 +118,25 @@ def run_simple(sock: Path, path: str, body: dict[str, Any]) -> int:
     return _emit(_clean(str((doc or {}).get("message", "done"))))
 
 
-def run_queue(sock: Path, peer: str | None, channel: str | None, as_json: bool) -> int:
-    code, doc = _call(sock, "GET", "/queue" + _query(peer=peer, channel=channel))
+def _fetch_list(sock: Path, path: str, peer: str | None, channel: str | None,
+                as_json: bool, empty: str) -> list[Any] | int:
+    """GET a list endpoint: the entries to print as a table (escaped), or the exit
+    code once it was handled (an error, --json, or nothing to show)."""
+    code, doc = _call(sock, "GET", path + _query(peer=peer, channel=channel))
     if code != 200 or not isinstance(doc, list):
         return _fail(_error_of(code, doc))
     if as_json:
         return _emit(json.dumps(doc, indent=2))
     if not doc:
-        return _emit("queue empty")
-    doc = safe_doc(doc)
+        return _emit(empty)
+    listed: list[Any] = safe_doc(doc)
+    return listed
+
+
+def run_queue(sock: Path, peer: str | None, channel: str | None, as_json: bool) -> int:
+    doc = _fetch_list(sock, "/queue", peer, channel, as_json, "queue empty")
+    if isinstance(doc, int):
+        return doc
     rows = [["PEER", "CHANNEL", "SEQ", "NAME", "SIZE", "AGE", "SENT", "STATE"]]
     for e in doc:
         state = str(e.get("state"))
@@ -141,14 +151,9 @@ def run_queue(sock: Path, peer: str | None, channel: str | None, as_json: bool) 
 
 
 def run_failed(sock: Path, peer: str | None, channel: str | None, as_json: bool) -> int:
-    code, doc = _call(sock, "GET", "/failed" + _query(peer=peer, channel=channel))
-    if code != 200 or not isinstance(doc, list):
-        return _fail(_error_of(code, doc))
-    if as_json:
-        return _emit(json.dumps(doc, indent=2))
-    if not doc:
-        return _emit("no failed files")
-    doc = safe_doc(doc)
+    doc = _fetch_list(sock, "/failed", peer, channel, as_json, "no failed files")
+    if isinstance(doc, int):
+        return doc
     rows = [["PEER", "CHANNEL", "NAME", "SIZE", "FAILED AT", "REASON"]]
     for e in doc:
         rows.append([str(e.get("peer")), str(e.get("channel")), _clean(str(e.get("name"))),
