@@ -502,9 +502,18 @@ def hub_clients(pki_dir: Path, port: int, names: list[str]) -> None:
         ctx.check_hostname = False
         ctx.load_cert_chain(str(pki_dir / f"{name}.crt"), str(pki_dir / f"{name}.key"))
         ctx.load_verify_locations(cafile=str(pki_dir / "ca.crt"))
-        tcp = await trio.open_tcp_stream("127.0.0.1", port)
-        stream = trio.SSLStream(tcp, ctx, server_hostname=None)
-        await stream.do_handshake()
+        # Like a real peer, retry a refused or reset attempt: the hub's admission
+        # control sheds handshakes beyond its limits on a loaded machine.
+        for attempt in range(30):
+            try:
+                tcp = await trio.open_tcp_stream("127.0.0.1", port)
+                stream = trio.SSLStream(tcp, ctx, server_hostname=None)
+                await stream.do_handshake()
+                break
+            except (OSError, trio.BrokenResourceError):
+                await trio.sleep(0.2 * (attempt + 1))
+        else:
+            raise SystemExit(f"{name}: could not connect to the hub")
         session = S.Session(node=name, peer="hub", now=trio.current_time(),
                             heartbeat_interval=5.0, heartbeat_timeout=15.0,
                             channels=[F.ChannelHello(name="data", max=1 << 30,

@@ -37,6 +37,7 @@ from .net.admission import Gate, Limits, serve_listener
 from .net.peer import PeerLink, in_thread
 from .net.supervisor import dial_loop, handle_inbound, outage_watch
 from .net.tls import TLSContexts, make_contexts
+from .net.watcher import FolderWatcher
 from .spool import lock_state_dir
 from .status import (
     StatusBoard,
@@ -73,6 +74,7 @@ class Daemon:
         self._stop_observing = logmod.add_observer(self._observe)
         # Bounds on unauthenticated connections, from the descriptor limit at start.
         self.gate = Gate(Limits.from_rlimit())
+        self.watcher: FolderWatcher | None = None   # opened by serve: one inotify instance
 
     def _observe(self, event: dict[str, Any]) -> None:
         """Count TLS refusals for /metrics from the very events the audit log gets."""
@@ -85,6 +87,7 @@ class Daemon:
         status = self.board.add_peer(peer.name, [c.name for c in peer.channels],
                                      "connecting" if peer.connect else "waiting")
         link = PeerLink(self.cfg, peer, status)
+        link.watcher = self.watcher
         link.layout.spool_group = self.cfg.node.spool_group
         name = peer.name
         link.is_paused = lambda channel: self.pauses is not None and \
@@ -167,6 +170,7 @@ class Daemon:
                 metrics = await open_metrics_listener(*cfg.status.metrics_listen)
             except StatusSocketError as exc:
                 raise StartupError(str(exc)) from None
+        watcher = self.watcher = FolderWatcher()   # one inotify instance for every peer
         for peer in cfg.peers:
             self._make_link(peer)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
@@ -183,6 +187,7 @@ class Daemon:
                 if metrics:
                     await nursery.start(serve_metrics, self.board, metrics)
                 nursery.start_soon(self._accept_all, listeners)
+                await nursery.start(watcher.run)
                 for link in self.links.values():
                     await nursery.start(self._run_link, link)
                 limits = self.gate.limits

@@ -15,7 +15,6 @@ start-up or signal handling.
 
 from __future__ import annotations
 
-import errno
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -29,16 +28,12 @@ from ..spool import Claimed, FailedFile, Inbound, Outbound, ResourceBusy, SpoolL
 from ..status import PeerStatus
 from ..wakeup import Wakeup
 from .spoolio import ChannelSpool
+from .watcher import FolderWatcher
 
 T = TypeVar("T")
-RESCAN_INTERVAL = 2.0
+RESCAN_INTERVAL = 2.0     # a channel whose out/ has no inotify watch: look this often
+SAFETY_RESCAN = 60.0      # a watched channel: inotify wakes it; this is only a backstop
 RESOURCE_BACKOFF = (0.2, 5.0)   # pick-up retry after EMFILE & co: first, at most
-
-try:
-    import inotify_simple
-except ImportError:  # pragma: no cover - the dependency is declared; be robust anyway
-    inotify_simple = None
-
 
 async def in_thread(fn: Callable[..., T], *args: Any) -> T:
     return await trio.to_thread.run_sync(fn, *args)
@@ -67,6 +62,7 @@ class PeerLink:
         self.last_session_open = False          # the last dialled session was stable
         self.sessions_opened = 0                # sessions that reached the hello (any side)
         self._rescan = Wakeup()
+        self.watcher: FolderWatcher | None = None    # the daemon's one inotify instance
         self.oldest_claim: dict[str, float | None] = {}
         self.cancel_scope: trio.CancelScope | None = None
         self._set_channels(peer.channels)
@@ -270,36 +266,45 @@ class PeerLink:
                 nursery.start_soon(self.pick_up, name, True)
 
     async def pickup(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Claim files as they arrive in out/<channel>/ (inotify + rescan).
+        """Claim files as they arrive in out/<channel>/ (inotify + a backstop rescan).
 
-        One task per channel waits for its own inotify events (or the periodic
-        rescan) and claims that channel's files, so a big file being hashed on
-        one channel never delays pick-up on another. This task reads inotify,
-        wakes the channels concerned, and starts tasks for channels added by a
-        reload (a removed channel's task ends by itself). Only IN_MOVED_TO and
-        IN_CLOSE_WRITE wake a channel: IN_CREATE comes before a `cp` has
-        written anything. It reports started at once: the backlog is claimed
-        after READY."""
-        notifier = None
-        if inotify_simple is not None:
-            try:
-                notifier = inotify_simple.INotify()
-            except OSError as exc:
-                self.log.warning("inotify_unavailable", reason=str(exc))
+        One task per channel waits for its own inotify events (or the rescan)
+        and claims that channel's files, so a big file being hashed on one
+        channel never delays pick-up on another. This task watches each out/
+        folder on the daemon's one inotify instance (net/watcher.py), starts
+        tasks for channels added by a reload (a removed channel's task ends by
+        itself) and re-watches a folder that was replaced. A watched channel is
+        rescanned only every SAFETY_RESCAN seconds: an idle hub must not list
+        hundreds of folders every few seconds; an unwatched one (no inotify, or
+        its folder missing) every RESCAN_INTERVAL. It reports started at once:
+        the backlog is claimed after READY."""
+        own = None
+        watcher = self.watcher
         watched: dict[str, int] = {}
         wakeups: dict[str, Wakeup] = {}
         notified: set[str] = set()
-        mask = 0
-        if notifier is not None:
-            flags = inotify_simple.flags
-            mask = flags.MOVED_TO | flags.CLOSE_WRITE
+        rewatch = Wakeup()
+
+        def interval(name: str) -> float:
+            return SAFETY_RESCAN if name in watched else RESCAN_INTERVAL
+
+        def subscriber(name: str) -> Callable[[bool], None]:
+            def on_event(lost: bool) -> None:
+                if lost:                        # the folder was moved or deleted
+                    watched.pop(name, None)
+                    rewatch.set()
+                wakeup = wakeups.get(name)
+                if wakeup is not None:
+                    notified.add(name)
+                    wakeup.set()
+            return on_event
 
         async def channel_task(name: str, wakeup: Wakeup) -> None:
             try:
                 relist = True
                 while name in self.outbound:
                     again = await self.pick_up(name, relist)
-                    wait = RESCAN_INTERVAL if again is None else min(again, RESCAN_INTERVAL)
+                    wait = interval(name) if again is None else min(again, interval(name))
                     relist = True
                     with trio.move_on_after(wait):
                         await wakeup.wait()
@@ -309,54 +314,37 @@ class PeerLink:
                 if wakeups.get(name) is wakeup:
                     del wakeups[name]
 
-        task_status.started()
+        async def reloads() -> None:
+            while True:
+                await self._rescan.wait()       # a reload: every channel looks again
+                for name, wakeup in list(wakeups.items()):
+                    notified.add(name)
+                    wakeup.set()
+                rewatch.set()
+
         try:
             async with trio.open_nursery() as nursery:
+                if watcher is None:             # no daemon (tests): a watcher of our own
+                    watcher = own = FolderWatcher()
+                    await nursery.start(own.run)
+                nursery.start_soon(reloads)
+                task_status.started()
                 while True:
                     for name in list(self.channels):
                         if name not in wakeups:
                             wakeups[name] = Wakeup()
                             nursery.start_soon(channel_task, name, wakeups[name])
-                        if notifier is not None and name not in watched:
-                            try:
-                                watched[name] = notifier.add_watch(
-                                    str(self.layout.out_dir(name)), mask)
-                            except OSError as exc:
-                                if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
-                                    raise
-                    woken: list[str] = []
-                    with trio.move_on_after(RESCAN_INTERVAL):   # also retries failed watches
-                        if notifier is None:
-                            await self._rescan.wait()
-                            woken = list(wakeups)
-                        else:
-                            woken = await self._next_events(notifier, watched)
-                    for name in woken:
-                        if name in wakeups:
-                            notified.add(name)
-                            wakeups[name].set()
+                        if name not in watched:
+                            wd = watcher.add(self.layout.out_dir(name), subscriber(name))
+                            if wd is not None:
+                                watched[name] = wd
+                    for name in [n for n in watched if n not in self.channels]:
+                        watcher.remove(watched.pop(name))
+                    missing = any(n not in watched for n in self.channels)
+                    # a short timeout only while a watch is missing: it retries the watch
+                    with trio.move_on_after(RESCAN_INTERVAL if missing else SAFETY_RESCAN):
+                        await rewatch.wait()
         finally:
-            if notifier is not None:
-                notifier.close()
-
-    async def _next_events(self, notifier: Any, watched: dict[str, int]) -> list[str]:
-        """Wait for inotify events (-> the channels they concern) or a reload (-> all)."""
-        woken: list[str] = []
-        async with trio.open_nursery() as nursery:
-            async def on_fs() -> None:
-                await trio.lowlevel.wait_readable(notifier.fileno())
-                by_wd = {wd: name for name, wd in watched.items()}
-                for event in notifier.read(timeout=0):
-                    name = by_wd.get(event.wd)
-                    if name is not None and name not in woken:
-                        woken.append(name)
-                nursery.cancel_scope.cancel()
-
-            async def on_rescan() -> None:
-                await self._rescan.wait()
-                woken.extend(watched)
-                woken.extend(self.channels)
-                nursery.cancel_scope.cancel()
-            nursery.start_soon(on_fs)
-            nursery.start_soon(on_rescan)
-        return woken
+            if own is None and watcher is not None:
+                for wd in watched.values():
+                    watcher.remove(wd)

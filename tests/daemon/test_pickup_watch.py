@@ -1,0 +1,200 @@
+"""Pick-up is woken by inotify; the periodic rescan is only a backstop (issue 13).
+
+An idle hub with hundreds of channels must not list every out/ folder every few
+seconds (200 idle peers cost 15 % of a core that way). So a channel whose out/
+folder is watched is rescanned only every SAFETY_RESCAN seconds, and every way
+a file can arrive must make an inotify event the pick-up loop listens to:
+
+* a rename (IN_MOVED_TO), a writer closing (IN_CLOSE_WRITE), and a hard link
+  (`ln`, IN_CREATE only: before this change it waited for the rescan);
+* lost events (IN_Q_OVERFLOW) wake every channel;
+* a replaced out/ folder is watched again at its path.
+
+The daemon holds one inotify instance for all its peers (net/watcher.py).
+
+"Not rescanned" is checked on trio's MockClock, moved by hand past the old
+interval; the event tests run in real time with no rescan at all.
+"""
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import trio
+import trio.testing
+import trustme
+from memlink import drop, make_link, node_config, peer_config
+from procs import Daemon, free_port, make_pki, stop_all
+
+import linkd.net.peer as peermod
+from linkd.net.watcher import FolderWatcher
+
+inotify_simple = pytest.importorskip("inotify_simple")
+
+
+def _counting(link, channel):
+    """Count the pick-up passes of `channel` (in the trio task, before the thread hop)."""
+    spool = link.spools[channel]
+    real = spool.examine
+    calls = []
+    done = trio.Event()
+    state = SimpleNamespace(calls=calls, done=done)
+
+    async def examine(*args, **kwargs):
+        calls.append(trio.current_time())
+        result = await real(*args, **kwargs)
+        state.done.set()
+        return result
+    spool.examine = examine
+    return state
+
+
+async def _settled(state, n):
+    """Wait until pass number `n` has finished and every task is blocked again."""
+    while len(state.calls) < n or not state.done.is_set():
+        await state.done.wait()
+        if len(state.calls) < n:
+            state.done = trio.Event()
+    await trio.testing.wait_all_tasks_blocked(0.05)
+
+
+def _link(tmp_path):
+    ca = trustme.CA()
+    return make_link(node_config(tmp_path, ca, "alpha", [peer_config("bravo")]), "bravo")
+
+
+@pytest.mark.timeout(60)   # the mock clock cannot time out a hang
+async def test_an_idle_watched_channel_is_not_rescanned_every_few_seconds(tmp_path, mock_clock):
+    link = _link(tmp_path)
+    state = _counting(link, "data")
+    clock = mock_clock
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.pickup)
+        await _settled(state, 1)                    # the start-up pass
+        clock.jump(peermod.RESCAN_INTERVAL * 5)     # the old code rescanned 5 times here
+        await trio.testing.wait_all_tasks_blocked(0.05)
+        assert len(state.calls) == 1
+        clock.jump(peermod.SAFETY_RESCAN)           # the backstop still runs
+        await _settled(state, 2)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+def no_rescan(monkeypatch):
+    """Real time, but no periodic rescan at all: only inotify can wake a channel."""
+    monkeypatch.setattr(peermod, "RESCAN_INTERVAL", 3600.0)
+    monkeypatch.setattr(peermod, "SAFETY_RESCAN", 3600.0)
+
+
+async def test_a_hard_link_into_out_is_picked_up_without_a_rescan(tmp_path, no_rescan):
+    link = _link(tmp_path)
+    state = _counting(link, "data")
+    outside = tmp_path / "made-elsewhere.txt"
+    outside.write_bytes(b"linked in")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.pickup)
+        await _settled(state, 1)
+        state.done = trio.Event()
+        os.link(outside, link.layout.out_dir("data") / "linked.txt")   # IN_CREATE only
+        with trio.fail_after(10):
+            await _settled(state, 2)
+        while not link.outbound["data"].pending():
+            state.done = trio.Event()
+            with trio.fail_after(10):
+                await _settled(state, len(state.calls) + 1)
+        nursery.cancel_scope.cancel()
+    assert not (link.layout.out_dir("data") / "linked.txt").exists()
+
+
+async def test_a_renamed_file_wakes_only_its_channel(tmp_path, no_rescan):
+    ca = trustme.CA()
+    link = make_link(node_config(tmp_path, ca, "alpha",
+                                 [peer_config("bravo", ("data", "other"))]), "bravo")
+    data, other = _counting(link, "data"), _counting(link, "other")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.pickup)
+        await _settled(data, 1)
+        await _settled(other, 1)
+        data.done = trio.Event()
+        drop(link, "data", "a.txt", b"a")
+        with trio.fail_after(10):
+            await _settled(data, 2)
+        assert len(other.calls) == 1
+        nursery.cancel_scope.cancel()
+
+
+def _event(wd, mask):
+    return inotify_simple.Event(wd=wd, mask=mask, cookie=0, name="")
+
+
+def _subscribed(watcher, names):
+    """Subscribe fake watch descriptors 1.. to `watcher`; returns the calls seen."""
+    calls = []
+    for wd, name in enumerate(names, 1):
+        watcher._subs[wd] = lambda lost, name=name: calls.append((name, lost))
+    return calls
+
+
+@pytest.fixture
+def watcher():
+    w = FolderWatcher()
+    yield w
+    w.close()
+
+
+def test_lost_events_wake_every_subscriber_once(watcher):
+    flags = inotify_simple.flags
+    calls = _subscribed(watcher, ["a", "b", "c"])
+    watcher.dispatch([_event(2, flags.MOVED_TO), _event(-1, flags.Q_OVERFLOW),
+                      _event(2, flags.CLOSE_WRITE)])
+    assert sorted(calls) == [("a", False), ("b", False), ("c", False)]
+
+
+def test_a_replaced_out_folder_drops_its_watch_and_says_so(watcher):
+    flags = inotify_simple.flags
+    calls = _subscribed(watcher, ["a", "b"])
+    watcher.dispatch([_event(1, flags.MOVE_SELF), _event(2, flags.MOVED_TO),
+                      _event(1, flags.IGNORED)])
+    assert calls == [("a", True), ("b", False)]
+    assert list(watcher._subs) == [2]
+
+
+async def test_a_replaced_out_folder_is_watched_again_at_its_path(tmp_path, no_rescan):
+    """An operator moves out/<ch> away and puts a new folder there: files renamed
+    into the new folder are picked up (the old watch follows the moved folder,
+    so without re-watching they waited for the rescan)."""
+    link = _link(tmp_path)
+    out = link.layout.out_dir("data")
+    fresh = tmp_path / "fresh-out"
+    fresh.mkdir()
+    fresh.chmod(out.stat().st_mode & 0o7777)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.pickup)
+        await trio.testing.wait_all_tasks_blocked(0.05)
+        out.rename(tmp_path / "old-out")             # both before pick-up sees an event
+        fresh.rename(out)
+        await trio.testing.wait_all_tasks_blocked(0.05)   # the watcher re-watches out/
+        state = _counting(link, "data")
+        drop(link, "data", "after.txt", b"new folder")
+        while not link.outbound["data"].pending():
+            with trio.fail_after(10):
+                await _settled(state, len(state.calls) + 1)
+            state.done = trio.Event()
+        nursery.cancel_scope.cancel()
+
+
+def test_the_daemon_opens_one_inotify_instance_for_all_its_peers(tmp_path):
+    """The kernel allows 128 inotify instances per user by default: one per peer
+    left a hub of 200 peers rescanning ~70 of them every two seconds."""
+    pki_dir = make_pki(tmp_path / "pki", ["hub", "p1", "p2", "p3", "p4"])
+    hub = Daemon(tmp_path, "hub", pki_dir, port=free_port())
+    for name in ("p1", "p2", "p3", "p4"):
+        hub.add_peer(name, [{"name": "data"}, {"name": "bulk"}])
+    try:
+        hub.start()
+        fds = Path(f"/proc/{hub.proc.pid}/fd")
+        kinds = [os.readlink(fd) for fd in fds.iterdir()]
+        assert kinds.count("anon_inode:inotify") == 1, kinds
+    finally:
+        stop_all(hub)
