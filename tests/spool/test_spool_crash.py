@@ -177,15 +177,36 @@ def sweep_dirs(tmp_path: Path, n: int) -> Path:
     return path
 
 
+# CI (slow tests deselected) visits every step of the main variant of each sweep
+# and every SAMPLE-th step of the others, shifted by the variant so the sampled
+# runs differ; `pytest -m slow` runs every step of every variant.
+SAMPLE = 3
+
+
+def every(*values):
+    return pytest.param(*values, 1, marks=pytest.mark.slow, id="-".join(map(str, values)) + "-every")
+
+
+def sampled(*values):
+    return pytest.param(*values, SAMPLE, id="-".join(map(str, values)) + "-sampled")
+
+
+def steps(total: int, stride: int, shift: int = 0) -> list[int]:
+    """Crash points 0..total, every `stride`-th (starting at shift % stride), and the last."""
+    return sorted(set(range(shift % stride, total + 1, stride)) | {total})
+
+
 def test_clean_run_delivers_everything(tmp_path):
     sender_steps, receiver_steps = count_steps(tmp_path)
     assert sender_steps > 50 and receiver_steps > 50
 
 
-@pytest.mark.parametrize("archive_sent,renameat2", [(False, True), (True, True), (True, False)])
-def test_sender_crash_at_every_step(tmp_path, archive_sent, renameat2):
+@pytest.mark.parametrize("archive_sent,renameat2,stride", [
+    (False, True, 1), every(True, True), sampled(True, True), every(True, False),
+    sampled(True, False)])
+def test_sender_crash_at_every_step(tmp_path, archive_sent, renameat2, stride):
     total, _ = count_steps(sweep_dirs(tmp_path, -1), renameat2, archive_sent=archive_sent)
-    for n in range(total + 1):
+    for n in steps(total, stride, archive_sent + 2 * renameat2):
         h = make(sweep_dirs(tmp_path, n), archive_sent=archive_sent)
         h.ob = h.new_sender(FaultyFS(crash_at=n, sync=False, tag="sender", renameat2=renameat2))
         scenario(h)
@@ -193,12 +214,14 @@ def test_sender_crash_at_every_step(tmp_path, archive_sent, renameat2):
         assert len(h.crashes) == (n < total), n
 
 
-@pytest.mark.parametrize("renameat2,syncfs", [(True, False), (False, False), (True, True)])
-def test_receiver_crash_at_every_step(tmp_path, monkeypatch, renameat2, syncfs):
+@pytest.mark.parametrize("renameat2,syncfs,stride", [
+    (True, False, 1), every(False, False), sampled(False, False), every(True, True),
+    sampled(True, True)])
+def test_receiver_crash_at_every_step(tmp_path, monkeypatch, renameat2, syncfs, stride):
     if syncfs:                                    # every commit uses syncfs, not fsyncs
         monkeypatch.setattr(inbound_module, "SYNCFS_MIN", 1)
     _, total = count_steps(sweep_dirs(tmp_path, -1), renameat2)
-    for n in range(total + 1):
+    for n in steps(total, stride, renameat2 + 2 * syncfs):
         h = make(sweep_dirs(tmp_path, n))
         h.ib = h.new_receiver(FaultyFS(crash_at=n, sync=False, tag="receiver",
                                        renameat2=renameat2))
@@ -206,12 +229,13 @@ def test_receiver_crash_at_every_step(tmp_path, monkeypatch, renameat2, syncfs):
         check_final(h)
 
 
-@pytest.mark.parametrize("side", ["sender", "receiver"])
-def test_crash_again_during_recovery(tmp_path, side):
+@pytest.mark.parametrize("side,stride", [every("sender"), sampled("sender"),
+                                         every("receiver"), sampled("receiver")])
+def test_crash_again_during_recovery(tmp_path, side, stride):
     """Crash at step n, then again at each of the first steps of the rebuilt side."""
     totals = count_steps(sweep_dirs(tmp_path, -1))
     total = totals[side == "receiver"]
-    for n in range(0, total, 3):
+    for n in steps(total - 1, 3 * stride, 3 * (side == "receiver")):
         for m in range(8):
             rebuilds = iter([FaultyFS(crash_at=m, sync=False, tag=side)])
 
@@ -228,14 +252,16 @@ def test_crash_again_during_recovery(tmp_path, side):
             check_final(h)
 
 
-@pytest.mark.parametrize("error", [errno.EIO, errno.ENOSPC])
-@pytest.mark.parametrize("side", ["sender", "receiver"])
-def test_io_error_at_every_step(tmp_path, side, error):
+@pytest.mark.parametrize("side,error,stride", [
+    ("sender", errno.EIO, 1), ("receiver", errno.EIO, 1),
+    every("sender", errno.ENOSPC), sampled("sender", errno.ENOSPC),
+    every("receiver", errno.ENOSPC), sampled("receiver", errno.ENOSPC)])
+def test_io_error_at_every_step(tmp_path, side, error, stride):
     """An OSError at any step ends the session with SpoolError; the same objects
     then recover() and finish: nothing is lost, duplicated or reported early."""
     totals = count_steps(sweep_dirs(tmp_path, -1))
     total = totals[side == "receiver"]
-    for n in range(total):
+    for n in steps(total - 1, stride, side == "receiver"):
         h = make(sweep_dirs(tmp_path, n))
         out = str(h.sender.out_dir(CH))
 
