@@ -8,7 +8,8 @@ Faults are nft rules in B's own ruleset (tests/support/netns.py):
   the middle of a 256 MiB transfer, with small files flowing both ways;
 * TCP reset: A's segments are refused with `reject with tcp reset` (A's socket is
   reset at once, B's is left stale until a new session from A replaces it);
-* quick flaps (12 in CI, 30 with -m slow): partitions of 0.1-1.5 s and resets in random order, 0.3-1 s apart.
+* quick flaps (12 in CI, 30 with -m slow): partitions of 0.1-1.5 s and resets in
+  random order, 0.3-1 s apart.
 
 Each checks exactly-once delivery both ways and prints the time to recover.
 """

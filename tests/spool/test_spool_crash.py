@@ -184,7 +184,8 @@ SAMPLE = 3
 
 
 def every(*values):
-    return pytest.param(*values, 1, marks=pytest.mark.slow, id="-".join(map(str, values)) + "-every")
+    name = "-".join(map(str, values))
+    return pytest.param(*values, 1, marks=pytest.mark.slow, id=f"{name}-every")
 
 
 def sampled(*values):
