@@ -237,19 +237,33 @@ class Daemon:
                 for listener in listeners:
                     nursery.start_soon(self._accept, listener)
 
-    async def refresh_folder_counts(self, link: PeerLink | None = None) -> None:
+    async def refresh_folder_counts(self, link: PeerLink | None = None, *,
+                                    only_nonzero: bool = False) -> None:
         """Recount failed/<ch>/ and quarantine/ from the folders (CONTRACT §6: they
-        survive a restart, and a retried or removed file leaves the count)."""
-        for one in [link] if link is not None else list(self.links.values()):
-            failed, quarantined = await in_thread(_folder_counts, one.layout, list(one.channels))
+        survive a restart, and a retried or removed file leaves the count), all
+        links in one thread hop. `only_nonzero` (the periodic pass) skips links
+        whose counts are all zero: only linkd puts files there, and it counts
+        them as it does, so an empty count can only grow through linkd; a hub of
+        hundreds of idle peers must not list their folders every two seconds."""
+        links = [link] if link is not None else list(self.links.values())
+        if only_nonzero:
+            links = [one for one in links if one.status.quarantined or any(
+                c.failed or c.quarantined for c in one.status.channels.values())]
+        if not links:
+            return
+        counts = await in_thread(lambda: [_folder_counts(one.layout, list(one.channels))
+                                          for one in links])
+        for one, (failed, quarantined) in zip(links, counts, strict=True):
             one.status.quarantined = quarantined
             for name, n in failed.items():
                 if name in one.status.channels:
                     one.status.channels[name].failed = n
 
     async def _housekeeping(self) -> None:
+        first = True
         while True:
-            await self.refresh_folder_counts()
+            await self.refresh_folder_counts(only_nonzero=not first)
+            first = False
             self.expiry.check(self.board)
             logmod.flush_suppressed()       # the log_suppressed summary, when due
             await trio.sleep(HOUSEKEEPING)

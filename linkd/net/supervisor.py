@@ -224,17 +224,21 @@ def still_down_schedule(first: float = STILL_DOWN_FIRST,
         at += gap
 
 
-async def outage_watch(link: Any, poll: float = 1.0) -> None:
+async def outage_watch(link: Any, poll: float = 1.0, up_poll: float = 5.0) -> None:
     """Log `link_still_down` while the peer is down (CONTRACT §8, §10): an outage is
-    never silent. Polls the board (cheap, a second's resolution is plenty)."""
+    never silent. Polls the board: every `poll` seconds while down, every `up_poll`
+    while connected (a hub of hundreds of peers must not wake each every second);
+    the outage is timed from its `down_since`, so noticing it late moves nothing."""
     outage: dt.datetime | None = None
     schedule: Iterator[float] = iter(())
     next_at = 0.0
     started = 0.0
+    was_up = False                   # at start a link is down until a session opens
     while True:
-        await trio.sleep(poll)
+        await trio.sleep(up_poll if was_up else poll)
         status = link.status
         down = status.down_since if status.state != "connected" else None
+        was_up = status.state == "connected"
         if down is None:
             outage = None
             continue
