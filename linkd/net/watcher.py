@@ -17,10 +17,16 @@ What wakes a subscriber (the mask):
                                the subscriber told it is `lost`, so that pick-up
                                watches whatever folder is at that path now;
   IN_Q_OVERFLOW                events were lost: every subscriber is woken.
+
+A folder on a network or FUSE file system (NFS, SMB/CIFS, 9p, Ceph, AFS,
+FUSE...) is not watched: inotify sees only what this host writes there, not
+what an application on another host puts into out/. `add` returns None for
+it, and pick-up lists it every RESCAN_INTERVAL as if inotify were missing.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 from collections.abc import Callable
 from pathlib import Path
@@ -37,12 +43,30 @@ except ImportError:  # pragma: no cover - the dependency is declared; be robust 
 # on_event(lost): lost=True when the watched folder itself was moved or deleted
 Subscriber = Callable[[bool], None]
 
+# statfs(2) f_type of file systems where changes made elsewhere raise no inotify event
+REMOTE_FS = {
+    0x6969: "nfs", 0x517B: "smb", 0xFF534D42: "cifs", 0xFE534D42: "smb2",
+    0x65735546: "fuse", 0x01021997: "9p", 0x00C36400: "ceph", 0x5346414F: "afs",
+    0x73757245: "coda", 0x7461636F: "ocfs2", 0x01161970: "gfs2", 0x47504653: "gpfs",
+    0x0BD00BD0: "lustre",
+}
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def fs_type(folder: Path) -> int | None:
+    """statfs(2) f_type of the file system holding `folder` (None if unknown)."""
+    buf = ctypes.create_string_buffer(256)      # struct statfs: f_type is the first word
+    if _libc.statfs(str(folder).encode(), buf) != 0:
+        return None
+    return int.from_bytes(buf.raw[:ctypes.sizeof(ctypes.c_long)], "little") & 0xFFFFFFFF
+
 
 class FolderWatcher:
     def __init__(self) -> None:
         self.log = logmod.get()
         self._notifier: inotify_simple.INotify | None = None
         self._subs: dict[int, Subscriber] = {}
+        self._remote: set[Path] = set()         # folders not watched (said once each)
         self.mask = 0
         if inotify_simple is None:
             return
@@ -61,6 +85,14 @@ class FolderWatcher:
     def add(self, folder: Path, on_event: Subscriber) -> int | None:
         """Watch `folder`; None if it does not exist (yet) or cannot be watched."""
         if self._notifier is None:
+            return None
+        remote = REMOTE_FS.get(fs_type(folder) or 0)
+        if remote is not None:
+            if folder not in self._remote:
+                self._remote.add(folder)
+                self.log.warning("inotify_not_used", folder=str(folder), fs=remote,
+                                 reason="a network file system: pick-up lists it every "
+                                 "few seconds instead")
             return None
         try:
             wd: int = self._notifier.add_watch(str(folder), self.mask)

@@ -28,6 +28,7 @@ from memlink import drop, make_link, node_config, peer_config
 from procs import Daemon, free_port, make_pki, stop_all
 
 import linkd.net.peer as peermod
+import linkd.net.watcher as watchmod
 from linkd.net.watcher import FolderWatcher
 
 inotify_simple = pytest.importorskip("inotify_simple")
@@ -198,3 +199,25 @@ def test_the_daemon_opens_one_inotify_instance_for_all_its_peers(tmp_path):
         assert kinds.count("anon_inode:inotify") == 1, kinds
     finally:
         stop_all(hub)
+
+
+def test_the_file_system_type_is_read():
+    assert watchmod.fs_type(Path("/proc")) == 0x9FA0
+
+
+@pytest.mark.timeout(60)   # the mock clock cannot time out a hang
+async def test_an_out_folder_on_a_network_file_system_is_listed_every_few_seconds(
+        tmp_path, monkeypatch, mock_clock):
+    """inotify sees only this host's writes: on NFS an application on another host
+    renames files into out/ without an event, so such a folder is not watched and
+    pick-up lists it every RESCAN_INTERVAL, not every SAFETY_RESCAN."""
+    monkeypatch.setattr(watchmod, "fs_type", lambda folder: 0x6969)     # NFS
+    link = _link(tmp_path)
+    state = _counting(link, "data")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.pickup)
+        await _settled(state, 1)
+        state.done = trio.Event()
+        mock_clock.jump(peermod.RESCAN_INTERVAL)
+        await _settled(state, 2)
+        nursery.cancel_scope.cancel()
