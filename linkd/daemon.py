@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import os
 import signal
+import time
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -75,6 +78,7 @@ class Daemon:
         # Bounds on unauthenticated connections, from the descriptor limit at start.
         self.gate = Gate(Limits.from_rlimit())
         self.watcher: FolderWatcher | None = None   # opened by serve: one inotify instance
+        self._folder_seen: FolderSeen = {}          # failed/ and quarantine/ as last counted
 
     def _observe(self, event: dict[str, Any]) -> None:
         """Count TLS refusals for /metrics from the very events the audit log gets."""
@@ -238,20 +242,16 @@ class Daemon:
                     nursery.start_soon(self._accept, listener)
 
     async def refresh_folder_counts(self, link: PeerLink | None = None, *,
-                                    only_nonzero: bool = False) -> None:
+                                    changed_only: bool = False) -> None:
         """Recount failed/<ch>/ and quarantine/ from the folders (CONTRACT §6: they
-        survive a restart, and a retried or removed file leaves the count), all
-        links in one thread hop. `only_nonzero` (the periodic pass) skips links
-        whose counts are all zero: only linkd puts files there, and it counts
-        them as it does, so an empty count can only grow through linkd; a hub of
-        hundreds of idle peers must not list their folders every two seconds."""
+        survive a restart, and a file retried, removed, moved in by hand or by a
+        recovery changes the count), all links in one thread hop. `changed_only`
+        (the periodic pass) lists only folders whose inode or mtime changed since
+        they were last counted (or changed too recently for the mtime to tell): a
+        hub of hundreds of idle peers must not list their folders every 2 s."""
         links = [link] if link is not None else list(self.links.values())
-        if only_nonzero:
-            links = [one for one in links if one.status.quarantined or any(
-                c.failed or c.quarantined for c in one.status.channels.values())]
-        if not links:
-            return
-        counts = await in_thread(lambda: [_folder_counts(one.layout, list(one.channels))
+        seen = self._folder_seen if changed_only else None
+        counts = await in_thread(lambda: [_folder_counts(one.layout, list(one.channels), seen)
                                           for one in links])
         for one, (failed, quarantined) in zip(links, counts, strict=True):
             one.status.quarantined = quarantined
@@ -260,10 +260,8 @@ class Daemon:
                     one.status.channels[name].failed = n
 
     async def _housekeeping(self) -> None:
-        first = True
         while True:
-            await self.refresh_folder_counts(only_nonzero=not first)
-            first = False
+            await self.refresh_folder_counts(changed_only=True)
             self.expiry.check(self.board)
             logmod.flush_suppressed()       # the log_suppressed summary, when due
             await trio.sleep(HOUSEKEEPING)
@@ -469,10 +467,33 @@ def revoked_peers(crl_path: Any, ca_path: Any, ders: dict[str, bytes]) -> dict[s
     return found
 
 
-def _folder_counts(layout: Any, channels: list[str]) -> tuple[dict[str, int], int]:
-    """Blocking: (files in failed/<ch>/ per channel, files in quarantine/)."""
-    return ({n: count_files(layout.failed_dir(n)) for n in channels},
-            count_files(layout.quarantine_dir()))
+FolderSeen = dict[str, tuple[int, int, int, int]]   # path -> (dev, ino, mtime_ns, count)
+SETTLED_NS = 2_000_000_000   # an mtime this recent may hide a later change in the same tick
+
+
+def _folder_counts(layout: Any, channels: list[str],
+                   seen: FolderSeen | None = None) -> tuple[dict[str, int], int]:
+    """Blocking: (files in failed/<ch>/ per channel, files in quarantine/). With
+    `seen`, a folder whose (dev, inode, mtime) is what it was when last counted,
+    and not too recent to tell, keeps its count without being listed."""
+    def count(folder: Path) -> int:
+        if seen is None:
+            return count_files(folder)
+        key = str(folder)
+        try:
+            st = os.stat(folder)
+        except OSError:
+            seen.pop(key, None)
+            return 0
+        old = seen.get(key)
+        if (old is not None and old[:3] == (st.st_dev, st.st_ino, st.st_mtime_ns)
+                and time.time_ns() - st.st_mtime_ns > SETTLED_NS):
+            return old[3]
+        n = count_files(folder)
+        seen[key] = (st.st_dev, st.st_ino, st.st_mtime_ns, n)
+        return n
+    return ({n: count(layout.failed_dir(n)) for n in channels},
+            count(layout.quarantine_dir()))
 
 
 def utcnow() -> dt.datetime:

@@ -28,11 +28,12 @@ from ..spool import Claimed, FailedFile, Inbound, Outbound, ResourceBusy, SpoolL
 from ..status import PeerStatus
 from ..wakeup import Wakeup
 from .spoolio import ChannelSpool
-from .watcher import FolderWatcher
+from .watcher import FolderWatcher, Watch
 
 T = TypeVar("T")
 RESCAN_INTERVAL = 2.0     # a channel whose out/ has no inotify watch: look this often
 SAFETY_RESCAN = 60.0      # a watched channel: inotify wakes it; this is only a backstop
+VERIFY_INTERVAL = 10.0    # how often a watched out/ is checked to be the folder watched
 RESOURCE_BACKOFF = (0.2, 5.0)   # pick-up retry after EMFILE & co: first, at most
 
 async def in_thread(fn: Callable[..., T], *args: Any) -> T:
@@ -273,14 +274,18 @@ class PeerLink:
         channel never delays pick-up on another. This task watches each out/
         folder on the daemon's one inotify instance (net/watcher.py), starts
         tasks for channels added by a reload (a removed channel's task ends by
-        itself) and re-watches a folder that was replaced. A watched channel is
+        itself) and re-watches a folder that was replaced (an event says so, or
+        every VERIFY_INTERVAL an lstat finds another folder at the path, e.g.
+        its parent was renamed or a file system mounted over it, or after an
+        event queue overflow), then lists it. A watched channel is
         rescanned only every SAFETY_RESCAN seconds: an idle hub must not list
         hundreds of folders every few seconds; an unwatched one (no inotify, or
         its folder missing) every RESCAN_INTERVAL. It reports started at once:
         the backlog is claimed after READY."""
         own = None
         watcher = self.watcher
-        watched: dict[str, int] = {}
+        watched: dict[str, Watch] = {}
+        ever: set[str] = set()                  # channels watched at some point
         wakeups: dict[str, Wakeup] = {}
         notified: set[str] = set()
         rewatch = Wakeup()
@@ -288,16 +293,26 @@ class PeerLink:
         def interval(name: str) -> float:
             return SAFETY_RESCAN if name in watched else RESCAN_INTERVAL
 
-        def subscriber(name: str) -> Callable[[bool], None]:
-            def on_event(lost: bool) -> None:
-                if lost:                        # the folder was moved or deleted
-                    watched.pop(name, None)
+        def wake(name: str) -> None:
+            wakeup = wakeups.get(name)
+            if wakeup is not None:
+                notified.add(name)
+                wakeup.set()
+
+        def watch(name: str) -> Watch | None:
+            assert watcher is not None
+            mine: list[Watch] = []
+
+            def on_event(kind: str) -> None:
+                if kind == "lost" and mine and watched.get(name) is mine[0]:
+                    del watched[name]           # the folder was moved or deleted
+                if kind != "event":             # lost, or overflow: check the folders
                     rewatch.set()
-                wakeup = wakeups.get(name)
-                if wakeup is not None:
-                    notified.add(name)
-                    wakeup.set()
-            return on_event
+                wake(name)
+            found = watcher.add(self.layout.out_dir(name), on_event)
+            if found is not None:
+                mine.append(found)
+            return found
 
         async def channel_task(name: str, wakeup: Wakeup) -> None:
             try:
@@ -317,9 +332,8 @@ class PeerLink:
         async def reloads() -> None:
             while True:
                 await self._rescan.wait()       # a reload: every channel looks again
-                for name, wakeup in list(wakeups.items()):
-                    notified.add(name)
-                    wakeup.set()
+                for name in list(wakeups):
+                    wake(name)
                 rewatch.set()
 
         try:
@@ -334,17 +348,24 @@ class PeerLink:
                         if name not in wakeups:
                             wakeups[name] = Wakeup()
                             nursery.start_soon(channel_task, name, wakeups[name])
+                        old = watched.get(name)
+                        # (an lstat of a local folder: cheap enough for the event loop)
+                        if old is not None and not old.current():
+                            watcher.remove(watched.pop(name))   # replaced: watch the new one
                         if name not in watched:
-                            wd = watcher.add(self.layout.out_dir(name), subscriber(name))
-                            if wd is not None:
-                                watched[name] = wd
+                            found = watch(name)
+                            if found is not None:
+                                watched[name] = found
+                                if name in ever:
+                                    wake(name)  # files may have come while unwatched
+                                ever.add(name)
                     for name in [n for n in watched if n not in self.channels]:
                         watcher.remove(watched.pop(name))
                     missing = any(n not in watched for n in self.channels)
-                    # a short timeout only while a watch is missing: it retries the watch
-                    with trio.move_on_after(RESCAN_INTERVAL if missing else SAFETY_RESCAN):
+                    # retry a missing watch soon; check the watched folders now and then
+                    with trio.move_on_after(RESCAN_INTERVAL if missing else VERIFY_INTERVAL):
                         await rewatch.wait()
         finally:
-            if own is None and watcher is not None:
-                for wd in watched.values():
-                    watcher.remove(wd)
+            if watcher is not None:
+                for found in watched.values():
+                    watcher.remove(found)

@@ -22,12 +22,19 @@ A folder on a network or FUSE file system (NFS, SMB/CIFS, 9p, Ceph, AFS,
 FUSE...) is not watched: inotify sees only what this host writes there, not
 what an application on another host puts into out/. `add` returns None for
 it, and pick-up lists it every RESCAN_INTERVAL as if inotify were missing.
+
+Some replacements of a folder raise no event on its watch (its parent renamed,
+a mount over it, a delete while another process holds it open), and a queue
+overflow loses events: `Watch.current()` (an lstat) tells pick-up to watch the
+folder now at that path; pick-up checks it every few seconds and after an
+overflow.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,33 +47,69 @@ try:
 except ImportError:  # pragma: no cover - the dependency is declared; be robust anyway
     inotify_simple = None
 
-# on_event(lost): lost=True when the watched folder itself was moved or deleted
-Subscriber = Callable[[bool], None]
+# on_event(kind): "event" (something arrived), "lost" (the watched folder itself was
+# moved or deleted: the watch is gone) or "overflow" (events were lost: check the
+# folder is still the one watched, then list it)
+Subscriber = Callable[[str], None]
 
 # statfs(2) f_type of file systems where changes made elsewhere raise no inotify event
 REMOTE_FS = {
     0x6969: "nfs", 0x517B: "smb", 0xFF534D42: "cifs", 0xFE534D42: "smb2",
     0x65735546: "fuse", 0x01021997: "9p", 0x00C36400: "ceph", 0x5346414F: "afs",
-    0x73757245: "coda", 0x7461636F: "ocfs2", 0x01161970: "gfs2", 0x47504653: "gpfs",
-    0x0BD00BD0: "lustre",
+    0x6B414653: "afs", 0x73757245: "coda", 0x7461636F: "ocfs2", 0x01161970: "gfs2",
+    0x47504653: "gpfs", 0x0BD00BD0: "lustre", 0x20030528: "orangefs",
+    0x19830326: "beegfs",
 }
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+class _StatFS(ctypes.Structure):
+    # struct statfs begins with f_type (__fsword_t: a long on Linux's 64- and
+    # 32-bit ABIs alike); the rest is padding big enough for any layout
+    _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 248)]
+
+
 def fs_type(folder: Path) -> int | None:
     """statfs(2) f_type of the file system holding `folder` (None if unknown)."""
-    buf = ctypes.create_string_buffer(256)      # struct statfs: f_type is the first word
-    if _libc.statfs(str(folder).encode(), buf) != 0:
+    buf = _StatFS()
+    if _libc.statfs(str(folder).encode(), ctypes.byref(buf)) != 0:
         return None
-    return int.from_bytes(buf.raw[:ctypes.sizeof(ctypes.c_long)], "little") & 0xFFFFFFFF
+    return int(buf.f_type) & 0xFFFFFFFF
+
+
+def identity(folder: Path) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of `folder` (not following a symlink), None if it is gone."""
+    try:
+        st = os.lstat(folder)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+class Watch:
+    """One subscription: a folder, as it was when watched, and who to tell."""
+
+    __slots__ = ("folder", "wd", "ident", "on_event")
+
+    def __init__(self, folder: Path, wd: int, ident: tuple[int, int] | None,
+                 on_event: Subscriber) -> None:
+        self.folder, self.wd, self.ident, self.on_event = folder, wd, ident, on_event
+
+    def current(self) -> bool:
+        """Is the folder at this path still the one watched? A folder replaced by a
+        rename of its parent, a mount over it, or deleted while something held it
+        open raises no event on the watch: a cheap lstat finds out."""
+        return self.ident is not None and identity(self.folder) == self.ident
 
 
 class FolderWatcher:
     def __init__(self) -> None:
         self.log = logmod.get()
         self._notifier: inotify_simple.INotify | None = None
-        self._subs: dict[int, Subscriber] = {}
-        self._remote: set[Path] = set()         # folders not watched (said once each)
+        # several subscribers may share a watch descriptor: the kernel returns the
+        # same one for the same folder (a reload restarting a peer's pick-up)
+        self._subs: dict[int, list[Watch]] = {}
+        self._said: set[tuple[str, Path]] = set()    # (event, folder) logged once each
         self.mask = 0
         if inotify_simple is None:
             return
@@ -76,58 +119,77 @@ class FolderWatcher:
             self.log.warning("inotify_unavailable", reason=str(exc))
             return
         f = inotify_simple.flags
-        self.mask = f.MOVED_TO | f.CLOSE_WRITE | f.CREATE | f.MOVE_SELF | f.DELETE_SELF
+        self.mask = (f.MOVED_TO | f.CLOSE_WRITE | f.CREATE | f.MOVE_SELF | f.DELETE_SELF
+                     | f.ONLYDIR | f.DONT_FOLLOW)
 
     @property
     def available(self) -> bool:
         return self._notifier is not None
 
-    def add(self, folder: Path, on_event: Subscriber) -> int | None:
+    def _once(self, event: str, folder: Path, level: str = "warning", **kw: str) -> None:
+        if (event, folder) not in self._said:
+            self._said.add((event, folder))
+            getattr(self.log, level)(event, folder=str(folder), **kw)
+
+    def add(self, folder: Path, on_event: Subscriber) -> Watch | None:
         """Watch `folder`; None if it does not exist (yet) or cannot be watched."""
         if self._notifier is None:
             return None
         remote = REMOTE_FS.get(fs_type(folder) or 0)
         if remote is not None:
-            if folder not in self._remote:
-                self._remote.add(folder)
-                self.log.warning("inotify_not_used", folder=str(folder), fs=remote,
-                                 reason="a network file system: pick-up lists it every "
-                                 "few seconds instead")
+            self._once("inotify_not_used", folder, "info", fs=remote,
+                       reason="a network file system: pick-up lists it every few "
+                       "seconds instead")
             return None
+        ident = identity(folder)
         try:
             wd: int = self._notifier.add_watch(str(folder), self.mask)
         except OSError as exc:
             if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
-                self.log.warning("inotify_watch_failed", folder=str(folder), reason=str(exc))
+                self._once("inotify_watch_failed", folder, reason=str(exc))
             return None
-        self._subs[wd] = on_event
-        return wd
+        if ("inotify_watch_failed", folder) in self._said:
+            self._said.discard(("inotify_watch_failed", folder))
+            self.log.info("inotify_watch_restored", folder=str(folder))
+        watch = Watch(folder, wd, ident, on_event)
+        self._subs.setdefault(wd, []).append(watch)
+        return watch
 
-    def remove(self, wd: int) -> None:
-        if self._subs.pop(wd, None) is not None and self._notifier is not None:
+    def remove(self, watch: Watch) -> None:
+        """Drop this subscription; the kernel watch goes with the last one."""
+        subs = self._subs.get(watch.wd)
+        if subs is None or watch not in subs:
+            return
+        subs.remove(watch)
+        if subs:
+            return
+        del self._subs[watch.wd]
+        if self._notifier is not None:
             try:
-                self._notifier.rm_watch(wd)
+                self._notifier.rm_watch(watch.wd)
             except OSError:       # the folder is already gone: so is the watch
                 pass
 
     def dispatch(self, events: list[inotify_simple.Event]) -> None:
         """Tell the subscribers concerned, each once per batch of events."""
         f = inotify_simple.flags
-        woken: dict[int, bool] = {}
+        kinds: dict[int, str] = {}
+        rank = {"event": 0, "overflow": 1, "lost": 2}
         for event in events:
             if event.mask & f.Q_OVERFLOW:
                 for wd in self._subs:
-                    woken.setdefault(wd, False)
+                    if rank[kinds.get(wd, "event")] < rank["overflow"]:
+                        kinds[wd] = "overflow"
             elif event.wd in self._subs:
-                lost = bool(event.mask & (f.MOVE_SELF | f.DELETE_SELF | f.IGNORED))
-                woken[event.wd] = woken.get(event.wd, False) or lost
-        for wd, lost in woken.items():
-            on_event = self._subs.get(wd)
-            if on_event is None:
-                continue
-            if lost:
-                self.remove(wd)
-            on_event(lost)
+                kind = ("lost" if event.mask & (f.MOVE_SELF | f.DELETE_SELF | f.IGNORED)
+                        else "event")
+                if rank[kind] >= rank[kinds.get(event.wd, "event")]:
+                    kinds[event.wd] = kind
+        for wd, kind in kinds.items():
+            for watch in list(self._subs.get(wd, ())):
+                if kind == "lost":
+                    self.remove(watch)
+                watch.on_event(kind)
 
     def close(self) -> None:
         notifier, self._notifier = self._notifier, None

@@ -10,6 +10,8 @@ Pick-up rescans are in test_pickup_watch.py.
 from __future__ import annotations
 
 import datetime as dt
+import os
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -82,43 +84,84 @@ async def test_a_link_that_goes_down_is_still_reported_on_time(
 
 
 class _Daemon:
-    """What Daemon.refresh_folder_counts reads: its links."""
+    """What Daemon.refresh_folder_counts reads: its links and what it last counted."""
     def __init__(self, links: list[Any]) -> None:
         self.links = {link.name: link for link in links}
+        self._folder_seen: dict[str, Any] = {}
 
 
-async def test_housekeeping_recounts_only_links_with_files_to_count(tmp_path, monkeypatch):
+def _settle(folder: Path) -> None:
+    """Age a folder's mtime past SETTLED_NS, as two idle seconds would."""
+    st = folder.stat()
+    os.utime(folder, ns=(st.st_atime_ns, st.st_mtime_ns - 10 * daemonmod.SETTLED_NS))
+
+
+async def test_housekeeping_lists_only_folders_that_changed(tmp_path, monkeypatch):
+    """The periodic recount lists a failed/ or quarantine/ folder only when it changed
+    (inode or mtime): a hand-moved file, a recovery's move or a removal is counted
+    on the next pass; an idle hub lists nothing."""
     ca = trustme.CA()
-    names = [f"p{i}" for i in range(5)]
+    names = [f"p{i}" for i in range(4)]
     cfg = node_config(tmp_path, ca, "hub", [peer_config(n) for n in names])
     links = [make_link(cfg, n) for n in names]
-    counted: list[list[str]] = []
-    real = daemonmod._folder_counts
+    listed: list[str] = []
+    real = daemonmod.count_files
 
-    def counting(layout: Any, channels: list[str]) -> Any:
-        counted[-1].append(layout.peer)
-        return real(layout, channels)
-    monkeypatch.setattr(daemonmod, "_folder_counts", counting)
+    def counting(folder: Path) -> int:
+        listed.append(str(folder))
+        return real(folder)
+    monkeypatch.setattr(daemonmod, "count_files", counting)
     fake = _Daemon(links)
+    refresh = daemonmod.Daemon.refresh_folder_counts
+    folders = [f for link in links for f in (link.layout.failed_dir("data"),
+                                              link.layout.quarantine_dir())]
+    for f in folders:
+        f.mkdir(parents=True, exist_ok=True)
+        _settle(f)
+
+    await refresh(fake, changed_only=True)              # the first pass lists all
+    assert len(listed) == len(folders)
+    listed.clear()
+    await refresh(fake, changed_only=True)              # idle: lists nothing
+    assert listed == []
+
     failed = links[2].layout.failed_dir("data")
+    (failed / "by-hand.bin").write_bytes(b"x")          # an operator moved one in
+    await refresh(fake, changed_only=True)
+    assert listed == [str(failed)] and links[2].status.channels["data"].failed == 1
+
+    _settle(failed)
+    listed.clear()
+    await refresh(fake, changed_only=True)
+    assert listed == [str(failed)]                      # changed since: mtime moved back
+    listed.clear()
+    await refresh(fake, changed_only=True)
+    assert listed == []
+
+    (failed / "by-hand.bin").unlink()                   # ... and removed it
+    await refresh(fake, changed_only=True)
+    assert links[2].status.channels["data"].failed == 0
+
+
+async def test_a_file_failed_while_counting_is_counted_next_pass(tmp_path, monkeypatch):
+    """The recount's thread hop lists failed/ just before pick-up puts a file there:
+    the folder's mtime changed, so the next pass lists it again."""
+    ca = trustme.CA()
+    link = make_link(node_config(tmp_path, ca, "hub", [peer_config("p0")]), "p0")
+    fake = _Daemon([link])
+    failed = link.layout.failed_dir("data")
     failed.mkdir(parents=True, exist_ok=True)
-    (failed / "bad.txt").write_bytes(b"x")
+    real = daemonmod.count_files
+    once = [True]
 
-    counted.append([])
-    await daemonmod.Daemon.refresh_folder_counts(fake)             # start: every link
-    assert sorted(counted[-1]) == names
-    assert links[2].status.channels["data"].failed == 1
-
-    counted.append([])
-    await daemonmod.Daemon.refresh_folder_counts(fake, only_nonzero=True)
-    assert counted[-1] == ["p2"]                                   # only the one with files
-
-    (failed / "bad.txt").unlink()                                  # the operator removed it
-    counted.append([])
-    await daemonmod.Daemon.refresh_folder_counts(fake, only_nonzero=True)
-    assert counted[-1] == ["p2"] and links[2].status.channels["data"].failed == 0
-
-    links[4].status.channel("data").failed += 1                    # linkd failed a file
-    counted.append([])
-    await daemonmod.Daemon.refresh_folder_counts(fake, only_nonzero=True)
-    assert counted[-1] == ["p4"]
+    def racing(folder: Path) -> int:
+        n = real(folder)
+        if once[0] and folder == failed:
+            once[0] = False
+            (failed / "big.bin").write_bytes(b"x")      # failed right after the listing
+        return n
+    monkeypatch.setattr(daemonmod, "count_files", racing)
+    await daemonmod.Daemon.refresh_folder_counts(fake, changed_only=True)
+    assert link.status.channels["data"].failed == 0     # the stale count, for one pass
+    await daemonmod.Daemon.refresh_folder_counts(fake, changed_only=True)
+    assert link.status.channels["data"].failed == 1
