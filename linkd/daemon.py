@@ -14,8 +14,9 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import signal
+from collections.abc import Mapping
 from functools import partial
-from typing import Any
+from pathlib import Path
 
 import trio
 
@@ -32,13 +33,15 @@ from .errors import (
 )
 from .evidence import service as evidence
 from .expiry import ExpiryWatch, tls_dates
+from .jsontypes import JSONObject
 from .metrics import tls_refusal_kind
 from .net.admission import Gate, Limits, serve_listener
+from .net.connection import SessionRunner
 from .net.peer import PeerLink, in_thread
 from .net.supervisor import dial_loop, handle_inbound, outage_watch
 from .net.tls import TLSContexts, make_contexts
 from .net.watcher import FolderWatcher
-from .spool import lock_state_dir
+from .spool import SpoolLayout, lock_state_dir
 from .status import (
     StatusBoard,
     open_metrics_listener,
@@ -76,7 +79,7 @@ class Daemon:
         self.gate = Gate(Limits.from_rlimit())
         self.watcher: FolderWatcher | None = None   # opened by serve: one inotify instance
 
-    def _observe(self, event: dict[str, Any]) -> None:
+    def _observe(self, event: Mapping[str, object]) -> None:
         """Count TLS refusals for /metrics from the very events the audit log gets."""
         if event.get("event") == "tls_refused":
             self.board.note_tls_refusal(tls_refusal_kind(str(event.get("reason", ""))))
@@ -97,7 +100,7 @@ class Daemon:
         return link
 
     async def queue_entries(self, peer: str | None = None,
-                            channel: str | None = None) -> list[dict[str, Any]]:
+                            channel: str | None = None) -> list[JSONObject]:
         """Every queued file (GET /queue, `linkctl queue`), oldest first per channel.
         In a thread: listing a big out/ must not stall the event loop."""
         links = [link for name, link in list(self.links.items()) if peer is None or name == peer]
@@ -117,7 +120,8 @@ class Daemon:
         for name, channel in status.channels.items():
             channel.paused = self.pauses.is_paused(peer, name)
 
-    async def _run_link(self, link: PeerLink, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def _run_link(self, link: PeerLink,
+                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.CancelScope() as scope:
             self.link_scopes[link.name] = scope
             async with trio.open_nursery() as nursery:
@@ -448,12 +452,12 @@ def _find(exc: BaseException, kind: type[BaseException]) -> BaseException | None
 CRL_EXPIRED = "(tls.crl): CRL expired"      # certs.load_crl's wording
 
 
-def _peer_der(runner: Any) -> bytes | None:
+def _peer_der(runner: SessionRunner) -> bytes | None:
     get = getattr(runner.stream, "peer_certificate_der", None)
     return get() if get is not None else None
 
 
-def revoked_peers(crl_path: Any, ca_path: Any, ders: dict[str, bytes]) -> dict[str, int]:
+def revoked_peers(crl_path: Path, ca_path: Path, ders: dict[str, bytes]) -> dict[str, int]:
     """Blocking: {peer: serial} for the certificates in `ders` that the CRL lists
     (verified against the CA; an expired CRL still counts: revocation is final)."""
     from cryptography import x509
@@ -469,7 +473,7 @@ def revoked_peers(crl_path: Any, ca_path: Any, ders: dict[str, bytes]) -> dict[s
     return found
 
 
-def _folder_counts(layout: Any, channels: list[str]) -> tuple[dict[str, int], int]:
+def _folder_counts(layout: SpoolLayout, channels: list[str]) -> tuple[dict[str, int], int]:
     """Blocking: (files in failed/<ch>/ per channel, files in quarantine/)."""
     return ({n: count_files(layout.failed_dir(n)) for n in channels},
             count_files(layout.quarantine_dir()))

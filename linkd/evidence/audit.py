@@ -37,6 +37,7 @@ import json
 import os
 import re
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -193,7 +194,7 @@ class AuditLog:
         self.dirty = True
         return raw
 
-    def record(self, event: dict[str, Any]) -> None:
+    def record(self, event: Mapping[str, object]) -> None:
         """Append one logged event (if it is an audit event); never raises."""
         if event.get("event") not in AUDIT_EVENTS:
             return
@@ -462,7 +463,7 @@ def current() -> AuditLog | None:
     return _CURRENT
 
 
-def sink(event: dict[str, Any]) -> None:
+def sink(event: Mapping[str, object]) -> None:
     """The structlog hook (log.py): record an audit event in the installed log."""
     log = _CURRENT
     if log is not None:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TypeAlias
 
 import trio
 
@@ -37,6 +39,12 @@ BUSY_WAIT = (1.0, 30.0)       # a channel whose disk work failed nacks "busy" (f
 QUARANTINE_WAIT = 30.0        # seconds a sender waits after a "quarantine full" busy nack
 ACKS_PER_FRAME = 256          # signed ack entries per frame (an RSA-4096 entry is ~1.5 KiB)
 
+# What one thread hop of `_apply_inbound` hands back to the worker on the event loop:
+Nack: TypeAlias = tuple[str, int, str, bool, str]              # ch, seq, reason, retry, kind
+Quarantined: TypeAlias = tuple[str, str, int, str, Path | None]  # ch, name, seq, reason, where
+Applied: TypeAlias = tuple[dict[str, list[F.AckEntry]], list[Nack], list[Delivered],
+                           dict[str, int], list[Quarantined]]   # acks, nacks, delivered, credit
+
 
 class ReceiverMixin(RunnerState):
     def _sign(self, ch: str, entries: list[F.AckEntry]) -> list[F.AckEntry]:
@@ -56,7 +64,7 @@ class ReceiverMixin(RunnerState):
     def _inbound_backlog(self) -> int:
         return sum(r.statistics().current_buffer_used for _s, r in self.inbound_qs.values())
 
-    async def _inbound_worker(self, queue: Any) -> None:
+    async def _inbound_worker(self, queue: trio.MemoryReceiveChannel[S.MessageEvent]) -> None:
         """Applies one channel's inbound events to its spool, a batch per thread hop."""
         assert self.session is not None
         rx = _Receiver()
@@ -84,8 +92,8 @@ class ReceiverMixin(RunnerState):
                     except (OSError, SpoolError) as again:
                         self.end(f"local storage failure: {again}", True)
                         return
-                credit = sum(len(ev.data) for ev in batch if isinstance(ev, S.MessageData))
-                self.session.grant(ch, credit)
+                returned = sum(len(ev.data) for ev in batch if isinstance(ev, S.MessageData))
+                self.session.grant(ch, returned)
                 seq = rx.oldest_unacked(ch)
                 if seq is not None and ch not in rx.discarding:
                     self.session.send_nack(ch, seq, f"receiver cannot store it now: {exc}",
@@ -107,8 +115,9 @@ class ReceiverMixin(RunnerState):
             for d in delivered:
                 stats = self.link.status.channel(d.channel)
                 stats.note_received(d.size)
-                fields: dict[str, Any] = dict(peer=self.link.name, channel=d.channel, name=d.name,
-                                              seq=d.seq, size=d.size, sha256=d.sha256)
+                fields: dict[str, object] = dict(peer=self.link.name, channel=d.channel,
+                                                 name=d.name, seq=d.seq, size=d.size,
+                                                 sha256=d.sha256)
                 if d.sent_name != d.name:
                     fields["sent_name"] = d.sent_name
                 self.log.info("message_delivered", **fields)
@@ -128,13 +137,13 @@ class ReceiverMixin(RunnerState):
                 self.session.grant(ch, n)
             self.writer_wake.set()
 
-    def _apply_inbound(self, batch: list[Any], rx: _Receiver) -> tuple[Any, ...]:
+    def _apply_inbound(self, batch: list[S.MessageEvent], rx: _Receiver) -> Applied:
         """Blocking: apply a batch of inbound events to the spool (one thread hop)."""
         link = self.link
         acks: dict[str, list[F.AckEntry]] = collections.defaultdict(list)
-        nacks: list[tuple[str, int, str, bool, str]] = []
+        nacks: list[Nack] = []
         credit: dict[str, int] = collections.defaultdict(int)
-        quarantined: list[tuple[str, str, int, str, Any]] = []
+        quarantined: list[Quarantined] = []
         done: dict[str, list[Completed]] = collections.defaultdict(list)
         names: dict[tuple[str, int], str] = {}
         full: str | None = None          # quarantine quota problem (looked up once a batch)
@@ -263,8 +272,14 @@ def _ack_entry(d: Delivered) -> F.AckEntry:
                       sent_name=d.sent_name, name=d.name, delivered_at=d.delivered_at)
 
 
-def _ack_entry_from_journal(held: dict[str, Any]) -> F.AckEntry:
-    return F.AckEntry(seq=int(held["seq"]), sha256=bytes.fromhex(str(held["sha256"])),
-                      size=int(held["size"]), sent_name=str(held["sent_name"]),
-                      name=str(held["name"]), delivered_at=float(held["delivered_at"]))
+def _ack_entry_from_journal(held: Mapping[str, object]) -> F.AckEntry:
+    def number(key: str) -> int | float | str:
+        """A JSON value int() or float() can take (anything else: TypeError, as int())."""
+        value = held[key]
+        if isinstance(value, int | float | str):
+            return value
+        raise TypeError(f"delivery journal entry: {key} is {value!r}, not a number")
+    return F.AckEntry(seq=int(number("seq")), sha256=bytes.fromhex(str(held["sha256"])),
+                      size=int(number("size")), sent_name=str(held["sent_name"]),
+                      name=str(held["name"]), delivered_at=float(number("delivered_at")))
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import trio
 
+from ..config import LinkConfig
 from ..errors import RemoteProtocolError
 from ..metrics import connect_failure_kind
 from ..proto import frames as F
@@ -34,6 +35,7 @@ from ..proto.framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
 from .admission import Gate, Ticket
 from .backoff import Backoff
 from .connection import READ_SIZE, SessionRunner
+from .peer import PeerLink
 from .tls import TLSContexts, TLSRefused, tls_info
 
 
@@ -96,7 +98,7 @@ async def read_hello(runner: SessionRunner, peer: str) -> str | None:
     return None
 
 
-def _alive(link: Any, existing: SessionRunner) -> bool:
+def _alive(link: PeerLink, existing: SessionRunner) -> bool:
     """The live session heard from its peer within two heartbeat intervals."""
     session = existing.session
     if session is None or session.state is not S.State.OPEN:
@@ -106,7 +108,7 @@ def _alive(link: Any, existing: SessionRunner) -> bool:
     return bool(trio.current_time() - session.heartbeat.last_received < window)
 
 
-async def _refuse_runner(link: Any, runner: SessionRunner, reason: str, *, error: bool,
+async def _refuse_runner(link: PeerLink, runner: SessionRunner, reason: str, *, error: bool,
                          bye: str | None = None) -> None:
     (link.log.warning if error else link.log.info)(
         "session_refused", peer=link.name, remote=runner.remote, reason=reason)
@@ -114,7 +116,7 @@ async def _refuse_runner(link: Any, runner: SessionRunner, reason: str, *, error
     await refuse(runner.stream, bye or reason)
 
 
-async def run_session(daemon: Any, link: Any, runner: SessionRunner) -> None:
+async def run_session(daemon: Any, link: PeerLink, runner: SessionRunner) -> None:
     existing = link.active
     if existing is not None and new_wins(daemon.cfg.node.name, link.name, existing, runner):
         # A live session is replaced only by a connection whose own hello is valid
@@ -195,16 +197,16 @@ def peer_asked_to_redial(reason: str | None) -> bool:
     return reason.startswith(_PEER_BYE) and reason[len(_PEER_BYE):].startswith(REDIAL_REASONS)
 
 
-def _redial_event(link: Any) -> trio.Event:
-    event = getattr(link, "_redial", None)
+def _redial_event(link: PeerLink) -> trio.Event:
+    event = link.redial
     if event is None:
-        event = link._redial = trio.Event()
+        event = link.redial = trio.Event()
     return event
 
 
-def redial_now(link: Any) -> None:
+def redial_now(link: PeerLink) -> None:
     """Skip the rest of the backoff: the dial loop dials at once (`linkctl reconnect`)."""
-    link._redial_pending = True
+    link.redial_pending = True
     _redial_event(link).set()
 
 
@@ -224,7 +226,7 @@ def still_down_schedule(first: float = STILL_DOWN_FIRST,
         at += gap
 
 
-async def outage_watch(link: Any, poll: float = 1.0, up_poll: float = 5.0) -> None:
+async def outage_watch(link: PeerLink, poll: float = 1.0, up_poll: float = 5.0) -> None:
     """Log `link_still_down` while the peer is down (CONTRACT §8, §10): an outage is
     never silent. Polls the board: every `poll` seconds while down, every `up_poll`
     while connected (a hub of hundreds of peers must not wake each every second);
@@ -259,7 +261,7 @@ async def outage_watch(link: Any, poll: float = 1.0, up_poll: float = 5.0) -> No
 OpenStream = Callable[[str, int], Awaitable[trio.abc.Stream]]
 
 
-def stable_after(lcfg: Any) -> float:
+def stable_after(lcfg: LinkConfig) -> float:
     """Seconds a session must stay open for the backoff to start again from the floor.
 
     A session that dies right after its hello (a peer in a crash loop, a flapping
@@ -269,7 +271,7 @@ def stable_after(lcfg: Any) -> float:
     return float(lcfg.heartbeat_timeout)
 
 
-async def dial_loop(daemon: Any, link: Any, *,
+async def dial_loop(daemon: Any, link: PeerLink, *,
                     open_stream: OpenStream = trio.open_tcp_stream) -> None:
     """`open_stream` is a test seam (MockClock tests inject an unreachable network)."""
     lcfg = daemon.cfg.link
@@ -282,7 +284,7 @@ async def dial_loop(daemon: Any, link: Any, *,
             return
         host, port = connect
         remote = f"{host}:{port}"
-        link._redial_pending = False
+        link.redial_pending = False
         link.status.set_state("connecting")
         link.status.attempts += 1
         outcome = await _dial(daemon, link, host, port, remote, open_stream)
@@ -295,23 +297,23 @@ async def dial_loop(daemon: Any, link: Any, *,
                 link.status.set_state("backoff", error=outcome)
         elif link.last_session_open:
             backoff.reset()
-        if getattr(link, "_redial_pending", False):
+        if link.redial_pending:
             backoff.reset()           # the peer said it is back at once, or an operator asked
-            link._redial_pending = False
+            link.redial_pending = False
             continue
         delay = backoff.next_delay()
         if link.active is None:
             link.status.set_state(
                 "backoff", next_attempt_at=dt.datetime.now(dt.UTC)
                 + dt.timedelta(seconds=delay))
-        event = link._redial = trio.Event()
+        event = link.redial = trio.Event()
         with trio.move_on_after(delay):
             await event.wait()
         if event.is_set():
             backoff.reset()
 
 
-async def _dial(daemon: Any, link: Any, host: str, port: int, remote: str,
+async def _dial(daemon: Any, link: PeerLink, host: str, port: int, remote: str,
                 open_stream: OpenStream = trio.open_tcp_stream) -> str | None:
     """One attempt. Returns a failure reason, or None if a session ran."""
     lcfg = daemon.cfg.link

@@ -47,6 +47,7 @@ from .events import (
     Event,
     MessageComplete,
     MessageData,
+    MessageEvent,
     MessageStart,
     NackReceived,
     PeerHello,
@@ -60,8 +61,8 @@ from .state import Input, State, next_state
 
 __all__ = [
     "AckReceived", "CheckpointReceived", "CreditReceived", "Event", "Input", "MessageComplete",
-    "MessageData", "MessageStart", "NackReceived", "PeerHello", "RttMeasured", "Session",
-    "SessionClosed", "State", "check_hello", "named_reason",
+    "MessageData", "MessageEvent", "MessageStart", "NackReceived", "PeerHello", "RttMeasured",
+    "Session", "SessionClosed", "State", "check_hello", "named_reason",
 ]
 
 
