@@ -21,22 +21,42 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import Protocol
 
 import trio
+from structlog.typing import FilteringBoundLogger
 
-from ..config import LinkConfig
+from ..config import Config, LinkConfig
 from ..errors import RemoteProtocolError
 from ..metrics import connect_failure_kind
 from ..proto import frames as F
 from ..proto import session as S
 from ..proto.framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
+from ..status.board import StatusBoard
 from .admission import Gate, Ticket
 from .backoff import Backoff
 from .connection import READ_SIZE, SessionRunner
 from .peer import PeerLink
 from .tls import TLSContexts, TLSRefused, tls_info
+
+
+class Host(Protocol):
+    """What the supervisor needs of the daemon (linkd.daemon.Daemon is one; the
+    virtual-time tests give a small fake)."""
+
+    @property
+    def cfg(self) -> Config: ...
+    @property
+    def tls(self) -> TLSContexts: ...
+    @property
+    def log(self) -> FilteringBoundLogger: ...
+    @property
+    def links(self) -> Mapping[str, PeerLink]: ...
+    @property
+    def board(self) -> StatusBoard | None: ...      # None: no connect-failure counts
+    @property
+    def gate(self) -> Gate | None: ...              # None: no admission limits
 
 
 def _remote_of(stream: trio.abc.Stream) -> str:
@@ -116,7 +136,7 @@ async def _refuse_runner(link: PeerLink, runner: SessionRunner, reason: str, *, 
     await refuse(runner.stream, bye or reason)
 
 
-async def run_session(daemon: Any, link: PeerLink, runner: SessionRunner) -> None:
+async def run_session(daemon: Host, link: PeerLink, runner: SessionRunner) -> None:
     existing = link.active
     if existing is not None and new_wins(daemon.cfg.node.name, link.name, existing, runner):
         # A live session is replaced only by a connection whose own hello is valid
@@ -271,12 +291,12 @@ def stable_after(lcfg: LinkConfig) -> float:
     return float(lcfg.heartbeat_timeout)
 
 
-async def dial_loop(daemon: Any, link: PeerLink, *,
+async def dial_loop(daemon: Host, link: PeerLink, *,
                     open_stream: OpenStream = trio.open_tcp_stream) -> None:
     """`open_stream` is a test seam (MockClock tests inject an unreachable network)."""
     lcfg = daemon.cfg.link
     backoff = Backoff(lcfg.reconnect_min, lcfg.reconnect_max)
-    board = getattr(daemon, "board", None)
+    board = daemon.board
     while True:
         await link.wait_idle()
         connect = link.peer.connect
@@ -313,7 +333,7 @@ async def dial_loop(daemon: Any, link: PeerLink, *,
             backoff.reset()
 
 
-async def _dial(daemon: Any, link: PeerLink, host: str, port: int, remote: str,
+async def _dial(daemon: Host, link: PeerLink, host: str, port: int, remote: str,
                 open_stream: OpenStream = trio.open_tcp_stream) -> str | None:
     """One attempt. Returns a failure reason, or None if a session ran."""
     lcfg = daemon.cfg.link
@@ -377,13 +397,13 @@ async def _release_on_open(runner: SessionRunner, ticket: Ticket) -> None:
     ticket.release()
 
 
-async def handle_inbound(daemon: Any, tcp: trio.SocketStream) -> None:
+async def handle_inbound(daemon: Host, tcp: trio.SocketStream) -> None:
     """One accepted connection. It counts against the gate (net/admission.py) until
     its hello is validated, and gets one handshake_timeout from the TCP accept for
     the TLS handshake *and* the hello."""
     started = trio.current_time()
     remote = _remote_of(tcp)
-    gate: Gate | None = getattr(daemon, "gate", None)
+    gate = daemon.gate
     ticket: Ticket | None = None
     if gate is not None:
         admitted = gate.admit(_host_of(tcp))
@@ -399,7 +419,7 @@ async def handle_inbound(daemon: Any, tcp: trio.SocketStream) -> None:
             ticket.release()
 
 
-async def _handle_inbound(daemon: Any, tcp: trio.SocketStream, remote: str, started: float,
+async def _handle_inbound(daemon: Host, tcp: trio.SocketStream, remote: str, started: float,
                           ticket: Ticket | None) -> None:
     lcfg = daemon.cfg.link
     deadline = started + lcfg.handshake_timeout
