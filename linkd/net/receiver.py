@@ -8,6 +8,11 @@ nacks. A storage error on one channel nacks its oldest unacknowledged message as
 "busy" (the sender waits and resends, not counted as an attempt) instead of
 ending the session; a re-send or probe at or below `committed` is answered from
 the delivery journal. `ReceiverMixin` holds these methods of SessionRunner.
+
+After the worker nacks a message, the session discards the channel's frames until
+the sender rewinds; but events it emitted before the nack reached it may already
+be queued for the worker (the sender pipelines), so the worker applies the same
+rule, proto's `DiscardUntilRewind`, to its queue.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from ..evidence import receipts as R
 from ..evidence.canonical import micros
 from ..proto import frames as F
 from ..proto import session as S
+from ..proto.channel import DiscardUntilRewind
 from ..spool import (
     ChecksumMismatch,
     Completed,
@@ -95,7 +101,7 @@ class ReceiverMixin(RunnerState):
                 returned = sum(len(ev.data) for ev in batch if isinstance(ev, S.MessageData))
                 self.session.grant(ch, returned)
                 seq = rx.oldest_unacked(ch)
-                if seq is not None and ch not in rx.discarding:
+                if seq is not None and not rx.discarding(ch):
                     self.session.send_nack(ch, seq, f"receiver cannot store it now: {exc}",
                                            True, F.NACK_BUSY, busy_wait)
                     rx.discard(ch)
@@ -154,11 +160,8 @@ class ReceiverMixin(RunnerState):
                 credit[ch] += len(ev.data)
             if inbound is None:
                 continue
-            if ch in rx.discarding:
-                if isinstance(ev, S.MessageStart) and ev.rewind:
-                    rx.discarding.discard(ch)
-                else:
-                    continue
+            if not rx.passes(ev):
+                continue
             if isinstance(ev, S.MessageStart):
                 rx.skipping.pop(ch, None)
                 names[(ch, ev.seq)] = ev.name
@@ -247,13 +250,23 @@ class _Receiver:
     """What one channel's inbound worker remembers between batches."""
 
     def __init__(self) -> None:
-        self.discarding: set[str] = set()
+        self._discard: dict[str, DiscardUntilRewind] = {}
         self.skipping: dict[str, int] = {}      # channel -> seq whose data we ignore
         self._unacked: dict[str, list[int]] = collections.defaultdict(list)
 
     def discard(self, ch: str) -> None:
-        self.discarding.add(ch)
+        """We nacked on `ch`: drop its queued events until the sender rewinds."""
+        self._discard.setdefault(ch, DiscardUntilRewind()).start()
         self._unacked.pop(ch, None)
+
+    def discarding(self, ch: str) -> bool:
+        rule = self._discard.get(ch)
+        return rule is not None and rule.active
+
+    def passes(self, ev: S.MessageEvent) -> bool:
+        """Whether the worker applies `ev` (see the module docstring)."""
+        rule = self._discard.get(ev.ch)
+        return rule is None or rule.passes(isinstance(ev, S.MessageStart) and ev.rewind)
 
     def started(self, ch: str, seq: int) -> None:
         self._unacked[ch].append(seq)
