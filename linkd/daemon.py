@@ -477,7 +477,3 @@ def _folder_counts(layout: SpoolLayout, channels: list[str]) -> tuple[dict[str, 
     """Blocking: (files in failed/<ch>/ per channel, files in quarantine/)."""
     return ({n: count_files(layout.failed_dir(n)) for n in channels},
             count_files(layout.quarantine_dir()))
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)

@@ -38,7 +38,6 @@ from typing import TextIO
 import structlog
 from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
-LEVELS = ("debug", "info", "warning", "error")
 # syslog priorities (sd-daemon.h): SD_ERR 3, SD_WARNING 4, SD_INFO 6, SD_DEBUG 7
 PRIORITY = {"critical": 2, "exception": 3, "error": 3, "warning": 4, "warn": 4,
             "info": 6, "debug": 7}

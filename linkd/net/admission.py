@@ -105,15 +105,6 @@ class Gate:
             self.by_source.pop(source, None)
 
 
-def open_descriptors() -> int | None:
-    """Descriptors this process holds now (Linux), or None."""
-    import os
-    try:
-        return len(os.listdir("/proc/self/fd"))
-    except OSError:
-        return None
-
-
 async def serve_listener(listener: trio.SocketListener,
                          handler: Callable[[trio.SocketStream], Awaitable[None]],
                          log: FilteringBoundLogger, what: str) -> None:

@@ -190,7 +190,6 @@ async def run_session(daemon: Host, link: PeerLink, runner: SessionRunner) -> No
         level = link.log.warning if error else link.log.info
         level("link_down", peer=link.name, remote=runner.remote, reason=reason,
               clean=not error)
-        link.status.rtt_ms = link.status.rtt_ms
     else:
         link.log.warning("session_failed", peer=link.name, remote=runner.remote, reason=reason)
     if link.active is None:
