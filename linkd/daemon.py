@@ -7,6 +7,10 @@ line (CONTRACT §10). Signals: SIGTERM/SIGINT stop pick-up, say goodbye on
 every session and exit 0; SIGHUP re-reads config and certificates (new
 sessions use them; peers and channels may come and go; a peer whose settings
 changed gets a fresh session so both sides renegotiate channels).
+
+Size: over 400 lines on purpose: it is the composition root, and start-up,
+reload and shutdown wire and unwire the same objects in an order that is read
+as one.
 """
 
 from __future__ import annotations

@@ -25,6 +25,9 @@ line. Special lines:
 Durability: `record()` writes at once (O_APPEND); `sync()` fsyncs. The inbound
 worker calls `sync()` after logging a batch's deliveries and before sending
 their acks; checkpoints and close fsync too.
+
+Size: over 400 lines on purpose: writing, rotating, repairing a torn tail and
+verifying share one line format and one hash chain, and change together.
 """
 
 from __future__ import annotations

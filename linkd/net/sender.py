@@ -7,6 +7,10 @@ number); `_handle_nacks` retries, waits ("busy") or marks a probe for
 renumbering ("stale"); the probe phase and the tail renumbering keep pick-up
 order after our numbering went wrong. `SenderMixin` holds these methods of
 SessionRunner; `_OutChannel` is its per-channel state.
+
+Size: over 400 lines on purpose: sending a chunk, acks, nacks and probing all
+change one per-channel state (`_OutChannel`) and its in-flight set, so they
+are read together.
 """
 
 from __future__ import annotations

@@ -15,6 +15,10 @@
   old session (the dialler believes it dead); between sessions dialled from
   different sides, the one dialled by the node whose name sorts first wins.
   The loser gets a bare goodbye before any hello is read.
+
+Size: over 400 lines on purpose: dialling, accepting and the slot's tie-break
+together decide who holds a peer's one session, and are read together when
+that rule changes.
 """
 
 from __future__ import annotations
