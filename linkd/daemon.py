@@ -7,6 +7,10 @@ line (CONTRACT §10). Signals: SIGTERM/SIGINT stop pick-up, say goodbye on
 every session and exit 0; SIGHUP re-reads config and certificates (new
 sessions use them; peers and channels may come and go; a peer whose settings
 changed gets a fresh session so both sides renegotiate channels).
+
+Size: over 400 lines on purpose: it is the composition root, and start-up,
+reload and shutdown wire and unwire the same objects in an order that is read
+as one.
 """
 
 from __future__ import annotations
@@ -16,9 +20,9 @@ import errno
 import os
 import signal
 import time
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import trio
 
@@ -35,13 +39,15 @@ from .errors import (
 )
 from .evidence import service as evidence
 from .expiry import ExpiryWatch, tls_dates
+from .jsontypes import JSONObject
 from .metrics import tls_refusal_kind
 from .net.admission import Gate, Limits, serve_listener
+from .net.connection import SessionRunner
 from .net.peer import PeerLink, in_thread
 from .net.supervisor import dial_loop, handle_inbound, outage_watch
 from .net.tls import TLSContexts, make_contexts
 from .net.watcher import FolderWatcher
-from .spool import lock_state_dir
+from .spool import SpoolLayout, lock_state_dir
 from .status import (
     StatusBoard,
     open_metrics_listener,
@@ -80,7 +86,7 @@ class Daemon:
         self.watcher: FolderWatcher | None = None   # opened by serve: one inotify instance
         self._folder_seen: FolderSeen = {}          # failed/ and quarantine/ as last counted
 
-    def _observe(self, event: dict[str, Any]) -> None:
+    def _observe(self, event: Mapping[str, object]) -> None:
         """Count TLS refusals for /metrics from the very events the audit log gets."""
         if event.get("event") == "tls_refused":
             self.board.note_tls_refusal(tls_refusal_kind(str(event.get("reason", ""))))
@@ -101,7 +107,7 @@ class Daemon:
         return link
 
     async def queue_entries(self, peer: str | None = None,
-                            channel: str | None = None) -> list[dict[str, Any]]:
+                            channel: str | None = None) -> list[JSONObject]:
         """Every queued file (GET /queue, `linkctl queue`), oldest first per channel.
         In a thread: listing a big out/ must not stall the event loop."""
         links = [link for name, link in list(self.links.items()) if peer is None or name == peer]
@@ -121,7 +127,8 @@ class Daemon:
         for name, channel in status.channels.items():
             channel.paused = self.pauses.is_paused(peer, name)
 
-    async def _run_link(self, link: PeerLink, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def _run_link(self, link: PeerLink,
+                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.CancelScope() as scope:
             self.link_scopes[link.name] = scope
             async with trio.open_nursery() as nursery:
@@ -446,12 +453,12 @@ def _find(exc: BaseException, kind: type[BaseException]) -> BaseException | None
 CRL_EXPIRED = "(tls.crl): CRL expired"      # certs.load_crl's wording
 
 
-def _peer_der(runner: Any) -> bytes | None:
+def _peer_der(runner: SessionRunner) -> bytes | None:
     get = getattr(runner.stream, "peer_certificate_der", None)
     return get() if get is not None else None
 
 
-def revoked_peers(crl_path: Any, ca_path: Any, ders: dict[str, bytes]) -> dict[str, int]:
+def revoked_peers(crl_path: Path, ca_path: Path, ders: dict[str, bytes]) -> dict[str, int]:
     """Blocking: {peer: serial} for the certificates in `ders` that the CRL lists
     (verified against the CA; an expired CRL still counts: revocation is final)."""
     from cryptography import x509
@@ -471,7 +478,7 @@ FolderSeen = dict[str, tuple[int, int, int, int]]   # path -> (dev, ino, mtime_n
 SETTLED_NS = 2_000_000_000   # an mtime this recent may hide a later change in the same tick
 
 
-def _folder_counts(layout: Any, channels: list[str],
+def _folder_counts(layout: SpoolLayout, channels: list[str],
                    seen: FolderSeen | None = None) -> tuple[dict[str, int], int]:
     """Blocking: (files in failed/<ch>/ per channel, files in quarantine/). With
     `seen`, a folder whose (dev, inode, mtime) is what it was when last counted,
@@ -494,7 +501,3 @@ def _folder_counts(layout: Any, channels: list[str],
         return n
     return ({n: count(layout.failed_dir(n)) for n in channels},
             count(layout.quarantine_dir()))
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)

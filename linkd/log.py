@@ -32,22 +32,22 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TextIO
 
 import structlog
+from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
-LEVELS = ("debug", "info", "warning", "error")
 # syslog priorities (sd-daemon.h): SD_ERR 3, SD_WARNING 4, SD_INFO 6, SD_DEBUG 7
 PRIORITY = {"critical": 2, "exception": 3, "error": 3, "warning": 4, "warn": 4,
             "info": 6, "debug": 7}
 
-Observer = Callable[[dict[str, Any]], None]
+Observer = Callable[[Mapping[str, object]], None]
 _observers: list[Observer] = []
 _node: str | None = None
 
 
-def journald_stream(stream: Any = None) -> bool:
+def journald_stream(stream: TextIO | None = None) -> bool:
     """Whether `stream` (stderr by default) is the one systemd connected to journald."""
     expected = os.environ.get("JOURNAL_STREAM", "")
     dev, _, ino = expected.partition(":")
@@ -67,14 +67,14 @@ def configure(fmt: str | None = None, level: str = "info", node: str | None = No
         _node = node
     if fmt is None:
         fmt = "console" if sys.stderr.isatty() else "json"
-    renderer: Any
+    renderer: Processor
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer(sort_keys=False)
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     if journald_stream():
         renderer = _Prioritised(renderer)
-    processors: list[Any] = [
+    processors: list[Processor] = [
             structlog.contextvars.merge_contextvars,
             _add_node,
             structlog.processors.add_log_level,
@@ -97,22 +97,22 @@ def configure(fmt: str | None = None, level: str = "info", node: str | None = No
 class _Prioritised:
     """Wraps a renderer: "<N>" + the rendered line, N the event's syslog priority."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Processor) -> None:
         self.inner = inner
 
-    def __call__(self, logger: Any, name: str, event: dict[str, Any]) -> str:
+    def __call__(self, logger: WrappedLogger, name: str, event: EventDict) -> str:
         level = str(event.get("level") or name).lower()
-        text = self.inner(logger, name, event)
-        return f"<{PRIORITY.get(level, 6)}>{text}"
+        text = self.inner(logger, name, event)     # str from both renderers configured here
+        return f"<{PRIORITY.get(level, 6)}>{text!s}"
 
 
-def _add_node(logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
+def _add_node(logger: WrappedLogger, name: str, event: EventDict) -> EventDict:
     if _node is not None:
         event.setdefault("node", _node)
     return event
 
 
-def _notify_observers(logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
+def _notify_observers(logger: WrappedLogger, name: str, event: EventDict) -> EventDict:
     for observer in list(_observers):
         try:
             observer(event)
@@ -133,14 +133,14 @@ class _LevelFilter:
     def __init__(self, level: str) -> None:
         self.minimum = getattr(logging, level.upper(), logging.INFO)
 
-    def __call__(self, logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, logger: WrappedLogger, name: str, event: EventDict) -> EventDict:
         level = str(event.get("level") or name).upper()
         if getattr(logging, level, logging.INFO) < self.minimum:
             raise structlog.DropEvent
         return event
 
 
-def _audit(logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
+def _audit(logger: WrappedLogger, name: str, event: EventDict) -> EventDict:
     from .evidence.audit import sink
     sink(event)
     return event
@@ -176,14 +176,14 @@ class RateLimiter:
         self._lock = threading.Lock()    # events come from worker threads too
 
     @staticmethod
-    def source(event: dict[str, Any]) -> str:
+    def source(event: Mapping[str, object]) -> str:
         remote = event.get("remote")
         if isinstance(remote, str) and remote not in ("", "?"):
             return remote.rsplit(":", 1)[0].strip("[]") if ":" in remote else remote
         peer = event.get("peer")
         return str(peer) if peer is not None else ""
 
-    def allow(self, event: dict[str, Any]) -> bool:
+    def allow(self, event: Mapping[str, object]) -> bool:
         kind = str(event.get("event", ""))
         if is_audit(kind):
             return True
@@ -212,7 +212,7 @@ class RateLimiter:
         for k in full:
             del self._buckets[k]
 
-    def summary(self, force: bool = False) -> dict[str, Any] | None:
+    def summary(self, force: bool = False) -> dict[str, object] | None:
         """The fields of a log_suppressed line, if one is due (and anything was dropped)."""
         now = self.clock()
         with self._lock:
@@ -231,7 +231,7 @@ class RateLimiter:
                 "reason": "repeated events were rate-limited (at most "
                           f"{self.BURST:g} at once, then {self.RATE:g}/s per kind and source)"}
 
-    def __call__(self, logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, logger: WrappedLogger, name: str, event: EventDict) -> EventDict:
         if self.allow(event):
             return event
         raise structlog.DropEvent
@@ -248,9 +248,10 @@ def flush_suppressed(force: bool = False) -> None:
         get().warning("log_suppressed", **fields)
 
 
-def _noop(logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
+def _noop(logger: WrappedLogger, name: str, event: EventDict) -> EventDict:
     return event
 
 
-def get(**bind: Any) -> Any:
-    return structlog.get_logger("linkd").bind(**bind)
+def get(**bind: object) -> FilteringBoundLogger:
+    logger: FilteringBoundLogger = structlog.get_logger("linkd")
+    return logger.bind(**bind)

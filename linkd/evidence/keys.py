@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 
 from ..errors import KeyError_ as KeyError_  # re-exported
+from ..spool.fs import DEFAULT_FS, write_atomic
 
 PSS_SALT = 32
 
@@ -175,19 +176,8 @@ class CertStore:
             return path
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         pem = x509.load_der_x509_certificate(cert_der).public_bytes(serialization.Encoding.PEM)
-        tmp = self.folder / f".{name}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-        try:
-            os.write(fd, pem)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dfd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        tmp = self.folder / f".{name}.{os.getpid()}.tmp"     # one process's own temporary
+        write_atomic(DEFAULT_FS, path, pem, 0o644, tmp=tmp)
         return path
 
     def find(self, sha256: str) -> x509.Certificate | None:

@@ -31,7 +31,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from cryptography import x509
 
@@ -43,6 +43,27 @@ RECEIPT_VERSION = 1
 FORMAT = "linkd-receipt/1"
 BATCH_TYPE = "linkd-receipt-batch"
 _HEX64 = re.compile(r"[0-9a-f]{64}\Z")
+
+# The stored receipt document (docs/EVIDENCE.md), as `document` writes it.
+ReceiptMap = TypedDict("ReceiptMap", {
+    "v": int, "from": str, "to": str, "channel": str, "seq": int, "sent_name": str,
+    "delivered_name": str, "size": int, "sha256": str, "delivered_at": str})
+
+
+class ProofMap(TypedDict):
+    index: int
+    size: int
+    path: list[str]
+    root: str | None
+    signer: str
+    alg: str
+    sig: str
+
+
+class ReceiptDoc(TypedDict):
+    format: str
+    receipt: ReceiptMap
+    proof: ProofMap
 
 
 
@@ -59,7 +80,7 @@ class Receipt:
     sha256: str              # lowercase hex
     delivered_at_us: int     # microseconds since the epoch
 
-    def to_map(self) -> dict[str, Any]:
+    def to_map(self) -> ReceiptMap:
         return {"v": RECEIPT_VERSION, "from": self.frm, "to": self.to, "channel": self.channel,
                 "seq": self.seq, "sent_name": self.sent_name,
                 "delivered_name": self.delivered_name, "size": self.size,
@@ -207,7 +228,7 @@ class Verifier:
 
 # -- documents (what is stored and what `linkctl receipt` reads) -----------------
 
-def document(receipt: Receipt, proof: Proof, alg: str) -> dict[str, Any]:
+def document(receipt: Receipt, proof: Proof, alg: str) -> ReceiptDoc:
     root = root_from_path(leaf_hash(receipt.encode()), proof.index, proof.size, list(proof.path))
     return {"format": FORMAT, "receipt": receipt.to_map(),
             "proof": {"index": proof.index, "size": proof.size,
@@ -246,7 +267,7 @@ def from_document(doc: Any) -> tuple[Receipt, Proof]:
     return receipt, proof
 
 
-def dumps(doc: dict[str, Any]) -> bytes:
+def dumps(doc: ReceiptDoc) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)\
         .encode("utf-8") + b"\n"
 
@@ -261,7 +282,7 @@ class ReceiptStore:
     def path(self, peer: str, channel: str) -> Path:
         return self.folder / peer / f"{channel}.jsonl"
 
-    def append(self, peer: str, channel: str, docs: list[dict[str, Any]]) -> None:
+    def append(self, peer: str, channel: str, docs: list[ReceiptDoc]) -> None:
         if not docs:
             return
         path = self.path(peer, channel)

@@ -27,9 +27,9 @@ import dataclasses
 import errno
 import resource
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import trio
+from structlog.typing import FilteringBoundLogger
 
 # accept() failures that mean "no capacity now": wait and accept again
 CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -105,18 +105,9 @@ class Gate:
             self.by_source.pop(source, None)
 
 
-def open_descriptors() -> int | None:
-    """Descriptors this process holds now (Linux), or None."""
-    import os
-    try:
-        return len(os.listdir("/proc/self/fd"))
-    except OSError:
-        return None
-
-
 async def serve_listener(listener: trio.SocketListener,
                          handler: Callable[[trio.SocketStream], Awaitable[None]],
-                         log: Any, what: str) -> None:
+                         log: FilteringBoundLogger, what: str) -> None:
     """Accept forever, one task per connection, closed when its handler returns. A
     capacity error (EMFILE...) is one
     log line and a short wait; a handler's unexpected error is one log line and

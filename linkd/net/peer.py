@@ -17,26 +17,32 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar, TypeVarTuple
 
 import trio
 
 from .. import log as logmod
 from ..config import ChannelConfig, Config, PeerConfig
 from ..errors import SpoolError
+from ..jsontypes import JSONObject
 from ..spool import Claimed, FailedFile, Inbound, Outbound, ResourceBusy, SpoolLayout
 from ..status import PeerStatus
 from ..wakeup import Wakeup
 from .spoolio import ChannelSpool
 from .watcher import FolderWatcher, Watch
 
+if TYPE_CHECKING:
+    from .connection import SessionRunner
+
 T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 RESCAN_INTERVAL = 2.0     # a channel whose out/ has no inotify watch: look this often
 SAFETY_RESCAN = 60.0      # a watched channel: inotify wakes it; this is only a backstop
 VERIFY_INTERVAL = 10.0    # how often a watched out/ is checked to be the folder watched
 RESOURCE_BACKOFF = (0.2, 5.0)   # pick-up retry after EMFILE & co: first, at most
 
-async def in_thread(fn: Callable[..., T], *args: Any) -> T:
+
+async def in_thread(fn: Callable[[*Ts], T], *args: *Ts) -> T:
     return await trio.to_thread.run_sync(fn, *args)
 
 
@@ -52,7 +58,7 @@ class PeerLink:
         self.inbound: dict[str, Inbound] = {}
         self.spools: dict[str, ChannelSpool] = {}
         self.channels: dict[str, ChannelConfig] = {}
-        self.active: Any = None                 # the SessionRunner holding the slot
+        self.active: SessionRunner | None = None    # the session holding the slot
         self._slot_free = trio.Event()
         self._slot_free.set()
         self.slot_lock = trio.Lock()
@@ -66,6 +72,9 @@ class PeerLink:
         self.watcher: FolderWatcher | None = None    # the daemon's one inotify instance
         self.oldest_claim: dict[str, float | None] = {}
         self.cancel_scope: trio.CancelScope | None = None
+        # the dial loop's wake-up and "dial at once" flag (supervisor.redial_now)
+        self.redial: trio.Event | None = None
+        self.redial_pending = False
         self._set_channels(peer.channels)
 
     def _set_channels(self, channels: tuple[ChannelConfig, ...]) -> None:
@@ -132,11 +141,11 @@ class PeerLink:
         while self.active is not None:
             await self._slot_free.wait()
 
-    def take_slot(self, runner: Any) -> None:
+    def take_slot(self, runner: SessionRunner) -> None:
         self.active = runner
         self._slot_free = trio.Event()
 
-    def release_slot(self, runner: Any) -> None:
+    def release_slot(self, runner: SessionRunner) -> None:
         if self.active is runner:
             self.active = None
             self._slot_free.set()
@@ -159,11 +168,11 @@ class PeerLink:
             if hasattr(stats, "oldest_queued_age_s"):
                 stats.oldest_queued_age_s = None if oldest is None else round(now - oldest, 3)
 
-    def queue_entries(self, channel: str | None = None) -> list[dict[str, Any]]:
+    def queue_entries(self, channel: str | None = None) -> list[JSONObject]:
         """Every queued file of this peer (CONTRACT §10 `linkctl queue`), oldest first
         per channel; files still waiting in out/ come last with seq None."""
         now = time.time()
-        entries: list[dict[str, Any]] = []
+        entries: list[JSONObject] = []
         runner = self.active
         for name, out in list(self.outbound.items()):
             if channel is not None and name != channel:
@@ -198,9 +207,9 @@ class PeerLink:
         for name, inbound in self.inbound.items():
             for d in inbound.recovered:
                 self.status.channel(name).note_received(d.size)
-                fields: dict[str, Any] = dict(peer=self.name, channel=d.channel, name=d.name,
-                                              seq=d.seq, size=d.size, sha256=d.sha256,
-                                              recovered=True)
+                fields: dict[str, object] = dict(peer=self.name, channel=d.channel, name=d.name,
+                                                 seq=d.seq, size=d.size, sha256=d.sha256,
+                                                 recovered=True)
                 if d.sent_name != d.name:
                     fields["sent_name"] = d.sent_name
                 self.log.info("message_delivered", **fields)
@@ -209,8 +218,8 @@ class PeerLink:
     def log_failed(self, failed: list[FailedFile]) -> None:
         for f in failed:
             self.status.channel(f.channel).failed += 1
-            fields: dict[str, Any] = {"peer": self.name, "channel": f.channel, "name": f.name,
-                                      "reason": f.reason}
+            fields: dict[str, object] = {"peer": self.name, "channel": f.channel, "name": f.name,
+                                         "reason": f.reason}
             if f.seq is not None:
                 fields["seq"] = f.seq
             if f.size is not None:
@@ -266,7 +275,7 @@ class PeerLink:
             for name in list(self.outbound):
                 nursery.start_soon(self.pick_up, name, True)
 
-    async def pickup(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def pickup(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Claim files as they arrive in out/<channel>/ (inotify + a backstop rescan).
 
         One task per channel waits for its own inotify events (or the rescan)

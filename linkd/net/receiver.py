@@ -8,13 +8,20 @@ nacks. A storage error on one channel nacks its oldest unacknowledged message as
 "busy" (the sender waits and resends, not counted as an attempt) instead of
 ending the session; a re-send or probe at or below `committed` is answered from
 the delivery journal. `ReceiverMixin` holds these methods of SessionRunner.
+
+After the worker nacks a message, the session discards the channel's frames until
+the sender rewinds; but events it emitted before the nack reached it may already
+be queued for the worker (the sender pipelines), so the worker applies the same
+rule, proto's `DiscardUntilRewind`, to its queue.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TypeAlias
 
 import trio
 
@@ -24,6 +31,7 @@ from ..evidence import receipts as R
 from ..evidence.canonical import micros
 from ..proto import frames as F
 from ..proto import session as S
+from ..proto.channel import DiscardUntilRewind
 from ..spool import (
     ChecksumMismatch,
     Completed,
@@ -36,6 +44,12 @@ from .sender import RunnerState
 BUSY_WAIT = (1.0, 30.0)       # a channel whose disk work failed nacks "busy" (first, max wait)
 QUARANTINE_WAIT = 30.0        # seconds a sender waits after a "quarantine full" busy nack
 ACKS_PER_FRAME = 256          # signed ack entries per frame (an RSA-4096 entry is ~1.5 KiB)
+
+# What one thread hop of `_apply_inbound` hands back to the worker on the event loop:
+Nack: TypeAlias = tuple[str, int, str, bool, str]              # ch, seq, reason, retry, kind
+Quarantined: TypeAlias = tuple[str, str, int, str, Path | None]  # ch, name, seq, reason, where
+Applied: TypeAlias = tuple[dict[str, list[F.AckEntry]], list[Nack], list[Delivered],
+                           dict[str, int], list[Quarantined]]   # acks, nacks, delivered, credit
 
 
 class ReceiverMixin(RunnerState):
@@ -56,7 +70,7 @@ class ReceiverMixin(RunnerState):
     def _inbound_backlog(self) -> int:
         return sum(r.statistics().current_buffer_used for _s, r in self.inbound_qs.values())
 
-    async def _inbound_worker(self, queue: Any) -> None:
+    async def _inbound_worker(self, queue: trio.MemoryReceiveChannel[S.MessageEvent]) -> None:
         """Applies one channel's inbound events to its spool, a batch per thread hop."""
         assert self.session is not None
         rx = _Receiver()
@@ -84,10 +98,10 @@ class ReceiverMixin(RunnerState):
                     except (OSError, SpoolError) as again:
                         self.end(f"local storage failure: {again}", True)
                         return
-                credit = sum(len(ev.data) for ev in batch if isinstance(ev, S.MessageData))
-                self.session.grant(ch, credit)
+                returned = sum(len(ev.data) for ev in batch if isinstance(ev, S.MessageData))
+                self.session.grant(ch, returned)
                 seq = rx.oldest_unacked(ch)
-                if seq is not None and ch not in rx.discarding:
+                if seq is not None and not rx.discarding(ch):
                     self.session.send_nack(ch, seq, f"receiver cannot store it now: {exc}",
                                            True, F.NACK_BUSY, busy_wait)
                     rx.discard(ch)
@@ -107,8 +121,9 @@ class ReceiverMixin(RunnerState):
             for d in delivered:
                 stats = self.link.status.channel(d.channel)
                 stats.note_received(d.size)
-                fields: dict[str, Any] = dict(peer=self.link.name, channel=d.channel, name=d.name,
-                                              seq=d.seq, size=d.size, sha256=d.sha256)
+                fields: dict[str, object] = dict(peer=self.link.name, channel=d.channel,
+                                                 name=d.name, seq=d.seq, size=d.size,
+                                                 sha256=d.sha256)
                 if d.sent_name != d.name:
                     fields["sent_name"] = d.sent_name
                 self.log.info("message_delivered", **fields)
@@ -128,13 +143,13 @@ class ReceiverMixin(RunnerState):
                 self.session.grant(ch, n)
             self.writer_wake.set()
 
-    def _apply_inbound(self, batch: list[Any], rx: _Receiver) -> tuple[Any, ...]:
+    def _apply_inbound(self, batch: list[S.MessageEvent], rx: _Receiver) -> Applied:
         """Blocking: apply a batch of inbound events to the spool (one thread hop)."""
         link = self.link
         acks: dict[str, list[F.AckEntry]] = collections.defaultdict(list)
-        nacks: list[tuple[str, int, str, bool, str]] = []
+        nacks: list[Nack] = []
         credit: dict[str, int] = collections.defaultdict(int)
-        quarantined: list[tuple[str, str, int, str, Any]] = []
+        quarantined: list[Quarantined] = []
         done: dict[str, list[Completed]] = collections.defaultdict(list)
         names: dict[tuple[str, int], str] = {}
         full: str | None = None          # quarantine quota problem (looked up once a batch)
@@ -145,11 +160,8 @@ class ReceiverMixin(RunnerState):
                 credit[ch] += len(ev.data)
             if inbound is None:
                 continue
-            if ch in rx.discarding:
-                if isinstance(ev, S.MessageStart) and ev.rewind:
-                    rx.discarding.discard(ch)
-                else:
-                    continue
+            if not rx.passes(ev):
+                continue
             if isinstance(ev, S.MessageStart):
                 rx.skipping.pop(ch, None)
                 names[(ch, ev.seq)] = ev.name
@@ -238,13 +250,23 @@ class _Receiver:
     """What one channel's inbound worker remembers between batches."""
 
     def __init__(self) -> None:
-        self.discarding: set[str] = set()
+        self._discard: dict[str, DiscardUntilRewind] = {}
         self.skipping: dict[str, int] = {}      # channel -> seq whose data we ignore
         self._unacked: dict[str, list[int]] = collections.defaultdict(list)
 
     def discard(self, ch: str) -> None:
-        self.discarding.add(ch)
+        """We nacked on `ch`: drop its queued events until the sender rewinds."""
+        self._discard.setdefault(ch, DiscardUntilRewind()).start()
         self._unacked.pop(ch, None)
+
+    def discarding(self, ch: str) -> bool:
+        rule = self._discard.get(ch)
+        return rule is not None and rule.active
+
+    def passes(self, ev: S.MessageEvent) -> bool:
+        """Whether the worker applies `ev` (see the module docstring)."""
+        rule = self._discard.get(ev.ch)
+        return rule is None or rule.passes(isinstance(ev, S.MessageStart) and ev.rewind)
 
     def started(self, ch: str, seq: int) -> None:
         self._unacked[ch].append(seq)
@@ -263,8 +285,14 @@ def _ack_entry(d: Delivered) -> F.AckEntry:
                       sent_name=d.sent_name, name=d.name, delivered_at=d.delivered_at)
 
 
-def _ack_entry_from_journal(held: dict[str, Any]) -> F.AckEntry:
-    return F.AckEntry(seq=int(held["seq"]), sha256=bytes.fromhex(str(held["sha256"])),
-                      size=int(held["size"]), sent_name=str(held["sent_name"]),
-                      name=str(held["name"]), delivered_at=float(held["delivered_at"]))
+def _ack_entry_from_journal(held: Mapping[str, object]) -> F.AckEntry:
+    def number(key: str) -> int | float | str:
+        """A JSON value int() or float() can take (anything else: TypeError, as int())."""
+        value = held[key]
+        if isinstance(value, int | float | str):
+            return value
+        raise TypeError(f"delivery journal entry: {key} is {value!r}, not a number")
+    return F.AckEntry(seq=int(number("seq")), sha256=bytes.fromhex(str(held["sha256"])),
+                      size=int(number("size")), sent_name=str(held["sent_name"]),
+                      name=str(held["name"]), delivered_at=float(number("delivered_at")))
 

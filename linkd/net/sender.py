@@ -7,6 +7,10 @@ number); `_handle_nacks` retries, waits ("busy") or marks a probe for
 renumbering ("stale"); the probe phase and the tail renumbering keep pick-up
 order after our numbering went wrong. `SenderMixin` holds these methods of
 SessionRunner; `_OutChannel` is its per-channel state.
+
+Size: over 400 lines on purpose: sending a chunk, acks, nacks and probing all
+change one per-channel state (`_OutChannel`) and its in-flight set, so they
+are read together.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ import hashlib
 import io
 import math
 import os
-from typing import Any
+from typing import TYPE_CHECKING, BinaryIO
 
 import trio
+from structlog.typing import FilteringBoundLogger
 
 from ..errors import SpoolError
 from ..evidence import keys as ekeys
@@ -37,6 +42,11 @@ from ..spool import (
 )
 from ..spool.outbound import is_resource_error
 from ..wakeup import Wakeup
+
+if TYPE_CHECKING:
+    from hashlib import _Hash
+
+    from .peer import PeerLink
 
 MAX_IN_FLIGHT = 1024          # unacknowledged messages per channel
 MAX_ATTEMPTS = 3              # sends of one message that fail its checksum before it is failed
@@ -56,9 +66,9 @@ class _OutChannel:
     next_seq: int = 1                        # send items with seq >= this next
     in_flight: dict[int, _InFlight] = dataclasses.field(default_factory=dict)
     current: Claimed | None = None
-    fh: Any = None
+    fh: BinaryIO | None = None
     offset: int = 0
-    digest: Any = None                       # SHA-256 of what we read, when sent from 0
+    digest: _Hash | None = None              # SHA-256 of what we read, when sent from 0
     resume: tuple[int, int] | None = None
     peer_committed: int = 0                  # from the peer's hello
     probing: bool = False                    # queued seqs <= peer_committed await answers
@@ -71,8 +81,8 @@ class RunnerState:
     """What the sender and receiver halves use of SessionRunner (a typed seam: the
     attributes are set by SessionRunner.__init__, the methods are its own)."""
 
-    link: Any
-    log: Any
+    link: PeerLink
+    log: FilteringBoundLogger
     session: S.Session | None
     out: dict[str, _OutChannel]
     nacks: list[S.NackReceived]
@@ -80,11 +90,12 @@ class RunnerState:
     sender_wake: Wakeup
     writer_wake: Wakeup
     inbound_drained: Wakeup
-    inbound_qs: dict[str, tuple[Any, Any]]
-    ack_q: Any
+    inbound_qs: dict[str, tuple[trio.MemorySendChannel[S.MessageEvent],
+                                trio.MemoryReceiveChannel[S.MessageEvent]]]
+    ack_q: trio.MemoryReceiveChannel[S.AckReceived]
     scheduler: Scheduler
-    signer: Any
-    verifier: Any
+    signer: ekeys.Signer | None
+    verifier: R.Verifier | None
     peer_cert_der: bytes | None
 
     def end(self, reason: str, error: bool) -> None:  # pragma: no cover - SessionRunner's
@@ -121,12 +132,12 @@ class SenderMixin(RunnerState):
             return receipt, proof, "there is no peer certificate to check its receipt with"
         return receipt, proof, self.verifier.problem(receipt, proof)
 
-    def _store_receipts(self, ch: str, docs: list[dict[str, Any]]) -> None:
+    def _store_receipts(self, ch: str, docs: list[R.ReceiptDoc]) -> None:
         """Blocking: receipts durable in <state_dir>/receipts/ before the files go."""
         R.ReceiptStore(self.link.cfg.node.state_dir / "receipts").append(self.link.name, ch,
                                                                         docs)
 
-    def _archive_receipts(self, ch: str, docs: list[dict[str, Any]]) -> None:
+    def _archive_receipts(self, ch: str, docs: list[R.ReceiptDoc]) -> None:
         """Blocking: with archive_sent, `.<name>.receipt` beside each archived file (a
         dot-file, so that sent/<ch>/ still lists only the files themselves)."""
         sent = self.link.layout.sent_dir(ch)
@@ -179,7 +190,7 @@ class SenderMixin(RunnerState):
             return
         matched: dict[int, F.AckEntry] = {}
         other: list[tuple[Claimed, F.AckEntry]] = []
-        docs: dict[int, dict[str, Any]] = {}
+        docs: dict[int, R.ReceiptDoc] = {}
         alg = ekeys.algorithm(self.verifier.cert.public_key()) if self.verifier else "?"
         for entry in entries:
             flight = state.in_flight.pop(entry.seq, None)
@@ -231,8 +242,8 @@ class SenderMixin(RunnerState):
                 item, entry = r.item, matched[r.item.seq]
                 self.attempts.pop((ch, item.seq), None)
                 stats.note_sent(item.size)
-                fields: dict[str, Any] = dict(peer=link.name, channel=ch, name=item.name,
-                                              seq=item.seq, size=item.size, sha256=item.sha256)
+                fields: dict[str, object] = dict(peer=link.name, channel=ch, name=item.name,
+                                                 seq=item.seq, size=item.size, sha256=item.sha256)
                 if entry.name != item.name:
                     fields["delivered_name"] = entry.name
                 self.log.info("message_sent", **fields)
@@ -320,9 +331,9 @@ class SenderMixin(RunnerState):
         moved = await spool.renumber_tail(first, state.peer_committed)
         for old, new in moved:
             self.attempts.pop((state.name, old.seq), None)
-            fields: dict[str, Any] = dict(peer=self.link.name, channel=state.name,
-                                          name=old.name, seq=new.seq, old_seq=old.seq,
-                                          size=old.size, sha256=old.sha256)
+            fields: dict[str, object] = dict(peer=self.link.name, channel=state.name,
+                                             name=old.name, seq=new.seq, old_seq=old.seq,
+                                             size=old.size, sha256=old.sha256)
             verdict = verdicts.get(old.seq)
             if verdict == "unknown":
                 self.log.warning("duplicate_possible", **fields,
@@ -401,6 +412,7 @@ class SenderMixin(RunnerState):
     async def _step(self, state: _OutChannel) -> None:
         assert self.session is not None
         session = self.session
+        fh: BinaryIO | None
         if state.current is None:
             item = self._next_item(state)
             if item is None:        # the pending set changed since _ready() looked
@@ -455,6 +467,7 @@ class SenderMixin(RunnerState):
         n = session.sendable(state.name)
         item = state.current
         fh = state.fh
+        assert item is not None and fh is not None     # a message in progress has its file
         try:
             if isinstance(fh, io.BytesIO):
                 data = fh.read(n)           # prefetched when opened: no thread hop

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO, TypeVar, TypeVarTuple
 
 import trio
 
@@ -30,6 +30,7 @@ from ..spool import Claimed, FailedFile, Inbound, Outbound, Resolved
 from ..spool.outbound import Candidate, Examined
 
 T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
 
 class ChannelSpool:
@@ -39,7 +40,7 @@ class ChannelSpool:
         self.inbound = inbound
         self.lock = trio.Lock()
 
-    async def _locked(self, fn: Callable[..., T], *args: object) -> T:
+    async def _locked(self, fn: Callable[[*Ts], T], *args: *Ts) -> T:
         async with self.lock:
             return await trio.to_thread.run_sync(fn, *args)
 

@@ -15,26 +15,52 @@
   old session (the dialler believes it dead); between sessions dialled from
   different sides, the one dialled by the node whose name sorts first wins.
   The loser gets a bare goodbye before any hello is read.
+
+Size: over 400 lines on purpose: dialling, accepting and the slot's tie-break
+together decide who holds a peer's one session, and are read together when
+that rule changes.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import Protocol
 
 import trio
+from structlog.typing import FilteringBoundLogger
 
+from ..config import Config, LinkConfig
 from ..errors import RemoteProtocolError
 from ..metrics import connect_failure_kind
 from ..proto import frames as F
 from ..proto import session as S
 from ..proto.framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
+from ..status.board import StatusBoard
 from .admission import Gate, Ticket
 from .backoff import Backoff
 from .connection import READ_SIZE, SessionRunner
+from .peer import PeerLink
 from .tls import TLSContexts, TLSRefused, tls_info
+
+
+class Host(Protocol):
+    """What the supervisor needs of the daemon (linkd.daemon.Daemon is one; the
+    virtual-time tests give a small fake)."""
+
+    @property
+    def cfg(self) -> Config: ...
+    @property
+    def tls(self) -> TLSContexts: ...
+    @property
+    def log(self) -> FilteringBoundLogger: ...
+    @property
+    def links(self) -> Mapping[str, PeerLink]: ...
+    @property
+    def board(self) -> StatusBoard | None: ...      # None: no connect-failure counts
+    @property
+    def gate(self) -> Gate | None: ...              # None: no admission limits
 
 
 def _remote_of(stream: trio.abc.Stream) -> str:
@@ -96,7 +122,7 @@ async def read_hello(runner: SessionRunner, peer: str) -> str | None:
     return None
 
 
-def _alive(link: Any, existing: SessionRunner) -> bool:
+def _alive(link: PeerLink, existing: SessionRunner) -> bool:
     """The live session heard from its peer within two heartbeat intervals."""
     session = existing.session
     if session is None or session.state is not S.State.OPEN:
@@ -106,7 +132,7 @@ def _alive(link: Any, existing: SessionRunner) -> bool:
     return bool(trio.current_time() - session.heartbeat.last_received < window)
 
 
-async def _refuse_runner(link: Any, runner: SessionRunner, reason: str, *, error: bool,
+async def _refuse_runner(link: PeerLink, runner: SessionRunner, reason: str, *, error: bool,
                          bye: str | None = None) -> None:
     (link.log.warning if error else link.log.info)(
         "session_refused", peer=link.name, remote=runner.remote, reason=reason)
@@ -114,7 +140,7 @@ async def _refuse_runner(link: Any, runner: SessionRunner, reason: str, *, error
     await refuse(runner.stream, bye or reason)
 
 
-async def run_session(daemon: Any, link: Any, runner: SessionRunner) -> None:
+async def run_session(daemon: Host, link: PeerLink, runner: SessionRunner) -> None:
     existing = link.active
     if existing is not None and new_wins(daemon.cfg.node.name, link.name, existing, runner):
         # A live session is replaced only by a connection whose own hello is valid
@@ -168,7 +194,6 @@ async def run_session(daemon: Any, link: Any, runner: SessionRunner) -> None:
         level = link.log.warning if error else link.log.info
         level("link_down", peer=link.name, remote=runner.remote, reason=reason,
               clean=not error)
-        link.status.rtt_ms = link.status.rtt_ms
     else:
         link.log.warning("session_failed", peer=link.name, remote=runner.remote, reason=reason)
     if link.active is None:
@@ -195,16 +220,16 @@ def peer_asked_to_redial(reason: str | None) -> bool:
     return reason.startswith(_PEER_BYE) and reason[len(_PEER_BYE):].startswith(REDIAL_REASONS)
 
 
-def _redial_event(link: Any) -> trio.Event:
-    event = getattr(link, "_redial", None)
+def _redial_event(link: PeerLink) -> trio.Event:
+    event = link.redial
     if event is None:
-        event = link._redial = trio.Event()
+        event = link.redial = trio.Event()
     return event
 
 
-def redial_now(link: Any) -> None:
+def redial_now(link: PeerLink) -> None:
     """Skip the rest of the backoff: the dial loop dials at once (`linkctl reconnect`)."""
-    link._redial_pending = True
+    link.redial_pending = True
     _redial_event(link).set()
 
 
@@ -224,7 +249,7 @@ def still_down_schedule(first: float = STILL_DOWN_FIRST,
         at += gap
 
 
-async def outage_watch(link: Any, poll: float = 1.0, up_poll: float = 5.0) -> None:
+async def outage_watch(link: PeerLink, poll: float = 1.0, up_poll: float = 5.0) -> None:
     """Log `link_still_down` while the peer is down (CONTRACT §8, §10): an outage is
     never silent. Polls the board: every `poll` seconds while down, every `up_poll`
     while connected (a hub of hundreds of peers must not wake each every second);
@@ -259,7 +284,7 @@ async def outage_watch(link: Any, poll: float = 1.0, up_poll: float = 5.0) -> No
 OpenStream = Callable[[str, int], Awaitable[trio.abc.Stream]]
 
 
-def stable_after(lcfg: Any) -> float:
+def stable_after(lcfg: LinkConfig) -> float:
     """Seconds a session must stay open for the backoff to start again from the floor.
 
     A session that dies right after its hello (a peer in a crash loop, a flapping
@@ -269,12 +294,12 @@ def stable_after(lcfg: Any) -> float:
     return float(lcfg.heartbeat_timeout)
 
 
-async def dial_loop(daemon: Any, link: Any, *,
+async def dial_loop(daemon: Host, link: PeerLink, *,
                     open_stream: OpenStream = trio.open_tcp_stream) -> None:
     """`open_stream` is a test seam (MockClock tests inject an unreachable network)."""
     lcfg = daemon.cfg.link
     backoff = Backoff(lcfg.reconnect_min, lcfg.reconnect_max)
-    board = getattr(daemon, "board", None)
+    board = daemon.board
     while True:
         await link.wait_idle()
         connect = link.peer.connect
@@ -282,7 +307,7 @@ async def dial_loop(daemon: Any, link: Any, *,
             return
         host, port = connect
         remote = f"{host}:{port}"
-        link._redial_pending = False
+        link.redial_pending = False
         link.status.set_state("connecting")
         link.status.attempts += 1
         outcome = await _dial(daemon, link, host, port, remote, open_stream)
@@ -295,23 +320,23 @@ async def dial_loop(daemon: Any, link: Any, *,
                 link.status.set_state("backoff", error=outcome)
         elif link.last_session_open:
             backoff.reset()
-        if getattr(link, "_redial_pending", False):
+        if link.redial_pending:
             backoff.reset()           # the peer said it is back at once, or an operator asked
-            link._redial_pending = False
+            link.redial_pending = False
             continue
         delay = backoff.next_delay()
         if link.active is None:
             link.status.set_state(
                 "backoff", next_attempt_at=dt.datetime.now(dt.UTC)
                 + dt.timedelta(seconds=delay))
-        event = link._redial = trio.Event()
+        event = link.redial = trio.Event()
         with trio.move_on_after(delay):
             await event.wait()
         if event.is_set():
             backoff.reset()
 
 
-async def _dial(daemon: Any, link: Any, host: str, port: int, remote: str,
+async def _dial(daemon: Host, link: PeerLink, host: str, port: int, remote: str,
                 open_stream: OpenStream = trio.open_tcp_stream) -> str | None:
     """One attempt. Returns a failure reason, or None if a session ran."""
     lcfg = daemon.cfg.link
@@ -375,13 +400,13 @@ async def _release_on_open(runner: SessionRunner, ticket: Ticket) -> None:
     ticket.release()
 
 
-async def handle_inbound(daemon: Any, tcp: trio.SocketStream) -> None:
+async def handle_inbound(daemon: Host, tcp: trio.SocketStream) -> None:
     """One accepted connection. It counts against the gate (net/admission.py) until
     its hello is validated, and gets one handshake_timeout from the TCP accept for
     the TLS handshake *and* the hello."""
     started = trio.current_time()
     remote = _remote_of(tcp)
-    gate: Gate | None = getattr(daemon, "gate", None)
+    gate = daemon.gate
     ticket: Ticket | None = None
     if gate is not None:
         admitted = gate.admit(_host_of(tcp))
@@ -397,7 +422,7 @@ async def handle_inbound(daemon: Any, tcp: trio.SocketStream) -> None:
             ticket.release()
 
 
-async def _handle_inbound(daemon: Any, tcp: trio.SocketStream, remote: str, started: float,
+async def _handle_inbound(daemon: Host, tcp: trio.SocketStream, remote: str, started: float,
                           ticket: Ticket | None) -> None:
     lcfg = daemon.cfg.link
     deadline = started + lcfg.handshake_timeout

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Any
 
 import trio
 from cryptography import x509
@@ -49,6 +48,7 @@ from ..config import Config, PeerConfig
 from ..errors import ConfigError as ConfigError  # re-exported
 from ..errors import IdentityError as IdentityError
 from ..errors import TLSRefused as TLSRefused
+from ..jsontypes import JSONObject
 from .tls_stream import EOF_WITHOUT_CLOSE_NOTIFY, TLSError, TLSStream, describe_openssl_error
 
 HYBRID_GROUP = "X25519MLKEM768"
@@ -273,7 +273,7 @@ def make_contexts(cfg: Config) -> TLSContexts:
                        require_post_quantum=cfg.tls.require_post_quantum)
 
 
-def tls_info(stream: TLSStream, identity: PeerIdentity) -> dict[str, Any]:
+def tls_info(stream: TLSStream, identity: PeerIdentity) -> JSONObject:
     """What status (`tls`), metrics and `link_up` show about a session's TLS."""
     group = group_name(stream)
     return {"version": stream.version(), "cipher": stream.cipher(), "group": group,

@@ -42,7 +42,8 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from typing import Any, TypeVar
+from types import TracebackType
+from typing import TypeVar, TypeVarTuple
 
 import trio
 from OpenSSL import SSL
@@ -50,6 +51,7 @@ from OpenSSL import SSL
 from ..errors import TLSError as TLSError  # re-exported
 
 T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
 DEFAULT_RECEIVE_SIZE = 64 * 1024
 _BIO_READ_SIZE = 512 * 1024
@@ -96,7 +98,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     def __init__(self, transport_stream: trio.abc.Stream, context: SSL.Context, *,
                  server_side: bool = False, server_hostname: str | None = None,
-                 app_data: Any = None) -> None:
+                 app_data: object = None) -> None:
         self.transport_stream = transport_stream
         self.server_side = server_side
         conn = SSL.Connection(context, None)
@@ -162,7 +164,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 break
         return b"".join(chunks)
 
-    async def _retry(self, fn: Callable[..., T], *args: Any,
+    async def _retry(self, fn: Callable[[*Ts], T], *args: *Ts,
                      ignore_want_read: bool = False, is_handshake: bool = False) -> T | None:
         await trio.lowlevel.checkpoint_if_cancelled()
         yielded = False
@@ -362,7 +364,7 @@ class _suppress_transport_errors:
         return None
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: Any) -> bool:
+                 tb: TracebackType | None) -> bool:
         return kind is not None and issubclass(
             kind, trio.BrokenResourceError | trio.BusyResourceError | trio.ClosedResourceError)
 

@@ -10,8 +10,10 @@ sender and receiver at once, so a channel has two halves:
   offset) and checks every Msg and Data frame against it and against the
   credit we granted. After we Nack a message the channel is *discarding*:
   every frame of it is dropped (and the credit of dropped data is given back
-  with the next output) until the sender's next Msg marked `rewind`. This is
-  the one home of the discard-until-rewind rule.
+  with the next output) until the sender's next Msg marked `rewind`.
+  `DiscardUntilRewind` is the one home of that rule: the channel applies it to
+  frames, and the owner (linkd.net.receiver) to the message events it had
+  already queued for its spool when its nack reached the session.
 * The *sender* half exists when the peer's hello offered the channel
   (`send_window` is set). It spends the credit the peer grants, refuses to
   send more data than a message announced, remembers which messages are on
@@ -31,6 +33,27 @@ from . import frames as F
 from .events import Event, MessageComplete, MessageData, MessageStart
 from .flow import ReceiveWindow, SendWindow
 from .framing import CHUNK_SIZE
+
+
+class DiscardUntilRewind:
+    """After our nack, drop everything of one channel until the sender's next message
+    marked `rewind` (which is kept). For any ordered stream of a channel's messages."""
+
+    __slots__ = ("active",)
+
+    def __init__(self) -> None:
+        self.active = False
+
+    def start(self) -> None:
+        """We nacked: discard from here on."""
+        self.active = True
+
+    def passes(self, rewind: bool) -> bool:
+        """Whether the next item is kept; `rewind`: it starts a message marked rewind
+        (which ends the discarding)."""
+        if rewind:
+            self.active = False
+        return not self.active
 
 
 @dataclasses.dataclass(slots=True)
@@ -56,7 +79,7 @@ class ChannelState:
         # receiver half (set when the channel is configured on our side)
         self.recv_window: ReceiveWindow | None = None
         self.incoming: Incoming | None = None
-        self.discarding = False
+        self.discard = DiscardUntilRewind()
         self.regrant = 0                # credit to give back with the next output
         # sender half (set when the peer's hello offers the channel)
         self.send_window: SendWindow | None = None
@@ -66,11 +89,13 @@ class ChannelState:
 
     # -- receiver half: frames from the peer --------------------------------
 
+    @property
+    def discarding(self) -> bool:
+        return self.discard.active
+
     def receive_msg(self, msg: F.Msg) -> list[Event]:
-        if self.discarding:
-            if not msg.rewind:
-                return []
-            self.discarding = False
+        if not self.discard.passes(msg.rewind):
+            return []
         current = self.incoming
         if current is not None and current.offset < current.size and not msg.rewind:
             raise RemoteProtocolError(f"msg {msg.seq} on {msg.ch!r} starts before message "
@@ -86,7 +111,7 @@ class ChannelState:
         assert self.recv_window is not None
         n = len(frame.data)
         self.recv_window.consume(n)
-        if self.discarding:
+        if not self.discard.passes(False):
             self.regrant += n
             return []
         current = self.incoming
@@ -108,7 +133,7 @@ class ChannelState:
     def refuse(self) -> None:
         """We nacked the message in progress: discard the channel until a rewind.
         Credit of its bytes still on their way is returned as they arrive."""
-        self.discarding = True
+        self.discard.start()
         self.incoming = None
 
     def grant(self, n: int) -> None:

@@ -94,5 +94,8 @@ class CheckpointReceived:
     line: bytes
 
 
+# The events of one incoming message, in order: what the owner applies to its spool.
+MessageEvent = MessageStart | MessageData | MessageComplete
+
 Event = (PeerHello | MessageStart | MessageData | MessageComplete | AckReceived | NackReceived
          | CreditReceived | RttMeasured | SessionClosed | CheckpointReceived)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from ..errors import LocalProtocolError, RemoteProtocolError
 
-DEFAULT_WINDOW = 4 << 20
 MAX_WINDOW = 1 << 40
 
 

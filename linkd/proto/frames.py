@@ -19,10 +19,9 @@ from typing import Any
 import msgpack
 
 from ..errors import LocalProtocolError, RemoteProtocolError
-from ..names import NAME_MAX, is_channel_name, is_node_name, plain_name_problem
+from ..names import is_channel_name, is_node_name, plain_name_problem
 
 PROTOCOL_VERSION = 2
-MAX_NAME_BYTES = NAME_MAX
 MAX_DATA = 256 * 1024          # payload of one data frame
 MAX_SEQ = (1 << 53) - 1        # sequence numbers stay exact in JSON and far below u64
 MAX_ACK_ENTRIES = 1024         # entries in one ack frame

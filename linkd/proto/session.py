@@ -29,7 +29,8 @@ queues a bye with the reason, moves to CLOSED and returns SessionClosed.
 
 Where things live: the states and which input is legal in which state are in
 linkd.proto.state (the table); one channel's state, both directions, and the
-discard-until-rewind rule in linkd.proto.channel; the events in
+discard-until-rewind rule (also applied by the owner to the events it queued) in
+linkd.proto.channel; the events in
 linkd.proto.events (re-exported here, with State, for the owner). This module
 only dispatches: frames to channels (a `match` on the frame type), calls to
 the table, and it owns the output queues and the timers.
@@ -47,6 +48,7 @@ from .events import (
     Event,
     MessageComplete,
     MessageData,
+    MessageEvent,
     MessageStart,
     NackReceived,
     PeerHello,
@@ -60,8 +62,8 @@ from .state import Input, State, next_state
 
 __all__ = [
     "AckReceived", "CheckpointReceived", "CreditReceived", "Event", "Input", "MessageComplete",
-    "MessageData", "MessageStart", "NackReceived", "PeerHello", "RttMeasured", "Session",
-    "SessionClosed", "State", "check_hello", "named_reason",
+    "MessageData", "MessageEvent", "MessageStart", "NackReceived", "PeerHello", "RttMeasured",
+    "Session", "SessionClosed", "State", "check_hello", "named_reason",
 ]
 
 

@@ -154,14 +154,15 @@ class FS:
 DEFAULT_FS = FS()
 
 
-def write_atomic(fs: FS, path: Path, data: bytes, mode: int = 0o600) -> None:
+def write_atomic(fs: FS, path: Path, data: bytes, mode: int = 0o600,
+                 tmp: Path | None = None) -> None:
     """Replace `path` with `data` durably: tmp + fsync + rename + fsync folder.
 
-    The temporary is the dot-name `.<name>.tmp` beside `path`; a crash leaves
-    either the old file or the new one, plus at worst that temporary (which
-    recovery deletes).
+    The temporary is `tmp`, by default the dot-name `.<name>.tmp` beside `path`;
+    a crash leaves either the old file or the new one, plus at worst that
+    temporary (which recovery deletes).
     """
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp") if tmp is None else tmp
     fd = fs.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
     try:
         fs.write(fd, data)

@@ -58,6 +58,10 @@ folder and leave the channel *refused*: every begin()/commit() raises
 SymlinkedFolder (the session nacks the message as busy, so the sender keeps
 it and retries; the other channels go on) until a recover() finds real
 folders again. A symlinked state folder makes recover() raise.
+
+Size: over 400 lines on purpose: receive, group commit and recovery act on one
+state file with one set of crash points (above); the records it writes are
+already in records.py.
 """
 
 from __future__ import annotations

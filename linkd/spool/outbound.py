@@ -66,6 +66,11 @@ Errors: EMFILE, ENFILE, ENOMEM, EAGAIN and ENOBUFS are resource errors (raised
 as ResourceBusy, retried later), never a reason to fail a file. Any other
 OSError in a step that changes state marks the object dirty: it raises
 SpoolError until recover() has rebuilt the in-memory view from disk.
+
+Size: over 400 lines on purpose: pick-up (pickup.py), recovery
+(recovery_out.py) and the item records (outbound_items.py) are already apart;
+what stays is claim/resolve/fail/renumber over one in-memory view, whose
+crash points above are read together.
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 from collections import deque
@@ -154,16 +153,6 @@ def set_name_xattr(path: Path, name: str) -> None:
         os.setxattr(path, _XATTR_NAME, name.encode("utf-8"), follow_symlinks=False)
     except OSError:
         pass
-
-
-def describe_queue_record(path: Path) -> dict[str, Any] | None:
-    """A queue .meta as a dict (for `linkctl queue` when no daemon runs)."""
-    try:
-        with open(path, "rb") as f:
-            rec = json.loads(f.read(1 << 16))
-    except (OSError, ValueError):
-        return None
-    return rec if isinstance(rec, dict) else None
 
 
 class OutboundState:

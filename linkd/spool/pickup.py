@@ -14,6 +14,7 @@ import signal
 import stat
 import time
 from collections import deque
+from collections.abc import Iterator
 
 from ..errors import FileChanged as FileChanged  # re-exported
 from ..errors import ResourceBusy as ResourceBusy
@@ -79,40 +80,35 @@ class PickupMixin(OutboundState):
         else:
             self._backlog.extend(names)
 
-    def waiting(self) -> tuple[int, int]:
-        """(count, bytes) of files in out/<ch>/ not yet claimed (one scandir)."""
-        count = total = 0
+    def _waiting_entries(self) -> Iterator[tuple[str, os.stat_result]]:
+        """(name, lstat) of each file in out/<ch>/ not yet claimed (one scandir)."""
         try:
             with os.scandir(self._out) as it:
                 for entry in it:
                     try:
                         if not entry.name.startswith(".") and entry.is_file(
                                 follow_symlinks=False):
-                            total += entry.stat(follow_symlinks=False).st_size
-                            count += 1
+                            yield entry.name, entry.stat(follow_symlinks=False)
                     except FileNotFoundError:
                         continue
         except FileNotFoundError:
             pass
+
+    def waiting(self) -> tuple[int, int]:
+        """(count, bytes) of files in out/<ch>/ not yet claimed (one scandir)."""
+        count = total = 0
+        for _name, st in self._waiting_entries():
+            total += st.st_size
+            count += 1
         return count, total
 
     def waiting_files(self, limit: int = 100_000) -> list[tuple[str, int, float]]:
         """(name, size, ctime) of files in out/<ch>/ not yet claimed, arrival order."""
         found: list[tuple[float, str, int]] = []
-        try:
-            with os.scandir(self._out) as it:
-                for entry in it:
-                    try:
-                        if not entry.name.startswith(".") and entry.is_file(
-                                follow_symlinks=False):
-                            st = entry.stat(follow_symlinks=False)
-                            found.append((st.st_ctime, entry.name, st.st_size))
-                    except FileNotFoundError:
-                        continue
-                    if len(found) >= limit:
-                        break
-        except FileNotFoundError:
-            pass
+        for name, st in self._waiting_entries():
+            found.append((st.st_ctime, name, st.st_size))
+            if len(found) >= limit:
+                break
         return [(name, size, ctime) for ctime, name, size in sorted(found)]
 
     def examine(self, peer_max: int | None = None, limit: int = CLAIM_BATCH,

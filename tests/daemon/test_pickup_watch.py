@@ -241,8 +241,8 @@ async def test_an_out_folder_on_a_network_file_system_is_listed_every_few_second
 
 async def _queued(link, name, channel="data"):
     with trio.fail_after(10):
-        while name not in [i.name for i in link.outbound[channel].pending()]:
-            await trio.sleep(0.02)      # noqa: ASYNC110 (spool work runs in threads)
+        while name not in [i.name for i in link.outbound[channel].pending()]:  # noqa: ASYNC110
+            await trio.sleep(0.02)      # (spool work runs in threads)
 
 
 async def test_a_reload_restarting_pick_up_keeps_the_watch(tmp_path, no_rescan):
@@ -311,10 +311,21 @@ async def test_an_out_folder_replaced_by_renaming_its_parent_is_watched_again(
         nursery.cancel_scope.cancel()
 
 
+def _queue_limit() -> int:
+    return int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+
+
+def _noise(folder: Path, n: int) -> None:
+    """n dot-files: IN_CREATE + IN_CLOSE_WRITE each (ignored by pick-up)."""
+    for i in range(n):
+        with open(folder / f".noise{i}", "wb"):
+            pass
+
+
 async def test_a_folder_replaced_while_events_overflowed_is_watched_again(tmp_path, no_rescan):
     """An event queue overflow can drop the watch's IN_MOVE_SELF: after an overflow,
     pick-up checks that each folder is still the one watched. (Found by review.)"""
-    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    limit = _queue_limit()
     if limit > 100_000:
         pytest.skip(f"fs.inotify.max_queued_events is {limit}: too many files to overflow it")
     link = _link(tmp_path)
@@ -323,9 +334,7 @@ async def test_a_folder_replaced_while_events_overflowed_is_watched_again(tmp_pa
     async with trio.open_nursery() as nursery:
         await nursery.start(link.pickup)
         await trio.testing.wait_all_tasks_blocked(0.05)
-        for i in range(limit // 2 + 50):          # IN_CREATE + IN_CLOSE_WRITE each; no
-            with open(out / f".noise{i}", "wb"):   # checkpoint: the watcher cannot read
-                pass
+        _noise(out, limit // 2 + 50)    # no checkpoint: the watcher cannot read meanwhile
         out.rename(out.with_name("data.old"))
         out.mkdir()
         out.chmod(mode)

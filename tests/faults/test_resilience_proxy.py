@@ -1,4 +1,4 @@
-"""Latency and mid-frame cuts through our own user-space TCP proxy (tests/support/delayproxy.py).
+"""Latency and mid-frame cuts through our own user-space TCP proxy (tests/support/tcpproxy.py).
 
 alpha dials bravo through the proxy. With 200 ms added each way the link must come
 up, stay up (heartbeats are not fooled by a long round trip), report the RTT and
@@ -16,8 +16,8 @@ import statistics
 import time
 
 import pytest
-from delayproxy import DelayProxy
 from procs import assert_exactly_once, make_pair, stop_all, wait_for
+from tcpproxy import DelayProxy
 from traffic import Traffic
 
 CHANNELS = [{"name": "bulk"}, {"name": "msgs", "priority": 10}]

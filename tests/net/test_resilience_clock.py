@@ -13,7 +13,7 @@ import hashlib
 import logging
 import os
 import time
-from types import SimpleNamespace
+from collections.abc import Mapping
 
 import pytest
 import structlog
@@ -32,12 +32,15 @@ from memlink import (
     scan_sync,
 )
 
-from linkd.config import LinkConfig
+from linkd.config import Config, LinkConfig
 from linkd.net import supervisor
+from linkd.net.admission import Gate
 from linkd.net.connection import SessionRunner
-from linkd.net.tls import make_contexts
+from linkd.net.peer import PeerLink
+from linkd.net.tls import TLSContexts, make_contexts
 from linkd.proto import frames as F
 from linkd.proto.framing import CHUNK_SIZE
+from linkd.status import StatusBoard
 
 
 @pytest.fixture(scope="module")
@@ -369,13 +372,25 @@ async def test_a_channel_without_credit_does_not_block_another(tmp_path, ca, aut
 # -- reconnection: the real dial_loop against an unreachable network ------------------------------
 
 
+class FakeDaemon:
+    """The little of the daemon the supervisor uses (`supervisor.Host`): the config,
+    the TLS contexts, a logger and the links; no status board, no admission gate."""
+
+    def __init__(self, cfg: Config, link: PeerLink) -> None:
+        self.cfg = cfg
+        self.tls: TLSContexts = make_contexts(cfg)
+        self.log = link.log
+        self.links: Mapping[str, PeerLink] = {link.name: link}
+        self.board: StatusBoard | None = None
+        self.gate: Gate | None = None
+
+
 def fake_daemon_and_link(tmp_path, ca, **link_kw):
     lcfg = LinkConfig(**link_kw)
     cfg = node_config(tmp_path, ca, "alpha", [peer_config("bravo", connect=("127.0.0.1", 9))],
                       lcfg)
     link = make_link(cfg, "bravo")
-    daemon = SimpleNamespace(cfg=cfg, tls=make_contexts(cfg), log=link.log)
-    return daemon, link
+    return FakeDaemon(cfg, link), link
 
 
 def check_backoff(gaps, lo, hi, attempt_cost=0.0):
