@@ -84,6 +84,10 @@ def human(size: int) -> str:
     return f"{size // KiB} KiB"
 
 
+def rate(v: float) -> str:
+    return f"{v:.0f}" if v >= 10 else f"{v:.2f}"
+
+
 def mib(n: float) -> str:
     return f"{n / MiB:.0f} MiB"
 
@@ -163,7 +167,7 @@ def run_size(root: Path, quick: bool, say: Callable[[str], None]) -> str:
     text = table(
         ("file size", "files", "files/s", "x 1st", "MiB/s", "x last", "send ms/file",
          "recv ms/file", "send ms/MiB", "recv ms/MiB", "peak RSS send/recv"),
-        [(human(int(r["size"])), f"{int(r['files'])}", f"{r['files_s']:.0f}",
+        [(human(int(r["size"])), f"{int(r['files'])}", rate(r["files_s"]),
           f"{r['files_s'] / first['files_s']:.3f}", f"{r['mib_s']:.1f}",
           f"{r['mib_s'] / last['mib_s']:.3f}", f"{1000 * r['a_file']:.2f}",
           f"{1000 * r['b_file']:.2f}", f"{1000 * r['a_mib']:.1f}", f"{1000 * r['b_mib']:.1f}",
