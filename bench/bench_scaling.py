@@ -274,11 +274,12 @@ def run_startup(root: Path, quick: bool, say: Callable[[str], None]) -> str:
 
 # -- channels ---------------------------------------------------------------------------
 
-def run_channels(root: Path, quick: bool, say: Callable[[str], None]) -> str:
-    total = 800 if quick else 3200
+def run_channels(root: Path, quick: bool, say: Callable[[str], None],
+                 counts: Sequence[int] = (1, 10, 100), total: int | None = None) -> str:
+    total = total or (800 if quick else 3200)
     settle, window = (3.0, 6.0) if quick else (5.0, 20.0)
     rows = []
-    for n in (1, 10, 100):
+    for n in counts:
         names = [f"c{i:03d}" for i in range(n)]
         pair = Pair(root / f"channels-{n}", [{"name": c} for c in names])
         try:
