@@ -25,6 +25,8 @@ linkd (two real daemons on 127.0.0.1, tests/support/procs.py; each workload on a
   ready          start-up to READY=1 (a NOTIFY_SOCKET of ours) with N files queued
   hub            one daemon with 200 connected idle peers (hand-written protocol
                  clients in another process, certificates from linkd.pki): its CPU %
+  scaling        how cost grows with file size, queue length, channels and peers
+                 (bench/bench_scaling.py): long, so only with --only scaling
 CPU seconds per daemon come from /proc/<pid>/stat (utime + stime, all threads),
 peak RSS from /proc/<pid>/status VmHWM.
 """
@@ -613,6 +615,7 @@ def commit() -> str:
 
 
 STEPS = ("ceilings", "big", "small", "priority", "pickup", "ready", "hub", "nncp")
+SEPARATE = ("scaling",)     # not in a plain full run (10-15 min): --only scaling
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -621,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes (under a minute)")
     ap.add_argument("--dir", type=Path, default=Path("/var/tmp"),
                     help="where the spools go (the file system measured; default /var/tmp)")
-    ap.add_argument("--only", nargs="*", choices=STEPS, help="run only these parts")
+    ap.add_argument("--only", nargs="*", choices=STEPS + SEPARATE, help="run only these parts")
     ap.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     ap.add_argument("--hub-clients", nargs="+", help=argparse.SUPPRESS)
@@ -736,6 +739,9 @@ def main(argv: list[str] | None = None) -> int:
                 table.add("NNCP", "installed, but the NNCP runs are not written yet")
             else:
                 table.add("NNCP", "skipped: binaries not installed")
+        if "scaling" in steps:          # prints one table per dimension as it goes
+            import bench_scaling
+            bench_scaling.run(root / "scaling", q, say)
     finally:
         text = table.text()
         print()
