@@ -16,6 +16,7 @@ import pytest
 from spoolkit import Crash, FaultyFS, LinkHarness, drop
 
 from linkd.errors import SpoolError
+from linkd.spool import Outbound
 from linkd.spool import inbound as inbound_module
 
 CH = "data"
@@ -171,6 +172,16 @@ def count_steps(tmp: Path, renameat2: bool = True, **kw) -> tuple[int, int]:
     return h.ob.fs.calls, h.ib.fs.calls   # type: ignore[attr-defined]
 
 
+@pytest.fixture
+def small_window(request, monkeypatch):
+    """With `small_window` true: the sender keeps 2 items loaded and records its
+    checkpoint every 2 claims (issue 13), so the sweep crosses the lazy loading of
+    the queue, the checkpoints and the bounded recovery at every step."""
+    if getattr(request, "param", False):
+        monkeypatch.setattr(Outbound, "WINDOW", 2)
+        monkeypatch.setattr(Outbound, "CHECKPOINT_EVERY", 2)
+
+
 def sweep_dirs(tmp_path: Path, n: int) -> Path:
     path = tmp_path / f"run{n}"
     path.mkdir()
@@ -182,8 +193,10 @@ def test_clean_run_delivers_everything(tmp_path):
     assert sender_steps > 50 and receiver_steps > 50
 
 
-@pytest.mark.parametrize("archive_sent,renameat2", [(False, True), (True, True), (True, False)])
-def test_sender_crash_at_every_step(tmp_path, archive_sent, renameat2):
+@pytest.mark.parametrize("archive_sent,renameat2,small_window", [
+    (False, True, False), (True, True, False), (True, False, False),
+    (False, True, True), (True, False, True)], indirect=["small_window"])
+def test_sender_crash_at_every_step(tmp_path, archive_sent, renameat2, small_window):
     total, _ = count_steps(sweep_dirs(tmp_path, -1), renameat2, archive_sent=archive_sent)
     for n in range(total + 1):
         h = make(sweep_dirs(tmp_path, n), archive_sent=archive_sent)
@@ -206,8 +219,9 @@ def test_receiver_crash_at_every_step(tmp_path, monkeypatch, renameat2, syncfs):
         check_final(h)
 
 
-@pytest.mark.parametrize("side", ["sender", "receiver"])
-def test_crash_again_during_recovery(tmp_path, side):
+@pytest.mark.parametrize("side,small_window", [("sender", False), ("receiver", False),
+                                               ("sender", True)], indirect=["small_window"])
+def test_crash_again_during_recovery(tmp_path, side, small_window):
     """Crash at step n, then again at each of the first steps of the rebuilt side."""
     totals = count_steps(sweep_dirs(tmp_path, -1))
     total = totals[side == "receiver"]
@@ -228,9 +242,11 @@ def test_crash_again_during_recovery(tmp_path, side):
             check_final(h)
 
 
-@pytest.mark.parametrize("error", [errno.EIO, errno.ENOSPC])
-@pytest.mark.parametrize("side", ["sender", "receiver"])
-def test_io_error_at_every_step(tmp_path, side, error):
+@pytest.mark.parametrize("side,error,small_window", [
+    ("sender", errno.EIO, False), ("sender", errno.ENOSPC, False),
+    ("receiver", errno.EIO, False), ("receiver", errno.ENOSPC, False),
+    ("sender", errno.EIO, True)], indirect=["small_window"])
+def test_io_error_at_every_step(tmp_path, side, error, small_window):
     """An OSError at any step ends the session with SpoolError; the same objects
     then recover() and finish: nothing is lost, duplicated or reported early."""
     totals = count_steps(sweep_dirs(tmp_path, -1))
