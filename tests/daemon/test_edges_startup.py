@@ -8,7 +8,8 @@
   lock that acks and sends need.
 * Issue 13: with 10,000 files already queued, READY comes before the queue's
   claim records are read (counted in /proc/<pid>/io, not timed), the counts are
-  right at once, `linkctl queue` lists them all, and SIGTERM then exits 0.
+  right from the first STATUS= line on, `linkctl queue` lists them all, and
+  SIGTERM then exits 0.
 """
 
 import json
@@ -82,6 +83,12 @@ def test_ready_comes_before_the_queue_is_read(tmp_path):
         # Revision 2 read all 10,000 records (two read calls each) before READY; now
         # the window (Outbound.WINDOW) and the claims since the last checkpoint.
         assert reads < n, f"{reads} read calls before READY with {n} files queued"
+        # the first STATUS= line after READY counts the queue (it said 0 until the
+        # first pick-up round had refreshed the counts)
+        line = ""
+        while "queued" not in line:
+            line = sock.recv(4096).decode()
+        assert f", {n} queued" in line, line
         channel = a.status()["peers"][0]["channels"][0]
         assert channel["queued"] == n
         listing = subprocess.run([sys.executable, "-m", "linkd.cli.linkctl_main", "-s",
