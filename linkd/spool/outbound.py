@@ -289,7 +289,7 @@ class Outbound(PickupMixin, RecoveryMixin):
         self._require()
         return self._fill()
 
-    def measure(self, limit: int = 4096) -> int:
+    def measure(self, limit: int = 1024) -> int:
         """Learn the sizes of up to `limit` queued files recovery did not read (one
         lstat each; under the channel's lock, in a thread): how many remain."""
         folder = os.fspath(self._q)
