@@ -205,6 +205,7 @@ class RecoveryMixin(OutboundState):
             if meta.ino and os.lstat(meta.path).st_ino != meta.ino:
                 meta = self._rehash(meta)   # cut inside a claim that found a swapped file
             old = rec.get("renumbered_from") if rec else None
+            changed = False
             if isinstance(old, int) and 0 < old < seq and old in self._rest and \
                     same_file(self._rec(old, "data"), meta.path):
                 # a renumbering by link + unlink cut in between: the file is pending
@@ -213,10 +214,11 @@ class RecoveryMixin(OutboundState):
                 self.fs.unlink(self._rec(old, "meta"))
                 self._rest.remove(old)
                 preload.pop(old, None)
+                changed = True
             self._rest.add(seq, meta.size)
             if len(self._rest) <= self.WINDOW:
                 preload[seq] = meta
-            return False
+            return changed
         if "data" in kinds:
             name = self._orphan_name(seq)
             reason = f"its claim record {self._rec(seq, 'meta')} is missing or unreadable"

@@ -241,3 +241,22 @@ def test_the_whole_queue_is_never_loaded_while_claiming(layout, small):
     ob.scan()
     assert len(ob._pending) == Outbound.WINDOW and ob.queue_stats()[0] == 400
     assert [p.seq for p in ob.pending()] == list(range(1, 401))
+
+
+def test_a_renumbering_cut_between_link_and_unlink_is_finished_durably(layout, small):
+    """The new record names the seq it came from: recovery drops the old name (the
+    file would otherwise be sent twice) and fsyncs the queue folder after that."""
+    claimed = fill_queue(layout, 3)
+    q = layout.queue_dir(CH)
+    record = json.loads((q / "2.meta").read_text())
+    (q / "10.meta").write_text(json.dumps({**record, "seq": 10, "renumbered_from": 2}))
+    os.link(q / "2.data", q / "10.data")        # cut after the link, before the unlink
+    ob = Outbound(layout, CH, 1 << 20, False, fs=FaultyFS(sync=False))
+    assert ob.recover() == []
+    assert [(p.seq, p.name) for p in ob.pending()] == [(1, claimed[0].name),
+                                                       (3, claimed[2].name),
+                                                       (10, claimed[1].name)]
+    trace = ob.fs.trace
+    dropped = trace.index(("unlink", str(q / "2.data")))
+    assert ("unlink", str(q / "2.meta")) in trace[dropped:]
+    assert ("fsync_dir", str(q)) in trace[dropped:]
