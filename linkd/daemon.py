@@ -193,6 +193,7 @@ class Daemon:
                     for problem in problems:
                         self.log.warning("recovery", peer=link.name, problem=problem)
                     link.log_recovered()
+                    link.refresh_queued()       # the counts are right from READY on
                 await nursery.start(serve_status, self.board, cfg.node.status_socket,
                                     Controller(self))
                 if metrics:
@@ -350,6 +351,7 @@ class Daemon:
             if existing is None:
                 link = self._make_link(peer)
                 await in_thread(link.prepare)
+                link.refresh_queued()
                 await self.nursery.start(self._run_link, link)
                 continue
             link = existing

@@ -428,23 +428,25 @@ class SessionRunner(SenderMixin, ReceiverMixin):
         link.sessions_opened += 1
         # Retry counts of messages that left the queue by any path are dropped here, so
         # the per-message bookkeeping never outgrows the queue (CONTRACT §4.6).
-        pending = {(name, i.seq) for name, out in link.outbound.items() for i in out.pending()}
-        for key in [k for k in self.attempts if k not in pending]:
-            del self.attempts[key]
+        for key in list(self.attempts):
+            out = link.outbound.get(key[0])
+            if out is None or not out.contains(key[1]):
+                del self.attempts[key]
         missing = []
         for name, cfg in link.channels.items():
             peer_ch = self.session.peer_channels.get(name)
             state = _OutChannel(name, cfg.priority)
-            queued = link.outbound[name].pending() if name in link.outbound else []
             if peer_ch is None:
                 state.held = (f"peer {link.name} does not offer channel {name!r} (yet): its "
                               f"files wait until it does")
                 missing.append(name)
             else:
                 state.peer_committed = peer_ch.committed
-                state.probing = bool(queued) and queued[0].seq <= peer_ch.committed
+                first = link.outbound[name].first_seq() if name in link.outbound else None
+                state.probing = first is not None and first <= peer_ch.committed
                 state.resume = peer_ch.resume
-            state.next_seq = queued[0].seq if queued else 1
+            first = link.outbound[name].first_seq() if name in link.outbound else None
+            state.next_seq = first if first is not None else 1
             self.out[name] = state
             self._set_held(name, state.held)
         tls = self.tls_info or {}
@@ -472,7 +474,7 @@ class SessionRunner(SenderMixin, ReceiverMixin):
                 continue
             out = spool.outbound
             if state.peer_committed < out.acked:
-                window = out.pending()[:MAX_IN_FLIGHT]
+                window = out.head(MAX_IN_FLIGHT)
                 for item in window:
                     self.log.warning(
                         "duplicate_possible", peer=link.name, channel=name, name=item.name,

@@ -1,7 +1,8 @@
 """PeerLink: everything linkd keeps for one configured peer across sessions.
 
 It owns the peer's spool objects (one Outbound and one Inbound per channel),
-its status entry, the pick-up task (inotify plus a periodic rescan), and the
+its status entry, the pick-up task (inotify plus a periodic rescan, and the
+measuring of the queued sizes that start-up recovery does not read), and the
 *slot* that guarantees at most one active session per peer: a session must
 hold the slot before it touches the spool, and the tie-break between two
 sessions of the same peer (both sides dialled) is decided here.
@@ -9,7 +10,8 @@ sessions of the same peer (both sides dialled) is decided here.
 Each channel's outbound spool has one async owner (`net.spoolio.ChannelSpool`):
 pick-up, the session's sender and its acknowledgement handling all go through
 it. Pick-up is two hops per batch: hash without the lock, claim under it.
-READY is reported before the backlog is scanned: a large queue never delays
+READY is reported before the backlog is scanned, and recovery reads only a
+bounded part of the queue (docs/DELIVERY.md §3): a large queue never delays
 start-up or signal handling.
 """
 
@@ -159,6 +161,8 @@ class PeerLink:
             out = self.outbound.get(name)
             if out is None:
                 continue
+            while out.late_problems:    # found while loading the queue's window
+                self.log.warning("recovery", channel=name, problem=out.late_problems.pop(0))
             stats = self.status.channel(name)
             # O(1): this runs after every pick-up batch and every batch of acks
             count, size, oldest, waiting_count, waiting_bytes = out.queue_stats()
@@ -182,7 +186,7 @@ class PeerLink:
                 held = "paused by an operator (linkctl resume)"
             elif runner is not None:
                 held = runner.held_reason(name)
-            for item in out.pending():
+            for item in out.iter_pending():     # beyond the window: one record at a time
                 sent_bytes, in_flight = 0, False
                 if runner is not None:
                     sent_bytes, in_flight = runner.progress(name, item.seq)
@@ -250,6 +254,8 @@ class PeerLink:
                 # time (net/connection.py); our own max_message_bytes applies here.
                 found = await spool.examine(None, relist)
                 claimed, failed = await spool.claim(found.ready)
+                if spool.outbound.wants_fill() and await spool.fill():
+                    self.wake_sender()          # an earlier load of the window was cut
             except ResourceBusy as exc:
                 # Out of descriptors or memory: nothing is wrong with the files.
                 self.log.warning("pickup_delayed", channel=name, reason=str(exc))
@@ -267,6 +273,17 @@ class PeerLink:
                 self.wake_sender()
             if not found.more:
                 return found.retry_after
+            await trio.lowlevel.checkpoint()
+
+    async def measure_queue(self, name: str) -> None:
+        """Learn the sizes of the queued files that start-up recovery did not read
+        (a bounded batch per hop), so that `queued_bytes` becomes exact."""
+        while True:
+            spool = self.spools.get(name)
+            if spool is None or not spool.outbound.unmeasured or not spool.outbound.usable:
+                return
+            await spool.measure()
+            self.refresh_queued([name])
             await trio.lowlevel.checkpoint()
 
     async def scan_now(self) -> None:
@@ -296,6 +313,7 @@ class PeerLink:
         watched: dict[str, Watch] = {}
         ever: set[str] = set()                  # channels watched at some point
         wakeups: dict[str, Wakeup] = {}
+        measuring: set[str] = set()
         notified: set[str] = set()
         rewatch = Wakeup()
 
@@ -345,6 +363,12 @@ class PeerLink:
                     wake(name)
                 rewatch.set()
 
+        async def measure_task(name: str) -> None:
+            try:
+                await self.measure_queue(name)
+            finally:
+                measuring.discard(name)
+
         try:
             async with trio.open_nursery() as nursery:
                 if watcher is None:             # no daemon (tests): a watcher of our own
@@ -357,6 +381,10 @@ class PeerLink:
                         if name not in wakeups:
                             wakeups[name] = Wakeup()
                             nursery.start_soon(channel_task, name, wakeups[name])
+                        out = self.outbound.get(name)
+                        if out is not None and out.unmeasured and name not in measuring:
+                            measuring.add(name)
+                            nursery.start_soon(measure_task, name)
                         old = watched.get(name)
                         # (an lstat of a local folder: cheap enough for the event loop)
                         if old is not None and not old.current():

@@ -76,6 +76,14 @@ class ChannelSpool:
     async def recover_outbound(self) -> list[str]:
         return await self._locked(self.outbound.recover)
 
+    async def fill(self) -> int:
+        """Load the queue's window up again (after a load cut by an error)."""
+        return await self._locked(self.outbound.fill)
+
+    async def measure(self) -> int:
+        """Learn a bounded batch of the sizes recovery did not read: how many remain."""
+        return await self._locked(self.outbound.measure)
+
     async def open(self, item: Claimed, offset: int, prefetch: bool = False) -> BinaryIO:
         """Open a queued file for sending at `offset` (FileChanged, OSError).
 

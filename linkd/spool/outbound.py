@@ -8,9 +8,10 @@ Per channel, in the spool's `queue/<ch>/`, a claimed message is `<seq>.meta`
 the queued file, to notice a change after pick-up) plus `<seq>.data` (the file
 itself, renamed out of out/<ch>/). `<seq>.fail` marks a seq being failed. The
 small state file `<state>/peers/<peer>/channels/<ch>/out.json` holds `next`
-(the lowest seq the next claim may take) and `acked` (the highest seq the peer
+(the lowest seq the next claim may take), `acked` (the highest seq the peer
 acknowledged or reported committed in a hello, to notice a peer whose state went
-backwards, even for messages whose acknowledgement never reached us).
+backwards, even for messages whose acknowledgement never reached us) and
+`checked` (recovery's checkpoint, below).
 
 Sequence numbers are labels, not evidence: a file leaves the queue only on an
 acknowledgement that names its seq *and* content (checked by the caller), or
@@ -53,6 +54,24 @@ Migration of revision 1 claims writes each new .meta with `migrated_from`, so
 that a move cut by a crash (a copy across mounts, or link + unlink) is finished
 on the next start rather than queued a second time.
 
+The queue in memory (issue 13): only a *window* of the lowest queued seqs
+(WINDOW items, more than the sender keeps in flight) is loaded as `Claimed`;
+every seq above it is a 16-byte entry of a `QueueIndex` (queue_index.py), read
+from its .meta when the window reaches it (after a resolve, fail, renumber or
+claim, in the same hop; `fill()` retries). So recovery need not read the whole
+queue: `checked` in the state file is a *checkpoint*, set to `next` only at
+moments when every claim and renumbering is complete (a resolve, a raise_floor,
+a whole renumbering, claim() every CHECKPOINT_EVERY claims, recovery once it has
+finished the tail; never in the middle of a claim batch or of renumber_tail,
+whose later moves go below the earlier ones), so below it recovery looks at
+names only (one listing of queue/<ch>/:
+a lone .meta or .data, a .fail), and only the seqs at or above it -- the claims
+and renumberings a crash may have cut -- are checked record by record (C4, a
+swapped inode, a renumbering cut between link and unlink, found through the new
+record's `renumbered_from`). A damaged record below the checkpoint is handled
+as recovery would handle it (failed/), when the window reaches it, with a line
+in `late_problems` for the daemon's log.
+
 Symlinked folders (safedir.py): every step checks the folders it writes into
 (out/<ch>, queue/<ch>, failed/<ch>, sent/<ch>, the state folder) first. A
 spool folder found to be a link *refuses* the channel: FolderRefused (a
@@ -80,6 +99,7 @@ import os
 import stat
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO
@@ -108,6 +128,7 @@ from .layout import (
 )
 from .outbound_items import *  # noqa: F403  (the module's public names, re-exported)
 from .outbound_items import (
+    CHECKPOINT_EVERY,
     CLAIM_BATCH,
     MAX_SEQ,
     READ_SIZE,
@@ -121,12 +142,17 @@ from .outbound_items import (
     set_name_xattr,
     write_new,
 )
+from .outbound_items import WINDOW as _WINDOW
 from .pickup import PickupMixin
+from .queue_index import QueueIndex
 from .recovery_out import RecoveryMixin
 
 
 class Outbound(PickupMixin, RecoveryMixin):
     """One peer's outbound channel (see the module docstring)."""
+
+    WINDOW = _WINDOW                        # items kept loaded (see "The queue in memory")
+    CHECKPOINT_EVERY = CHECKPOINT_EVERY     # claims between two records of `next`
 
     def __init__(self, layout: SpoolLayout, channel: str, max_bytes: int, archive_sent: bool,
                  fs: FS | None = None) -> None:
@@ -138,7 +164,11 @@ class Outbound(PickupMixin, RecoveryMixin):
         self.next_seq = 1
         self.acked = 0                  # highest seq the peer acknowledged or reported committed
         self._saved_next = 1                    # `next` as the state file has it
-        self._pending = _Pending()
+        self._checked = 1                       # `checked` as the state file has it
+        self._pending = _Pending()              # the window (see "The queue in memory")
+        self._rest = QueueIndex()
+        self.late_problems: list[str] = []
+        self._fill_stuck: int | None = None     # a seq the window could not load (logged once)
         self._backlog: deque[str] = deque()
         self._listed: dict[str, int] = {}       # backlog name -> size when listed
         self._sizes_seen: dict[str, int] = {}   # the last listing's sizes
@@ -182,12 +212,38 @@ class Outbound(PickupMixin, RecoveryMixin):
                           f"{exc.strerror or exc} ({exc.filename})")
 
     def pending(self) -> list[Claimed]:
-        """Claimed, unresolved items in seq order. Safe to call from the event loop
-        while a worker thread runs claim/resolve/fail (one C-level copy)."""
+        """Every claimed, unresolved item in seq order. Beyond the window this reads
+        each record from disk: for tests and tools, never the daemon's hot path
+        (it uses next_pending, head, first_seq, contains)."""
+        return list(self.iter_pending())
+
+    def iter_pending(self) -> Iterator[Claimed]:
+        """pending() one item at a time (memory stays bounded on a huge queue); run
+        it in a thread. An item resolved meanwhile is left out."""
         snapshot = self._pending.copy()
-        return [snapshot[s] for s in sorted(snapshot)]
+        for seq in sorted(snapshot):
+            yield snapshot[seq]
+        for seq in self._rest.seqs():
+            item = snapshot.get(seq) or self._pending.get(seq) or self._read_meta(seq)
+            if item is not None:
+                yield item
+
+    def head(self, n: int) -> list[Claimed]:
+        """The first `n` queued items (of the window; no disk access)."""
+        snapshot = self._pending.copy()
+        return [snapshot[s] for s in sorted(snapshot)[:n]]
+
+    def first_seq(self) -> int | None:
+        """The lowest queued seq (no disk access)."""
+        snapshot = self._pending.copy()
+        return min(snapshot) if snapshot else self._rest.first()
+
+    def contains(self, seq: int) -> bool:
+        """Is `seq` queued (loaded or not)? No disk access."""
+        return seq in self._pending or seq in self._rest
 
     def get(self, seq: int) -> Claimed | None:
+        """The loaded item `seq` (None if it is not queued, or not in the window)."""
         return self._pending.get(seq)
 
     def next_pending(self, from_seq: int) -> Claimed | None:
@@ -196,9 +252,113 @@ class Outbound(PickupMixin, RecoveryMixin):
             return None                         # nothing is sent from a refused channel
         item = self._pending.get(from_seq)
         if item is not None or not self._pending:
-            return item
+            return item             # (an empty window with a non-empty rest: fill())
         return min((i for s, i in self._pending.copy().items() if s >= from_seq),
                    key=lambda i: i.seq, default=None)
+
+    # -- the queue in memory: window + index (see the module docstring) --------
+    def _has(self, seq: int) -> bool:
+        return seq in self._pending or seq in self._rest
+
+    def _item(self, seq: int) -> Claimed | None:
+        """The queued item `seq`: from the window, else read from its record."""
+        item = self._pending.get(seq)
+        if item is None and seq in self._rest:
+            item = self._read_meta(seq)
+        return item
+
+    def _add(self, item: Claimed) -> None:
+        """Queue a new item (a claim or a renumbering): into the window if it
+        belongs there, else into the index (read back when the window gets there)."""
+        rest = self._rest
+        first = rest.first()
+        if first is not None:
+            into_window = item.seq < first
+        else:
+            into_window = len(self._pending) < self.WINDOW or item.seq < max(self._pending)
+        if into_window:
+            self._pending[item.seq] = item
+        else:
+            rest.add(item.seq, item.size)
+
+    def _forget(self, seq: int) -> None:
+        if self._pending.pop(seq, None) is None:
+            self._rest.remove(seq)
+
+    def wants_fill(self) -> bool:
+        """Is the window short while more is queued (a load was cut by an error)?"""
+        return len(self._pending) < self.WINDOW and bool(self._rest) and self._ready
+
+    def fill(self) -> int:
+        """Load the window up (under the channel's lock, in a thread): items loaded."""
+        self._require()
+        return self._fill()
+
+    def measure(self, limit: int = 1024) -> int:
+        """Learn the sizes of up to `limit` queued files recovery did not read (one
+        lstat each; under the channel's lock, in a thread): how many remain."""
+        folder = os.fspath(self._q)
+
+        def size_of(seq: int) -> int:
+            try:
+                return os.lstat(f"{folder}/{seq}.data").st_size
+            except OSError:
+                return 0            # gone or unreadable: the window will find out
+        return self._rest.measure(size_of, limit)
+
+    @property
+    def unmeasured(self) -> int:
+        """Queued files whose size the counts do not include yet."""
+        return self._rest.unmeasured
+
+    def _fill(self, preloaded: dict[int, Claimed] | None = None) -> int:
+        """Move the lowest seqs of the index into the window, up to WINDOW, reading
+        their records (or taking them from `preloaded`). Never raises: a record
+        that cannot be read now stays where it is and is tried again later."""
+        loaded = 0
+        rest = self._rest
+        while len(self._pending) < self.WINDOW and rest:
+            seq = rest.first()
+            assert seq is not None
+            item = preloaded.pop(seq, None) if preloaded else None
+            try:
+                if item is None:
+                    item = self._take_in(seq)
+            except (OSError, SpoolError) as exc:
+                if self._fill_stuck != seq and not isinstance(exc, ResourceBusy) \
+                        and not is_resource_error(exc):
+                    what = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                    self.late_problems.append(
+                        f"seq {seq}: cannot load its claim record: {what}: "
+                        f"sending on {self.layout.peer}/{self.channel} waits for it")
+                self._fill_stuck = seq
+                break
+            rest.pop_first()
+            if item is not None:
+                self._pending[seq] = item
+                loaded += 1
+        if loaded:
+            self._fill_stuck = None
+        return loaded
+
+    def _take_in(self, seq: int) -> Claimed | None:
+        """Read the record of `seq` for the window. A record that is missing or
+        damaged is dealt with as recovery would (module docstring): None."""
+        meta = self._rec(seq, "meta")
+        item = self._read_meta(seq, strict=True)
+        if item is not None:
+            return item
+        if not os.path.lexists(self._rec(seq, "data")):
+            unlink_quietly(self.fs, meta)           # nothing left to send under it
+            return None
+        self._check(self._q, self._failed)
+        name = self._orphan_name(seq)
+        reason = f"its claim record {meta} is missing or unreadable"
+        unlink_quietly(self.fs, meta)
+        path = place_with_reason(self.fs, self._rec(seq, "data"), self._failed, name, reason)
+        self.fs.fsync_dir(self._q)
+        self.late_problems.append(f"seq {seq}: {reason}: moved to {path}")
+        return None
 
     def open(self, item: Claimed) -> BinaryIO:
         """Open a queued file for sending; FileChanged if it is not what was claimed."""
@@ -232,11 +392,16 @@ class Outbound(PickupMixin, RecoveryMixin):
         return self._ready and self._refused is None
 
     # -- the state file ----------------------------------------------------
-    def _save_state(self) -> None:
+    def _save_state(self, checkpoint: bool = True) -> None:
+        """Record next/acked durably. checkpoint=True (only where every claim and
+        renumbering so far is complete) also records `checked` = next: recovery
+        reads record by record only the seqs from there on (module docstring)."""
         self.layout.check(self._state.parent)
+        checked = self.next_seq if checkpoint else min(self._checked, self.next_seq)
         write_atomic(self.fs, self._state, dump_json({"next": self.next_seq,
-                                                      "acked": self.acked}))
-        self._saved_next = self.next_seq
+                                                      "acked": self.acked,
+                                                      "checked": checked}))
+        self._saved_next, self._checked = self.next_seq, checked
 
     def _load_state(self, problems: list[str]) -> None:
         record, problem = read_json(self._state)
@@ -253,6 +418,9 @@ class Outbound(PickupMixin, RecoveryMixin):
             self.acked = min(int(record["acked"]), MAX_SEQ)
             if from_file:
                 self._saved_next = self.next_seq
+                checked = record.get("checked")     # (absent before issue 13: 1)
+                if isinstance(checked, int) and is_int(checked, 1):
+                    self._checked = min(checked, self.next_seq)
             return
         aside = move_aside(self.fs, self._state)
         problems.append(f"{self._state} was unusable ({problem or 'bad fields'}); moved to "
@@ -324,10 +492,15 @@ class Outbound(PickupMixin, RecoveryMixin):
             self.next_seq = max(self.next_seq, items[-1].seq + 1)
             self.fs.fsync_dir(self._q)
             self.fs.fsync_dir(self._out)
+            if self.next_seq - self._checked >= self.CHECKPOINT_EVERY:
+                # every claim below next_seq is complete and durable: recovery after
+                # a crash need only check the claims from here on
+                self._save_state()
         except OSError as exc:
             raise self._broken("claiming", exc) from None
         for item in done:
-            self._pending[item.seq] = item
+            self._add(item)
+        self._fill()
         return done, failed
 
     def scan(self, peer_max: int | None = None,
@@ -368,7 +541,7 @@ class Outbound(PickupMixin, RecoveryMixin):
         """The peer acknowledged these seqs with matching content (the caller
         checked): remove (or archive) them. Unknown seqs are ignored."""
         self._require()
-        items = [self._pending[s] for s in sorted(set(seqs)) if s in self._pending]
+        items = [i for s in sorted(set(seqs)) if (i := self._item(s)) is not None]
         if not items:
             return []
         self._check(self._q, *self._spool_folders()[3:])
@@ -383,11 +556,12 @@ class Outbound(PickupMixin, RecoveryMixin):
                 changed = self.changed(item)
                 self._dispose(item)
                 unlink_quietly(self.fs, self._rec(item.seq, "meta"))
-                del self._pending[item.seq]
+                self._forget(item.seq)
                 done.append(Resolved(item, changed))
             self.fs.fsync_dir(self._q)
         except OSError as exc:
             raise self._broken("removing acknowledged files", exc) from None
+        self._fill()
         return done
 
     def _dispose(self, item: Claimed) -> None:
@@ -403,21 +577,23 @@ class Outbound(PickupMixin, RecoveryMixin):
     def fail(self, item: Claimed, reason: str) -> FailedFile:
         """Move a claimed file to failed/<ch>/ with a one-line reason."""
         self._require()
-        if self._pending.get(item.seq) is None:
+        if not self._has(item.seq):
             raise SpoolError(f"seq {item.seq} is not pending on {self.layout.peer}/"
                              f"{self.channel}")
         self._check(self._q, self._failed)
         try:
-            return self._fail_claimed(item, reason)
+            failed = self._fail_claimed(item, reason)
         except OSError as exc:
             raise self._broken(f"failing seq {item.seq}", exc) from None
+        self._fill()
+        return failed
 
     def _fail_claimed(self, item: Claimed, reason: str) -> FailedFile:
         if item.seq >= self._saved_next:
             # the queue alone would let a restart hand this seq (logged as failed)
             # to another file: record that it is used
             self.next_seq = max(self.next_seq, item.seq + 1)
-            self._save_state()
+            self._save_state(checkpoint=False)      # (maybe in the middle of a claim)
         write_atomic(self.fs, self._rec(item.seq, "fail"),
                      dump_json({"seq": item.seq, "name": item.name, "reason": reason}))
         if os.path.lexists(item.path):
@@ -428,34 +604,48 @@ class Outbound(PickupMixin, RecoveryMixin):
         unlink_quietly(self.fs, self._rec(item.seq, "meta"))
         unlink_quietly(self.fs, self._rec(item.seq, "fail"))
         self.fs.fsync_dir(self._q)
-        self._pending.pop(item.seq, None)
+        self._forget(item.seq)
         return FailedFile(self.channel, item.name, item.size, reason, item.seq, path)
 
     def renumber(self, item: Claimed, above: int) -> Claimed:
         """Give a pending item a new seq above both `above` and every number used,
         durably (the peer holds other content, or cannot say, under its old one)."""
-        return self._renumber_to(item, max(self.next_seq, min(above, MAX_SEQ - 1) + 1))
+        new = self._renumber_to(item, max(self.next_seq, min(above, MAX_SEQ - 1) + 1),
+                                checkpoint=True)
+        self._fill()
+        return new
 
     def renumber_tail(self, first: int, above: int) -> list[tuple[Claimed, Claimed]]:
         """Renumber every pending item from seq `first` on, keeping their order, to
         base+1, base+2, ... where base is above `above` and every number used:
         (old, new) pairs in seq order. The items move last-first, each to its exact
         target, so a crash between two moves leaves the queue in pick-up order
-        (the moved tail above the unmoved head); the next session moves the rest."""
+        (the moved tail above the unmoved head); the next session moves the rest.
+        The later moves go *below* the earlier ones, so none of them records the
+        checkpoint: only the whole tail, once it has moved."""
         self._require()
-        items = [self._pending[s] for s in sorted(self._pending) if s >= first]
-        base = max(self.next_seq - 1, min(above, MAX_SEQ - len(items) - 1))
+        seqs = [s for s in sorted(self._pending.copy()) if s >= first]
+        seqs += self._rest.seqs(first)
+        base = max(self.next_seq - 1, min(above, MAX_SEQ - len(seqs) - 1))
         moved = []
-        for i in range(len(items) - 1, -1, -1):
-            moved.append((items[i], self._renumber_to(items[i], base + 1 + i)))
+        for i in range(len(seqs) - 1, -1, -1):
+            item = self._item(seqs[i])      # (beyond the window: read from its record)
+            if item is not None:            # (a damaged record: the window deals with it)
+                moved.append((item, self._renumber_to(item, base + 1 + i)))
+        if moved:
+            try:
+                self._save_state()
+            except OSError as exc:
+                raise self._broken("recording the renumbering", exc) from None
+        self._fill()
         return moved[::-1]
 
-    def _renumber_to(self, item: Claimed, new_seq: int) -> Claimed:
+    def _renumber_to(self, item: Claimed, new_seq: int, checkpoint: bool = False) -> Claimed:
         self._require()
-        if self._pending.get(item.seq) is None:
+        if not self._has(item.seq):
             raise SpoolError(f"seq {item.seq} is not pending on {self.layout.peer}/"
                              f"{self.channel}")
-        if new_seq in self._pending or new_seq > MAX_SEQ:
+        if self._has(new_seq) or new_seq > MAX_SEQ:
             raise SpoolError(f"cannot renumber seq {item.seq} to {new_seq} on "
                              f"{self.layout.peer}/{self.channel}")
         new = replace(item, seq=new_seq, path=self._rec(new_seq, "data"))
@@ -467,11 +657,11 @@ class Outbound(PickupMixin, RecoveryMixin):
             self.fs.rename_noreplace(item.path, new.path)
             unlink_quietly(self.fs, self._rec(item.seq, "meta"))
             self.next_seq = max(self.next_seq, new_seq + 1)
-            self._save_state()
+            self._save_state(checkpoint)
         except OSError as exc:
             raise self._broken(f"renumbering seq {item.seq}", exc) from None
-        self._pending[new_seq] = new        # before the old one goes: never seen missing
-        del self._pending[item.seq]
+        self._add(new)                      # before the old one goes: never seen missing
+        self._forget(item.seq)
         return new
 
 

@@ -68,9 +68,12 @@ class PickupMixin(OutboundState):
     def queue_stats(self) -> tuple[int, int, float | None, int, int]:
         """(queued count, queued bytes, oldest claim time, waiting count, waiting bytes)
         in O(1): `waiting` is the pick-up backlog as last listed (out/ is listed
-        again on every inotify wake-up and rescan), not a fresh scan of out/."""
-        return (len(self._pending), self._pending.bytes, self._pending.oldest(),
-                len(self._backlog), self._backlog_bytes)
+        again on every inotify wake-up and rescan), not a fresh scan of out/. The
+        queue is the loaded window plus the index above it, whose sizes may still
+        be being measured after a start-up (queue_index.py); the oldest claim is
+        the window's."""
+        return (len(self._pending) + len(self._rest), self._pending.bytes + self._rest.bytes,
+                self._pending.oldest(), len(self._backlog), self._backlog_bytes)
 
     def _backlog_add(self, names: list[str] | deque[str], front: bool = False) -> None:
         for name in names:

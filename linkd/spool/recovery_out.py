@@ -1,15 +1,26 @@
 """Outbound recovery (outbound.py's theory of operation): rebuild the view of
 queue/<ch>/ from disk, finishing whatever a crash cut short, and migrate
 revision-1 claims from the state dir. `RecoveryMixin` holds these methods of
-Outbound."""
+Outbound.
+
+Bounded (issue 13): one listing of queue/<ch>/ by name (no stat, no read), then
+only the seqs a crash can have left half-done are read record by record -- a
+lone .meta or .data, a .fail, and the seqs at or above the checkpoint (`checked`
+in the state file: every claim and renumbering below it was complete when it
+was written). The seqs below it go into the compact index unread; the first
+WINDOW of them are loaded (one .meta each) for the sender. So recovery reads at
+most (tail since the checkpoint) + (crash leftovers) + WINDOW records, however
+long the queue."""
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
 import time
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +52,16 @@ from .outbound_items import (
     Claimed,
     OutboundState,
     _Pending,
+    is_resource_error,
 )
+from .queue_index import SeqRuns
+
+_NOT_A_SEQ = 1 << 62        # above every seq (MAX_SEQ is 2**53 - 1)
+
+
+def _is_seq(stem: str) -> bool:
+    """The `<seq>` of a queue record name: what _RECORD's group 1 matches."""
+    return 0 < len(stem) <= 16 and stem.isascii() and stem.isdigit() and stem[0] != "0"
 
 
 class RecoveryMixin(OutboundState):
@@ -53,8 +73,9 @@ class RecoveryMixin(OutboundState):
         try:
             self.layout.check(self._state.parent)
             make_folder(self._state.parent, STATE_MODE, self.fs)
-            self.next_seq, self.acked, self._saved_next = 1, 0, 1
+            self.next_seq, self.acked, self._saved_next, self._checked = 1, 0, 1, 1
             self._load_state(problems)
+            checked_below = self._checked        # the checkpoint
             try:
                 self.layout.check(*self._spool_folders())
             except SymlinkedFolder as exc:
@@ -63,6 +84,7 @@ class RecoveryMixin(OutboundState):
                                     f"{exc}")
                 self._refused = str(exc)
                 self._pending = _Pending()
+                self._rest.clear()
                 self._backlog.clear()
                 self._not_ready.clear()
                 self._ready = True
@@ -71,7 +93,7 @@ class RecoveryMixin(OutboundState):
             make_folder(self._q, FOLDER_MODE, self.fs)
             make_folder(self._failed, FOLDER_MODE, self.fs)
             self._migrate(problems)
-            self._recover_queue(problems)
+            self._recover_queue(problems, checked_below)
         except OSError as exc:
             raise self._broken("recovery", exc) from None
         self._backlog.clear()
@@ -81,81 +103,132 @@ class RecoveryMixin(OutboundState):
         self._ready = True
         return problems
 
-    def _recover_queue(self, problems: list[str]) -> None:
-        groups: dict[int, set[str]] = {}
+    def _list_queue(self, problems: list[str]) -> tuple[SeqRuns, SeqRuns, set[int], bool]:
+        """One pass over queue/<ch>/ by name (no stat, no read): the seqs that have
+        a .data, a .meta, a .fail, and whether a temporary was deleted. 8 bytes a
+        record, never a list of names."""
+        data, meta = SeqRuns(), SeqRuns()
+        fails: set[int] = set()
         changed = False
-        for name in listdir(self._q):
-            match = _RECORD.fullmatch(name)
-            if match:
-                groups.setdefault(int(match[1]), set()).add(match[2])
-            elif name.startswith("."):
-                changed = unlink_quietly(self.fs, self._q / name) or changed  # a temporary
-            else:
-                problems.append(f"unknown file {self._q / name} left alone (applications "
-                                f"drop files into out/, never into queue/)")
-        for name in listdir(self._failed):
-            if name.startswith(".") and name.endswith(".reason.tmp"):
-                unlink_quietly(self.fs, self._failed / name)
+        with os.scandir(self._q) as it:
+            for entry in it:
+                name = entry.name
+                stem, _, kind = name.partition(".")
+                if kind in ("data", "meta", "fail") and _is_seq(stem):
+                    if kind == "data":
+                        data.add(int(stem))
+                    elif kind == "meta":
+                        meta.add(int(stem))
+                    else:
+                        fails.add(int(stem))
+                elif name.startswith("."):
+                    changed = unlink_quietly(self.fs, self._q / name) or changed  # a temporary
+                else:
+                    problems.append(f"unknown file {self._q / name} left alone (applications "
+                                    f"drop files into out/, never into queue/)")
+        return data, meta, fails, changed
+
+    def _recover_queue(self, problems: list[str], checked_below: int) -> None:
+        data, meta, fails, changed = self._list_queue(problems)
+        with os.scandir(self._failed) as it:
+            for entry in it:
+                if entry.name.startswith(".") and entry.name.endswith(".reason.tmp"):
+                    unlink_quietly(self.fs, self._failed / entry.name)
         self._pending = _Pending()
-        for seq in sorted(groups):
-            kinds = groups[seq]
-            meta = self._read_meta(seq) if "meta" in kinds else None
-            if "fail" in kinds:
-                rec, _ = read_json(self._rec(seq, "fail"))
-                if "data" in kinds:
-                    name = str((rec or {}).get("name") or (meta.name if meta else
-                                                            self._orphan_name(seq)))
-                    reason = str((rec or {}).get("reason") or "failed (reason lost in a crash)")
-                    path = place_with_reason(self.fs, self._rec(seq, "data"), self._failed,
-                                             name, reason)
-                    problems.append(f"seq {seq}: finished moving it to {path}")
-                for kind in ("meta", "fail"):
-                    unlink_quietly(self.fs, self._rec(seq, kind))
-                changed = True
-            elif "data" in kinds and meta is not None:
-                source = self._out / meta.name
-                if same_file(source, meta.path):
-                    # a claim by link + unlink (no RENAME_NOREPLACE) cut in between:
-                    # finish it, or the out/ name would be claimed a second time
-                    self.fs.unlink(source)
-                    self.fs.fsync_dir(self._out)
-                if meta.ino and os.lstat(meta.path).st_ino != meta.ino:
-                    meta = self._rehash(meta)   # cut inside a claim that found a swapped file
-                self._pending[seq] = meta
-                # A claim cut inside the link+unlink fallback of rename_noreplace leaves
-                # the file under both names: drop the out/ one, or it is claimed twice.
-                if os.path.lexists(self._out / meta.name) and \
-                        same_file(self._out / meta.name, meta.path):
-                    self.fs.unlink(self._out / meta.name)
-                    problems.append(f"seq {seq}: finished claiming {meta.name!r} (a cut "
-                                    f"link+unlink left it in out/ too)")
-            elif "data" in kinds:
-                name = self._orphan_name(seq)
-                reason = f"its claim record {self._rec(seq, 'meta')} is missing or unreadable"
-                unlink_quietly(self.fs, self._rec(seq, "meta"))
-                path = place_with_reason(self.fs, self._rec(seq, "data"), self._failed,
-                                         name, reason)
-                problems.append(f"seq {seq}: {reason}: moved to {path}")
-                changed = True
+        rest = self._rest
+        rest.clear()
+        preload: dict[int, Claimed] = {}        # checked items the window takes first
+        bulk = array("q")                       # a run of seqs below the checkpoint
+        seen: set[int] = set()                  # seqs of .fail records met on the way
+        # Merge the two listings in seq order; a seq below the checkpoint with both
+        # records and no .fail is complete: into the index, unread. Anything else is
+        # what a crash can have left half-done: checked record by record.
+        datas, metas = data.drain(), meta.drain()
+        d, m = next(datas, _NOT_A_SEQ), next(metas, _NOT_A_SEQ)
+        while d != _NOT_A_SEQ or m != _NOT_A_SEQ:
+            seq = min(d, m)
+            if d == m and seq < checked_below and seq not in fails:
+                bulk.append(seq)
             else:
-                self.fs.unlink(self._rec(seq, "meta"))  # a cut claim or renumbering
-                changed = True
-        inodes: dict[tuple[int, int], int] = {}
-        for seq in sorted(self._pending, reverse=True):
-            st = os.lstat(self._rec(seq, "data"))
-            newer = inodes.setdefault((st.st_dev, st.st_ino), seq)
-            if newer != seq:
-                # a renumbering by link + unlink cut in between: the file is pending
-                # under its new seq already (it would otherwise be sent twice)
-                self.fs.unlink(self._rec(seq, "data"))
-                self.fs.unlink(self._rec(seq, "meta"))
-                del self._pending[seq]
-                changed = True
-        top = max(self._pending, default=0)
+                if bulk:
+                    rest.extend_unmeasured(bulk)
+                    bulk = array("q")
+                kinds = {k for k, here in (("data", d == seq), ("meta", m == seq),
+                                           ("fail", seq in fails)) if here}
+                if seq in fails:
+                    seen.add(seq)
+                changed = self._recover_one(seq, kinds, problems, preload) or changed
+            if d == seq:
+                d = next(datas, _NOT_A_SEQ)
+            if m == seq:
+                m = next(metas, _NOT_A_SEQ)
+        del datas, metas, data, meta
+        rest.extend_unmeasured(bulk)
+        del bulk
+        for seq in sorted(fails - seen):
+            unlink_quietly(self.fs, self._rec(seq, "fail"))     # nothing else left of it
+            changed = True
+        top = rest.last() or 0
         if top >= self.next_seq:
             self.next_seq = top + 1
         if changed:
             self.fs.fsync_dir(self._q)
+        if self.next_seq > self._checked:
+            # everything queued is complete now: the next recovery starts from here
+            self._save_state()
+        self._fill(preload)
+
+    def _recover_one(self, seq: int, kinds: set[str], problems: list[str],
+                     preload: dict[int, Claimed]) -> bool:
+        """Finish or undo what a crash left of `seq` (outbound.py's crash points);
+        a pending item goes into the index. True if a record was changed."""
+        meta, rec = self._read_meta_rec(seq) if "meta" in kinds else (None, None)
+        if "fail" in kinds:
+            fail_rec, _ = read_json(self._rec(seq, "fail"))
+            if "data" in kinds:
+                name = str((fail_rec or {}).get("name") or (meta.name if meta else
+                                                             self._orphan_name(seq)))
+                reason = str((fail_rec or {}).get("reason") or "failed (reason lost in a crash)")
+                path = place_with_reason(self.fs, self._rec(seq, "data"), self._failed,
+                                         name, reason)
+                problems.append(f"seq {seq}: finished moving it to {path}")
+            for kind in ("meta", "fail"):
+                unlink_quietly(self.fs, self._rec(seq, kind))
+            return True
+        if "data" in kinds and meta is not None:
+            source = self._out / meta.name
+            if same_file(source, meta.path):
+                # a claim by link + unlink (no RENAME_NOREPLACE) cut in between:
+                # finish it, or the out/ name would be claimed a second time
+                self.fs.unlink(source)
+                self.fs.fsync_dir(self._out)
+            if meta.ino and os.lstat(meta.path).st_ino != meta.ino:
+                meta = self._rehash(meta)   # cut inside a claim that found a swapped file
+            old = rec.get("renumbered_from") if rec else None
+            changed = False
+            if isinstance(old, int) and 0 < old < seq and old in self._rest and \
+                    same_file(self._rec(old, "data"), meta.path):
+                # a renumbering by link + unlink cut in between: the file is pending
+                # under its new seq already (it would otherwise be sent twice)
+                self.fs.unlink(self._rec(old, "data"))
+                self.fs.unlink(self._rec(old, "meta"))
+                self._rest.remove(old)
+                preload.pop(old, None)
+                changed = True
+            self._rest.add(seq, meta.size)
+            if len(self._rest) <= self.WINDOW:
+                preload[seq] = meta
+            return changed
+        if "data" in kinds:
+            name = self._orphan_name(seq)
+            reason = f"its claim record {self._rec(seq, 'meta')} is missing or unreadable"
+            unlink_quietly(self.fs, self._rec(seq, "meta"))
+            path = place_with_reason(self.fs, self._rec(seq, "data"), self._failed,
+                                     name, reason)
+            problems.append(f"seq {seq}: {reason}: moved to {path}")
+            return True
+        self.fs.unlink(self._rec(seq, "meta"))  # a cut claim or renumbering
+        return True
 
     def _orphan_name(self, seq: int) -> str:
         """The original name of a queued file whose .meta is lost (kept in an
@@ -169,17 +242,37 @@ class RecoveryMixin(OutboundState):
             pass
         return f"seq-{seq}"
 
-    def _read_meta(self, seq: int) -> Claimed | None:
-        rec, _ = read_json(self._rec(seq, "meta"))
-        if rec is None or rec.get("seq") != seq or not is_int(rec.get("size")) \
+    def _read_meta(self, seq: int, strict: bool = False) -> Claimed | None:
+        """The claim record of `seq`, or None if it is missing or not valid.
+        strict=True: a resource error (EMFILE & co) raises instead."""
+        return self._read_meta_rec(seq, strict)[0]
+
+    def _read_meta_rec(self, seq: int, strict: bool = False
+                       ) -> tuple[Claimed | None, dict[str, Any] | None]:
+        path = self._rec(seq, "meta")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                raw = os.read(fd, 1 << 16)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            if strict and is_resource_error(exc):
+                raise
+            return None, None
+        try:
+            rec = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            return None, None
+        if not isinstance(rec, dict) or rec.get("seq") != seq or not is_int(rec.get("size")) \
                 or not is_sha256(rec.get("sha256")) or not isinstance(rec.get("name"), str) \
                 or plain_name_problem(rec["name"]):
-            return None
+            return None, rec if isinstance(rec, dict) else None
         at = rec.get("claimed_at")
         ino, mtime = rec.get("ino", 0), rec.get("mtime_ns", 0)
         return Claimed(self.channel, seq, rec["name"], rec["size"], rec["sha256"],
                        self._rec(seq, "data"), float(at) if isinstance(at, (int, float)) else 0.0,
-                       ino if is_int(ino) else 0, mtime if is_int(mtime) else 0)
+                       ino if is_int(ino) else 0, mtime if is_int(mtime) else 0), rec
 
     def _meta_bytes(self, item: Claimed, **extra: Any) -> bytes:
         return dump_json({"seq": item.seq, "name": item.name, "size": item.size,
@@ -242,7 +335,7 @@ class RecoveryMixin(OutboundState):
         shutil.rmtree(old, ignore_errors=True)
         for leftover in (legacy_state,):
             unlink_quietly(self.fs, leftover)
-        self._save_state()
+        self._save_state(checkpoint=False)      # (the queue is recovered only after this)
 
     def _pending_seqs_on_disk(self) -> list[int]:
         return [int(m[1]) for m in map(_RECORD.fullmatch, listdir(self._q)) if m]

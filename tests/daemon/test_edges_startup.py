@@ -6,8 +6,17 @@
 * In memory: while pick-up is stuck hashing a file (a slow disk), the channel's
   earlier file is still sent and acknowledged: hashing never holds the channel's
   lock that acks and sends need.
+* Issue 13: with 10,000 files already queued, READY comes before the queue's
+  claim records are read (counted in /proc/<pid>/io, not timed), the counts are
+  right from the first STATUS= line on, `linkctl queue` lists them all, and
+  SIGTERM then exits 0.
 """
 
+import json
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -16,8 +25,10 @@ import trio.testing
 import trustme
 from memlink import FakePeer, drop, make_link, node_config, peer_config, scan_sync
 from procs import entries, make_pair, stop_all
+from spoolkit import FaultyFS
 
 from linkd.net.connection import SessionRunner
+from linkd.spool import Outbound, SpoolLayout
 
 
 def test_ready_and_sigterm_do_not_wait_for_the_backlog(tmp_path):
@@ -37,6 +48,61 @@ def test_ready_and_sigterm_do_not_wait_for_the_backlog(tmp_path):
         assert time.monotonic() - t1 < 10
         print(f"READY after {ready_after:.2f}s with {left} of 6000 files still in out/")
     finally:
+        stop_all(a, b)
+
+
+def read_calls(pid: int) -> int:
+    with open(f"/proc/{pid}/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("syscr:"))
+
+
+def test_ready_comes_before_the_queue_is_read(tmp_path):
+    n = 10_000
+    a, b = make_pair(tmp_path, start=False)
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        # the queue a previous run left: claimed through Outbound (fsyncs skipped)
+        layout = SpoolLayout(a.spool, a.state, "bravo")
+        layout.create(["data"], False)
+        out = layout.out_dir("data")
+        for i in range(n):
+            (out / f"q{i:05d}").write_bytes(b"%05d" % i)
+            os.utime(out / f"q{i:05d}", ns=(i, i))
+        ob = Outbound(layout, "data", 1 << 20, False, fs=FaultyFS(sync=False))
+        ob.recover()
+        assert len(ob.scan()[0]) == n
+        sock.bind(str(sock_path))
+        sock.settimeout(120)
+        a.env["NOTIFY_SOCKET"] = str(sock_path)
+        a.start(wait=False)
+        assert a.proc is not None
+        while b"READY=1" not in sock.recv(4096):
+            pass
+        reads = read_calls(a.proc.pid)
+        # Revision 2 read all 10,000 records (two read calls each) before READY; now
+        # the window (Outbound.WINDOW) and the claims since the last checkpoint.
+        assert reads < n, f"{reads} read calls before READY with {n} files queued"
+        # the first STATUS= line after READY counts the queue (it said 0 until the
+        # first pick-up round had refreshed the counts)
+        line = ""
+        while "queued" not in line:
+            line = sock.recv(4096).decode()
+        assert f", {n} queued" in line, line
+        channel = a.status()["peers"][0]["channels"][0]
+        assert channel["queued"] == n
+        listing = subprocess.run([sys.executable, "-m", "linkd.cli.linkctl_main", "-s",
+                                  str(a.socket), "queue", "--json"],
+                                 capture_output=True, text=True, timeout=60)
+        queue = json.loads(listing.stdout)
+        assert [e["seq"] for e in queue] == list(range(1, n + 1))
+        assert [e["name"] for e in queue[:2]] == ["q00000", "q00001"]
+        t1 = time.monotonic()
+        assert a.stop() == 0
+        assert time.monotonic() - t1 < 10
+        print(f"{reads} read calls before READY with {n} queued")
+    finally:
+        sock.close()
         stop_all(a, b)
 
 

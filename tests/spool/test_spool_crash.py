@@ -16,6 +16,7 @@ import pytest
 from spoolkit import Crash, FaultyFS, LinkHarness, drop
 
 from linkd.errors import SpoolError
+from linkd.spool import Outbound
 from linkd.spool import inbound as inbound_module
 
 CH = "data"
@@ -171,6 +172,18 @@ def count_steps(tmp: Path, renameat2: bool = True, **kw) -> tuple[int, int]:
     return h.ob.fs.calls, h.ib.fs.calls   # type: ignore[attr-defined]
 
 
+@pytest.fixture
+def small_window(request, monkeypatch):
+    """With `small_window` true: the sender keeps 2 items loaded and records its
+    checkpoint every 2 claims (issue 13), so the sweep crosses the lazy loading of
+    the queue, the checkpoints and the bounded recovery at every step."""
+    on = bool(getattr(request, "param", False))
+    if on:
+        monkeypatch.setattr(Outbound, "WINDOW", 2)
+        monkeypatch.setattr(Outbound, "CHECKPOINT_EVERY", 2)
+    return on
+
+
 def sweep_dirs(tmp_path: Path, n: int) -> Path:
     path = tmp_path / f"run{n}"
     path.mkdir()
@@ -205,12 +218,17 @@ def test_clean_run_delivers_everything(tmp_path):
     assert sender_steps > 50 and receiver_steps > 50
 
 
-@pytest.mark.parametrize("archive_sent,renameat2,stride", [
-    (False, True, 1), every(True, True), sampled(True, True), every(True, False),
-    sampled(True, False)])
-def test_sender_crash_at_every_step(tmp_path, archive_sent, renameat2, stride):
+SENDER_SHIFT = {(True, True, False): 1, (True, False, False): 2, (False, True, True): 0}
+
+
+@pytest.mark.parametrize("archive_sent,renameat2,small_window,stride", [
+    (False, True, False, 1), every(True, True, False), sampled(True, True, False),
+    every(True, False, False), sampled(True, False, False), every(False, True, True),
+    sampled(False, True, True), every(True, False, True)], indirect=["small_window"])
+def test_sender_crash_at_every_step(tmp_path, archive_sent, renameat2, small_window, stride):
     total, _ = count_steps(sweep_dirs(tmp_path, -1), renameat2, archive_sent=archive_sent)
-    for n in steps(total, stride, 1 if renameat2 else 2):
+    shift = SENDER_SHIFT.get((archive_sent, renameat2, small_window), 0)
+    for n in steps(total, stride, shift):
         h = make(sweep_dirs(tmp_path, n), archive_sent=archive_sent)
         h.ob = h.new_sender(FaultyFS(crash_at=n, sync=False, tag="sender", renameat2=renameat2))
         scenario(h)
@@ -233,8 +251,10 @@ def test_receiver_crash_at_every_step(tmp_path, monkeypatch, renameat2, syncfs, 
         check_final(h)
 
 
-@pytest.mark.parametrize("side,stride", [("sender", 1), every("receiver"), sampled("receiver")])
-def test_crash_again_during_recovery(tmp_path, side, stride):
+@pytest.mark.parametrize("side,small_window,stride", [
+    ("sender", False, 1), every("receiver", False), sampled("receiver", False),
+    every("sender", True), sampled("sender", True)], indirect=["small_window"])
+def test_crash_again_during_recovery(tmp_path, side, small_window, stride):
     """Crash at step n (every third), then again at each of the first steps of the
     rebuilt side. CI runs the sender's in full and a third of the receiver's."""
     totals = count_steps(sweep_dirs(tmp_path, -1))
@@ -256,11 +276,13 @@ def test_crash_again_during_recovery(tmp_path, side, stride):
             check_final(h)
 
 
-@pytest.mark.parametrize("side,error,stride", [
-    ("sender", errno.EIO, 1), ("receiver", errno.EIO, 1),
-    every("sender", errno.ENOSPC), sampled("sender", errno.ENOSPC),
-    every("receiver", errno.ENOSPC), sampled("receiver", errno.ENOSPC)])
-def test_io_error_at_every_step(tmp_path, side, error, stride):
+@pytest.mark.parametrize("side,error,small_window,stride", [
+    ("sender", errno.EIO, False, 1), ("receiver", errno.EIO, False, 1),
+    every("sender", errno.ENOSPC, False), sampled("sender", errno.ENOSPC, False),
+    every("receiver", errno.ENOSPC, False), sampled("receiver", errno.ENOSPC, False),
+    every("sender", errno.EIO, True), sampled("sender", errno.EIO, True)],
+    indirect=["small_window"])
+def test_io_error_at_every_step(tmp_path, side, error, small_window, stride):
     """An OSError at any step ends the session with SpoolError; the same objects
     then recover() and finish: nothing is lost, duplicated or reported early."""
     totals = count_steps(sweep_dirs(tmp_path, -1))

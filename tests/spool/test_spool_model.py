@@ -29,10 +29,17 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 from spoolkit import Crash, FaultyFS, LinkHarness, drop
 
-from linkd.spool import Claimed, Delivered, InboundRefused
+from linkd.spool import Claimed, Delivered, InboundRefused, Outbound
 
 CH = "data"
 SIDES = st.sampled_from(["sender", "receiver"])
@@ -394,3 +401,14 @@ LinkModel.TestCase.settings = settings(
     max_examples=int(os.environ.get("LINKD_MODEL_EXAMPLES", "150")), stateful_step_count=40,
     deadline=None, suppress_health_check=[HealthCheck.too_slow])
 test_link_model = LinkModel.TestCase
+
+
+def test_link_model_with_a_small_window(monkeypatch):
+    """The same model with the sender keeping 2 items loaded and recording its
+    checkpoint every 2 claims (issue 13): lazy loading, checkpoints and the bounded
+    recovery under crashes, lost and restored state files."""
+    monkeypatch.setattr(Outbound, "WINDOW", 2)
+    monkeypatch.setattr(Outbound, "CHECKPOINT_EVERY", 2)
+    run_state_machine_as_test(LinkModel, settings=settings(
+        LinkModel.TestCase.settings,
+        max_examples=int(os.environ.get("LINKD_MODEL_EXAMPLES", "150")) // 2))

@@ -250,7 +250,8 @@ def test_resolve_deletes_in_seq_order_and_persists_the_state_first(layout):
     replace = next(i for i, (op, t) in enumerate(ops) if op == "replace" and t.endswith(".json"))
     assert replace < first_unlink
     assert [os.path.basename(t) for t in unlinks] == ["1.data", "1.meta", "2.data", "2.meta"]
-    assert json.loads(layout.state_file_out(CH).read_text()) == {"acked": 2, "next": 4}
+    assert json.loads(layout.state_file_out(CH).read_text()) == {"acked": 2, "next": 4,
+                                                                 "checked": 4}
     assert [c.seq for c in ob.pending()] == [3]
     assert ob.resolve([2]) == [] and ob.resolve([1]) == []
     assert sorted(os.listdir(layout.queue_dir(CH))) == ["3.data", "3.meta"]
