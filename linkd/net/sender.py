@@ -41,6 +41,8 @@ from ..wakeup import Wakeup
 MAX_IN_FLIGHT = 1024          # unacknowledged messages per channel
 MAX_ATTEMPTS = 3              # sends of one message that fail its checksum before it is failed
 READ_RETRY = 2.0              # seconds before a queued file that could not be read is retried
+PREFETCH_FILES = 64           # small queued files read in one thread hop ...
+PREFETCH_BYTES = CHUNK_SIZE   # ... and at most this many bytes of them (per channel)
 
 
 @dataclasses.dataclass
@@ -65,6 +67,9 @@ class _OutChannel:
     verdicts: dict[int, str] = dataclasses.field(default_factory=dict)  # seq -> other|unknown
     held: str | None = None                  # why its files wait (peer lacks the channel)
     wait_until: float = 0.0                  # trio time before which nothing is sent
+    # small files read ahead in one thread hop: seq -> (the item read, bytes or why not)
+    prefetched: dict[int, tuple[Claimed, bytes | Exception]] = dataclasses.field(
+        default_factory=dict)
 
 
 class RunnerState:
@@ -214,10 +219,11 @@ class SenderMixin(RunnerState):
             # probe of the channel is answered: see _finish_probing.
             state.verdicts[item.seq] = "other"
         if matched:
-            # The receipts are durable before any file leaves the queue.
-            await trio.to_thread.run_sync(self._store_receipts, ch,
-                                          [docs[s] for s in sorted(docs)])
-            resolved = await spool.resolve(list(matched))
+            # The receipts are durable before any file leaves the queue: stored first,
+            # in the same thread hop that resolves the batch.
+            ordered = [docs[s] for s in sorted(docs)]
+            resolved = await spool.resolve(
+                list(matched), before=lambda: self._store_receipts(ch, ordered))
             if getattr(spool.outbound, "archive_sent", False) and resolved:
                 try:
                     await trio.to_thread.run_sync(
@@ -312,6 +318,7 @@ class SenderMixin(RunnerState):
         everything in use, in order (so pick-up order still holds: a file claimed
         later never overtakes it)."""
         state.probing = False
+        state.prefetched.clear()
         verdicts, state.verdicts = state.verdicts, {}
         spool = self.link.spools.get(state.name)
         if not verdicts or spool is None:
@@ -428,12 +435,14 @@ class SenderMixin(RunnerState):
                 offset = state.resume[1]
             state.resume = None
             spool = self.link.spools[state.name]
-            # A small file is read whole in the hop that opens it, and sent at once
-            # below (one thread hop per file instead of two).
+            # A small file is read whole, with the small files queued after it, in one
+            # thread hop per batch (its SHA-256 checked there), and sent at once below.
             small = item.size - offset <= CHUNK_SIZE
             try:
-                fh = await spool.open(item, offset, prefetch=True) if small \
-                    else await spool.open(item, offset)
+                if small and offset == 0:
+                    fh = io.BytesIO(await self._read_whole(state, item))
+                else:
+                    fh = await spool.open(item, offset, prefetch=small)
             except (OSError, SpoolError) as exc:
                 await self._unreadable(state, item, exc)
                 return
@@ -448,7 +457,9 @@ class SenderMixin(RunnerState):
                 fh.close()
                 return
             state.current, state.fh, state.offset = item, fh, offset
-            state.digest = hashlib.sha256() if offset == 0 else None
+            # Read whole, a small file's content was checked against its SHA-256
+            # already; a bigger one is hashed as it is read, to notice a change.
+            state.digest = hashlib.sha256() if offset == 0 and not small else None
             self._show_in_flight(state)
             if not isinstance(fh, io.BytesIO) or session.sendable(state.name) == 0:
                 return
@@ -493,6 +504,40 @@ class SenderMixin(RunnerState):
                                        "sent")
             state.digest = None
 
+    async def _read_whole(self, state: _OutChannel, item: Claimed) -> bytes:
+        """The content of a small queued file (OSError, SpoolError). Read ahead: a miss
+        reads it together with the small files queued after it (up to PREFETCH_FILES
+        and PREFETCH_BYTES) in one thread hop; later steps take theirs from memory.
+        An entry is only used for the very item it was read for (a renumbered or
+        failed item is another object), and the read-ahead is dropped on a nack."""
+        got = state.prefetched.pop(item.seq, None)
+        if got is None or got[0] is not item:
+            batch = self._prefetch_batch(state, item)
+            results = await self.link.spools[state.name].read_whole(batch)
+            state.prefetched = {i.seq: (i, r) for i, r in zip(batch, results, strict=False)}
+            got = state.prefetched.pop(item.seq)
+        result = got[1]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def _prefetch_batch(self, state: _OutChannel, item: Claimed) -> list[Claimed]:
+        """`item` and the small files queued right after it, in seq order."""
+        out = self.link.outbound[state.name]
+        batch, size = [item], item.size
+        resume_seq = state.resume[0] if state.resume is not None else None
+        while len(batch) < PREFETCH_FILES:
+            try:
+                nxt = out.next_pending(batch[-1].seq + 1)
+            except (RuntimeError, KeyError):
+                break           # the pending set is changing in a worker thread
+            if nxt is None or nxt.size > CHUNK_SIZE or size + nxt.size > PREFETCH_BYTES \
+                    or nxt.seq == resume_seq:
+                break
+            batch.append(nxt)
+            size += nxt.size
+        return batch
+
     async def _handle_nacks(self) -> None:
         nacks, self.nacks = self.nacks, []
         for nack in nacks:
@@ -503,6 +548,7 @@ class SenderMixin(RunnerState):
             if state.fh is not None:
                 state.fh.close()
             state.current, state.fh, state.digest = None, None, None
+            state.prefetched.clear()
             flight = state.in_flight.get(nack.seq)
             for seq in [s for s in state.in_flight if s >= nack.seq]:
                 del state.in_flight[seq]

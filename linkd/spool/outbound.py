@@ -212,6 +212,51 @@ class Outbound(PickupMixin, RecoveryMixin):
             raise
         return os.fdopen(fd, "rb")
 
+    def read_whole(self, items: list[Claimed]) -> list[bytes | Exception]:
+        """Read small queued files whole, in order, for sending (one call per batch:
+        the folder is checked once, each file is opened, checked against its claim
+        record as open() does, read, closed, and its SHA-256 compared with the one
+        taken at pick-up). One entry per item: its bytes, or the exception that
+        open() or a read gave (FileChanged if the content is not what was claimed).
+        A resource error (EMFILE...) ends the batch there: the rest would fail
+        alike, and the caller retries them later."""
+        self._check(self._q)
+        out: list[bytes | Exception] = []
+        for item in items:
+            try:
+                out.append(self._read_whole(item))
+            except (OSError, FileChanged) as exc:
+                out.append(exc)
+                if is_resource_error(exc):
+                    break
+        return out
+
+    def _read_whole(self, item: Claimed) -> bytes:
+        fd = self.fs.open(item.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise FileChanged("it is no longer a regular file")
+            if item.ino and (st.st_ino, st.st_size, st.st_mtime_ns) != \
+                    (item.ino, item.size, item.mtime_ns):
+                raise FileChanged(f"it was changed after it was queued (now {st.st_size} "
+                                  f"bytes, claimed with {item.size})")
+            parts: list[bytes] = []
+            got = 0
+            while got < item.size:
+                chunk = self.fs.read(fd, item.size - got)
+                if not chunk:
+                    break
+                parts.append(chunk)
+                got += len(chunk)
+        finally:
+            self.fs.close(fd)
+        data = b"".join(parts)
+        if len(data) != item.size or hashlib.sha256(data).hexdigest() != item.sha256:
+            raise FileChanged("it was changed after it was queued (its content no longer "
+                              "matches the SHA-256 taken at pick-up)")
+        return data
+
     def changed(self, item: Claimed) -> bool:
         """Does the queued file differ from its claim record now?"""
         try:
