@@ -41,6 +41,8 @@ from ..wakeup import Wakeup
 MAX_IN_FLIGHT = 1024          # unacknowledged messages per channel
 MAX_ATTEMPTS = 3              # sends of one message that fail its checksum before it is failed
 READ_RETRY = 2.0              # seconds before a queued file that could not be read is retried
+COALESCE_STEPS = 32           # sends queued before one flush (one TLS write) ...
+COALESCE_BYTES = 64 << 10     # ... or this many bytes of output, whichever comes first
 PREFETCH_FILES = 64           # small queued files read in one thread hop ...
 PREFETCH_BYTES = CHUNK_SIZE   # ... and at most this many bytes of them (per channel)
 
@@ -285,24 +287,41 @@ class SenderMixin(RunnerState):
         return min(waits) if waits else math.inf
 
     async def _sender(self) -> None:
+        """Send what is ready, a step (a Msg, a Data chunk) at a time. Steps that need
+        no thread hop (small files read ahead) are written out together: one flush
+        per COALESCE_STEPS steps or COALESCE_BYTES of output, and always before
+        waiting; a step that hops to a thread wakes the writer first, so nothing
+        queued waits for the disk."""
         assert self.session is not None
+        unflushed = 0
         while self.session.state is S.State.OPEN:
-            if self.nacks:
-                await self._handle_nacks()
-                continue
-            for state in list(self.out.values()):
-                if state.probing and self._probing_done(state):
-                    await self._finish_probing(state)
+            if self.nacks or any(s.probing for s in self.out.values()):
+                if unflushed:
+                    await self.flush()
+                    unflushed = 0
+                if self.nacks:
+                    await self._handle_nacks()
+                    continue
+                for state in list(self.out.values()):
+                    if state.probing and self._probing_done(state):
+                        await self._finish_probing(state)
             ready = self._ready()
             if not ready:
+                if unflushed:
+                    await self.flush()
+                    unflushed = 0
+                    continue            # look again: acks and credit came in meanwhile
                 with trio.move_on_at(self._next_wait()):
                     await self.sender_wake.wait()
                 continue
             name = self.scheduler.pick(ready)
             assert name is not None
             await self._step(self.out[name])
-            await self.flush()
-            await trio.lowlevel.checkpoint()
+            unflushed += 1
+            if unflushed >= COALESCE_STEPS or self.session.pending_output >= COALESCE_BYTES:
+                await self.flush()
+                unflushed = 0
+                await trio.lowlevel.checkpoint()
 
     def _probing_done(self, state: _OutChannel) -> bool:
         """Every queued seq <= the peer's committed has been probed and answered."""
@@ -348,6 +367,7 @@ class SenderMixin(RunnerState):
         spool = self.link.spools.get(item.channel)
         if spool is None:
             return
+        self.writer_wake.set()              # what is queued goes out during the hop
         failed = await spool.fail(item, reason)
         self.link.refresh_queued([item.channel])
         if failed is not None:
@@ -442,6 +462,7 @@ class SenderMixin(RunnerState):
                 if small and offset == 0:
                     fh = io.BytesIO(await self._read_whole(state, item))
                 else:
+                    self.writer_wake.set()      # what is queued goes out during the hop
                     fh = await spool.open(item, offset, prefetch=small)
             except (OSError, SpoolError) as exc:
                 await self._unreadable(state, item, exc)
@@ -470,6 +491,7 @@ class SenderMixin(RunnerState):
             if isinstance(fh, io.BytesIO):
                 data = fh.read(n)           # prefetched when opened: no thread hop
             else:
+                self.writer_wake.set()          # what is queued goes out during the hop
                 data = await trio.to_thread.run_sync(fh.read, n)
         except (OSError, ValueError) as exc:
             if self._nacked(state.name) or state.fh is not fh:
@@ -512,6 +534,7 @@ class SenderMixin(RunnerState):
         failed item is another object), and the read-ahead is dropped on a nack."""
         got = state.prefetched.pop(item.seq, None)
         if got is None or got[0] is not item:
+            self.writer_wake.set()          # what is queued goes out during the hop
             batch = self._prefetch_batch(state, item)
             results = await self.link.spools[state.name].read_whole(batch)
             state.prefetched = {i.seq: (i, r) for i, r in zip(batch, results, strict=False)}

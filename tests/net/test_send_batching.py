@@ -1,9 +1,11 @@
 """Small files are sent a batch per thread hop (issue 13): counted, never timed.
 
-A real PeerLink + SessionRunner against a FakePeer over memory streams. The sender
-reads small queued files whole, several per hop, each file once, its SHA-256
-checked against the claim before anything of it is on the wire; acknowledgements
-are resolved, receipts and all, in one hop per batch.
+A real PeerLink + SessionRunner against a FakePeer over memory streams (or two real
+PeerLinks). The sender reads small queued files whole, several per hop, each file
+once, its SHA-256 checked against the claim before anything of it is on the wire,
+and writes runs of small messages out together; acknowledgements are resolved,
+receipts and all, in one hop per batch; the receiver checks its folders once per
+batch, not once per message.
 """
 
 import os
@@ -15,6 +17,7 @@ from test_ack_evidence import run_against
 
 from linkd.net import sender as sender_mod
 from linkd.proto import frames as F
+from linkd.proto import session as S
 from linkd.spool import Outbound
 
 
@@ -131,3 +134,24 @@ async def test_a_big_file_ends_a_batch_and_is_streamed_in_order(tmp_path, monkey
     assert [i.name for (i,) in opens] == ["m4.bin"]
     assert [peer.names[k] for k in sorted(peer.complete)] == [f"m{i}.bin" for i in
                                                                range(len(sizes))]
+
+
+async def test_small_messages_share_their_tls_writes(tmp_path, monkeypatch):
+    """One flush for a run of small messages, not one per message."""
+    link = _link(tmp_path)
+    n = 200
+    for i in range(n):
+        drop(link, "data", f"m{i:03d}.bin", os.urandom(500))
+    scan_sync(link)
+    writes = []
+    real = S.Session.data_to_send
+
+    def counting(self, now):
+        data = real(self, now)
+        if data and self.node == "alpha":       # our side's writes, not the fake peer's
+            writes.append(len(data))
+        return data
+    monkeypatch.setattr(S.Session, "data_to_send", counting)
+    await run_against(link, FakePeer(None), await _until_sent(link, n))
+    assert len(writes) <= n // 4, len(writes)
+
