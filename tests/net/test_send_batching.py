@@ -11,14 +11,16 @@ batch, not once per message.
 import os
 
 import trio
+import trio.testing
 import trustme
 from memlink import FakePeer, drop, make_link, node_config, peer_config, scan_sync
 from test_ack_evidence import run_against
 
 from linkd.net import sender as sender_mod
+from linkd.net.connection import SessionRunner
 from linkd.proto import frames as F
 from linkd.proto import session as S
-from linkd.spool import Outbound
+from linkd.spool import Inbound, Outbound, SpoolLayout
 
 
 def _link(tmp_path):
@@ -155,3 +157,42 @@ async def test_small_messages_share_their_tls_writes(tmp_path, monkeypatch):
     await run_against(link, FakePeer(None), await _until_sent(link, n))
     assert len(writes) <= n // 4, len(writes)
 
+
+async def test_the_receiver_checks_its_folders_once_per_batch(tmp_path, monkeypatch):
+    ca = trustme.CA()
+    a = make_link(node_config(tmp_path, ca, "alpha", [peer_config("bravo")]), "bravo")
+    b = make_link(node_config(tmp_path, ca, "bravo", [peer_config("alpha")]), "alpha")
+    n = 120
+    for i in range(n):
+        drop(a, "data", f"m{i:03d}.bin", os.urandom(700))
+    scan_sync(a)
+    begins, checks = [], []
+    real_begin, real_check = Inbound.begin, SpoolLayout.check
+
+    def counting_begin(self, *args, **kwargs):
+        begins.append(args[0])
+        return real_begin(self, *args, **kwargs)
+
+    def counting_check(self, *folders):
+        if self.peer == "alpha":                # bravo's spool of what alpha sends
+            checks.append(folders)
+        return real_check(self, *folders)
+    monkeypatch.setattr(Inbound, "begin", counting_begin)
+    monkeypatch.setattr(SpoolLayout, "check", counting_check)
+    left, right = trio.testing.memory_stream_pair()
+    ra = SessionRunner(a, left, remote="b", dialed_by_us=True, tls_info=None)
+    rb = SessionRunner(b, right, remote="a", dialed_by_us=False, tls_info=None)
+    a.take_slot(ra), b.take_slot(rb)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ra.run)
+            nursery.start_soon(rb.run)
+            while a.outbound["data"].pending():  # noqa: ASYNC110 (acked = durable at bravo)
+                await trio.sleep(0.01)
+            await ra.close("done")
+            nursery.cancel_scope.cancel()
+    assert sorted(begins) == list(range(1, n + 1))
+    tmp = b.layout.tmp_dir()
+    per_message = sum(1 for folders in checks if folders == (tmp,))
+    assert per_message <= n // 4, (per_message, n)
+    assert len(os.listdir(b.layout.in_dir("data"))) == n
