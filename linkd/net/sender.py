@@ -106,9 +106,9 @@ class RunnerState:
 
 class SenderMixin(RunnerState):
     def _receipt(self, ch: str, item: Claimed | None, entry: F.AckEntry,
-                 ) -> tuple[R.Receipt, R.Proof, str | None]:
-        """The receipt `entry` must carry (for our queued `item`, or as it says), and
-        why it does not verify (None if it does)."""
+                 ) -> tuple[R.Receipt, R.Proof, str | None, bytes | None]:
+        """The receipt `entry` must carry (for our queued `item`, or as it says), why
+        it does not verify (None if it does), and the root of its batch (if known)."""
         link = self.link
         if item is not None:
             receipt = R.Receipt(frm=link.cfg.node.name, to=link.name, channel=ch,
@@ -123,10 +123,12 @@ class SenderMixin(RunnerState):
                                 delivered_at_us=micros(entry.delivered_at))
         proof = R.Proof(entry.index, entry.batch, entry.path, entry.sig, entry.signer.hex())
         if not entry.sig:
-            return receipt, proof, "it carries no signed receipt"
+            return receipt, proof, "it carries no signed receipt", None
         if self.verifier is None:
-            return receipt, proof, "there is no peer certificate to check its receipt with"
-        return receipt, proof, self.verifier.problem(receipt, proof)
+            return receipt, proof, "there is no peer certificate to check its receipt " \
+                "with", None
+        problem, root = self.verifier.check(receipt, proof)
+        return receipt, proof, problem, root
 
     def _store_receipts(self, ch: str, docs: list[dict[str, Any]]) -> None:
         """Blocking: receipts durable in <state_dir>/receipts/ before the files go."""
@@ -195,7 +197,7 @@ class SenderMixin(RunnerState):
             item = flight.item
             same = (entry.sha256.hex(), entry.size, entry.sent_name) == \
                 (item.sha256, item.size, item.name)
-            receipt, proof, problem = self._receipt(ch, item if same else None, entry)
+            receipt, proof, problem, root = self._receipt(ch, item if same else None, entry)
             if problem is not None and (same or flight.probe):
                 self.log.error("receipt_invalid", peer=link.name, channel=ch, seq=item.seq,
                                name=item.name, sha256=item.sha256, reason=problem)
@@ -204,7 +206,7 @@ class SenderMixin(RunnerState):
                 return
             if same:
                 matched[item.seq] = entry
-                docs[item.seq] = R.document(receipt, proof, alg)
+                docs[item.seq] = R.document(receipt, proof, alg, root)
             elif flight.probe:
                 other.append((item, entry))
             else:
