@@ -51,7 +51,8 @@ it at every session start). A corrupt state file is moved aside as
 by its text or a leftover temporary (else 0). Risk: messages committed but not
 yet acknowledged when the file was damaged can then be delivered twice.
 
-Symlinked folders (safedir.py): begin() checks tmp/, finish() quarantine/,
+Symlinked folders (safedir.py): begin() checks tmp/ (once per batch of
+messages: the caller passes checked=True after the first), finish() quarantine/,
 commit() tmp/, in/<ch>/ and the state folder, before writing anything. A spool
 folder found to be a link makes recover() load the state but touch no spool
 folder and leave the channel *refused*: every begin()/commit() raises

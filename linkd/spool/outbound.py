@@ -42,6 +42,13 @@ changes the ctime, i.e. the file's place in the arrival order while in out/.
 Resolve (acknowledged): record next/acked durably, then delete (or archive to
 sent/) each .data and its .meta. A crash in between leaves a queued file the
 peer holds: it is sent again and the peer acknowledges it as a duplicate.
+Record files are reused (issue 13): while files are queued, a resolved .meta is
+renamed to a spare `.spare-N` instead of deleted, and the next claim writes its
+record into a spare and renames it to `<seq>.meta` (so a backlog neither
+allocates nor frees an inode per record); the resolve that empties the queue
+deletes the spares. A spare is a dot-file, which recovery deletes as a
+temporary: a crash while one is written, or before it is renamed, is C1 or
+nothing at all.
 Fail (a reason): if the seq is not yet below the recorded `next`, record it
 first (else a restart could give the failed seq to another file); write
 `<seq>.fail` durably, move .data to failed/<ch>/ beside a one-line .reason,
