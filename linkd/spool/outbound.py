@@ -150,7 +150,9 @@ class Outbound(PickupMixin, RecoveryMixin):
         self._not_ready: dict[str, float] = {}  # name -> when to look again
         self._ready = False
         self._refused: str | None = None        # a symlinked spool folder (see the top)
-        self._spares: list[Path] = []           # retired .meta files to write records into
+        self._spares: list[str] = []            # retired .meta files to write records into
+        self._qs = str(self._q)                 # queue/<ch> as text: records are named
+        #                                         per file, and a pathlib join costs more
         self._spare_n = 0
 
     def configure(self, max_bytes: int, archive_sent: bool) -> None:
@@ -287,7 +289,7 @@ class Outbound(PickupMixin, RecoveryMixin):
         return super().recover()
 
     # -- claim records: reusing the files of resolved ones ----------------
-    def _write_record(self, path: Path, data: bytes, sync: bool) -> None:
+    def _write_record(self, path: str, data: bytes, sync: bool) -> None:
         """write_new(), but into a spare (a resolved claim's .meta, kept under a
         dot-name) renamed to `path` once written, where there is one: a claim then
         allocates no inode and a resolve frees none. (On ext4 without a journal
@@ -313,14 +315,14 @@ class Outbound(PickupMixin, RecoveryMixin):
             return
         write_new(self.fs, path, data, sync=sync)
 
-    def _retire_record(self, path: Path) -> None:
+    def _retire_record(self, path: str) -> None:
         """Remove a resolved claim's .meta: renamed to a spare dot-name for reuse
         (at most SPARE_RECORDS), else deleted. The spares only live while files are
         queued: the resolve that empties the queue deletes them."""
         if len(self._spares) >= SPARE_RECORDS:
             unlink_quietly(self.fs, path)
             return
-        spare = self._q / f".spare-{self._spare_n}"
+        spare = f"{self._qs}/.spare-{self._spare_n}"
         self._spare_n += 1
         try:
             self.fs.rename(path, spare)
@@ -399,7 +401,7 @@ class Outbound(PickupMixin, RecoveryMixin):
             # inbound group commit does) instead of an fsync per .meta.
             share = _inbound.SYNCFS_OK and len(items) >= _inbound.SYNCFS_MIN
             for item in items:
-                self._write_record(self._rec(item.seq, "meta"), self._meta_bytes(item),
+                self._write_record(f"{self._qs}/{item.seq}.meta", self._meta_bytes(item),
                                    sync=not share)
             if share:
                 self.fs.syncfs(self._q)
@@ -483,7 +485,7 @@ class Outbound(PickupMixin, RecoveryMixin):
             for item in items:
                 changed = self.changed(item)
                 self._dispose(item)
-                self._retire_record(self._rec(item.seq, "meta"))
+                self._retire_record(f"{self._qs}/{item.seq}.meta")
                 del self._pending[item.seq]
                 done.append(Resolved(item, changed))
             if not self._pending:
