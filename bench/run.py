@@ -253,7 +253,33 @@ def run_big(root: Path, size: int) -> dict[str, float]:
         pair.close()
 
 
-def run_small(root: Path, files: int, size: int) -> dict[str, float]:
+class Profiler:
+    """py-spy recording both daemons of a pair while a workload runs (--profile):
+    collapsed stacks per daemon (`folder/<what>-sender.txt`, `-receiver.txt`;
+    bench/profile_top.py summarises them; speedscope and flamegraph.pl read them)."""
+
+    def __init__(self, folder: Path | None, pair: Pair, what: str) -> None:
+        self.procs: list[tuple[subprocess.Popen[bytes], Path]] = []
+        if folder is None:
+            return
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        folder.mkdir(parents=True, exist_ok=True)
+        for role, d in (("sender", pair.a), ("receiver", pair.b)):
+            out = folder / f"{what}-{role}.txt"
+            self.procs.append((subprocess.Popen(
+                [spy, "record", "--pid", str(d.proc.pid), "--threads", "--gil",
+                 "--rate", "1000", "--format", "raw", "-o", str(out)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), out))
+
+    def stop(self) -> None:
+        for proc, _out in self.procs:
+            proc.send_signal(2)     # py-spy writes its file on SIGINT
+        for proc, _out in self.procs:
+            proc.wait(60)
+
+
+def run_small(root: Path, files: int, size: int,
+              profile: Path | None = None) -> dict[str, float]:
     pair = Pair(root, [{"name": "data"}])
     try:
         staging = pair.a.dir / "staging"
@@ -264,6 +290,7 @@ def run_small(root: Path, files: int, size: int) -> dict[str, float]:
             with open(staging / name, "wb") as f:
                 f.write(i.to_bytes(8, "big") + payload[8:])
         out = pair.out("data")
+        spy = Profiler(profile, pair, "small")
         ca, cb = pair.cpu()
         start = time.monotonic()
         for name in names:
@@ -271,6 +298,7 @@ def run_small(root: Path, files: int, size: int) -> dict[str, float]:
         wait_until(lambda: pair.drained("data"), 3600, 0.1, "the small files' acks")
         acked = time.monotonic() - start
         ca2, cb2 = pair.cpu()
+        spy.stop()
         got = count(pair.inbox("data"))
         if got != files:
             raise RuntimeError(f"small files: {got} of {files} in bravo's in/")
@@ -627,6 +655,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", choices=STEPS + SEPARATE, help="run only these parts")
     ap.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--profile", type=Path, metavar="DIR",
+                    help="record both daemons with py-spy during the small-files "
+                         "workload (collapsed stacks: DIR/small-sender.txt, ...)")
     ap.add_argument("--hub-clients", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.hub_clients:
@@ -689,7 +720,12 @@ def main(argv: list[str] | None = None) -> int:
             table.add("linkd: sender CPU per GiB", f"{r['cpu_send_gib']:.2f} CPU-s")
             rss_a, rss_b = max(rss_a, r["rss_a"]), max(rss_b, r["rss_b"])
         if "small" in steps:
-            r = run_small(root / "small-e2e", small_files, 4 * KiB)
+            if "group" not in ceil:     # --only small: its ceiling, in the same run
+                ceil["group"] = ceiling_small(root / "small", small_files, 4 * KiB, 64)
+                say(f"durable 4 KiB files: group commit {ceil['group']:.0f}/s")
+                table.add(f"ceiling: durable 4 KiB files, group commit ({small_files})",
+                          f"{ceil['group']:.0f} files/s")
+            r = run_small(root / "small-e2e", small_files, 4 * KiB, args.profile)
             say(f"small: {r}")
             g = ceil.get("group")
             ratio = r["files_s"] / g if g else None

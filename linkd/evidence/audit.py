@@ -52,6 +52,8 @@ from . import keys
 from .canonical import canonical_json
 
 ZERO = "0" * 64
+# what json.dumps(obj, ensure_ascii=False, separators=(",", ":"), default=str) builds per call
+_LINE_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str)
 DEFAULT_CHECKPOINT_LINES = 1000
 MAX_BYTES = 64 << 20
 
@@ -183,14 +185,15 @@ class AuditLog:
 
     # -- writing ----------------------------------------------------------------
 
-    def _write(self, obj: dict[str, Any]) -> bytes:
+    def _write(self, obj: Mapping[str, object]) -> bytes:
         obj = {"line": self.line + 1, "prev": self.prev, **obj}
-        raw = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), default=str)\
-            .replace("\n", "\\n").encode("utf-8")
+        raw = _LINE_ENCODER.encode(obj).replace("\n", "\\n").encode("utf-8")
         data = raw + b"\n"
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view):]
+        written = os.write(self.fd, data)
+        if written < len(data):
+            view = memoryview(data)[written:]
+            while view:
+                view = view[os.write(self.fd, view):]
         self.line += 1
         self.prev = line_hash(raw)
         self.since_checkpoint += 1
@@ -206,8 +209,9 @@ class AuditLog:
                 return
             self._busy = True
             try:
-                fields = {k: v for k, v in event.items() if k not in ("line", "prev")}
-                self._write(fields)
+                if "line" in event or "prev" in event:      # ours to set, never the caller's
+                    event = {k: v for k, v in event.items() if k not in ("line", "prev")}
+                self._write(event)
                 if self.since_checkpoint >= self.checkpoint_lines:
                     self.checkpoint("every")
             except OSError as exc:

@@ -42,11 +42,14 @@ def _check(value: Any, where: str) -> None:
     raise EncodingError(f"{where}: {type(value).__name__} has no canonical encoding")
 
 
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                            allow_nan=False)   # what json.dumps(...) builds on every call
+
+
 def canonical_json(obj: Any) -> bytes:
     """The canonical bytes of `obj` (see the module docstring)."""
     _check(obj, "$")
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False).encode("utf-8")
+    return _ENCODER.encode(obj).encode("utf-8")
 
 
 def micros(seconds: float) -> int:
@@ -57,11 +60,20 @@ def micros(seconds: float) -> int:
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
+_last_second: tuple[int, str] = (0, "1970-01-01T00:00:00")
+
+
 def utc_text(us: int) -> str:
     """Integer microseconds since the epoch as RFC 3339 UTC with exactly six
-    fractional digits: ``2026-11-30T12:00:00.250000Z``."""
-    moment = EPOCH + dt.timedelta(microseconds=us)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    fractional digits: ``2026-11-30T12:00:00.250000Z``. (The receipts of one
+    group commit share their second: the text of the last second is kept.)"""
+    global _last_second
+    seconds, fraction = divmod(us, 1_000_000)
+    known, text = _last_second
+    if known != seconds:
+        text = (EPOCH + dt.timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S")
+        _last_second = (seconds, text)
+    return f"{text}.{fraction:06d}Z"
 
 
 def parse_utc(text: str) -> int:

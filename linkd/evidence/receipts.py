@@ -208,28 +208,38 @@ class Verifier:
 
     def problem(self, receipt: Receipt, proof: Proof) -> str | None:
         """None if the receipt verifies, else why not (one line)."""
+        return self.check(receipt, proof)[0]
+
+    def check(self, receipt: Receipt, proof: Proof) -> tuple[str | None, bytes | None]:
+        """(why the receipt does not verify or None, the root its path leads to):
+        the root is what `document()` records, so it need not be computed twice."""
         if proof.signer != self.cert_sha256:
             return (f"signed by certificate {proof.signer[:16]}…, not by "
-                    f"{self.cert_sha256[:16]}…")
+                    f"{self.cert_sha256[:16]}…"), None
         root = root_from_path(leaf_hash(receipt.encode()), proof.index, proof.size,
                               list(proof.path))
         if root is None:
-            return "its inclusion path is malformed"
+            return "its inclusion path is malformed", None
         key = (root, proof.size, proof.signature)
         if key in self._good:
-            return None
+            return None, root
         if not keys.verify(self.cert, batch_statement(root, proof.size, proof.signer),
                            proof.signature):
             return "the signature does not verify (the receipt was altered or signed by " \
-                   "another key)"
+                   "another key)", root
         self._good.add(key)
-        return None
+        return None, root
 
 
 # -- documents (what is stored and what `linkctl receipt` reads) -----------------
 
-def document(receipt: Receipt, proof: Proof, alg: str) -> ReceiptDoc:
-    root = root_from_path(leaf_hash(receipt.encode()), proof.index, proof.size, list(proof.path))
+def document(receipt: Receipt, proof: Proof, alg: str,
+             root: bytes | None = None) -> ReceiptDoc:
+    """The stored form of a receipt; `root`: what its path leads to, if already
+    known (Verifier.check), else computed here."""
+    if root is None:
+        root = root_from_path(leaf_hash(receipt.encode()), proof.index, proof.size,
+                              list(proof.path))
     return {"format": FORMAT, "receipt": receipt.to_map(),
             "proof": {"index": proof.index, "size": proof.size,
                       "path": [p.hex() for p in proof.path],
@@ -267,9 +277,11 @@ def from_document(doc: Any) -> tuple[Receipt, Proof]:
     return receipt, proof
 
 
+_DOC_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def dumps(doc: ReceiptDoc) -> bytes:
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)\
-        .encode("utf-8") + b"\n"
+    return _DOC_ENCODER.encode(doc).encode("utf-8") + b"\n"
 
 
 class ReceiptStore:

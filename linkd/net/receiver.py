@@ -153,6 +153,7 @@ class ReceiverMixin(RunnerState):
         done: dict[str, list[Completed]] = collections.defaultdict(list)
         names: dict[tuple[str, int], str] = {}
         full: str | None = None          # quarantine quota problem (looked up once a batch)
+        checked: set[str] = set()        # channels whose tmp/ a begin() of this batch checked
         for ev in batch:
             ch = ev.ch
             inbound = link.inbound.get(ch)
@@ -195,7 +196,9 @@ class ReceiverMixin(RunnerState):
                 # left the sender waiting for an answer that never came).
                 rx.started(ch, ev.seq)
                 try:
-                    inbound.begin(ev.seq, ev.name, ev.size, ev.sha256.hex(), ev.offset)
+                    inbound.begin(ev.seq, ev.name, ev.size, ev.sha256.hex(), ev.offset,
+                                  checked=ch in checked)
+                    checked.add(ch)
                 except InboundRefused as exc:
                     # A resume we cannot honour is retried from byte 0; anything else
                     # (size over our limit...) is final.

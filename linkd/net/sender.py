@@ -51,6 +51,10 @@ if TYPE_CHECKING:
 MAX_IN_FLIGHT = 1024          # unacknowledged messages per channel
 MAX_ATTEMPTS = 3              # sends of one message that fail its checksum before it is failed
 READ_RETRY = 2.0              # seconds before a queued file that could not be read is retried
+COALESCE_STEPS = 32           # sends queued before one flush (one TLS write) ...
+COALESCE_BYTES = 64 << 10     # ... or this many bytes of output, whichever comes first
+PREFETCH_FILES = 64           # small queued files read in one thread hop ...
+PREFETCH_BYTES = CHUNK_SIZE   # ... and at most this many bytes of them (per channel)
 
 
 @dataclasses.dataclass
@@ -75,6 +79,9 @@ class _OutChannel:
     verdicts: dict[int, str] = dataclasses.field(default_factory=dict)  # seq -> other|unknown
     held: str | None = None                  # why its files wait (peer lacks the channel)
     wait_until: float = 0.0                  # trio time before which nothing is sent
+    # small files read ahead in one thread hop: seq -> (the item read, bytes or why not)
+    prefetched: dict[int, tuple[Claimed, bytes | Exception]] = dataclasses.field(
+        default_factory=dict)
 
 
 class RunnerState:
@@ -110,9 +117,9 @@ class RunnerState:
 
 class SenderMixin(RunnerState):
     def _receipt(self, ch: str, item: Claimed | None, entry: F.AckEntry,
-                 ) -> tuple[R.Receipt, R.Proof, str | None]:
-        """The receipt `entry` must carry (for our queued `item`, or as it says), and
-        why it does not verify (None if it does)."""
+                 ) -> tuple[R.Receipt, R.Proof, str | None, bytes | None]:
+        """The receipt `entry` must carry (for our queued `item`, or as it says), why
+        it does not verify (None if it does), and the root of its batch (if known)."""
         link = self.link
         if item is not None:
             receipt = R.Receipt(frm=link.cfg.node.name, to=link.name, channel=ch,
@@ -127,10 +134,12 @@ class SenderMixin(RunnerState):
                                 delivered_at_us=micros(entry.delivered_at))
         proof = R.Proof(entry.index, entry.batch, entry.path, entry.sig, entry.signer.hex())
         if not entry.sig:
-            return receipt, proof, "it carries no signed receipt"
+            return receipt, proof, "it carries no signed receipt", None
         if self.verifier is None:
-            return receipt, proof, "there is no peer certificate to check its receipt with"
-        return receipt, proof, self.verifier.problem(receipt, proof)
+            return receipt, proof, "there is no peer certificate to check its receipt " \
+                "with", None
+        problem, root = self.verifier.check(receipt, proof)
+        return receipt, proof, problem, root
 
     def _store_receipts(self, ch: str, docs: list[R.ReceiptDoc]) -> None:
         """Blocking: receipts durable in <state_dir>/receipts/ before the files go."""
@@ -199,7 +208,7 @@ class SenderMixin(RunnerState):
             item = flight.item
             same = (entry.sha256.hex(), entry.size, entry.sent_name) == \
                 (item.sha256, item.size, item.name)
-            receipt, proof, problem = self._receipt(ch, item if same else None, entry)
+            receipt, proof, problem, root = self._receipt(ch, item if same else None, entry)
             if problem is not None and (same or flight.probe):
                 self.log.error("receipt_invalid", peer=link.name, channel=ch, seq=item.seq,
                                name=item.name, sha256=item.sha256, reason=problem)
@@ -208,7 +217,7 @@ class SenderMixin(RunnerState):
                 return
             if same:
                 matched[item.seq] = entry
-                docs[item.seq] = R.document(receipt, proof, alg)
+                docs[item.seq] = R.document(receipt, proof, alg, root)
             elif flight.probe:
                 other.append((item, entry))
             else:
@@ -225,10 +234,11 @@ class SenderMixin(RunnerState):
             # probe of the channel is answered: see _finish_probing.
             state.verdicts[item.seq] = "other"
         if matched:
-            # The receipts are durable before any file leaves the queue.
-            await trio.to_thread.run_sync(self._store_receipts, ch,
-                                          [docs[s] for s in sorted(docs)])
-            resolved = await spool.resolve(list(matched))
+            # The receipts are durable before any file leaves the queue: stored first,
+            # in the same thread hop that resolves the batch.
+            ordered = [docs[s] for s in sorted(docs)]
+            resolved = await spool.resolve(
+                list(matched), before=lambda: self._store_receipts(ch, ordered))
             if getattr(spool.outbound, "archive_sent", False) and resolved:
                 try:
                     await trio.to_thread.run_sync(
@@ -290,24 +300,41 @@ class SenderMixin(RunnerState):
         return min(waits) if waits else math.inf
 
     async def _sender(self) -> None:
+        """Send what is ready, a step (a Msg, a Data chunk) at a time. Steps that need
+        no thread hop (small files read ahead) are written out together: one flush
+        per COALESCE_STEPS steps or COALESCE_BYTES of output, and always before
+        waiting; a step that hops to a thread wakes the writer first, so nothing
+        queued waits for the disk."""
         assert self.session is not None
+        unflushed = 0
         while self.session.state is S.State.OPEN:
-            if self.nacks:
-                await self._handle_nacks()
-                continue
-            for state in list(self.out.values()):
-                if state.probing and self._probing_done(state):
-                    await self._finish_probing(state)
+            if self.nacks or any(s.probing for s in self.out.values()):
+                if unflushed:
+                    await self.flush()
+                    unflushed = 0
+                if self.nacks:
+                    await self._handle_nacks()
+                    continue
+                for state in list(self.out.values()):
+                    if state.probing and self._probing_done(state):
+                        await self._finish_probing(state)
             ready = self._ready()
             if not ready:
+                if unflushed:
+                    await self.flush()
+                    unflushed = 0
+                    continue            # look again: acks and credit came in meanwhile
                 with trio.move_on_at(self._next_wait()):
                     await self.sender_wake.wait()
                 continue
             name = self.scheduler.pick(ready)
             assert name is not None
             await self._step(self.out[name])
-            await self.flush()
-            await trio.lowlevel.checkpoint()
+            unflushed += 1
+            if unflushed >= COALESCE_STEPS or self.session.pending_output >= COALESCE_BYTES:
+                await self.flush()
+                unflushed = 0
+                await trio.lowlevel.checkpoint()
 
     def _probing_done(self, state: _OutChannel) -> bool:
         """Every queued seq <= the peer's committed has been probed and answered."""
@@ -323,6 +350,7 @@ class SenderMixin(RunnerState):
         everything in use, in order (so pick-up order still holds: a file claimed
         later never overtakes it)."""
         state.probing = False
+        state.prefetched.clear()
         verdicts, state.verdicts = state.verdicts, {}
         spool = self.link.spools.get(state.name)
         if not verdicts or spool is None:
@@ -352,6 +380,7 @@ class SenderMixin(RunnerState):
         spool = self.link.spools.get(item.channel)
         if spool is None:
             return
+        self.writer_wake.set()              # what is queued goes out during the hop
         failed = await spool.fail(item, reason)
         self.link.refresh_queued([item.channel])
         if failed is not None:
@@ -440,12 +469,15 @@ class SenderMixin(RunnerState):
                 offset = state.resume[1]
             state.resume = None
             spool = self.link.spools[state.name]
-            # A small file is read whole in the hop that opens it, and sent at once
-            # below (one thread hop per file instead of two).
+            # A small file is read whole, with the small files queued after it, in one
+            # thread hop per batch (its SHA-256 checked there), and sent at once below.
             small = item.size - offset <= CHUNK_SIZE
             try:
-                fh = await spool.open(item, offset, prefetch=True) if small \
-                    else await spool.open(item, offset)
+                if small and offset == 0:
+                    fh = io.BytesIO(await self._read_whole(state, item))
+                else:
+                    self.writer_wake.set()      # what is queued goes out during the hop
+                    fh = await spool.open(item, offset, prefetch=small)
             except (OSError, SpoolError) as exc:
                 await self._unreadable(state, item, exc)
                 return
@@ -460,7 +492,9 @@ class SenderMixin(RunnerState):
                 fh.close()
                 return
             state.current, state.fh, state.offset = item, fh, offset
-            state.digest = hashlib.sha256() if offset == 0 else None
+            # Read whole, a small file's content was checked against its SHA-256
+            # already; a bigger one is hashed as it is read, to notice a change.
+            state.digest = hashlib.sha256() if offset == 0 and not small else None
             self._show_in_flight(state)
             if not isinstance(fh, io.BytesIO) or session.sendable(state.name) == 0:
                 return
@@ -472,6 +506,7 @@ class SenderMixin(RunnerState):
             if isinstance(fh, io.BytesIO):
                 data = fh.read(n)           # prefetched when opened: no thread hop
             else:
+                self.writer_wake.set()          # what is queued goes out during the hop
                 data = await trio.to_thread.run_sync(fh.read, n)
         except (OSError, ValueError) as exc:
             if self._nacked(state.name) or state.fh is not fh:
@@ -506,6 +541,41 @@ class SenderMixin(RunnerState):
                                        "sent")
             state.digest = None
 
+    async def _read_whole(self, state: _OutChannel, item: Claimed) -> bytes:
+        """The content of a small queued file (OSError, SpoolError). Read ahead: a miss
+        reads it together with the small files queued after it (up to PREFETCH_FILES
+        and PREFETCH_BYTES) in one thread hop; later steps take theirs from memory.
+        An entry is only used for the very item it was read for (a renumbered or
+        failed item is another object), and the read-ahead is dropped on a nack."""
+        got = state.prefetched.pop(item.seq, None)
+        if got is None or got[0] is not item:
+            self.writer_wake.set()          # what is queued goes out during the hop
+            batch = self._prefetch_batch(state, item)
+            results = await self.link.spools[state.name].read_whole(batch)
+            state.prefetched = {i.seq: (i, r) for i, r in zip(batch, results, strict=False)}
+            got = state.prefetched.pop(item.seq)
+        result = got[1]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def _prefetch_batch(self, state: _OutChannel, item: Claimed) -> list[Claimed]:
+        """`item` and the small files queued right after it, in seq order."""
+        out = self.link.outbound[state.name]
+        batch, size = [item], item.size
+        resume_seq = state.resume[0] if state.resume is not None else None
+        while len(batch) < PREFETCH_FILES:
+            try:
+                nxt = out.next_pending(batch[-1].seq + 1)
+            except (RuntimeError, KeyError):
+                break           # the pending set is changing in a worker thread
+            if nxt is None or nxt.size > CHUNK_SIZE or size + nxt.size > PREFETCH_BYTES \
+                    or nxt.seq == resume_seq:
+                break
+            batch.append(nxt)
+            size += nxt.size
+        return batch
+
     async def _handle_nacks(self) -> None:
         nacks, self.nacks = self.nacks, []
         for nack in nacks:
@@ -516,6 +586,7 @@ class SenderMixin(RunnerState):
             if state.fh is not None:
                 state.fh.close()
             state.current, state.fh, state.digest = None, None, None
+            state.prefetched.clear()
             flight = state.in_flight.get(nack.seq)
             for seq in [s for s in state.in_flight if s >= nack.seq]:
                 del state.in_flight[seq]

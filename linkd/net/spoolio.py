@@ -10,7 +10,8 @@ here (reads of `pending()` from the event loop are a single dict copy).
 Hashing at pick-up (`examine`) reads only files still in out/ and state that
 only the pick-up task uses, so it runs in a thread *without* the lock: a
 1 GiB file being hashed never delays an acknowledgement or a send. Each hop is
-bounded (examine: CLAIM_BATCH files or CLAIM_BYTES bytes; claim: one batch),
+bounded (examine: CLAIM_BATCH files or CLAIM_BYTES bytes; claim: one batch;
+read_whole: the sender's batch of small files, see net/sender.py),
 and every channel has its own owner, so a slow disk on one channel never
 delays another (CONTRACT §4.4).
 
@@ -52,8 +53,16 @@ class ChannelSpool:
     async def claim(self, ready: list[Candidate]) -> tuple[list[Claimed], list[FailedFile]]:
         return await self._locked(self.outbound.claim, ready)
 
-    async def resolve(self, seqs: list[int]) -> list[Resolved]:
-        return await self._locked(self.outbound.resolve, seqs)
+    async def resolve(self, seqs: list[int],
+                      before: Callable[[], None] | None = None) -> list[Resolved]:
+        """Resolve acknowledged seqs; `before` (blocking: e.g. making their receipts
+        durable) runs first in the same thread hop, and nothing is resolved if it
+        raises."""
+        def _resolve() -> list[Resolved]:
+            if before is not None:
+                before()
+            return self.outbound.resolve(seqs)
+        return await self._locked(_resolve)
 
     async def fail(self, item: Claimed, reason: str) -> FailedFile | None:
         async with self.lock:
@@ -83,6 +92,13 @@ class ChannelSpool:
     async def measure(self) -> int:
         """Learn a bounded batch of the sizes recovery did not read: how many remain."""
         return await self._locked(self.outbound.measure)
+
+    async def read_whole(self, items: list[Claimed]) -> list[bytes | Exception]:
+        """Read a batch of small queued files whole, in one thread hop (no lock, like
+        open(): sending only reads). One entry per item, in order: its bytes, or why
+        it cannot be sent (see Outbound.read_whole); the list stops early after a
+        resource error."""
+        return await trio.to_thread.run_sync(self.outbound.read_whole, items)
 
     async def open(self, item: Claimed, offset: int, prefetch: bool = False) -> BinaryIO:
         """Open a queued file for sending at `offset` (FileChanged, OSError).

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SpoolError
-from .fs import FS, write_atomic
+from .fs import FS, PathLike, write_atomic
 from .layout import tilde_name
 
 REASON_SUFFIX = ".reason"
@@ -211,7 +211,7 @@ def listdir(folder: Path) -> list[str]:
         return []
 
 
-def unlink_quietly(fs: FS, path: Path) -> bool:
+def unlink_quietly(fs: FS, path: PathLike) -> bool:
     try:
         fs.unlink(path)
     except FileNotFoundError:

@@ -51,7 +51,8 @@ it at every session start). A corrupt state file is moved aside as
 by its text or a leftover temporary (else 0). Risk: messages committed but not
 yet acknowledged when the file was damaged can then be delivered twice.
 
-Symlinked folders (safedir.py): begin() checks tmp/, finish() quarantine/,
+Symlinked folders (safedir.py): begin() checks tmp/ (once per batch of
+messages: the caller passes checked=True after the first), finish() quarantine/,
 commit() tmp/, in/<ch>/ and the state folder, before writing anything. A spool
 folder found to be a link makes recover() load the state but touch no spool
 folder and leave the channel *refused*: every begin()/commit() raises
@@ -255,9 +256,12 @@ class Inbound:
         return ck["seq"], ck["offset"]
 
     # -- receiving ---------------------------------------------------------
-    def begin(self, seq: int, name: str, size: int, sha256: str, offset: int = 0) -> int:
+    def begin(self, seq: int, name: str, size: int, sha256: str, offset: int = 0, *,
+              checked: bool = False) -> int:
         """Start (offset 0) or resume (offset = the durable checkpoint) message `seq`;
-        returns the offset used. InboundRefused for anything this spool won't take."""
+        returns the offset used. InboundRefused for anything this spool won't take.
+        checked=True: the caller's batch already had tmp/ checked by an earlier
+        begin() (one folder check per batch of small messages, not one per message)."""
         self._require()
         if self._xfer is not None:
             raise SpoolError(f"seq {self._xfer.seq} is still open: finish() or abort() it")
@@ -279,7 +283,8 @@ class Inbound:
             raise InboundRefused(f"offset {offset!r} is not within 0..{size}")
         path = self._partial_path(seq)
         ck = self._st.partial
-        self._check(self._tmp)
+        if not checked:
+            self._check(self._tmp)
         try:
             if offset:
                 if ck is None or (ck["seq"], ck["name"], ck["size"], ck["sha256"],

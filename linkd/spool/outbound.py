@@ -43,6 +43,13 @@ changes the ctime, i.e. the file's place in the arrival order while in out/.
 Resolve (acknowledged): record next/acked durably, then delete (or archive to
 sent/) each .data and its .meta. A crash in between leaves a queued file the
 peer holds: it is sent again and the peer acknowledges it as a duplicate.
+Record files are reused (issue 13): while files are queued, a resolved .meta is
+renamed to a spare `.spare-N` instead of deleted, and the next claim writes its
+record into a spare and renames it to `<seq>.meta` (so a backlog neither
+allocates nor frees an inode per record); the resolve that empties the queue
+deletes the spares. A spare is a dot-file, which recovery deletes as a
+temporary: a crash while one is written, or before it is renamed, is C1 or
+nothing at all.
 Fail (a reason): if the seq is not yet below the recorded `next`, record it
 first (else a restart could give the failed seq to another file); write
 `<seq>.fail` durably, move .data to failed/<ch>/ beside a one-line .reason,
@@ -147,6 +154,8 @@ from .pickup import PickupMixin
 from .queue_index import QueueIndex
 from .recovery_out import RecoveryMixin
 
+SPARE_RECORDS = 256     # retired .meta files kept per channel for reuse (queue/<ch>/.spare-N)
+
 
 class Outbound(PickupMixin, RecoveryMixin):
     """One peer's outbound channel (see the module docstring)."""
@@ -176,6 +185,10 @@ class Outbound(PickupMixin, RecoveryMixin):
         self._not_ready: dict[str, float] = {}  # name -> when to look again
         self._ready = False
         self._refused: str | None = None        # a symlinked spool folder (see the top)
+        self._spares: list[str] = []            # retired .meta files to write records into
+        self._qs = str(self._q)                 # queue/<ch> as text: records are named
+        #                                         per file, and a pathlib join costs more
+        self._spare_n = 0
 
     def configure(self, max_bytes: int, archive_sent: bool) -> None:
         """A reload changed the channel's limits: they apply from now on."""
@@ -377,6 +390,51 @@ class Outbound(PickupMixin, RecoveryMixin):
             raise
         return os.fdopen(fd, "rb")
 
+    def read_whole(self, items: list[Claimed]) -> list[bytes | Exception]:
+        """Read small queued files whole, in order, for sending (one call per batch:
+        the folder is checked once, each file is opened, checked against its claim
+        record as open() does, read, closed, and its SHA-256 compared with the one
+        taken at pick-up). One entry per item: its bytes, or the exception that
+        open() or a read gave (FileChanged if the content is not what was claimed).
+        A resource error (EMFILE...) ends the batch there: the rest would fail
+        alike, and the caller retries them later."""
+        self._check(self._q)
+        out: list[bytes | Exception] = []
+        for item in items:
+            try:
+                out.append(self._read_whole(item))
+            except (OSError, FileChanged) as exc:
+                out.append(exc)
+                if is_resource_error(exc):
+                    break
+        return out
+
+    def _read_whole(self, item: Claimed) -> bytes:
+        fd = self.fs.open(item.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise FileChanged("it is no longer a regular file")
+            if item.ino and (st.st_ino, st.st_size, st.st_mtime_ns) != \
+                    (item.ino, item.size, item.mtime_ns):
+                raise FileChanged(f"it was changed after it was queued (now {st.st_size} "
+                                  f"bytes, claimed with {item.size})")
+            parts: list[bytes] = []
+            got = 0
+            while got < item.size:
+                chunk = self.fs.read(fd, item.size - got)
+                if not chunk:
+                    break
+                parts.append(chunk)
+                got += len(chunk)
+        finally:
+            self.fs.close(fd)
+        data = b"".join(parts)
+        if len(data) != item.size or hashlib.sha256(data).hexdigest() != item.sha256:
+            raise FileChanged("it was changed after it was queued (its content no longer "
+                              "matches the SHA-256 taken at pick-up)")
+        return data
+
     def changed(self, item: Claimed) -> bool:
         """Does the queued file differ from its claim record now?"""
         try:
@@ -390,6 +448,56 @@ class Outbound(PickupMixin, RecoveryMixin):
     def usable(self) -> bool:
         """False after an I/O error, or while refused, until recover() has run again."""
         return self._ready and self._refused is None
+
+    def recover(self) -> list[str]:
+        self._spares.clear()        # recovery deletes the dot-files of queue/<ch>/
+        return super().recover()
+
+    # -- claim records: reusing the files of resolved ones ----------------
+    def _write_record(self, path: str, data: bytes, sync: bool) -> None:
+        """write_new(), but into a spare (a resolved claim's .meta, kept under a
+        dot-name) renamed to `path` once written, where there is one: a claim then
+        allocates no inode and a resolve frees none. (On ext4 without a journal
+        every new inode is searched for past the recently freed ones: creating a
+        .meta per claim while resolving others made that search the largest cost
+        of a backlog of small files, on both daemons of one disk.) A spare is a
+        dot-file until the rename, so a crash leaves nothing recovery does not
+        already delete; the rename is made durable with the queue folder's fsync
+        that precedes every .data rename."""
+        while self._spares:
+            spare = self._spares.pop()
+            try:
+                fd = self.fs.open(spare, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
+            except FileNotFoundError:
+                continue
+            try:
+                self.fs.write(fd, data)
+                if sync:
+                    self.fs.fsync(fd)
+            finally:
+                self.fs.close(fd)
+            self.fs.rename(spare, path)
+            return
+        write_new(self.fs, path, data, sync=sync)
+
+    def _retire_record(self, path: str) -> None:
+        """Remove a resolved claim's .meta: renamed to a spare dot-name for reuse
+        (at most SPARE_RECORDS), else deleted. The spares only live while files are
+        queued: the resolve that empties the queue deletes them."""
+        if len(self._spares) >= SPARE_RECORDS:
+            unlink_quietly(self.fs, path)
+            return
+        spare = f"{self._qs}/.spare-{self._spare_n}"
+        self._spare_n += 1
+        try:
+            self.fs.rename(path, spare)
+        except FileNotFoundError:
+            return
+        self._spares.append(spare)
+
+    def _drop_spares(self) -> None:
+        while self._spares:
+            unlink_quietly(self.fs, self._spares.pop())
 
     # -- the state file ----------------------------------------------------
     def _save_state(self, checkpoint: bool = True) -> None:
@@ -466,8 +574,8 @@ class Outbound(PickupMixin, RecoveryMixin):
             # inbound group commit does) instead of an fsync per .meta.
             share = _inbound.SYNCFS_OK and len(items) >= _inbound.SYNCFS_MIN
             for item in items:
-                write_new(self.fs, self._rec(item.seq, "meta"), self._meta_bytes(item),
-                          sync=not share)
+                self._write_record(f"{self._qs}/{item.seq}.meta", self._meta_bytes(item),
+                                   sync=not share)
             if share:
                 self.fs.syncfs(self._q)
             self.fs.fsync_dir(self._q)
@@ -555,9 +663,11 @@ class Outbound(PickupMixin, RecoveryMixin):
             for item in items:
                 changed = self.changed(item)
                 self._dispose(item)
-                unlink_quietly(self.fs, self._rec(item.seq, "meta"))
+                self._retire_record(f"{self._qs}/{item.seq}.meta")
                 self._forget(item.seq)
                 done.append(Resolved(item, changed))
+            if not self._pending and not self._rest:
+                self._drop_spares()     # a drained queue/<ch>/ is empty
             self.fs.fsync_dir(self._q)
         except OSError as exc:
             raise self._broken("removing acknowledged files", exc) from None

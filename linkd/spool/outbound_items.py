@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import FileChanged as FileChanged  # re-exported
 from ..errors import ResourceBusy as ResourceBusy
 from ..errors import SpoolError as SpoolError
-from .fs import FS
+from .fs import FS, PathLike
 
 if TYPE_CHECKING:
     from ..errors import SpoolError
@@ -137,7 +137,7 @@ class Resolved:
     changed: bool        # the queued file changed after pick-up (the peer has the original)
 
 
-def write_new(fs: FS, path: Path, data: bytes, sync: bool = True) -> None:
+def write_new(fs: FS, path: PathLike, data: bytes, sync: bool = True) -> None:
     """Write a new record file and fsync it (its folder is fsync'd by the caller;
     sync=False: the caller syncs the file system before relying on it)."""
     fd = fs.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW)

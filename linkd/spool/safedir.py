@@ -17,7 +17,8 @@ is reported as `SymlinkedFolder` naming it and the fix. `check_folders()`
 does that for a handful of folders and closes the descriptors: the spool calls
 it (through `SpoolLayout.check`) at start-up (`SpoolLayout.create`), in every
 recover(), and before each step that writes into a folder (claim, fail,
-archive, begin/commit of a delivery, quarantine). The cost is one openat per
+archive, begin/commit of a delivery, quarantine; the begin()s of one inbound
+batch share one check of tmp/). The cost is one openat per
 path component (five or six), next to the fsyncs of the same step.
 
 Residual race: the check and the path-based rename/open that follows are two

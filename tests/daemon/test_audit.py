@@ -193,3 +193,23 @@ def test_sigkill_under_traffic_leaves_a_chain_with_every_receipted_delivery(tmp_
     assert len(receipted) >= 60
     missing = receipted - delivered
     assert not missing, sorted(missing)[:5]
+
+
+def test_a_line_is_the_event_as_compact_json_with_the_chain_fields_first(tmp_path):
+    """The line format the verifier and other tools read: `line` and `prev` first (set
+    by the log, never by the event), then the event's own fields, compact JSON."""
+    log = A.AuditLog(tmp_path / "audit", "alpha", None)
+    log.open()
+    event = {"event": "message_sent", "peer": "bravo", "name": "réport.pdf", "seq": 7,
+             "line": 999, "prev": "forged", "when": object()}
+    log.record(event)
+    log.record({"event": "message_queued", "name": "x"})
+    log.close()
+    lines = (tmp_path / "audit" / "audit.jsonl").read_bytes().splitlines()
+    first = {k: v for k, v in event.items() if k not in ("line", "prev")}
+    want = json.dumps({"line": 1, "prev": A.ZERO, **first}, ensure_ascii=False,
+                      separators=(",", ":"), default=str).encode()
+    assert lines[0] == want
+    assert json.loads(lines[1]) == {"line": 2, "prev": A.line_hash(lines[0]),
+                                    "event": "message_queued", "name": "x"}
+    assert event["line"] == 999                 # the caller's dict is left alone

@@ -205,7 +205,7 @@ async def test_resource_errors_delay_a_send_but_never_fail_the_file(tmp_path, qu
     drop(link, "data", "fine.bin", b"fine")
     scan_sync(link)
     spool = link.spools["data"]
-    real_open = spool.open
+    real_open, real_read = spool.open, spool.read_whole
     refusals = []
 
     async def emfile_open(item, offset, *args, **kwargs):
@@ -213,7 +213,13 @@ async def test_resource_errors_delay_a_send_but_never_fail_the_file(tmp_path, qu
             refusals.append(item.seq)
             raise OSError(errno.EMFILE, "Too many open files")
         return await real_open(item, offset, *args, **kwargs)
-    spool.open = emfile_open
+
+    async def emfile_read(items):      # small files are read whole, a batch per hop
+        if len(refusals) < 5:
+            refusals.append(items[0].seq)
+            return [OSError(errno.EMFILE, "Too many open files")]   # the batch stops
+        return await real_read(items)
+    spool.open, spool.read_whole = emfile_open, emfile_read
     peer = FakePeer(None)
 
     async def until(runner, peer):

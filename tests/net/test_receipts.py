@@ -25,7 +25,7 @@ from test_ack_evidence import run_against
 from linkd.cli.evidence_cmd import main_receipt_verify
 from linkd.evidence import keys
 from linkd.evidence import receipts as R
-from linkd.evidence.canonical import micros
+from linkd.evidence.canonical import micros, utc_text
 
 
 def signer_for(ca: trustme.CA, name: str) -> keys.Signer:
@@ -53,6 +53,30 @@ def test_canonical_encoding_is_byte_exact():
         b'"sha256":"2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824",'
         b'"size":5,"to":"bravo","v":1}')
     assert R.Receipt.from_map(json.loads(r.encode())) == r
+
+
+@pytest.mark.parametrize("us", [0, 1, 999_999, 1_000_000, -1, -1_000_001,
+                                1_790_000_000_250_000, 1_790_000_000_999_999,
+                                1_790_000_001_000_000, 4_102_444_799_999_999])
+def test_utc_text_is_the_strftime_text_also_when_the_second_is_remembered(us):
+    """utc_text keeps the text of the last second it formatted (the receipts of one
+    commit share it): the result is the same whatever it formatted before."""
+    want = (dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=us)) \
+        .strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    for before in (us, us - 1, us + 1_000_000, 0):
+        utc_text(before)
+        assert utc_text(us) == want
+
+
+def test_a_document_with_a_known_root_is_the_document(ca):
+    signer = signer_for(ca, "bravo")
+    rs = [receipt(seq=i, name=f"f{i}.bin") for i in range(1, 6)]
+    proofs = R.sign_batch(rs, signer)
+    verifier = R.Verifier(signer.cert)
+    for r, p in zip(rs, proofs, strict=True):
+        problem, root = verifier.check(r, p)
+        assert problem is None
+        assert R.document(r, p, "x", root) == R.document(r, p, "x")
 
 
 def _rfc_mth(leaves):

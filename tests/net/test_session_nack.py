@@ -20,7 +20,7 @@ from linkd.net.connection import SessionRunner
 from linkd.proto import session as S
 
 
-async def test_a_nacked_message_is_resent_and_nothing_behind_it_is_lost(tmp_path):
+async def test_a_nacked_message_is_resent_and_nothing_behind_it_is_lost(tmp_path, monkeypatch):
     ca = trustme.CA()
     a = make_link(node_config(tmp_path, ca, "alpha", [peer_config("bravo")]), "bravo")
     b = make_link(node_config(tmp_path, ca, "bravo", [peer_config("alpha")]), "alpha")
@@ -41,12 +41,18 @@ async def test_a_nacked_message_is_resent_and_nothing_behind_it_is_lost(tmp_path
     inbound.write = corrupting_write
 
     outbound = a.outbound["data"]
-    real_open = outbound.open
+    real_open, real_read = outbound.open, outbound.read_whole
 
     def slow_open(item):
         time.sleep(0.01)
         return real_open(item)
-    outbound.open = slow_open
+
+    def slow_read(items):
+        time.sleep(0.01)
+        return real_read(items)
+    outbound.open, outbound.read_whole = slow_open, slow_read
+    # one small file per read hop, so that the nack can arrive during any of them
+    monkeypatch.setattr("linkd.net.sender.PREFETCH_FILES", 1)
 
     left, right = trio.testing.memory_stream_pair()
     ra = SessionRunner(a, left, remote="b", dialed_by_us=True, tls_info=None)

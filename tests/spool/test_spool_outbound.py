@@ -245,16 +245,47 @@ def test_resolve_deletes_in_seq_order_and_persists_the_state_first(layout):
     got = ob.resolve([2, 1])
     assert [(r.item.seq, r.changed) for r in got] == [(1, False), (2, False)]
     ops = fs.trace[mark:]
-    unlinks = [t for op, t in ops if op == "unlink"]
-    first_unlink = next(i for i, (op, _) in enumerate(ops) if op == "unlink")
+    # each file goes, then its record (renamed to a spare dot-name for the next claim
+    # while files are queued, see test_records_of_resolved_claims_are_reused)
+    removed = [os.path.basename(t) for op, t in ops if op in ("unlink", "rename")]
+    first = next(i for i, (op, _) in enumerate(ops) if op in ("unlink", "rename"))
     replace = next(i for i, (op, t) in enumerate(ops) if op == "replace" and t.endswith(".json"))
-    assert replace < first_unlink
-    assert [os.path.basename(t) for t in unlinks] == ["1.data", "1.meta", "2.data", "2.meta"]
+    assert replace < first
+    assert removed == ["1.data", ".spare-0", "2.data", ".spare-1"]
     assert json.loads(layout.state_file_out(CH).read_text()) == {"acked": 2, "next": 4,
                                                                  "checked": 4}
     assert [c.seq for c in ob.pending()] == [3]
     assert ob.resolve([2]) == [] and ob.resolve([1]) == []
-    assert sorted(os.listdir(layout.queue_dir(CH))) == ["3.data", "3.meta"]
+    assert sorted(n for n in os.listdir(layout.queue_dir(CH)) if not n.startswith(".")) == \
+        ["3.data", "3.meta"]
+    ob.resolve([3])
+    assert os.listdir(layout.queue_dir(CH)) == []          # drained: no spare is left
+
+
+def test_records_of_resolved_claims_are_reused(layout):
+    """Issue 13: a claim writes its .meta into the file of a resolved claim's record
+    (kept under a dot-name while files are queued) instead of creating a new one;
+    on ext4 without a journal every new inode is searched for past the recently
+    freed ones, which made record churn the largest kernel cost of a backlog."""
+    for i in range(5):
+        put(layout, f"m{i}", t=i)
+    fs = FaultyFS()
+    ob = outbound(layout, fs=fs)
+    ob.scan(limit=3)
+    ob.resolve([1, 2])                          # seq 3 stays queued: the spares are kept
+    mark = len(fs.trace)
+    got, _ = ob.scan()
+    assert [c.seq for c in got] == [4, 5]
+    ops = fs.trace[mark:]
+    created = [os.path.basename(t) for op, t in ops if op == "open" and t.endswith(".meta")]
+    assert created == []                                    # no new record file
+    assert [os.path.basename(t) for op, t in ops if op == "rename"] == ["4.meta", "5.meta"]
+    for c in got:
+        meta = json.loads((layout.queue_dir(CH) / f"{c.seq}.meta").read_text())
+        assert (meta["seq"], meta["name"]) == (c.seq, c.name)
+    fresh = outbound(layout)                     # a restart finds exactly the queue
+    assert [(c.seq, c.name) for c in fresh.pending()] == [(3, "m2"), (4, "m3"), (5, "m4")]
+    assert not [n for n in os.listdir(layout.queue_dir(CH)) if n.startswith(".")]
 
 
 def test_the_peers_committed_seq_moves_numbering_forward_but_resolves_nothing(layout):

@@ -1,0 +1,198 @@
+"""Small files are sent a batch per thread hop (issue 13): counted, never timed.
+
+A real PeerLink + SessionRunner against a FakePeer over memory streams (or two real
+PeerLinks). The sender reads small queued files whole, several per hop, each file
+once, its SHA-256 checked against the claim before anything of it is on the wire,
+and writes runs of small messages out together; acknowledgements are resolved,
+receipts and all, in one hop per batch; the receiver checks its folders once per
+batch, not once per message.
+"""
+
+import os
+
+import trio
+import trio.testing
+import trustme
+from memlink import FakePeer, drop, make_link, node_config, peer_config, scan_sync
+from test_ack_evidence import run_against
+
+from linkd.net import sender as sender_mod
+from linkd.net.connection import SessionRunner
+from linkd.proto import frames as F
+from linkd.proto import session as S
+from linkd.spool import Inbound, Outbound, SpoolLayout
+
+
+def _link(tmp_path):
+    ca = trustme.CA()
+    return make_link(node_config(tmp_path, ca, "alpha", [peer_config("bravo")]), "bravo")
+
+
+def _count_calls(monkeypatch, cls, name):
+    calls = []
+    real = getattr(cls, name)
+
+    def wrapper(self, *args, **kwargs):
+        calls.append(args)
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(cls, name, wrapper)
+    return calls
+
+
+def _overwrite_keeping_mtime(path, data):
+    st = os.stat(path)
+    with open(path, "r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+async def _until_sent(link, n):
+    async def until(runner, peer):
+        while link.status.channel("data").sent < n:  # noqa: ASYNC110 (resolved in a thread)
+            await trio.sleep(0.01)
+    return until
+
+
+async def test_small_files_are_read_a_batch_per_hop_and_each_file_once(tmp_path, monkeypatch):
+    link = _link(tmp_path)
+    n = 150
+    payloads = {f"m{i:03d}.bin": os.urandom(4096) for i in range(n)}
+    for name, data in payloads.items():
+        drop(link, "data", name, data)
+    scan_sync(link)
+    reads = _count_calls(monkeypatch, Outbound, "read_whole")
+    opens = _count_calls(monkeypatch, Outbound, "open")
+    peer = FakePeer(None)
+    runner = await run_against(link, peer, await _until_sent(link, n))
+    assert not hasattr(runner, "result"), runner.result
+    read = [i.name for (items,) in reads for i in items]
+    assert sorted(read) == sorted(payloads)             # every file read exactly once
+    per_hop = sender_mod.PREFETCH_FILES
+    assert len(reads) <= -(-n // per_hop) + 1, [len(b) for (b,) in reads]
+    assert all(sum(i.size for i in b) <= sender_mod.PREFETCH_BYTES for (b,) in reads)
+    assert opens == []                                  # no per-file open hop
+    got = {peer.names[k]: bytes(peer.bodies[k]) for k in peer.complete}
+    assert got == payloads
+
+
+async def test_acks_resolve_with_their_receipts_in_one_hop_per_batch(tmp_path, monkeypatch):
+    link = _link(tmp_path)
+    n = 40
+    for i in range(n):
+        drop(link, "data", f"m{i:03d}.bin", os.urandom(1000))
+    scan_sync(link)
+    hops = []
+    real = trio.to_thread.run_sync
+
+    async def counting(fn, *args, **kwargs):
+        hops.append(getattr(fn, "__qualname__", repr(fn)))
+        return await real(fn, *args, **kwargs)
+    monkeypatch.setattr(trio.to_thread, "run_sync", counting)
+    resolves = _count_calls(monkeypatch, Outbound, "resolve")
+    await run_against(link, FakePeer(None), await _until_sent(link, n))
+    # the receipts are stored inside the resolving hop, never in a hop of their own
+    assert not any("_store_receipts" in h for h in hops), hops
+    assert sum(len(seqs) for (seqs, *_rest) in resolves) == n
+    assert len(resolves) == sum("resolve" in h for h in hops)
+
+
+async def test_a_small_file_changed_after_pick_up_is_failed_before_it_is_sent(tmp_path):
+    """Same size, mtime put back: only the content differs from the claim. The batch
+    read checks the SHA-256, so nothing of it goes on the wire; the files around it
+    are sent."""
+    link = _link(tmp_path)
+    drop(link, "data", "a.bin", b"a" * 100)
+    drop(link, "data", "b.bin", b"b" * 100)
+    drop(link, "data", "c.bin", b"c" * 100)
+    scan_sync(link)
+    item = next(i for i in link.outbound["data"].pending() if i.name == "b.bin")
+    _overwrite_keeping_mtime(item.path, b"X" * 100)
+    peer = FakePeer(None)
+
+    async def until(runner, peer):
+        stats = link.status.channel("data")
+        while stats.sent < 2 or stats.failed < 1:  # noqa: ASYNC110 (resolved in a thread)
+            await trio.sleep(0.01)
+    await run_against(link, peer, until)
+    assert sorted(peer.names[k] for k in peer.complete) == ["a.bin", "c.bin"]
+    assert "b.bin" not in [f.name for _t, f in peer.of(F.Msg)]
+    reason = (link.layout.failed_dir("data") / "b.bin.reason").read_text()
+    assert "SHA-256" in reason, reason
+
+
+async def test_a_big_file_ends_a_batch_and_is_streamed_in_order(tmp_path, monkeypatch):
+    link = _link(tmp_path)
+    monkeypatch.setattr(sender_mod, "PREFETCH_BYTES", 3000)
+    sizes = [1000, 1000, 1000, 1000, 300_000, 1000]
+    for i, size in enumerate(sizes):
+        drop(link, "data", f"m{i}.bin", os.urandom(size))
+    scan_sync(link)
+    reads = _count_calls(monkeypatch, Outbound, "read_whole")
+    opens = _count_calls(monkeypatch, Outbound, "open")
+    peer = FakePeer(None)
+    await run_against(link, peer, await _until_sent(link, len(sizes)))
+    assert [[i.name for i in b] for (b,) in reads] == \
+        [["m0.bin", "m1.bin", "m2.bin"], ["m3.bin"], ["m5.bin"]]    # bounded in bytes
+    assert [i.name for (i,) in opens] == ["m4.bin"]
+    assert [peer.names[k] for k in sorted(peer.complete)] == [f"m{i}.bin" for i in
+                                                               range(len(sizes))]
+
+
+async def test_small_messages_share_their_tls_writes(tmp_path, monkeypatch):
+    """One flush for a run of small messages, not one per message."""
+    link = _link(tmp_path)
+    n = 200
+    for i in range(n):
+        drop(link, "data", f"m{i:03d}.bin", os.urandom(500))
+    scan_sync(link)
+    writes = []
+    real = S.Session.data_to_send
+
+    def counting(self, now):
+        data = real(self, now)
+        if data and self.node == "alpha":       # our side's writes, not the fake peer's
+            writes.append(len(data))
+        return data
+    monkeypatch.setattr(S.Session, "data_to_send", counting)
+    await run_against(link, FakePeer(None), await _until_sent(link, n))
+    assert len(writes) <= n // 4, len(writes)
+
+
+async def test_the_receiver_checks_its_folders_once_per_batch(tmp_path, monkeypatch):
+    ca = trustme.CA()
+    a = make_link(node_config(tmp_path, ca, "alpha", [peer_config("bravo")]), "bravo")
+    b = make_link(node_config(tmp_path, ca, "bravo", [peer_config("alpha")]), "alpha")
+    n = 120
+    for i in range(n):
+        drop(a, "data", f"m{i:03d}.bin", os.urandom(700))
+    scan_sync(a)
+    begins, checks = [], []
+    real_begin, real_check = Inbound.begin, SpoolLayout.check
+
+    def counting_begin(self, *args, **kwargs):
+        begins.append(args[0])
+        return real_begin(self, *args, **kwargs)
+
+    def counting_check(self, *folders):
+        if self.peer == "alpha":                # bravo's spool of what alpha sends
+            checks.append(folders)
+        return real_check(self, *folders)
+    monkeypatch.setattr(Inbound, "begin", counting_begin)
+    monkeypatch.setattr(SpoolLayout, "check", counting_check)
+    left, right = trio.testing.memory_stream_pair()
+    ra = SessionRunner(a, left, remote="b", dialed_by_us=True, tls_info=None)
+    rb = SessionRunner(b, right, remote="a", dialed_by_us=False, tls_info=None)
+    a.take_slot(ra), b.take_slot(rb)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ra.run)
+            nursery.start_soon(rb.run)
+            while a.outbound["data"].pending():  # noqa: ASYNC110 (acked = durable at bravo)
+                await trio.sleep(0.01)
+            await ra.close("done")
+            nursery.cancel_scope.cancel()
+    assert sorted(begins) == list(range(1, n + 1))
+    tmp = b.layout.tmp_dir()
+    per_message = sum(1 for folders in checks if folders == (tmp,))
+    assert per_message <= n // 4, (per_message, n)
+    assert len(os.listdir(b.layout.in_dir("data"))) == n
