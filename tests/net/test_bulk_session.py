@@ -8,7 +8,8 @@ structure of the bulk path, counted, never timed.
 * the receiver's inbound worker writes (and hashes) at least 1 MiB per thread hop
   while a message streams in, not one 256 KiB chunk;
 * its writer task flushes only when there is something to send (credit, acks), not
-  after every read.
+  after every read;
+* the sender reads the file 1 MiB per thread hop.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from memlink import drop, make_link, node_config, peer_config, scan_sync
 
 from linkd.net.connection import READ_SIZE, SessionRunner
 from linkd.net.receiver import INBOUND_BATCH_BYTES
+from linkd.net.sender import READ_AHEAD
 from linkd.net.tls import make_contexts
 from linkd.proto import session as S
 
@@ -188,3 +190,8 @@ def test_the_receivers_writer_flushes_only_when_there_is_something_to_send(big):
     assert counts.flushes <= 2 + len(counts.data_hops) + 3
     assert counts.flushes < len(counts.receives)
 
+
+def test_the_sender_reads_a_mebibyte_per_thread_hop(big):
+    _payload, counts = big
+    assert counts.file_reads and all(n <= READ_AHEAD for n in counts.file_reads)
+    assert len(counts.file_reads) <= SIZE // READ_AHEAD + 1
