@@ -62,7 +62,11 @@ class ReceiverMixin(RunnerState):
         assert self.session is not None
         rx = _Receiver()
         busy_wait = BUSY_WAIT[0]
+        batch: list[Any] = []
         while True:
+            # The last batch is written and its credit given back: let its data go now,
+            # not once the next megabyte has arrived (that would be 5 MiB held, not 4).
+            batch.clear()
             batch = await self._gather(queue)
             try:
                 result = await trio.to_thread.run_sync(self._apply_inbound, batch, rx)

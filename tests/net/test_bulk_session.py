@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,8 @@ class Counts:
     receives: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (asked, got)
     data_hops: list[int] = dataclasses.field(default_factory=list)   # data bytes per hop
     flushes: int = 0
-    writes: list[Any] = dataclasses.field(default_factory=list)      # what Inbound.write got
+    writes: list[tuple[type, int, bool]] = dataclasses.field(default_factory=list)
+    held_while_gathering: list[int] = dataclasses.field(default_factory=list)
     file_reads: list[int] = dataclasses.field(default_factory=list)  # sender, per thread hop
     decoder_copied: int = 0
     delivered: bytes = b""
@@ -90,13 +92,23 @@ async def transfer(tmp_path: Path, payload: bytes) -> Counts:
     server.receive_into = counted_receive       # type: ignore[method-assign]
 
     apply_inbound = rb._apply_inbound
+    written: list[Any] = []
 
     def counted_apply(batch: list[Any], rx: Any) -> Any:
-        data = sum(len(ev.data) for ev in batch if isinstance(ev, S.MessageData))
-        if data:
-            counts.data_hops.append(data)
+        views = [ev.data for ev in batch if isinstance(ev, S.MessageData)]
+        if views:
+            counts.data_hops.append(sum(len(v) for v in views))
+        written.extend(weakref.ref(v) for v in views if isinstance(v, memoryview))
         return apply_inbound(batch, rx)
     rb._apply_inbound = counted_apply           # type: ignore[method-assign]
+
+    gather = rb._gather
+
+    async def watched_gather(queue: Any) -> list[Any]:
+        counts.held_while_gathering.append(sum(ref() is not None for ref in written))
+        written.clear()
+        return await gather(queue)
+    rb._gather = watched_gather                 # type: ignore[method-assign]
 
     flush = rb.flush
 
@@ -109,7 +121,7 @@ async def transfer(tmp_path: Path, payload: bytes) -> Counts:
     write = inbound.write
 
     def recorded_write(data: Any) -> None:
-        counts.writes.append(data)
+        counts.writes.append((type(data), len(data), getattr(data, "readonly", False)))
         write(data)
     inbound.write = recorded_write              # type: ignore[method-assign]
 
@@ -170,8 +182,8 @@ async def test_a_session_with_only_small_frames_keeps_no_read_buffer(tmp_path):
 
 def test_each_payload_byte_is_copied_once_between_the_tls_read_and_the_write(big):
     _payload, counts = big
-    assert sum(len(w) for w in counts.writes) == SIZE
-    assert all(isinstance(w, memoryview) and w.readonly for w in counts.writes)
+    assert sum(n for _, n, _ in counts.writes) == SIZE
+    assert all(kind is memoryview and readonly for kind, _, readonly in counts.writes)
     # the decoder's one copy (fed buffer -> the frame's buffer) covers the payload and
     # the frames' few header bytes, nothing twice
     assert SIZE <= counts.decoder_copied <= SIZE + 64 * 1024
@@ -182,6 +194,13 @@ def test_the_inbound_worker_writes_a_mebibyte_or_more_per_thread_hop(big):
     assert sum(counts.data_hops) == SIZE
     assert all(hop >= INBOUND_BATCH_BYTES for hop in counts.data_hops[:-1])
     assert len(counts.data_hops) <= SIZE // INBOUND_BATCH_BYTES + 1
+
+
+def test_a_written_batch_is_let_go_before_the_next_is_gathered(big):
+    """Memory: the frames of a batch are freed once written, not held while the next
+    megabyte arrives (the credit, 4 MiB, is then what bounds the frames held)."""
+    _payload, counts = big
+    assert counts.held_while_gathering and not any(counts.held_while_gathering)
 
 
 def test_the_receivers_writer_flushes_only_when_there_is_something_to_send(big):
