@@ -301,6 +301,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 if n > 0:
                     got += n
                     continue
+                if got and _lib.SSL_get_error(ssl, n) == _lib.SSL_ERROR_WANT_READ:
+                    break   # the usual end of a bulk read: no exception for it
                 try:
                     conn._raise_ssl_error(ssl, n)
                 except SSL.ZeroReturnError:
