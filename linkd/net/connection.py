@@ -325,6 +325,7 @@ class SessionRunner(SenderMixin, ReceiverMixin):
                 return
             events = self.session.receive_data(data, trio.current_time())
             self._dispatch(events)
+            del events      # frames (their data) belong to the workers now, not to this wait
             if self.session.pending_output > MAX_PENDING_OUTPUT + CHUNK_SIZE:
                 await self.flush()      # bounded memory: wait for a peer that does not read
             elif self.session.has_output:

@@ -66,6 +66,7 @@ class _OutChannel:
     verdicts: dict[int, str] = dataclasses.field(default_factory=dict)  # seq -> other|unknown
     held: str | None = None                  # why its files wait (peer lacks the channel)
     ahead: tuple[Any, memoryview] | None = None  # (fh, what was read of it and not sent yet)
+    ahead_buffer: bytearray | None = None    # what it is read into (one per big file)
     wait_until: float = 0.0                  # trio time before which nothing is sent
 
 
@@ -482,7 +483,7 @@ class SenderMixin(RunnerState):
             shown["sent_bytes"] = state.offset
         if session.remaining(state.name) == 0:
             fh.close()
-            state.current, state.fh, state.ahead = None, None, None
+            state.current, state.fh, state.ahead, state.ahead_buffer = None, None, None, None
             self._show_in_flight(state)
             if state.digest is not None and state.digest.hexdigest() != item.sha256:
                 # Changed while we read it: the peer will refuse the checksum; make sure
@@ -495,13 +496,20 @@ class SenderMixin(RunnerState):
     async def _read_chunk(self, state: _OutChannel, fh: Any, n: int) -> bytes | memoryview:
         """The next `n` bytes of the file being sent. A big file is read READ_AHEAD
         bytes per thread hop and sent from that: a hop per 256 KiB chunk costs more
-        CPU than the read it carries. Fewer bytes than `n`: the file shrank."""
+        CPU than the read it carries. It is read into one buffer per file, allocated
+        here (a buffer allocated in each worker thread stays in that thread's malloc
+        arena: 7 MiB more RSS measured). The caller is done with the bytes returned
+        (hashed, copied into the session's output) before it asks for more. Fewer
+        bytes than `n`: the file shrank."""
         if isinstance(fh, io.BytesIO):
             return fh.read(n)               # prefetched when opened: no thread hop
         if state.ahead is None or state.ahead[0] is not fh:
             assert self.session is not None
             want = max(n, min(READ_AHEAD, self.session.remaining(state.name) or 0))
-            state.ahead = (fh, memoryview(await trio.to_thread.run_sync(fh.read, want)))
+            if state.ahead_buffer is None or len(state.ahead_buffer) < want:
+                state.ahead_buffer = bytearray(max(want, READ_AHEAD))
+            view = memoryview(state.ahead_buffer)[:want]
+            state.ahead = (fh, view[:await trio.to_thread.run_sync(fh.readinto, view)])
         data, rest = state.ahead[1][:n], state.ahead[1][n:]
         state.ahead = (fh, rest) if rest else None
         return data

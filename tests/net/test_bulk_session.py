@@ -59,6 +59,11 @@ class CountingFile:
         data: bytes = self.fh.read(n)
         return data
 
+    def readinto(self, buffer: Any) -> int:
+        self.reads.append(len(buffer))
+        got: int = self.fh.readinto(buffer)
+        return got
+
     def close(self) -> None:
         self.fh.close()
 
