@@ -8,8 +8,8 @@ Everything runs in the same invocation, so the two stacks see the same machine s
 
 1. bulk: MiB over loopback TCP, the receiver in its own process (as two linkd
    daemons would be), the sender writing 256 KiB chunks (linkd's CHUNK_SIZE) and
-   the receiver reading 64 KiB (linkd's READ_SIZE). Timed from the first byte sent
-   to the receiver's one-byte acknowledgement of the last. Stacks alternate, each
+   the receiver asking for linkd's READ_SIZE (256 KiB) at a time. Timed from the
+   first byte sent to the receiver's one-byte acknowledgement of the last. Stacks alternate, each
    `--rounds` times; the best and the median round are reported.
 2. handshakes per second: client and server in one process over a memory stream
    (so this is the CPU of both ends of one handshake), including the identity check:
@@ -54,10 +54,11 @@ from linkd.config import (  # noqa: E402
     TLSConfig,
 )
 from linkd.net import tls as T  # noqa: E402
+from linkd.net.connection import READ_SIZE  # noqa: E402
 
 MiB = 1 << 20
 CHUNK = 256 * 1024
-READ = 64 * 1024
+READ = READ_SIZE          # what linkd's session reader asks for
 STACKS = ("stdlib", "pyopenssl")
 
 

@@ -77,12 +77,14 @@ from ..proto.scheduler import Scheduler
 from ..wakeup import Wakeup
 from .receiver import ReceiverMixin
 from .sender import MAX_IN_FLIGHT, SenderMixin, _OutChannel
+from .tls_stream import TLSStream
 
 if TYPE_CHECKING:
     from .peer import PeerLink
 
 INITIAL_CREDIT = 4 << 20
-READ_SIZE = 64 * 1024
+READ_SIZE = 256 * 1024        # one TLS receive (decrypted into one buffer) per 256 KiB
+BULK_READ = 64 * 1024         # a read this big: bulk data flows, keep a read buffer
 MAX_INBOUND_BACKLOG = 4096    # queued inbound events before the reader stops reading
 MAX_PENDING_OUTPUT = 1 << 20  # queued control bytes (pongs, acks...) before the reader waits
 
@@ -304,13 +306,24 @@ class SessionRunner(SenderMixin, ReceiverMixin):
 
     async def _reader(self) -> None:
         assert self.session is not None
+        # Bulk data: from the first big read on, a TLSStream decrypts into one buffer that
+        # is reused for every read (the frame decoder copies out what it keeps, each
+        # frame's body once). An idle session (pings, acks) holds no such buffer.
+        tls = self.stream if isinstance(self.stream, TLSStream) else None
+        buffer: memoryview | None = None
         while True:
             # Back-pressure: data is bounded by credit, but zero-byte messages, acks and
             # pings are not; stop reading while the inbound worker is far behind.
             while self._inbound_backlog() > MAX_INBOUND_BACKLOG:
                 await self.inbound_drained.wait()
             try:
-                data = await self.stream.receive_some(READ_SIZE)
+                data: bytes | bytearray | memoryview
+                if tls is not None and buffer is not None:
+                    data = buffer[:await tls.receive_into(buffer)]
+                else:
+                    data = await self.stream.receive_some(READ_SIZE)
+                    if tls is not None and len(data) >= BULK_READ:
+                        buffer = memoryview(bytearray(READ_SIZE))
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 if not self.opened.is_set():
                     # TLS 1.3: a refused client learns it here, on its first read.
@@ -320,9 +333,10 @@ class SessionRunner(SenderMixin, ReceiverMixin):
                 return
             events = self.session.receive_data(data, trio.current_time())
             self._dispatch(events)
+            del events      # frames (their data) belong to the workers now, not to this wait
             if self.session.pending_output > MAX_PENDING_OUTPUT + CHUNK_SIZE:
                 await self.flush()      # bounded memory: wait for a peer that does not read
-            else:
+            elif self.session.has_output:
                 self.writer_wake.set()  # never block reading on a send (see the top)
 
     async def _timer(self) -> None:

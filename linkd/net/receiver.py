@@ -44,6 +44,7 @@ from .sender import RunnerState
 BUSY_WAIT = (1.0, 30.0)       # a channel whose disk work failed nacks "busy" (first, max wait)
 QUARANTINE_WAIT = 30.0        # seconds a sender waits after a "quarantine full" busy nack
 ACKS_PER_FRAME = 256          # signed ack entries per frame (an RSA-4096 entry is ~1.5 KiB)
+INBOUND_BATCH_BYTES = 1 << 20  # data written per thread hop while a message streams in
 
 # What one thread hop of `_apply_inbound` hands back to the worker on the event loop:
 Nack: TypeAlias = tuple[str, int, str, bool, str]              # ch, seq, reason, retry, kind
@@ -75,13 +76,12 @@ class ReceiverMixin(RunnerState):
         assert self.session is not None
         rx = _Receiver()
         busy_wait = BUSY_WAIT[0]
+        batch: list[S.MessageEvent] = []
         while True:
-            batch = [await queue.receive()]
-            while len(batch) < 512:
-                try:
-                    batch.append(queue.receive_nowait())
-                except trio.WouldBlock:
-                    break
+            # The last batch is written and its credit given back: let its data go now,
+            # not once the next megabyte has arrived (that would be 5 MiB held, not 4).
+            batch.clear()
+            batch = await self._gather(queue)
             try:
                 result = await trio.to_thread.run_sync(self._apply_inbound, batch, rx)
             except (OSError, SpoolError) as exc:
@@ -142,6 +142,32 @@ class ReceiverMixin(RunnerState):
             for ch, n in credit.items():
                 self.session.grant(ch, n)
             self.writer_wake.set()
+
+    @staticmethod
+    async def _gather(queue: trio.MemoryReceiveChannel[S.MessageEvent]) \
+            -> list[S.MessageEvent]:
+        """The next batch of a channel's events for one thread hop: whatever is queued,
+        and while the batch ends inside a message's data, more of it, up to
+        INBOUND_BATCH_BYTES. A hop costs ~150 us of CPU here, half of what writing and
+        hashing a 256 KiB chunk does: not one per chunk. The wait cannot stall the
+        sender: what is held back is under a quarter of the credit we grant
+        (INITIAL_CREDIT), so the sender can still send the rest of the message, or
+        its end, or a rewind."""
+        batch = [await queue.receive()]
+        data = 0
+        while len(batch) < 512:
+            last = batch[-1]
+            if isinstance(last, S.MessageData):
+                data += len(last.data)
+            try:
+                batch.append(queue.receive_nowait())
+                continue
+            except trio.WouldBlock:
+                pass
+            if not isinstance(last, S.MessageData) or data >= INBOUND_BATCH_BYTES:
+                break
+            batch.append(await queue.receive())
+        return batch
 
     def _apply_inbound(self, batch: list[S.MessageEvent], rx: _Receiver) -> Applied:
         """Blocking: apply a batch of inbound events to the spool (one thread hop)."""

@@ -22,7 +22,7 @@ import hashlib
 import io
 import math
 import os
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, cast
 
 import trio
 from structlog.typing import FilteringBoundLogger
@@ -55,6 +55,7 @@ COALESCE_STEPS = 32           # sends queued before one flush (one TLS write) ..
 COALESCE_BYTES = 64 << 10     # ... or this many bytes of output, whichever comes first
 PREFETCH_FILES = 64           # small queued files read in one thread hop ...
 PREFETCH_BYTES = CHUNK_SIZE   # ... and at most this many bytes of them (per channel)
+READ_AHEAD = 1 << 20          # bytes of a big file read per thread hop (4 chunks)
 
 
 @dataclasses.dataclass
@@ -78,6 +79,8 @@ class _OutChannel:
     probing: bool = False                    # queued seqs <= peer_committed await answers
     verdicts: dict[int, str] = dataclasses.field(default_factory=dict)  # seq -> other|unknown
     held: str | None = None                  # why its files wait (peer lacks the channel)
+    ahead: tuple[BinaryIO, memoryview] | None = None  # (fh, what was read and not sent yet)
+    ahead_buffer: bytearray | None = None    # what it is read into (one per big file)
     wait_until: float = 0.0                  # trio time before which nothing is sent
     # small files read ahead in one thread hop: seq -> (the item read, bytes or why not)
     prefetched: dict[int, tuple[Claimed, bytes | Exception]] = dataclasses.field(
@@ -434,7 +437,7 @@ class SenderMixin(RunnerState):
             state.fh.close()
         if state.current is not None:
             state.in_flight.pop(state.current.seq, None)
-        state.current, state.fh, state.digest = None, None, None
+        state.current, state.fh, state.digest, state.ahead = None, None, None, None
         self._show_in_flight(state)
         self.session.abandon(state.name)
 
@@ -503,11 +506,7 @@ class SenderMixin(RunnerState):
         fh = state.fh
         assert item is not None and fh is not None     # a message in progress has its file
         try:
-            if isinstance(fh, io.BytesIO):
-                data = fh.read(n)           # prefetched when opened: no thread hop
-            else:
-                self.writer_wake.set()          # what is queued goes out during the hop
-                data = await trio.to_thread.run_sync(fh.read, n)
+            data = await self._read_chunk(state, fh, n)
         except (OSError, ValueError) as exc:
             if self._nacked(state.name) or state.fh is not fh:
                 return
@@ -531,7 +530,7 @@ class SenderMixin(RunnerState):
             shown["sent_bytes"] = state.offset
         if session.remaining(state.name) == 0:
             fh.close()
-            state.current, state.fh = None, None
+            state.current, state.fh, state.ahead, state.ahead_buffer = None, None, None, None
             self._show_in_flight(state)
             if state.digest is not None and state.digest.hexdigest() != item.sha256:
                 # Changed while we read it: the peer will refuse the checksum; make sure
@@ -576,6 +575,29 @@ class SenderMixin(RunnerState):
             size += nxt.size
         return batch
 
+    async def _read_chunk(self, state: _OutChannel, fh: BinaryIO, n: int) -> bytes | memoryview:
+        """The next `n` bytes of the file being sent. A big file is read READ_AHEAD
+        bytes per thread hop and sent from that: a hop per 256 KiB chunk costs more
+        CPU than the read it carries. It is read into one buffer per file, allocated
+        here (a buffer allocated in each worker thread stays in that thread's malloc
+        arena: 7 MiB more RSS measured). The caller is done with the bytes returned
+        (hashed, copied into the session's output) before it asks for more. Fewer
+        bytes than `n`: the file shrank."""
+        if isinstance(fh, io.BytesIO):
+            return fh.read(n)               # prefetched when opened: no thread hop
+        if state.ahead is None or state.ahead[0] is not fh:
+            assert self.session is not None
+            want = max(n, min(READ_AHEAD, self.session.remaining(state.name) or 0))
+            if state.ahead_buffer is None or len(state.ahead_buffer) < want:
+                state.ahead_buffer = bytearray(max(want, READ_AHEAD))
+            view = memoryview(state.ahead_buffer)[:want]
+            self.writer_wake.set()          # what is queued goes out during the hop
+            reader = cast(io.BufferedIOBase, fh)   # os.fdopen(fd, "rb"): buffered
+            state.ahead = (fh, view[:await trio.to_thread.run_sync(reader.readinto, view)])
+        data, rest = state.ahead[1][:n], state.ahead[1][n:]
+        state.ahead = (fh, rest) if rest else None
+        return data
+
     async def _handle_nacks(self) -> None:
         nacks, self.nacks = self.nacks, []
         for nack in nacks:
@@ -585,7 +607,7 @@ class SenderMixin(RunnerState):
                 continue
             if state.fh is not None:
                 state.fh.close()
-            state.current, state.fh, state.digest = None, None, None
+            state.current, state.fh, state.digest, state.ahead = None, None, None, None
             state.prefetched.clear()
             flight = state.in_flight.get(nack.seq)
             for seq in [s for s in state.in_flight if s >= nack.seq]:

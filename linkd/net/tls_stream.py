@@ -22,6 +22,13 @@ read the long comment at the top of trio's `_ssl.py` for the why):
 * TLS 1.3 only (the context enforces it): no renegotiation, so after the
   handshake a write never needs to read. A read may need to write (a
   KeyUpdate answer, an alert); `_retry` handles both anyway.
+* Receiving in bulk: one `receive_some(n)` (or `receive_into` a buffer of n
+  bytes, which the caller may reuse) reads the transport once for up to n bytes
+  plus their records' overhead (headers and tags), and decrypts every whole
+  record of it into *one* buffer, a record (one SSL_read) at a time with
+  `recv_into`: no per-record allocation of n bytes and no join. So a large n
+  (the session reader asks for 256 KiB) costs one trip through the event loop
+  per n bytes, not one per 64 KiB (trio's default transport read).
 * End of stream: a close_notify from the peer makes `receive_some` return
   b"" (and keep returning it); the transport's EOF without a close_notify is
   a truncation attack as far as we know, so it raises BrokenResourceError.
@@ -50,11 +57,23 @@ from OpenSSL import SSL
 
 from ..errors import TLSError as TLSError  # re-exported
 
+try:    # pyOpenSSL's cffi bindings (private): SSL_read into our own buffer, see _read_into
+    from OpenSSL._util import ffi as _ffi
+    from OpenSSL._util import lib as _lib
+except ImportError:  # pragma: no cover - a pyOpenSSL that moved them: the public path
+    _ffi = _lib = None
+
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
 DEFAULT_RECEIVE_SIZE = 64 * 1024
 _BIO_READ_SIZE = 512 * 1024
+TLS_RECORD = 16 * 1024          # the most plaintext one TLS record (one SSL_read) carries
+RECORD_OVERHEAD = 22            # what TLS 1.3 adds to a record: header, content type, AEAD tag
+# Call pyOpenSSL's cffi bindings directly where its public API allocates or copies more
+# (SSL_read into our buffer, the outgoing BIO's length): the default when the bindings are
+# where we expect them. False: only the public API (recv_into, bio_read until WantRead).
+USE_BINDINGS = _lib is not None and hasattr(SSL.Connection, "_raise_ssl_error")
 
 
 EOF_WITHOUT_CLOSE_NOTIFY = "peer closed the connection without close_notify"
@@ -119,6 +138,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._inner_send_lock = trio.StrictFIFOLock()
         self._inner_recv_lock = trio.Lock()
         self._inner_recv_count = 0
+        self._transport_receive_size = DEFAULT_RECEIVE_SIZE
         self._outer_send = _ConflictDetector("another task is sending on this TLSStream")
         self._outer_recv = _ConflictDetector("another task is receiving on this TLSStream")
 
@@ -156,6 +176,11 @@ class TLSStream(trio.abc.HalfCloseableStream):
             raise trio.ClosedResourceError("the TLS stream is closed")
 
     def _drain_outgoing(self) -> bytes:
+        if USE_BINDINGS:
+            # What the memory BIO holds (BIO_get_mem_data is its length): most calls
+            # find nothing, and a read of exactly that much needs no second call.
+            pending = _lib.BIO_get_mem_data(self._conn._from_ssl, _ffi.NULL)
+            return self._conn.bio_read(pending) if pending > 0 else b""
         chunks: list[bytes] = []
         while True:
             try:
@@ -214,7 +239,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 async with self._inner_recv_lock:
                     yielded = True
                     if count == self._inner_recv_count:
-                        data = await self.transport_stream.receive_some()
+                        data = await self.transport_stream.receive_some(
+                            self._transport_receive_size)
                         if data:
                             self._conn.bio_write(data)
                         else:
@@ -251,36 +277,77 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     # -- receiving ----------------------------------------------------------------
 
-    def _read(self, max_bytes: int) -> bytes:
-        """Every record already decryptable, up to max_bytes; b"" after close_notify."""
-        try:
-            data = self._conn.recv(max_bytes)
-        except SSL.ZeroReturnError:
-            return b""
-        if len(data) >= max_bytes:
-            return data
-        chunks = [data]
-        got = len(data)
-        while got < max_bytes:
+    def _read_into(self, view: memoryview) -> int:
+        """Decrypt every record already decryptable into `view`, a record (one SSL_read)
+        at a time; 0 after close_notify. WantReadError (for `_retry`) while none is."""
+        conn = self._conn
+        if not USE_BINDINGS:
             try:
-                more = self._conn.recv(max_bytes - got)
-            except SSL.Error:
-                break       # WantRead, close_notify or an error: the next call meets it again
-            chunks.append(more)
-            got += len(more)
-        return b"".join(chunks)
+                got = conn.recv_into(view, min(len(view), TLS_RECORD))
+            except SSL.ZeroReturnError:
+                return 0
+            while got < len(view):
+                try:
+                    got += conn.recv_into(view[got:], min(len(view) - got, TLS_RECORD))
+                except SSL.Error:
+                    break   # WantRead, close_notify or an error: the next call meets it again
+            return got
+        # SSL_read straight into `view` through pyOpenSSL's own bindings: recv_into
+        # decrypts into a scratch buffer it allocates per call and copies that over,
+        # which costs more than the decryption.
+        ssl = conn._ssl
+        got = 0
+        with _ffi.from_buffer(view, require_writable=True) as ptr:
+            while got < len(view):
+                n = _lib.SSL_read(ssl, ptr + got, min(len(view) - got, TLS_RECORD))
+                if n > 0:
+                    got += n
+                    continue
+                if got and _lib.SSL_get_error(ssl, n) == _lib.SSL_ERROR_WANT_READ:
+                    break   # the usual end of a bulk read: no exception for it
+                try:
+                    conn._raise_ssl_error(ssl, n)
+                except SSL.ZeroReturnError:
+                    if not got:
+                        return 0
+                except SSL.Error:
+                    if not got:
+                        raise
+                break       # as above: the next call meets it again
+        return got
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+    async def _receive(self, view: memoryview) -> int:
         with self._outer_recv:
             self._check_status()
-            if max_bytes is None:
-                max_bytes = DEFAULT_RECEIVE_SIZE
-            elif max_bytes < 1:
-                raise ValueError("max_bytes must be >= 1")
             await self._ensure_handshake()
-            data = await self._retry(self._read, max_bytes)
-            assert data is not None
-            return data
+            # One transport read for all of it: the bytes and their records' overhead (not
+            # a record more: a whole record left in the BIO would make the next receive
+            # return just that record).
+            records = -(-len(view) // TLS_RECORD)
+            self._transport_receive_size = max(len(view) + records * RECORD_OVERHEAD,
+                                               DEFAULT_RECEIVE_SIZE)
+            got = await self._retry(self._read_into, view)
+            assert got is not None
+            return got
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if max_bytes is None:
+            max_bytes = DEFAULT_RECEIVE_SIZE
+        elif max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        buf = bytearray(max_bytes)
+        with memoryview(buf) as view:
+            got = await self._receive(view)
+        del buf[got:]
+        return buf
+
+    async def receive_into(self, buffer: bytearray | memoryview) -> int:
+        """Like `receive_some(len(buffer))`, into the caller's buffer (which it may
+        reuse): the bytes received, 0 at the end of the stream (close_notify)."""
+        with memoryview(buffer) as view:
+            if not view:
+                raise ValueError("receive_into needs a buffer of at least one byte")
+            return await self._receive(view)
 
     # -- sending ------------------------------------------------------------------
 

@@ -180,7 +180,7 @@ class ChannelState:
         self.on_wire.add(seq)
         return rewind
 
-    def spend(self, data: bytes) -> int:
+    def spend(self, data: bytes | memoryview) -> int:
         """Account for `data` of the message in progress; returns its seq."""
         current = self.outgoing
         if current is None:

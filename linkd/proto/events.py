@@ -38,7 +38,7 @@ class MessageData:
     ch: str
     seq: int
     offset: int
-    data: bytes
+    data: bytes | memoryview     # a read-only view of the frame's buffer (frames.Data)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -89,9 +89,13 @@ class Msg:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Data:
+    """The next bytes of message `seq`. Decoded from the wire, `data` is a read-only
+    view of the frame's own buffer (framing.py: no copy after the one out of the
+    TLS layer); it compares equal to the same bytes."""
+
     ch: str
     seq: int
-    data: bytes
+    data: bytes | memoryview
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -222,6 +226,20 @@ def frame_to_map(frame: Frame) -> dict[str, Any]:
 def encode_body(frame: Frame) -> bytes:
     body: bytes = msgpack.packb(frame_to_map(frame), use_bin_type=True)
     return body
+
+
+def encode_data_head(ch: str, seq: int, size: int) -> bytes:
+    """The bytes of encode_body(Data(ch, seq, d)) that come before `d` (of `size`
+    bytes; it is the last field): the sender appends the payload to its output
+    itself, so that msgpack does not copy it first."""
+    fields: bytes = msgpack.packb({"t": "data", "ch": ch, "s": seq}, use_bin_type=True)
+    if size < 0x100:
+        tag = b"\xc4" + size.to_bytes(1, "big")
+    elif size < 0x10000:
+        tag = b"\xc5" + size.to_bytes(2, "big")
+    else:
+        tag = b"\xc6" + size.to_bytes(4, "big")
+    return b"\x84" + fields[1:] + b"\xa1d" + tag
 
 
 # -- decoding ---------------------------------------------------------------
@@ -359,6 +377,14 @@ def _decode_ack(m: dict[Any, Any]) -> Ack:
     return Ack(ch=_channel(m, "ack"), entries=tuple(entries))
 
 
+def _decode_data(m: dict[Any, Any]) -> Data:
+    payload: bytes | memoryview = _get(m, "d", (bytes, memoryview), "data")
+    if len(payload) > MAX_DATA:
+        raise RemoteProtocolError(f"data frame carries {len(payload)} bytes "
+                                  f"(at most {MAX_DATA})")
+    return Data(ch=_channel(m, "data"), seq=_uint(m, "s", "data", 1, MAX_SEQ), data=payload)
+
+
 def map_to_frame(m: Any) -> Frame:
     if not isinstance(m, dict):
         raise RemoteProtocolError("frame body is not a msgpack map")
@@ -366,11 +392,7 @@ def map_to_frame(m: Any) -> Frame:
     if not isinstance(kind, str):
         raise RemoteProtocolError("frame has no string type key 't'")
     if kind == "data":
-        payload: bytes = _get(m, "d", bytes, "data")
-        if len(payload) > MAX_DATA:
-            raise RemoteProtocolError(f"data frame carries {len(payload)} bytes "
-                                      f"(at most {MAX_DATA})")
-        return Data(ch=_channel(m, "data"), seq=_uint(m, "s", "data", 1, MAX_SEQ), data=payload)
+        return _decode_data(m)
     if kind == "msg":
         return _decode_msg(m)
     if kind == "ack":
@@ -404,10 +426,76 @@ def map_to_frame(m: Any) -> Frame:
     raise RemoteProtocolError(f"unknown frame type {kind[:40]!r}")
 
 
-def decode_body(body: bytes, max_bin: int) -> Frame:
+# A data frame's payload is not copied out of its body: `_data_map` reads the simple
+# maps our encoder writes (a fixmap of str keys whose values are str, unsigned ints
+# or bin) and returns the bin values as read-only views of the body. Anything else
+# (another shape, a limit, a malformed byte) returns None and takes the msgpack
+# path, which decides - so both paths accept and refuse exactly the same bodies.
+_FAST_MIN = 4096        # smaller bodies: msgpack's copy costs nothing worth a second path
+_MAX_STR = 64 * 1024    # decode_body's max_str_len
+
+
+def _data_map(body: bytes | bytearray, max_bin: int) -> dict[str, Any] | None:
+    first = body[0]
+    if not 0x80 <= first <= 0x8F:
+        return None
+    view = memoryview(body).toreadonly()
+    end = len(body)
+    pos = 1
+    m: dict[str, Any] = {}
+    for _ in range(first & 0x0F):
+        if pos >= end or not 0xA0 <= body[pos] <= 0xBF:
+            return None
+        klen = body[pos] & 0x1F
+        pos += 1 + klen
+        if pos > end:
+            return None
+        try:
+            key = str(view[pos - klen:pos], "utf-8")
+            tag = body[pos]
+            pos += 1
+            value: Any
+            if tag <= 0x7F:
+                value = tag
+            elif 0xA0 <= tag <= 0xBF or tag == 0xD9:
+                if tag == 0xD9:
+                    size, pos = body[pos], pos + 1
+                else:
+                    size = tag & 0x1F
+                if pos + size > end or size > _MAX_STR:
+                    return None
+                value = str(view[pos:pos + size], "utf-8")
+                pos += size
+            elif 0xCC <= tag <= 0xCF:
+                width = 1 << (tag - 0xCC)
+                value = int.from_bytes(view[pos:pos + width], "big")
+                pos += width
+            elif 0xC4 <= tag <= 0xC6:
+                width = 1 << (tag - 0xC4)
+                size = int.from_bytes(view[pos:pos + width], "big")
+                pos += width
+                if pos + size > end or size > max_bin:
+                    return None
+                value = view[pos:pos + size]
+                pos += size
+            else:
+                return None
+        except (IndexError, UnicodeDecodeError):
+            return None
+        if pos > end:
+            return None
+        m[key] = value
+    return m if pos == end and m.get("t") == "data" else None
+
+
+def decode_body(body: bytes | bytearray, max_bin: int) -> Frame:
+    if len(body) >= _FAST_MIN:
+        fast = _data_map(body, max_bin)
+        if fast is not None:
+            return _decode_data(fast)
     try:
         m = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True,
-                            max_bin_len=max_bin, max_str_len=64 * 1024,
+                            max_bin_len=max_bin, max_str_len=_MAX_STR,
                             max_array_len=4096, max_map_len=64, max_ext_len=0)
     except (ValueError, TypeError, msgpack.UnpackException, msgpack.ExtraData,
             RecursionError) as exc:

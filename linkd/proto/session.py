@@ -56,7 +56,7 @@ from .events import (
     SessionClosed,
 )
 from .flow import ReceiveWindow, SendWindow
-from .framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
+from .framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_data_frame_head, encode_frame
 from .heartbeat import Heartbeat
 from .state import Input, State, next_state
 
@@ -133,22 +133,34 @@ class Session:
     def _queue(self, frame: F.Frame, control: bool) -> None:
         (self._control if control else self._bulk).extend(encode_frame(frame))
 
-    def data_to_send(self, now: float) -> bytes:
+    def data_to_send(self, now: float) -> bytes | bytearray:
+        """Everything queued, control frames first. The output buffers are handed
+        over, not copied (a data frame's payload was copied once, into them)."""
         for state in self.channels.values():
             n = state.take_regrant()
             if n:
                 self._queue(F.Credit(state.name, n), control=True)
         if not self._control and not self._bulk:
             return b""
-        out = bytes(self._control) + bytes(self._bulk)
-        self._control.clear()
-        self._bulk.clear()
+        if not self._bulk:
+            out, self._control = self._control, bytearray()
+        elif not self._control:
+            out, self._bulk = self._bulk, bytearray()
+        else:
+            out = self._control + self._bulk
+            self._control, self._bulk = bytearray(), bytearray()
         self.heartbeat.sent(now)
         return out
 
     @property
     def pending_output(self) -> int:
         return len(self._control) + len(self._bulk)
+
+    @property
+    def has_output(self) -> bool:
+        """Whether data_to_send() has anything: queued frames or credit to give back."""
+        return bool(self._control or self._bulk) or any(
+            state.regrant for state in self.channels.values())
 
     # -- timers ---------------------------------------------------------------
 
@@ -194,8 +206,9 @@ class Session:
 
     # -- input ----------------------------------------------------------------
 
-    def receive_data(self, data: bytes | bytearray, now: float) -> list[Event]:
-        """Bytes from the peer (b"" is the end of the stream); late bytes are ignored."""
+    def receive_data(self, data: bytes | bytearray | memoryview, now: float) -> list[Event]:
+        """Bytes from the peer (b"" is the end of the stream); late bytes are ignored.
+        Nothing of `data` is kept: the caller may reuse its buffer."""
         if self.state is State.CLOSED:
             return []
         if not data:
@@ -343,13 +356,15 @@ class Session:
         rewind = state.start(seq, size, offset)
         self._queue(F.Msg(ch, seq, name, size, sha256, offset, rewind), control=False)
 
-    def send_data(self, ch: str, data: bytes) -> None:
+    def send_data(self, ch: str, data: bytes | memoryview) -> None:
         self._step(Input.SEND_DATA)
         state = self.channels.get(ch)
         if state is None:
             raise LocalProtocolError(f"no message in progress on {ch!r}")
         seq = state.spend(data)
-        self._queue(F.Data(ch, seq, data), control=False)
+        # As _queue(F.Data(ch, seq, data)) would, byte for byte, copying the payload once.
+        self._bulk += encode_data_frame_head(ch, seq, len(data))
+        self._bulk += data
 
     def abandon(self, ch: str) -> None:
         """Stop sending the current message of `ch` mid-way (its file went bad). The

@@ -58,7 +58,7 @@ class FS:
     def close(self, fd: int) -> None:
         os.close(fd)
 
-    def write(self, fd: int, data: bytes) -> None:
+    def write(self, fd: int, data: bytes | bytearray | memoryview) -> None:
         """Write all of `data` (looping over short writes)."""
         self.step("write", fd)
         view = memoryview(data)

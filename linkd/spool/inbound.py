@@ -339,7 +339,7 @@ class Inbound:
             raise SpoolError(f"no transfer is open on {self.layout.peer}/{self.channel}")
         return self._xfer
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         x = self._transfer()
         if x.written + len(data) > x.size:
             raise InboundRefused(f"seq {x.seq}: more than the announced {x.size} bytes")

@@ -149,6 +149,9 @@ class _BadFile:
     def read(self, n):
         raise OSError(errno.EIO, "Input/output error")
 
+    def readinto(self, buffer):         # how the sender reads a big file
+        raise OSError(errno.EIO, "Input/output error")
+
     def close(self):
         pass
 

@@ -2,7 +2,10 @@
 
 Over `memory_stream_pair` (buffered) and `lockstep_stream_pair` (every send waits for
 the matching receive, which exposes ordering deadlocks): both directions, half-close,
-close_notify versus abrupt EOF, large writes, full duplex, cancellation, misuse.
+close_notify versus abrupt EOF, large writes, full duplex, cancellation, misuse. Every
+test runs twice: calling pyOpenSSL's bindings directly where its API copies more
+(tls_stream.USE_BINDINGS, the default) and with its public API only. The bulk receive
+path is pinned by counting: one transport read and one buffer per receive.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import trustme
 from memlink import node_config
 
 from linkd.config import ChannelConfig, PeerConfig
+from linkd.net import tls_stream
 from linkd.net.tls import make_contexts
 from linkd.net.tls_stream import EOF_WITHOUT_CLOSE_NOTIFY, TLSError, TLSStream
 
@@ -26,6 +30,14 @@ PAIRS: dict[str, Callable[[], tuple[Any, Any]]] = {
     "memory": trio.testing.memory_stream_pair,
     "lockstep": trio.testing.lockstep_stream_pair,
 }
+
+
+@pytest.fixture(autouse=True, params=[True, False], ids=["bindings", "public-api"])
+def bindings(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    if request.param and not tls_stream.USE_BINDINGS:   # pragma: no cover
+        pytest.skip("pyOpenSSL's bindings are not where tls_stream expects them")
+    monkeypatch.setattr(tls_stream, "USE_BINDINGS", request.param)
+    return bool(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -292,3 +304,129 @@ async def test_wait_send_all_might_not_block_passes_through(contexts):
     await client.send_all(b"ok")
     assert await receive_exactly(server, 2) == b"ok"
 
+
+
+class CountingTransport(trio.abc.Stream):
+    """A transport that records the size asked for by each receive_some."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.asked: list[int | None] = []
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        self.asked.append(max_bytes)
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def counted_pair(contexts: tuple[Any, Any]) -> tuple[TLSStream, TLSStream,
+                                                            CountingTransport]:
+    alpha, bravo = contexts
+    left, right = trio.testing.memory_stream_pair()
+    counting = CountingTransport(right)
+    client = alpha.client_stream(left, PeerConfig("bravo", channels=(ChannelConfig("d"),)))
+    server = bravo.server_stream(counting, [PeerConfig("alpha", channels=(ChannelConfig("d"),))])
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.do_handshake)
+            nursery.start_soon(server.do_handshake)
+    return client, server, counting
+
+
+@pytest.mark.parametrize("how", ["receive_into", "receive_some"])
+async def test_a_bulk_receive_is_one_transport_read_decrypted_into_one_buffer(contexts, how):
+    """1 MiB read 256 KiB at a time (the session reader's size): each receive asks the
+    transport once for all of it (plus the records' overhead) and returns nearly all of
+    it, instead of trio's 64 KiB transport reads and a join of 16 KiB records."""
+    client, server, counting = await counted_pair(contexts)
+    payload = os.urandom(1 << 20)
+    await client.send_all(payload)                  # buffered whole by the memory stream
+    counting.asked.clear()
+    buffer = bytearray(256 << 10)
+    got = bytearray()
+    receives = 0
+    with trio.fail_after(10):
+        while len(got) < len(payload):
+            if how == "receive_into":
+                n = await server.receive_into(buffer)
+                got += buffer[:n]
+            else:
+                got += await server.receive_some(len(buffer))
+            receives += 1
+    assert got == payload
+    assert receives <= 5
+    assert len(counting.asked) <= 5
+    assert all(asked is not None and asked > 256 << 10 for asked in counting.asked)
+
+
+async def test_receive_into_returns_zero_at_close_notify_and_refuses_an_empty_buffer(contexts):
+    client, server = await connected(contexts)
+    await client.send_all(b"last words")
+    await client.send_eof()
+    buffer = bytearray(100)
+    with trio.fail_after(10):
+        n = await server.receive_into(buffer)
+        assert buffer[:n] == b"last words"
+        assert await server.receive_into(buffer) == 0
+    with pytest.raises(ValueError):
+        await server.receive_into(bytearray())
+
+
+async def test_with_the_bindings_records_are_decrypted_straight_into_the_buffer(
+        contexts, bindings, monkeypatch):
+    """No scratch buffer per record (pyOpenSSL's recv/recv_into allocate one and copy
+    it), the outgoing BIO is read only when it holds something, and the end of the
+    decryptable records raises no exception (at most the one WantReadError that sends
+    a receive to the transport)."""
+    from OpenSSL import SSL
+    client, server = await connected(contexts)
+    calls: dict[str, int] = {"recv": 0, "recv_into": 0, "empty bio_read": 0}
+    real = {name: getattr(SSL.Connection, name) for name in ("recv", "recv_into", "bio_read")}
+
+    def counted(name: str) -> Any:
+        def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                result = real[name](self, *args, **kwargs)
+            except SSL.WantReadError:
+                if name == "bio_read":
+                    calls["empty bio_read"] += 1
+                raise
+            if name != "bio_read":
+                calls[name] += 1
+            return result
+        return call
+    for name in real:
+        monkeypatch.setattr(SSL.Connection, name, counted(name))
+    raised = []
+    raise_ssl_error = SSL.Connection._raise_ssl_error
+
+    def counted_raise(self: Any, ssl: Any, result: int) -> None:
+        if result <= 0:                 # a failed call: an exception is raised
+            raised.append(result)
+        raise_ssl_error(self, ssl, result)
+    monkeypatch.setattr(SSL.Connection, "_raise_ssl_error", counted_raise)
+    payload = os.urandom(2 << 20)
+    buffer = bytearray(256 << 10)
+    got = bytearray()
+    receives = 0
+    with trio.fail_after(30):
+        for i in range(0, len(payload), 100_000):   # less than a buffer at a time: each
+            await client.send_all(payload[i:i + 100_000])   # receive ends on WantRead
+            while len(got) < min(i + 100_000, len(payload)):
+                n = await server.receive_into(buffer)
+                got += buffer[:n]
+                receives += 1
+    assert got == payload
+    if bindings:
+        assert calls == {"recv": 0, "recv_into": 0, "empty bio_read": 0}
+        assert len(raised) <= receives
+    else:
+        assert calls["recv_into"] >= len(payload) // tls_stream.TLS_RECORD

@@ -1,0 +1,76 @@
+"""The daemon's memory footprint (docs/PERFORMANCE.md): an idle daemon is mostly its
+imports, so a library it does not use must not come along; and its worker threads share
+one malloc arena instead of keeping one each."""
+
+import json
+import subprocess
+import sys
+
+PROBE = """
+import json, sys
+import linkd.cli.linkd_main as entry
+limited = []                    # before the daemon (and its threads) existed?
+limit = entry.limit_malloc_arenas
+entry.limit_malloc_arenas = lambda: limited.append("linkd.daemon" not in sys.modules) or limit()
+code = entry.main(["-c", sys.argv[1]])
+loaded = sorted(name for name, module in sys.modules.items()
+                if module is not None and name.split(".")[0] in ("rich", "pygments"))
+print(json.dumps({"code": code, "loaded": loaded, "structlog": "structlog" in sys.modules,
+                  "limited": limited}))
+"""
+
+
+def test_the_daemon_runs_without_rich_and_pygments(tmp_path):
+    # structlog imports rich (and pygments) when it is installed, for console tracebacks;
+    # linkctl needs rich, the daemon does not: ~3.4 MB of RSS per daemon.
+    out = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path / "missing.toml")],
+                         capture_output=True, text=True, timeout=120)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["code"] == 1 and result["structlog"]    # it got as far as the daemon
+    assert result["loaded"] == []
+    assert result["limited"] == [True]      # malloc arenas limited before the daemon ran
+
+
+def test_linkctl_still_has_rich():
+    out = subprocess.run([sys.executable, "-c", "import linkd.cli.send_cmd, rich.progress"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+ARENAS = """
+import ctypes, sys, threading
+from linkd.cli.linkd_main import limit_malloc_arenas
+limited = sys.argv[2] == "limit" and limit_malloc_arenas()
+barrier = threading.Barrier(8)
+
+def work():
+    barrier.wait()              # all alive at once: each would get an arena of its own
+    for _ in range(20):
+        block = bytes(1 << 20)  # malloc'd (not pymalloc) in this thread
+        del block
+
+threads = [threading.Thread(target=work) for _ in range(8)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+libc = ctypes.CDLL(None)
+libc.fopen.restype = ctypes.c_void_p
+stream = libc.fopen(sys.argv[1].encode(), b"w")
+libc.malloc_info(0, ctypes.c_void_p(stream))
+libc.fclose(ctypes.c_void_p(stream))
+print(limited)
+"""
+
+
+def test_the_daemons_worker_threads_share_one_malloc_arena(tmp_path):
+    """glibc gives each allocating thread an arena of its own by default, and keeps what
+    a thread frees there; the daemon limits them to two (main + workers)."""
+    counts = {}
+    for mode in ("limit", "default"):
+        info = tmp_path / f"{mode}.xml"
+        out = subprocess.run([sys.executable, "-c", ARENAS, str(info), mode],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        counts[mode] = info.read_text().count("<heap nr=")
+    assert counts["limit"] <= 2 < counts["default"]
