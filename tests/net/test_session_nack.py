@@ -106,10 +106,10 @@ async def test_events_queued_before_the_nack_are_discarded_by_the_inbound_worker
             data = bytes([data[0] ^ 0xFF]) + data[1:]
         return real_write(data)
 
-    def held_begin(seq, *args):
+    def held_begin(seq, *args, **kwargs):
         if not held:                             # the worker's first hop: wait (a thread)
             held.append(third_queued.wait(timeout=30))
-        return real_begin(seq, *args)
+        return real_begin(seq, *args, **kwargs)
     inbound.write, inbound.begin = corrupting_write, held_begin
 
     left, right = trio.testing.memory_stream_pair()
