@@ -13,6 +13,10 @@ it. Pick-up is two hops per batch: hash without the lock, claim under it.
 READY is reported before the backlog is scanned, and recovery reads only a
 bounded part of the queue (docs/DELIVERY.md §3): a large queue never delays
 start-up or signal handling.
+
+Size: over 400 lines on purpose: the slot, pick-up (with its watches) and the
+queue's bookkeeping all act on the same per-peer state; split, each part
+would reach into the others.
 """
 
 from __future__ import annotations
