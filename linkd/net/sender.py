@@ -585,18 +585,27 @@ class SenderMixin(RunnerState):
         bytes than `n`: the file shrank."""
         if isinstance(fh, io.BytesIO):
             return fh.read(n)               # prefetched when opened: no thread hop
-        if state.ahead is None or state.ahead[0] is not fh:
+        ahead = state.ahead[1] if state.ahead is not None and state.ahead[0] is fh else None
+        if ahead is None or len(ahead) < n:
+            # Empty, or less left than asked for (the credit window cut an earlier
+            # step short of a chunk): keep what is left and read on.
+            left = bytes(ahead) if ahead is not None else b""   # (the buffer is reused)
             assert self.session is not None
-            want = max(n, min(READ_AHEAD, self.session.remaining(state.name) or 0))
+            want = max(n, min(READ_AHEAD, self.session.remaining(state.name) or 0)) - len(left)
             if state.ahead_buffer is None or len(state.ahead_buffer) < want:
                 state.ahead_buffer = bytearray(max(want, READ_AHEAD))
             view = memoryview(state.ahead_buffer)[:want]
             self.writer_wake.set()          # what is queued goes out during the hop
             reader = cast(io.BufferedIOBase, fh)   # os.fdopen(fd, "rb"): buffered
-            state.ahead = (fh, view[:await trio.to_thread.run_sync(reader.readinto, view)])
-        data, rest = state.ahead[1][:n], state.ahead[1][n:]
+            ahead = view[:await trio.to_thread.run_sync(reader.readinto, view)]
+            if left:
+                joined = left + bytes(ahead[:n - len(left)])
+                rest = ahead[n - len(left):]
+                state.ahead = (fh, rest) if rest else None
+                return joined
+        chunk, rest = ahead[:n], ahead[n:]
         state.ahead = (fh, rest) if rest else None
-        return data
+        return chunk
 
     async def _handle_nacks(self) -> None:
         nacks, self.nacks = self.nacks, []
