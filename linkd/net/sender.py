@@ -303,13 +303,16 @@ class SenderMixin(RunnerState):
         return min(waits) if waits else math.inf
 
     async def _sender(self) -> None:
-        """Send what is ready, a step (a Msg, a Data chunk) at a time. Steps that need
-        no thread hop (small files read ahead) are written out together: one flush
-        per COALESCE_STEPS steps or COALESCE_BYTES of output, and always before
-        waiting; a step that hops to a thread wakes the writer first, so nothing
-        queued waits for the disk."""
+        """Send what is ready, a step (a Msg, a Data chunk) at a time. A run of steps
+        on one channel that need no thread hop (small files read ahead) is written
+        out together: one flush per COALESCE_STEPS steps or COALESCE_BYTES of
+        output, and always before waiting or turning to another channel (so a
+        priority message is never held behind another channel's step); a step
+        that hops to a thread wakes the writer first, so nothing queued waits for
+        the disk."""
         assert self.session is not None
         unflushed = 0
+        last: str | None = None
         while self.session.state is S.State.OPEN:
             if self.nacks or any(s.probing for s in self.out.values()):
                 if unflushed:
@@ -332,6 +335,10 @@ class SenderMixin(RunnerState):
                 continue
             name = self.scheduler.pick(ready)
             assert name is not None
+            if unflushed and name != last:
+                await self.flush()
+                unflushed = 0
+            last = name
             await self._step(self.out[name])
             unflushed += 1
             if unflushed >= COALESCE_STEPS or self.session.pending_output >= COALESCE_BYTES:

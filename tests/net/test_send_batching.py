@@ -20,6 +20,7 @@ from linkd.net import sender as sender_mod
 from linkd.net.connection import SessionRunner
 from linkd.proto import frames as F
 from linkd.proto import session as S
+from linkd.proto.framing import DEFAULT_MAX_FRAME, FrameDecoder
 from linkd.spool import Inbound, Outbound, SpoolLayout
 
 
@@ -196,3 +197,39 @@ async def test_the_receiver_checks_its_folders_once_per_batch(tmp_path, monkeypa
     per_message = sum(1 for folders in checks if folders == (tmp,))
     assert per_message <= n // 4, (per_message, n)
     assert len(os.listdir(b.layout.in_dir("data"))) == n
+
+
+async def test_a_write_never_holds_one_channels_messages_behind_anothers(tmp_path, monkeypatch):
+    """Coalescing is per run of one channel: turning to another channel (a priority
+    file among bulk ones) flushes first, so no write carries a message of one
+    channel queued before a step of another."""
+    ca = trustme.CA()
+    link = make_link(node_config(tmp_path, ca, "alpha", [peer_config(
+        "bravo", (("data", 0), ("alerts", 10)))]), "bravo")
+    for i in range(40):
+        drop(link, "data", f"d{i:02d}.bin", os.urandom(500))
+        drop(link, "alerts", f"a{i:02d}.bin", os.urandom(300))
+    scan_sync(link)
+    writes = []
+    real = S.Session.data_to_send
+
+    def recording(self, now):
+        data = real(self, now)
+        if data and self.node == "alpha":
+            writes.append(data)
+        return data
+    monkeypatch.setattr(S.Session, "data_to_send", recording)
+    await run_against(link, FakePeer(None, channels=("data", "alerts")),
+                      await _until_sent(link, 40))
+    decoder = FrameDecoder(DEFAULT_MAX_FRAME)
+    mixed = []
+    for data in writes:
+        decoder.feed(data)
+        channels = []
+        while (frame := decoder.next_frame()) is not None:
+            if isinstance(frame, (F.Msg, F.Data)) and frame.ch not in channels:
+                channels.append(frame.ch)
+        if len(channels) > 1:
+            mixed.append(channels)
+    assert mixed == []
+    assert len(writes) < 80                     # still fewer writes than messages
