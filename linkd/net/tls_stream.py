@@ -51,6 +51,7 @@ handshake and close paths share the Connection, its locks and its state.
 from __future__ import annotations
 
 import enum
+import errno
 from collections.abc import Callable
 from types import TracebackType
 from typing import TypeVar, TypeVarTuple
@@ -142,6 +143,11 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._inner_recv_lock = trio.Lock()
         self._inner_recv_count = 0
         self._transport_receive_size = DEFAULT_RECEIVE_SIZE
+        # Bulk reads from a socket go into one buffer kept for the stream (bio_write copies
+        # out of it), not a new bytes object per read: see _receive_transport.
+        self._socket = transport_stream.socket \
+            if isinstance(transport_stream, trio.SocketStream) else None
+        self._transport_buffer: memoryview | None = None
         self._outer_send = _ConflictDetector("another task is sending on this TLSStream")
         self._outer_recv = _ConflictDetector("another task is receiving on this TLSStream")
 
@@ -242,8 +248,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 async with self._inner_recv_lock:
                     yielded = True
                     if count == self._inner_recv_count:
-                        data = await self.transport_stream.receive_some(
-                            self._transport_receive_size)
+                        data = await self._receive_transport()
                         if data:
                             self._conn.bio_write(data)
                         else:
@@ -252,6 +257,25 @@ class TLSStream(trio.abc.HalfCloseableStream):
         if not yielded:
             await trio.lowlevel.cancel_shielded_checkpoint()
         return ret
+
+    async def _receive_transport(self) -> bytes | bytearray | memoryview:
+        """One read from the transport, of up to `_transport_receive_size` bytes."""
+        size = self._transport_receive_size
+        if self._socket is None or size <= DEFAULT_RECEIVE_SIZE:
+            return await self.transport_stream.receive_some(size)
+        # A bulk read straight from the socket into a buffer reused for every read: a
+        # socket's receive_some allocates `size` bytes per read (and shrinks them), which
+        # churned ~256 KiB blocks through malloc at every read of a transfer.
+        if self._transport_buffer is None or len(self._transport_buffer) < size:
+            self._transport_buffer = memoryview(bytearray(size))
+        view = self._transport_buffer[:size]
+        try:
+            got = await self._socket.recv_into(view)
+        except OSError as exc:      # as trio.SocketStream.receive_some translates them
+            if exc.errno in (errno.EBADF, errno.ENOTSOCK):
+                raise trio.ClosedResourceError("this socket was already closed") from None
+            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+        return view[:got]
 
     # -- handshake ----------------------------------------------------------------
 

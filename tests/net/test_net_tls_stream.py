@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -430,3 +432,87 @@ async def test_with_the_bindings_records_are_decrypted_straight_into_the_buffer(
         assert len(raised) <= receives
     else:
         assert calls["recv_into"] >= len(payload) // tls_stream.TLS_RECORD
+
+
+async def socket_pair(contexts: tuple[Any, Any], tcp: bool = False
+                      ) -> tuple[TLSStream, TLSStream]:
+    """(client, server) over real sockets (trio.SocketStream transports): a socketpair,
+    or a TCP connection on 127.0.0.1."""
+    alpha, bravo = contexts
+    if tcp:
+        listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+        port = listener.socket.getsockname()[1]
+        left = await trio.open_tcp_stream("127.0.0.1", port)
+        right = await listener.accept()
+        await listener.aclose()
+    else:
+        a, b = trio.socket.socketpair()
+        left, right = trio.SocketStream(a), trio.SocketStream(b)
+    client = alpha.client_stream(left, PeerConfig("bravo", channels=(ChannelConfig("d"),)))
+    server = bravo.server_stream(right, [PeerConfig("alpha", channels=(ChannelConfig("d"),))])
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.do_handshake)
+            nursery.start_soon(server.do_handshake)
+    return client, server
+
+
+async def test_bulk_reads_from_a_socket_reuse_one_buffer(contexts, monkeypatch):
+    """Over a socket, a bulk receive reads into one buffer kept for the stream: the
+    socket's receive_some (a new bytes object per read) is left to small reads."""
+    client, server = await socket_pair(contexts)
+    calls: list[int | None] = []
+    receive_some = trio.SocketStream.receive_some
+
+    async def counted(self: Any, max_bytes: int | None = None) -> bytes:
+        calls.append(max_bytes)
+        return await receive_some(self, max_bytes)
+    monkeypatch.setattr(trio.SocketStream, "receive_some", counted)
+    payload = os.urandom(4 << 20)
+    buffer = bytearray(256 << 10)
+    got = bytearray()
+    buffers = set()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.send_all, payload)
+            while len(got) < len(payload):
+                n = await server.receive_into(buffer)
+                got += buffer[:n]
+                assert server._transport_buffer is not None
+                buffers.add(id(server._transport_buffer.obj))
+    assert got == payload
+    assert calls == [] and len(buffers) == 1
+    # small reads still take the socket's own path, and the end of the stream is the end
+    await client.send_all(b"tail")
+    assert await receive_exactly(server, 4) == b"tail"
+    assert calls and all(c is not None and c <= tls_stream.DEFAULT_RECEIVE_SIZE for c in calls)
+    await client.aclose()
+    with trio.fail_after(10):
+        assert await server.receive_into(buffer) == 0
+    await server.aclose()
+
+
+async def test_a_socket_that_breaks_or_closes_during_a_bulk_read(contexts):
+    client, server = await socket_pair(contexts)
+    buffer = bytearray(256 << 10)
+    try:
+        assert server._socket is not None
+        server._socket.close()                    # our own transport closed under us
+        with pytest.raises(trio.ClosedResourceError):
+            await server.receive_into(buffer)
+    finally:
+        await trio.aclose_forcefully(client)
+        await trio.aclose_forcefully(server)
+    client, server = await socket_pair(contexts, tcp=True)
+    try:
+        await client.send_all(b"x" * 1000)
+        assert client._socket is not None
+        client._socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client._socket.close()                    # a TCP reset, not a close_notify
+        with trio.fail_after(10), pytest.raises(trio.BrokenResourceError,
+                                                match="socket connection broken"):
+            while True:
+                await server.receive_into(buffer)
+    finally:
+        await trio.aclose_forcefully(client)
+        await trio.aclose_forcefully(server)
