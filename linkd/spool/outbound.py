@@ -376,6 +376,11 @@ class Outbound(PickupMixin, RecoveryMixin):
     def open(self, item: Claimed) -> BinaryIO:
         """Open a queued file for sending; FileChanged if it is not what was claimed."""
         self._check(self._q)
+        return os.fdopen(self._open_checked(item), "rb")
+
+    def _open_checked(self, item: Claimed) -> int:
+        """A descriptor on the queued file, checked against its claim record
+        (FileChanged if it is no longer the regular file claimed)."""
         fd = self.fs.open(item.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         try:
             st = os.fstat(fd)
@@ -388,7 +393,7 @@ class Outbound(PickupMixin, RecoveryMixin):
         except BaseException:
             self.fs.close(fd)
             raise
-        return os.fdopen(fd, "rb")
+        return fd
 
     def read_whole(self, items: list[Claimed]) -> list[bytes | Exception]:
         """Read small queued files whole, in order, for sending (one call per batch:
@@ -410,15 +415,8 @@ class Outbound(PickupMixin, RecoveryMixin):
         return out
 
     def _read_whole(self, item: Claimed) -> bytes:
-        fd = self.fs.open(item.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = self._open_checked(item)
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise FileChanged("it is no longer a regular file")
-            if item.ino and (st.st_ino, st.st_size, st.st_mtime_ns) != \
-                    (item.ino, item.size, item.mtime_ns):
-                raise FileChanged(f"it was changed after it was queued (now {st.st_size} "
-                                  f"bytes, claimed with {item.size})")
             parts: list[bytes] = []
             got = 0
             while got < item.size:
