@@ -56,6 +56,7 @@ ZERO = "0" * 64
 _LINE_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str)
 DEFAULT_CHECKPOINT_LINES = 1000
 MAX_BYTES = 64 << 20
+TAIL_LOOKUP_BYTES = 8 << 20     # how far back delivered_in_tail() looks
 
 AUDIT_EVENTS = frozenset({
     "message_queued", "message_sent", "message_delivered", "message_failed",
@@ -261,6 +262,34 @@ class AuditLog:
             if self.dirty and self.fd >= 0:
                 os.fsync(self.fd)
                 self.dirty = False
+
+    def delivered_in_tail(self, peer: str, channel: str, seqs: set[int],
+                          tail_bytes: int = TAIL_LOOKUP_BYTES) -> set[int]:
+        """Which of `seqs` already have a message_delivered line for (peer, channel)
+        in the last `tail_bytes` of the log. Used after crash recovery: the receiver
+        writes a batch's lines just before recording the commit (Inbound.commit's
+        `announce`), so a batch recovery completes may already be logged, at the very
+        end of the log; a line further back than that is not looked for."""
+        found: set[int] = set()
+        with self.lock:
+            if self.fd < 0 or not seqs:
+                return found
+            size = os.fstat(self.fd).st_size
+            start = max(0, size - tail_bytes)
+            data = os.pread(self.fd, size - start, start)
+        marker = b'"message_delivered"'
+        for raw in data.split(b"\n"):
+            if marker not in raw:
+                continue
+            try:
+                obj = json.loads(raw)
+            except ValueError:
+                continue            # the cut first line of the tail
+            if isinstance(obj, dict) and obj.get("event") == "message_delivered" \
+                    and obj.get("peer") == peer and obj.get("channel") == channel \
+                    and obj.get("seq") in seqs:
+                found.add(int(obj["seq"]))
+        return found
 
     def close(self) -> None:
         with self.lock:

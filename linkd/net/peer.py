@@ -30,6 +30,7 @@ import trio
 from .. import log as logmod
 from ..config import ChannelConfig, Config, PeerConfig
 from ..errors import SpoolError
+from ..evidence import audit as audit_mod
 from ..jsontypes import JSONObject
 from ..spool import Claimed, FailedFile, Inbound, Outbound, ResourceBusy, SpoolLayout
 from ..status import PeerStatus
@@ -212,9 +213,17 @@ class PeerLink:
 
     def log_recovered(self) -> None:
         """Log deliveries that crash recovery completed (their session never did)."""
+        audit = audit_mod.current()
         for name, inbound in self.inbound.items():
+            logged: set[int] = set()
+            if audit is not None and inbound.recovered:
+                # written by the receiver's announce just before the crash (spool/inbound.py K3)
+                logged = audit.delivered_in_tail(self.name, name,
+                                                 {d.seq for d in inbound.recovered})
             for d in inbound.recovered:
                 self.status.channel(name).note_received(d.size)
+                if d.seq in logged:
+                    continue
                 fields: dict[str, object] = dict(peer=self.name, channel=d.channel, name=d.name,
                                                  seq=d.seq, size=d.size, sha256=d.sha256,
                                                  recovered=True)

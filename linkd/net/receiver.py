@@ -118,24 +118,12 @@ class ReceiverMixin(RunnerState):
                                      seq=seq, reason=reason)
                 self.session.send_nack(ch, seq, reason, retry, kind,
                                        QUARANTINE_WAIT if kind == F.NACK_BUSY else 0.0)
-            for d in delivered:
-                stats = self.link.status.channel(d.channel)
-                stats.note_received(d.size)
-                fields: dict[str, object] = dict(peer=self.link.name, channel=d.channel,
-                                                 name=d.name, seq=d.seq, size=d.size,
-                                                 sha256=d.sha256)
-                if d.sent_name != d.name:
-                    fields["sent_name"] = d.sent_name
-                self.log.info("message_delivered", **fields)
+            for d in delivered:     # logged by _announce, inside the commit
+                self.link.status.channel(d.channel).note_received(d.size)
             for ch, name, seq, reason, where in quarantined:
                 self.link.status.channel(ch).quarantined += 1
                 self.log.warning("message_quarantined", peer=self.link.name, channel=ch,
                                  name=name, seq=seq, reason=reason, path=str(where))
-            audit = audit_mod.current()
-            if audit is not None and delivered:
-                # A delivery's audit line is durable before its ack leaves (no receipt
-                # the peer holds without our audit line for it, even after a crash).
-                await trio.to_thread.run_sync(audit.sync)
             for ch, entries in acks.items():
                 for i in range(0, len(entries), ACKS_PER_FRAME):
                     self.session.send_ack(ch, entries[i:i + ACKS_PER_FRAME])
@@ -251,7 +239,7 @@ class ReceiverMixin(RunnerState):
         delivered: list[Delivered] = []
         for ch, completed in done.items():
             if completed:
-                got = link.inbound[ch].commit(completed)
+                got = link.inbound[ch].commit(completed, self._announce)
                 delivered += got
                 acks[ch].extend(_ack_entry(d) for d in got)
                 rx.acked(ch, [d.seq for d in got])
@@ -259,6 +247,22 @@ class ReceiverMixin(RunnerState):
         # new deliveries share one Merkle tree.
         signed = {ch: self._sign(ch, entries) for ch, entries in acks.items()}
         return signed, nacks, delivered, dict(credit), quarantined
+
+    def _announce(self, delivered: list[Delivered]) -> None:
+        """Blocking, inside the group commit (Inbound.commit's `announce`): log each
+        delivery and make its audit line durable before `committed` records it, so
+        neither its ack nor a later ack from the journal goes out without that line,
+        even if we are killed (the line's fields are what the ack names)."""
+        for d in delivered:
+            fields: dict[str, object] = dict(peer=self.link.name, channel=d.channel,
+                                             name=d.name, seq=d.seq, size=d.size,
+                                             sha256=d.sha256)
+            if d.sent_name != d.name:
+                fields["sent_name"] = d.sent_name
+            self.log.info("message_delivered", **fields)
+        audit = audit_mod.current()
+        if audit is not None and delivered:
+            audit.sync()
 
     def _quarantine_full(self) -> str:
         """Blocking: why quarantine/ takes nothing more from this peer, or ""."""

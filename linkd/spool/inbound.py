@@ -28,6 +28,10 @@ Group commit of finished messages (one channel, seq order):
      intent = [(seq, partial, final, sent_name, size, sha256)] durably;
   4. rename each partial into in/<ch>/ (never overwriting); fsync in/<ch>/;
   4b. append each delivery to the journal (records.py) and fsync it;
+  4c. the caller's `announce`: the daemon logs message_delivered for each and
+     fsyncs the audit log (a delivery's audit line is durable before it counts
+     as committed, so a crash can never leave a committed delivery -- acked from
+     the journal on resend -- without its line);
   5. write committed = max seq, intent = null durably.
 Crash points:
   K1 before 3 is durable: nothing is in in/; partials are strays that recovery
@@ -41,7 +45,9 @@ Crash points:
      not in in/ is not counted as delivered: committed stops below it, so the
      sender sends it again (a duplicate at worst, never a loss); the partials of
      later entries are then deleted, not delivered, as they will be sent again;
-  K3 after 4, before 5 is durable: as K2, every partial is already gone;
+  K3 after 4, before 5 is durable: as K2, every partial is already gone (the
+     daemon logs `recovered` deliveries unless the audit log's tail already
+     holds their lines, written at 4c before the crash);
   K4 after 5: done; the sender's ack may be lost, the resend is a duplicate.
 Any OSError inside begin/write/commit/abort leaves the object "broken": nothing
 more is reported committed and begin()/commit() raise SpoolError until
@@ -72,6 +78,7 @@ import hashlib
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -400,10 +407,17 @@ class Inbound:
             self.fs.close(x.fd)
 
     # -- commit ------------------------------------------------------------
-    def commit(self, batch: list[Completed]) -> list[Delivered]:
+    def commit(self, batch: list[Completed],
+               announce: Callable[[list[Delivered]], None] | None = None) -> list[Delivered]:
         """Make a batch of finished messages visible in in/<ch>/, durably, in seq
         order; returns them as delivered. Raises SpoolError (nothing reported
-        committed) on any I/O error; recover() then completes or rolls it back."""
+        committed) on any I/O error; recover() then completes or rolls it back.
+
+        `announce(delivered)` runs once the files are in in/<ch>/ and journaled, and
+        before `committed` records them: the caller makes their audit lines durable
+        there, so that a delivery at or below `committed` always has its line (a
+        crash before `committed` is written leaves the intent, and recovery reports
+        the batch again in `recovered`). An OSError from it fails the commit."""
         self._require()
         items = sorted(batch, key=lambda c: c.seq)
         for c in items:
@@ -439,6 +453,8 @@ class Inbound:
                                                   c.size, c.sha256, path, now))
             self.fs.fsync_dir(self._in)
             self._journal.append(self.fs, [d.journal_entry() for d in self._unreported])
+            if announce is not None:
+                announce(list(self._unreported))
             last = items[-1].seq
             ck = self._st.partial
             self._st = self._st.saved(self.fs, committed=last, intent=None,

@@ -140,8 +140,8 @@ async def transfer(tmp_path: Path, payload: bytes) -> Counts:
     delivered = trio.Event()
     commit = inbound.commit
 
-    def noted_commit(batch: Any) -> Any:
-        done = commit(batch)
+    def noted_commit(batch: Any, announce: Any = None) -> Any:
+        done = commit(batch, announce)
         trio.from_thread.run_sync(delivered.set)
         return done
     inbound.commit = noted_commit               # type: ignore[method-assign]
