@@ -81,7 +81,7 @@ class Profile:
     max_size: int
 
 
-SHORT = Profile(files=1000, drop_seconds=30, quiesce_timeout=60, max_size=3 * MiB)
+SHORT = Profile(files=700, drop_seconds=20, quiesce_timeout=60, max_size=3 * MiB)
 LONG = Profile(files=5000, drop_seconds=150, quiesce_timeout=300, max_size=6 * MiB)
 
 
@@ -506,7 +506,7 @@ def run_campaign(tmp_path: Path, profile: Profile, title: str) -> None:
 
 @pytest.mark.timeout(240)
 def test_operator_fault_campaign(tmp_path: Path) -> None:
-    """~1,000 files, ~30 s of faults; ≤ 90 s in all on this machine."""
+    """~700 files, ~20 s of faults; ≤ 60 s in all on this machine."""
     run_campaign(tmp_path, SHORT, "campaign")
 
 

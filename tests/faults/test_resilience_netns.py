@@ -89,7 +89,7 @@ def check_all(a: Daemon, b: Daemon, traffic: Traffic, bulk: dict[str, bytes],
     return took
 
 
-@pytest.mark.parametrize("seconds", [20, pytest.param(60, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("seconds", [10, pytest.param(60, marks=pytest.mark.slow)])
 def test_partition_in_the_middle_of_a_transfer(ns_pair, seconds):
     a, b, net = ns_pair(link={"handshake_timeout": 3.0})
     big = os.urandom(256 << 20)
@@ -149,7 +149,7 @@ def test_tcp_reset_mid_transfer(ns_pair):
     assert relink < 2.0
 
 
-@pytest.mark.parametrize("flaps", [12, pytest.param(30, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("flaps", [8, pytest.param(30, marks=pytest.mark.slow)])
 def test_quick_flaps(ns_pair, flaps):
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)

@@ -70,14 +70,15 @@ def test_200ms_each_way(proxied):
     assert proxy.connections == 1
 
 
-def test_mid_frame_cuts_in_both_directions(proxied):
+@pytest.mark.parametrize("cuts", [8, pytest.param(24, marks=pytest.mark.slow)])
+def test_mid_frame_cuts_in_both_directions(proxied, cuts):
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     a, b, proxy = proxied(0.002, link={"handshake_timeout": 3.0})
     bulk = {}
     recoveries = []
     with Traffic([(a, "bravo", "msgs"), (b, "alpha", "msgs")], interval=0.03) as traffic:
-        for i in range(12):
+        for i in range(cuts):
             wait_for(lambda: a.peer_state("bravo") == "connected", 30)
             time.sleep(rng.uniform(0.0, 0.2))
             if i % 3 == 2:

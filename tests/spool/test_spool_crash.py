@@ -6,6 +6,7 @@ instead of a crash."""
 
 from __future__ import annotations
 
+import datetime as dt
 import errno
 import hashlib
 import os
@@ -190,11 +191,13 @@ def sweep_dirs(tmp_path: Path, n: int) -> Path:
     return path
 
 
-# CI (slow tests deselected) visits every step of the main variant of each sweep
-# (crash-again: every third step of the sender's, as always) and every SAMPLE-th
-# step of the others, each sampled variant of a sweep at its own offset so that
-# together they cover every offset; `pytest -m slow` runs every step of every variant.
+# CI (slow tests deselected) visits every SAMPLE-th step of each variant: the
+# sampled variants of a sweep each at their own offset, so that together they cover
+# every offset, and the main variant at an offset that moves with the day (ROTATION,
+# or LINKD_TEST_SHIFT to replay one), so that three days of CI visit all of its steps.
+# `pytest -m slow` runs every step of every variant.
 SAMPLE = 3
+ROTATION = int(os.environ.get("LINKD_TEST_SHIFT") or dt.date.today().toordinal() % SAMPLE)
 
 
 def every(*values):
@@ -204,6 +207,21 @@ def every(*values):
 
 def sampled(*values):
     return pytest.param(*values, SAMPLE, id="-".join(map(str, values)) + "-sampled")
+
+
+def main(*values):
+    """The main variant of a sweep: every step under `-m slow`, a rotating third in CI."""
+    name = "-".join(map(str, values))
+    return [every(*values), pytest.param(*values, -SAMPLE, id=f"{name}-rotating")]
+
+
+def stride_and_shift(stride: int, shift: int) -> tuple[int, int]:
+    """A negative stride is a main variant's rotating sample (see `main`)."""
+    if stride < 0:
+        print(f"rotating sample: every {-stride}th step from {ROTATION} "
+              f"(LINKD_TEST_SHIFT={ROTATION} to replay)")
+        return -stride, ROTATION
+    return stride, shift
 
 
 def steps(total: int, stride: int, shift: int = 0) -> list[int]:
@@ -222,12 +240,13 @@ SENDER_SHIFT = {(True, True, False): 1, (True, False, False): 2, (False, True, T
 
 
 @pytest.mark.parametrize("archive_sent,renameat2,small_window,stride", [
-    (False, True, False, 1), every(True, True, False), sampled(True, True, False),
+    *main(False, True, False), every(True, True, False), sampled(True, True, False),
     every(True, False, False), sampled(True, False, False), every(False, True, True),
     sampled(False, True, True), every(True, False, True)], indirect=["small_window"])
 def test_sender_crash_at_every_step(tmp_path, archive_sent, renameat2, small_window, stride):
     total, _ = count_steps(sweep_dirs(tmp_path, -1), renameat2, archive_sent=archive_sent)
-    shift = SENDER_SHIFT.get((archive_sent, renameat2, small_window), 0)
+    stride, shift = stride_and_shift(
+        stride, SENDER_SHIFT.get((archive_sent, renameat2, small_window), 0))
     for n in steps(total, stride, shift):
         h = make(sweep_dirs(tmp_path, n), archive_sent=archive_sent)
         h.ob = h.new_sender(FaultyFS(crash_at=n, sync=False, tag="sender", renameat2=renameat2))
@@ -237,13 +256,14 @@ def test_sender_crash_at_every_step(tmp_path, archive_sent, renameat2, small_win
 
 
 @pytest.mark.parametrize("renameat2,syncfs,stride", [
-    (True, False, 1), every(False, False), sampled(False, False), every(True, True),
+    *main(True, False), every(False, False), sampled(False, False), every(True, True),
     sampled(True, True)])
 def test_receiver_crash_at_every_step(tmp_path, monkeypatch, renameat2, syncfs, stride):
     if syncfs:                                    # every commit uses syncfs, not fsyncs
         monkeypatch.setattr(inbound_module, "SYNCFS_MIN", 1)
     _, total = count_steps(sweep_dirs(tmp_path, -1), renameat2)
-    for n in steps(total, stride, 2 if syncfs else 1):
+    stride, shift = stride_and_shift(stride, 2 if syncfs else 1)
+    for n in steps(total, stride, shift):
         h = make(sweep_dirs(tmp_path, n))
         h.ib = h.new_receiver(FaultyFS(crash_at=n, sync=False, tag="receiver",
                                        renameat2=renameat2))
@@ -252,14 +272,15 @@ def test_receiver_crash_at_every_step(tmp_path, monkeypatch, renameat2, syncfs, 
 
 
 @pytest.mark.parametrize("side,small_window,stride", [
-    ("sender", False, 1), every("receiver", False), sampled("receiver", False),
+    *main("sender", False), every("receiver", False), sampled("receiver", False),
     every("sender", True), sampled("sender", True)], indirect=["small_window"])
 def test_crash_again_during_recovery(tmp_path, side, small_window, stride):
     """Crash at step n (every third), then again at each of the first steps of the
-    rebuilt side. CI runs the sender's in full and a third of the receiver's."""
+    rebuilt side. CI runs a third of each."""
     totals = count_steps(sweep_dirs(tmp_path, -1))
     total = totals[side == "receiver"]
-    for n in steps(total - 1, 3 * stride, 3):
+    stride, shift = stride_and_shift(stride, 1)
+    for n in steps(total - 1, 3 * stride, 3 * shift):
         for m in range(8):
             rebuilds = iter([FaultyFS(crash_at=m, sync=False, tag=side)])
 
@@ -277,7 +298,7 @@ def test_crash_again_during_recovery(tmp_path, side, small_window, stride):
 
 
 @pytest.mark.parametrize("side,error,small_window,stride", [
-    ("sender", errno.EIO, False, 1), ("receiver", errno.EIO, False, 1),
+    *main("sender", errno.EIO, False), *main("receiver", errno.EIO, False),
     every("sender", errno.ENOSPC, False), sampled("sender", errno.ENOSPC, False),
     every("receiver", errno.ENOSPC, False), sampled("receiver", errno.ENOSPC, False),
     every("sender", errno.EIO, True), sampled("sender", errno.EIO, True)],
@@ -287,7 +308,8 @@ def test_io_error_at_every_step(tmp_path, side, error, small_window, stride):
     then recover() and finish: nothing is lost, duplicated or reported early."""
     totals = count_steps(sweep_dirs(tmp_path, -1))
     total = totals[side == "receiver"]
-    for n in steps(total - 1, stride, 1 if side == "sender" else 2):
+    stride, shift = stride_and_shift(stride, 1 if side == "sender" else 2)
+    for n in steps(total - 1, stride, shift):
         h = make(sweep_dirs(tmp_path, n))
         out = str(h.sender.out_dir(CH))
 
