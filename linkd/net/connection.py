@@ -88,6 +88,12 @@ IDLE_READ = 16 * 1024         # a TLS session's reads until one fills it: then b
 #                               flows and the session keeps a READ_SIZE buffer
 MAX_INBOUND_BACKLOG = 4096    # queued inbound events before the reader stops reading
 MAX_PENDING_OUTPUT = 1 << 20  # queued control bytes (pongs, acks...) before the reader waits
+# The side that dialled pings after this share of heartbeat_interval of send-idleness,
+# the other after all of it: on an idle link the dialler's pings then always arrive
+# first, the listener's pongs keep it from being idle, and only one ping and one pong
+# cross per interval. (Both at the same interval raced: about half the intervals
+# carried two pings and two pongs.)
+DIALER_PING_LEAD = 0.9
 
 
 class SessionRunner(SenderMixin, ReceiverMixin):
@@ -108,6 +114,8 @@ class SessionRunner(SenderMixin, ReceiverMixin):
         self.lock = trio.StrictFIFOLock()
         self.sender_wake = Wakeup()
         self.timer_wake = Wakeup()
+        self.timer_scope: trio.CancelScope | None = None   # the timer's current sleep
+        self.timer_slack = 1.0       # how much later a deadline must be to re-arm it
         self.writer_wake = Wakeup()
         self.inbound_drained = Wakeup()
         # One inbound queue and worker per channel (made in run()): a channel whose disk
@@ -150,6 +158,14 @@ class SessionRunner(SenderMixin, ReceiverMixin):
             data = self.session.data_to_send(trio.current_time())
             if data:
                 await self.stream.send_all(data)
+                # Sending moved the ping later: move the timer's sleep with it, or it
+                # wakes at the stale deadline for nothing (an idle hub's peers that
+                # answer pings would each wake it once per heartbeat interval).
+                scope = self.timer_scope
+                if scope is not None:
+                    deadline = self.session.get_timer()
+                    if deadline is not None and deadline - scope.deadline > self.timer_slack:
+                        scope.deadline = deadline
 
     def end(self, reason: str, error: bool) -> None:
         if self.reason is None:
@@ -199,9 +215,11 @@ class SessionRunner(SenderMixin, ReceiverMixin):
                 now = trio.current_time()
                 handshake = lcfg.handshake_timeout if self.handshake_deadline is None \
                     else max(0.0, self.handshake_deadline - now)
+                self.timer_slack = min(1.0, lcfg.heartbeat_interval / 4)
                 self.session = S.Session(
                     node=link.cfg.node.name, peer=link.name, channels=channels,
-                    now=now, heartbeat_interval=lcfg.heartbeat_interval,
+                    now=now, heartbeat_interval=lcfg.heartbeat_interval * (
+                        DIALER_PING_LEAD if self.dialed_by_us else 1.0),
                     heartbeat_timeout=lcfg.heartbeat_timeout,
                     handshake_timeout=handshake,
                     checkpoint=audit.latest_checkpoint if audit is not None else None)
@@ -351,9 +369,13 @@ class SessionRunner(SenderMixin, ReceiverMixin):
         assert self.session is not None
         while True:
             deadline = self.session.get_timer()
-            with trio.move_on_at(math.inf if deadline is None else deadline):
-                await self.timer_wake.wait()
-                continue
+            with trio.move_on_at(math.inf if deadline is None else deadline) as scope:
+                self.timer_scope = scope
+                try:
+                    await self.timer_wake.wait()
+                    continue
+                finally:
+                    self.timer_scope = None
             self._dispatch(self.session.handle_timer(trio.current_time()))
             self.writer_wake.set()      # a blocked send must not stop the heartbeat deadline
 

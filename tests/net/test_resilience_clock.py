@@ -8,6 +8,7 @@ models an unreachable network. Hours of virtual time pass in milliseconds.
 
 from __future__ import annotations
 
+import collections
 import errno
 import hashlib
 import logging
@@ -35,10 +36,11 @@ from memlink import (
 from linkd.config import Config, LinkConfig
 from linkd.net import supervisor
 from linkd.net.admission import Gate
-from linkd.net.connection import SessionRunner
+from linkd.net.connection import DIALER_PING_LEAD, SessionRunner
 from linkd.net.peer import PeerLink
 from linkd.net.tls import TLSContexts, make_contexts
 from linkd.proto import frames as F
+from linkd.proto import session as S
 from linkd.proto.framing import CHUNK_SIZE
 from linkd.status import StatusBoard
 
@@ -101,13 +103,52 @@ async def test_silent_peer_is_declared_dead_after_heartbeat_timeout(tmp_path, ca
         nursery.cancel_scope.cancel()
     assert error and reason.startswith("heartbeat timeout"), reason
     assert 5.0 <= ended - start <= 5.05, ended - start
-    # While it waited it pinged once per second of send-idleness ...
+    # While it waited it pinged once per 0.9 s of send-idleness (it dialled: it leads,
+    # DIALER_PING_LEAD) ...
     ping_times = [t - start for t, _ in peer.of(F.Ping)]
-    assert [round(t, 2) for t in ping_times] == [1.0, 2.0, 3.0, 4.0]
+    assert [round(t, 2) for t in ping_times] == [0.9, 1.8, 2.7, 3.6, 4.5]
     # ... and it said why it left (best effort).
     byes = peer.of(F.Bye)
     assert byes and "heartbeat timeout" in byes[-1][1].reason
     assert link.status.state == "connected"   # the runner sets connected; the supervisor resets
+
+
+async def test_an_idle_link_carries_one_ping_and_one_pong_per_interval(
+        tmp_path, ca, autojump_clock, monkeypatch):
+    """Idle hub cost (issue 13): the dialler pings ahead of the interval, so the
+    listener's pongs always keep it from being send-idle and it never pings; and its
+    timer, moved later by each pong it sends, never wakes for a stale deadline."""
+    lk = LinkConfig(heartbeat_interval=5.0, heartbeat_timeout=15.0)
+    a = make_link(node_config(tmp_path, ca, "alpha", [peer_config("bravo")], lk), "bravo")
+    b = make_link(node_config(tmp_path, ca, "bravo", [peer_config("alpha")], lk), "alpha")
+    fired: collections.Counter[int] = collections.Counter()
+    handle_timer = S.Session.handle_timer
+
+    def counted(self, now):
+        fired[id(self)] += 1
+        return handle_timer(self, now)
+    monkeypatch.setattr(S.Session, "handle_timer", counted)
+    left, right = trio.testing.memory_stream_pair()
+    ra = SessionRunner(a, left, remote="b", dialed_by_us=True, tls_info=None)
+    rb = SessionRunner(b, right, remote="a", dialed_by_us=False, tls_info=None)
+    a.take_slot(ra), b.take_slot(rb)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ra.run)
+        nursery.start_soon(rb.run)
+        await ra.opened.wait()
+        await rb.opened.wait()
+        await trio.sleep(60)
+        assert ra.session is not None and rb.session is not None
+        dialler_pings = ra.session.heartbeat._next_id - 1
+        listener_pings = rb.session.heartbeat._next_id - 1
+        listener_wakes = fired[id(rb.session)]
+        dialler_wakes = fired[id(ra.session)]
+        assert ra.session.heartbeat.rtt is not None        # the pongs came back
+        nursery.cancel_scope.cancel()
+    assert 12 <= dialler_pings <= 14, dialler_pings         # every 4.5 s for 60 s
+    assert listener_pings == 0
+    assert listener_wakes == 0
+    assert dialler_wakes <= dialler_pings + 1
 
 
 async def test_peer_silent_before_its_hello_is_dropped_at_the_handshake_timeout(
@@ -142,8 +183,10 @@ async def test_a_live_peer_keeps_the_session_up_for_hours_and_rtt_is_reported(
         assert runner.session.state.value == "open"
         assert link.status.rtt_ms == pytest.approx(80.0, abs=1.0)
         pings = len(peer.of(F.Ping))
-        # One ping per 5 s of idleness (each "sent" resets the idle timer).
-        assert 3 * 3600 / 5.1 <= pings <= 3 * 3600 / 5 + 1
+        # One ping per 4.5 s of idleness (each "sent" resets the idle timer; the
+        # dialler pings at DIALER_PING_LEAD of the interval).
+        every = 5 * DIALER_PING_LEAD
+        assert 3 * 3600 / (every + 0.1) <= pings <= 3 * 3600 / every + 1
         await runner.close("test over")
     assert result == [("test over", False)]
     assert peer.of(F.Bye)[-1][1].reason == "test over"
