@@ -57,6 +57,7 @@ from .status import (
 
 STOP_GRACE = 5.0
 HOUSEKEEPING = 2.0          # seconds between recounts of failed/ and quarantine/
+HOUSEKEEPING_FOLDERS = 50   # folders one recount pass checks (more: a share each pass)
 # Goodbye reasons a peer's dialler takes as "back at once, redial now" (supervisor.py).
 BYE_SHUTDOWN = "shutdown: peer is shutting down"
 BYE_RELOAD = "reload: configuration reloaded, redial at once"
@@ -250,14 +251,16 @@ class Daemon:
                     nursery.start_soon(self._accept, listener)
 
     async def refresh_folder_counts(self, link: PeerLink | None = None, *,
-                                    changed_only: bool = False) -> None:
+                                    changed_only: bool = False,
+                                    some: list[PeerLink] | None = None) -> None:
         """Recount failed/<ch>/ and quarantine/ from the folders (CONTRACT §6: they
         survive a restart, and a file retried, removed, moved in by hand or by a
         recovery changes the count), all links in one thread hop. `changed_only`
         (the periodic pass) lists only folders whose inode or mtime changed since
         they were last counted (or changed too recently for the mtime to tell): a
         hub of hundreds of idle peers must not list their folders every 2 s."""
-        links = [link] if link is not None else list(self.links.values())
+        links = [link] if link is not None else some if some is not None \
+            else list(self.links.values())
         seen = self._folder_seen if changed_only else None
         counts = await in_thread(lambda: [_folder_counts(one.layout, list(one.channels), seen)
                                           for one in links])
@@ -268,8 +271,18 @@ class Daemon:
                     one.status.channels[name].failed = n
 
     async def _housekeeping(self) -> None:
+        turn = 0
         while True:
-            await self.refresh_folder_counts(changed_only=True)
+            # At most HOUSEKEEPING_FOLDERS folders a pass: a hub of 200 peers checks
+            # each peer's folders every ~16 s, a site of a few peers every pass.
+            links = list(self.links.values())
+            folders = sum(len(one.channels) + 1 for one in links)
+            slices = max(1, -(-folders // HOUSEKEEPING_FOLDERS))
+            size = -(-len(links) // slices)
+            start = (turn % slices) * size
+            turn += 1
+            await self.refresh_folder_counts(changed_only=True,
+                                             some=links[start:start + size])
             self.expiry.check(self.board)
             logmod.flush_suppressed()       # the log_suppressed summary, when due
             await trio.sleep(HOUSEKEEPING)

@@ -37,7 +37,8 @@ from ..metrics import connect_failure_kind
 from ..proto import frames as F
 from ..proto import session as S
 from ..proto.framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
-from ..status.board import StatusBoard
+from ..status.board import PeerStatus, StatusBoard
+from ..wakeup import Wakeup
 from .admission import Gate, Ticket
 from .backoff import Backoff
 from .connection import READ_SIZE, SessionRunner
@@ -249,36 +250,55 @@ def still_down_schedule(first: float = STILL_DOWN_FIRST,
         at += gap
 
 
-async def outage_watch(link: PeerLink, poll: float = 1.0, up_poll: float = 5.0) -> None:
+async def outage_watch(link: PeerLink, poll: float = 1.0, up_poll: float = 60.0) -> None:
     """Log `link_still_down` while the peer is down (CONTRACT §8, §10): an outage is
-    never silent. Polls the board: every `poll` seconds while down, every `up_poll`
-    while connected (a hub of hundreds of peers must not wake each every second);
-    the outage is timed from its `down_since`, so noticing it late moves nothing."""
+    never silent. Reads the board every `poll` seconds while down; while connected it
+    sleeps until the peer's state changes (PeerStatus.listeners), `up_poll` at most:
+    a hub of hundreds of connected peers must not wake each every few seconds. The
+    outage is timed from its `down_since`, so noticing it late moves nothing."""
     outage: dt.datetime | None = None
     schedule: Iterator[float] = iter(())
     next_at = 0.0
     started = 0.0
     was_up = False                   # at start a link is down until a session opens
-    while True:
-        await trio.sleep(up_poll if was_up else poll)
-        status = link.status
-        down = status.down_since if status.state != "connected" else None
-        was_up = status.state == "connected"
-        if down is None:
-            outage = None
-            continue
-        if down != outage:
-            outage, schedule, started = down, still_down_schedule(), trio.current_time()
-            # an outage older than this task (a restart while down) counts from its start
-            started -= max(0.0, (dt.datetime.now(dt.UTC) - down).total_seconds())
-            next_at = next(schedule)
-        if trio.current_time() - started >= next_at:
-            link.log.warning("link_still_down", peer=link.name, state=status.state,
-                             down_since=down.isoformat().replace("+00:00", "Z"),
-                             down_for_s=round(trio.current_time() - started, 1),
-                             attempts=status.attempts, last_error=status.last_error)
-            while next_at <= trio.current_time() - started:
+    changed = Wakeup()
+
+    def wake(state: str) -> None:
+        changed.set()
+    watched: PeerStatus | None = None
+    try:
+        while True:
+            if was_up:
+                with trio.move_on_after(up_poll):
+                    await changed.wait()
+            else:
+                await trio.sleep(poll)
+            status = link.status
+            if status is not watched:        # listen to the status object in use now
+                if watched is not None and wake in watched.listeners:
+                    watched.listeners.remove(wake)
+                watched = status
+                status.listeners.append(wake)
+            down = status.down_since if status.state != "connected" else None
+            was_up = status.state == "connected"
+            if down is None:
+                outage = None
+                continue
+            if down != outage:
+                outage, schedule, started = down, still_down_schedule(), trio.current_time()
+                # an outage older than this task (a restart while down) counts from its start
+                started -= max(0.0, (dt.datetime.now(dt.UTC) - down).total_seconds())
                 next_at = next(schedule)
+            if trio.current_time() - started >= next_at:
+                link.log.warning("link_still_down", peer=link.name, state=status.state,
+                                 down_since=down.isoformat().replace("+00:00", "Z"),
+                                 down_for_s=round(trio.current_time() - started, 1),
+                                 attempts=status.attempts, last_error=status.last_error)
+                while next_at <= trio.current_time() - started:
+                    next_at = next(schedule)
+    finally:
+        if watched is not None and wake in watched.listeners:
+            watched.listeners.remove(wake)
 
 
 OpenStream = Callable[[str, int], Awaitable[trio.abc.Stream]]

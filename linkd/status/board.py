@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..errors import (
@@ -117,6 +117,9 @@ class PeerStatus:
     paused: bool = False
     cert_not_after: dt.datetime | str | None = None  # the peer's certificate, last seen
     quarantined: int = 0                    # files in quarantine/ now
+    # called with the new state whenever `state` changes (the outage watch waits on it)
+    listeners: list[Callable[[str], None]] = dataclasses.field(
+        default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.state != "connected" and self.down_since is None:
@@ -133,7 +136,8 @@ class PeerStatus:
         if state not in STATES:
             raise ValueError(f"unknown peer state {state!r}")
         when = now or _utcnow()
-        if state != self.state:
+        changed = state != self.state
+        if changed:
             self.state, self.since = state, when
         if state == "connected":
             self.remote = remote if remote is not None else self.remote
@@ -149,6 +153,9 @@ class PeerStatus:
         self.next_attempt_at = next_attempt_at if state == "backoff" else None
         if error is not None:
             self.note_error(error, when)
+        if changed:
+            for listener in list(self.listeners):
+                listener(state)
 
     def note_error(self, error: str, now: dt.datetime | None = None) -> None:
         """Record the outage's latest error (ignored while connected)."""
