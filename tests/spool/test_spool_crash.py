@@ -191,12 +191,12 @@ def sweep_dirs(tmp_path: Path, n: int) -> Path:
     return path
 
 
-# CI (slow tests deselected) visits every SAMPLE-th step of each variant: the
-# sampled variants of a sweep each at their own offset, so that together they cover
-# every offset, and the main variant at an offset that moves with the day (ROTATION,
-# or LINKD_TEST_SHIFT to replay one), so that three days of CI visit all of its steps.
+# CI (slow tests deselected) visits every SAMPLE-th step of each variant, at an
+# offset that moves with the day (ROTATION, or LINKD_TEST_SHIFT to replay one): the
+# sampled variants of a sweep each at their own offset from it, so that one day's run
+# covers several offsets and four days' runs visit every step of every variant.
 # `pytest -m slow` runs every step of every variant.
-SAMPLE = 3
+SAMPLE = 4
 ROTATION = int(os.environ.get("LINKD_TEST_SHIFT") or dt.date.today().toordinal() % SAMPLE)
 
 
@@ -216,12 +216,15 @@ def main(*values):
 
 
 def stride_and_shift(stride: int, shift: int) -> tuple[int, int]:
-    """A negative stride is a main variant's rotating sample (see `main`)."""
+    """A negative stride is a main variant's rotating sample (see `main`); a sampled
+    variant's own shift moves with the day too."""
+    if stride == 1:
+        return stride, shift
+    print(f"rotating sample: every {abs(stride)}th step (LINKD_TEST_SHIFT={ROTATION} "
+          f"to replay)")
     if stride < 0:
-        print(f"rotating sample: every {-stride}th step from {ROTATION} "
-              f"(LINKD_TEST_SHIFT={ROTATION} to replay)")
         return -stride, ROTATION
-    return stride, shift
+    return stride, shift + ROTATION
 
 
 def steps(total: int, stride: int, shift: int = 0) -> list[int]:
@@ -275,13 +278,14 @@ def test_receiver_crash_at_every_step(tmp_path, monkeypatch, renameat2, syncfs, 
     *main("sender", False), every("receiver", False), sampled("receiver", False),
     every("sender", True), sampled("sender", True)], indirect=["small_window"])
 def test_crash_again_during_recovery(tmp_path, side, small_window, stride):
-    """Crash at step n (every third), then again at each of the first steps of the
-    rebuilt side. CI runs a third of each."""
+    """Crash at step n (every third), then again at each of the first 8 steps of the
+    rebuilt side. CI runs a quarter of the n, each with every other m (by the day)."""
     totals = count_steps(sweep_dirs(tmp_path, -1))
     total = totals[side == "receiver"]
+    again = range(8) if stride == 1 else range(ROTATION % 2, 8, 2)
     stride, shift = stride_and_shift(stride, 1)
     for n in steps(total - 1, 3 * stride, 3 * shift):
-        for m in range(8):
+        for m in again:
             rebuilds = iter([FaultyFS(crash_at=m, sync=False, tag=side)])
 
             def rebuild(which, rebuilds=rebuilds):
