@@ -37,6 +37,7 @@ from .errors import (
     StartupError,  # noqa: F401 (re-exported)
     StatusSocketError,
 )
+from .evidence import audit as audit_mod
 from .evidence import service as evidence
 from .expiry import ExpiryWatch, tls_dates
 from .jsontypes import JSONObject
@@ -189,10 +190,14 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 # Folders and recovery first: once /healthz answers, the spool is there.
+                audit = audit_mod.current()
+                tail = await in_thread(audit.tail) if audit is not None else None
                 for link in self.links.values():
                     problems = await in_thread(link.prepare)
                     for problem in problems:
                         self.log.warning("recovery", peer=link.name, problem=problem)
+                    if tail is not None:    # every delivery since the tail began has its line
+                        link.reconcile_audit(tail)
                     link.log_recovered()
                     link.refresh_queued()       # the counts are right from READY on
                 await nursery.start(serve_status, self.board, cfg.node.status_socket,

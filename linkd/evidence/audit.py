@@ -40,6 +40,7 @@ import json
 import os
 import re
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,16 @@ def checkpoint_problem(obj: dict[str, Any], cert: x509.Certificate) -> str | Non
     if not keys.verify(cert, data, sig):
         return "checkpoint signature does not verify"
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditTail:
+    since: float        # epoch seconds of the first line read
+    delivered: set[tuple[str, str, int, str]]   # (peer, channel, seq, sha256)
+
+
+def _epoch(stamp: str) -> float:
+    return dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
 class AuditLog:
@@ -263,33 +274,70 @@ class AuditLog:
                 os.fsync(self.fd)
                 self.dirty = False
 
-    def delivered_in_tail(self, peer: str, channel: str, seqs: set[int],
+    def delivered_in_tail(self, peer: str, channel: str, wanted: Mapping[int, str],
                           tail_bytes: int = TAIL_LOOKUP_BYTES) -> set[int]:
-        """Which of `seqs` already have a message_delivered line for (peer, channel)
-        in the last `tail_bytes` of the log. Used after crash recovery: the receiver
-        writes a batch's lines just before recording the commit (Inbound.commit's
-        `announce`), so a batch recovery completes may already be logged, at the very
-        end of the log; a line further back than that is not looked for."""
-        found: set[int] = set()
+        """Which of `wanted` (seq -> SHA-256 hex) already have a message_delivered line
+        for (peer, channel) in the log's tail (see `tail`). Used after recovery: the
+        receiver writes a batch's lines just before recording the commit
+        (Inbound.commit's `announce`), so a batch recovery completes may already be
+        logged, at the very end of the log."""
+        if not wanted:
+            return set()
+        found = self.tail(tail_bytes).delivered
+        return {seq for seq, sha in wanted.items() if (peer, channel, seq, sha) in found}
+
+    def tail(self, tail_bytes: int = TAIL_LOOKUP_BYTES) -> AuditTail:
+        """The message_delivered lines of the last `tail_bytes` of the log (of the
+        current file, and of the newest rotated one when the current file is
+        shorter), and the time of the first line read: a delivery made after that
+        time has its line in there, if it has one."""
         with self.lock:
-            if self.fd < 0 or not seqs:
-                return found
+            if self.fd < 0:
+                return AuditTail(time.time(), set())
             size = os.fstat(self.fd).st_size
             start = max(0, size - tail_bytes)
             data = os.pread(self.fd, size - start, start)
+        if size < tail_bytes:
+            rotated = rotated_files(self.folder)
+            if rotated:
+                try:
+                    with open(rotated[-1], "rb") as f:
+                        f.seek(max(0, os.fstat(f.fileno()).st_size - (tail_bytes - size)))
+                        data = f.read() + b"\n" + data
+                except OSError:
+                    pass
+        lines = data.split(b"\n")
+        since = time.time()
+        for raw in lines[1:] if len(lines) > 1 else lines:   # the first may be cut
+            try:
+                since = _epoch(str(json.loads(raw)["timestamp"]))
+                break
+            except (ValueError, KeyError, TypeError):
+                continue
         marker = b'"message_delivered"'
-        for raw in data.split(b"\n"):
+        delivered: set[tuple[str, str, int, str]] = set()
+        for raw in lines:
             if marker not in raw:
                 continue
             try:
                 obj = json.loads(raw)
             except ValueError:
                 continue            # the cut first line of the tail
-            if isinstance(obj, dict) and obj.get("event") == "message_delivered" \
-                    and obj.get("peer") == peer and obj.get("channel") == channel \
-                    and obj.get("seq") in seqs:
-                found.add(int(obj["seq"]))
-        return found
+            if isinstance(obj, dict) and obj.get("event") == "message_delivered":
+                seq = obj.get("seq")
+                if isinstance(seq, int):
+                    delivered.add((str(obj.get("peer")), str(obj.get("channel")), seq,
+                                   str(obj.get("sha256"))))
+        return AuditTail(since, delivered)
+
+    def refusal(self) -> str:
+        """Why deliveries must be refused now ("" if none): a log that failed drops
+        every line, and no delivery may be acknowledged without its line."""
+        failed = self.failed
+        if failed is None:
+            return ""
+        return (f"the audit log {self.path} cannot be written ({failed.strerror or failed}): "
+                f"deliveries are refused until it can (free space, then restart linkd)")
 
     def close(self) -> None:
         with self.lock:

@@ -31,6 +31,7 @@ from .. import log as logmod
 from ..config import ChannelConfig, Config, PeerConfig
 from ..errors import SpoolError
 from ..evidence import audit as audit_mod
+from ..evidence.audit import AuditTail
 from ..jsontypes import JSONObject
 from ..spool import Claimed, FailedFile, Inbound, Outbound, ResourceBusy, SpoolLayout
 from ..status import PeerStatus
@@ -219,7 +220,7 @@ class PeerLink:
             if audit is not None and inbound.recovered:
                 # written by the receiver's announce just before the crash (spool/inbound.py K3)
                 logged = audit.delivered_in_tail(self.name, name,
-                                                 {d.seq for d in inbound.recovered})
+                                                 {d.seq: d.sha256 for d in inbound.recovered})
             for d in inbound.recovered:
                 self.status.channel(name).note_received(d.size)
                 if d.seq in logged:
@@ -231,6 +232,29 @@ class PeerLink:
                     fields["sent_name"] = d.sent_name
                 self.log.info("message_delivered", **fields)
             inbound.recovered = []
+
+    def reconcile_audit(self, tail: AuditTail) -> None:
+        """At start-up: log message_delivered (recovered=True) for each journaled
+        delivery made since the audit log's tail began that has no line in it -- one
+        whose line a crash or a failed audit log lost (docs/EVIDENCE.md). Deliveries
+        older than the tail are not judged. Covers what recovery just completed."""
+        for name, inbound in self.inbound.items():
+            for d in inbound.recovered:
+                self.status.channel(name).note_received(d.size)
+            inbound.recovered = []
+            for e in inbound.journaled():
+                seq, sha = e.get("seq"), e.get("sha256")
+                when = e.get("delivered_at")
+                if not isinstance(seq, int) or not isinstance(when, int | float) \
+                        or when < tail.since or (self.name, name, seq, sha) in tail.delivered:
+                    continue
+                fields: dict[str, object] = dict(peer=self.name, channel=name,
+                                                 name=e.get("name"), seq=seq,
+                                                 size=e.get("size"), sha256=sha,
+                                                 recovered=True)
+                if e.get("sent_name") != e.get("name"):
+                    fields["sent_name"] = e.get("sent_name")
+                self.log.info("message_delivered", **fields)
 
     def log_failed(self, failed: list[FailedFile]) -> None:
         for f in failed:

@@ -41,6 +41,7 @@ from ..spool import (
 from ..spool.inbound import quarantine_usage
 from .sender import RunnerState
 
+AUDIT_REFUSAL = "the audit log "   # how AuditLog.refusal() begins
 BUSY_WAIT = (1.0, 30.0)       # a channel whose disk work failed nacks "busy" (first, max wait)
 QUARANTINE_WAIT = 30.0        # seconds a sender waits after a "quarantine full" busy nack
 ACKS_PER_FRAME = 256          # signed ack entries per frame (an RSA-4096 entry is ~1.5 KiB)
@@ -98,6 +99,9 @@ class ReceiverMixin(RunnerState):
                     except (OSError, SpoolError) as again:
                         self.end(f"local storage failure: {again}", True)
                         return
+                    # a commit that failed after its renames is complete now: log it
+                    # (its resend will be answered from the journal)
+                    self.link.log_recovered()
                 returned = sum(len(ev.data) for ev in batch if isinstance(ev, S.MessageData))
                 self.session.grant(ch, returned)
                 seq = rx.oldest_unacked(ch)
@@ -113,7 +117,10 @@ class ReceiverMixin(RunnerState):
             self.inbound_drained.set()
             acks, nacks, delivered, credit, quarantined = result
             for ch, seq, reason, retry, kind in nacks:
-                if kind == F.NACK_BUSY:     # quarantine/ over its quota: ask again later
+                if kind == F.NACK_BUSY and reason.startswith(AUDIT_REFUSAL):
+                    self.log.error("inbound_storage_failed", peer=self.link.name, channel=ch,
+                                   seq=seq, reason=reason)
+                elif kind == F.NACK_BUSY:   # quarantine/ over its quota: ask again later
                     self.log.warning("quarantine_full", peer=self.link.name, channel=ch,
                                      seq=seq, reason=reason)
                 self.session.send_nack(ch, seq, reason, retry, kind,
@@ -167,6 +174,8 @@ class ReceiverMixin(RunnerState):
         done: dict[str, list[Completed]] = collections.defaultdict(list)
         names: dict[tuple[str, int], str] = {}
         full: str | None = None          # quarantine quota problem (looked up once a batch)
+        audit = audit_mod.current()
+        unaudited = audit.refusal() if audit is not None else ""
         checked: set[str] = set()        # channels whose tmp/ a begin() of this batch checked
         for ev in batch:
             ch = ev.ch
@@ -182,6 +191,13 @@ class ReceiverMixin(RunnerState):
                 names[(ch, ev.seq)] = ev.name
                 if ev.rewind:
                     inbound.abort()             # a message the sender abandoned mid-way
+                if unaudited:
+                    # No delivery, and no answer from the journal, without its audit
+                    # line: the sender keeps the file and asks again later.
+                    rx.skipping[ch] = ev.seq
+                    nacks.append((ch, ev.seq, unaudited, True, F.NACK_BUSY))
+                    rx.discard(ch)
+                    continue
                 if ev.seq <= inbound.committed:
                     # A re-send (its ack was lost) or a probe: say what we hold there.
                     rx.skipping[ch] = ev.seq

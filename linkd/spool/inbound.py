@@ -186,7 +186,9 @@ class Inbound:
         self._unreported: list[Delivered] = []   # renamed in a commit that then failed
         self._ready = False
         self._refused: str | None = None         # a symlinked spool folder (see the top)
-        self.recovered: list[Delivered] = []     # deliveries the last recover() completed
+        # deliveries the last recover() completed: the daemon logs them after each
+        # recover() (PeerLink.log_recovered), before another can replace them
+        self.recovered: list[Delivered] = []
 
     @property
     def committed(self) -> int:
@@ -199,6 +201,10 @@ class Inbound:
     def lookup(self, seq: int) -> dict[str, object] | None:
         """What we committed under `seq` (from the journal), if we still know."""
         return self._journal.lookup(seq)
+
+    def journaled(self) -> list[dict[str, Any]]:
+        """The recent committed deliveries the journal holds, oldest first."""
+        return [e for s, e in self._journal.entries.items() if s <= self.committed]
 
     def _require(self) -> None:
         if self._refused is not None:
@@ -417,7 +423,8 @@ class Inbound:
         before `committed` records them: the caller makes their audit lines durable
         there, so that a delivery at or below `committed` always has its line (a
         crash before `committed` is written leaves the intent, and recovery reports
-        the batch again in `recovered`). An OSError from it fails the commit."""
+        the batch again in `recovered`). An OSError from it fails the commit, but the
+        files are in in/<ch>/ by then: recover() completes it and reports it."""
         self._require()
         items = sorted(batch, key=lambda c: c.seq)
         for c in items:

@@ -213,3 +213,31 @@ def test_a_line_is_the_event_as_compact_json_with_the_chain_fields_first(tmp_pat
     assert json.loads(lines[1]) == {"line": 2, "prev": A.line_hash(lines[0]),
                                     "event": "message_queued", "name": "x"}
     assert event["line"] == 999                 # the caller's dict is left alone
+
+
+def test_the_tail_finds_delivered_lines_by_content_and_across_a_rotation(tmp_path):
+    """What recovery asks before logging a delivery again (linkd/net/peer.py): a line
+    for the same peer, channel, seq *and* content, in the current file or, when the
+    current file is short, at the end of the newest rotated one."""
+    log = A.AuditLog(tmp_path / "audit", "bravo", None)
+    log.open()
+    start = time.time()
+
+    def delivered(seq: int, sha: str, channel: str = "data") -> None:
+        log.record({"event": "message_delivered", "peer": "alpha", "channel": channel,
+                    "seq": seq, "sha256": sha, "timestamp": A._now()})
+    delivered(1, "a" * 64)
+    delivered(2, "b" * 64)
+    log._rotate()                                   # as a checkpoint past max_bytes does
+    delivered(3, "c" * 64)
+    delivered(5, "e" * 64, channel="other")
+    wanted = {1: "a" * 64, 2: "f" * 64, 3: "c" * 64, 4: "d" * 64, 5: "e" * 64}
+    assert log.delivered_in_tail("alpha", "data", wanted) == {1, 3}
+    assert log.delivered_in_tail("alpha", "other", wanted) == {5}
+    assert log.delivered_in_tail("charlie", "data", wanted) == set()
+    # a short tail: only the newest lines, and `since` is the first whole line's time
+    tail = log.tail(tail_bytes=len((tmp_path / "audit" / "audit.jsonl").read_bytes()))
+    assert ("alpha", "data", 1, "a" * 64) not in tail.delivered
+    assert ("alpha", "data", 3, "c" * 64) in tail.delivered
+    assert start - 1 <= tail.since <= time.time()
+    log.close()

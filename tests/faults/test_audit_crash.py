@@ -1,4 +1,5 @@
-"""A receiver killed inside a group commit still logs each delivery exactly once.
+"""A receiver killed inside a group commit, or whose commit or audit log fails, still
+logs each delivery exactly once, and acknowledges none without its audit line.
 
 Two real daemons; the receiver runs with tests/support/killpoint on PYTHONPATH, which
 SIGKILLs it at one exact point of the commit (see that module): when the audit log is
@@ -63,3 +64,64 @@ def test_receiver_killed_inside_a_commit_logs_the_delivery_once(tmp_path: Path,
         assert logged == [(1, sha)]
     finally:
         stop_all(a, b)
+
+
+def test_a_commit_that_fails_after_its_renames_is_logged_once(tmp_path: Path) -> None:
+    """The journal append fails (EIO) after the file is in in/: the worker's recovery
+    completes the commit; its line must be logged then (it was lost: the next
+    session's recovery replaced the list, and the resend was answered from the
+    journal)."""
+    a, b = make_pair(tmp_path, start=False)
+    _arm(b, "eio:journal")
+    try:
+        start_connected(a, b)
+        data = os.urandom(3000)
+        a.drop("bravo", "data", "one.bin", data)
+        wait_for(lambda: _queued(a, "bravo") == 0
+                 and entries(b.in_dir("alpha", "data")) == ["one.bin"], 60,
+                 message=lambda: f"{a.tail(10)}\n{b.tail(10)}")
+        assert b.events("inbound_storage_failed"), b.tail()
+        sha = hashlib.sha256(data).hexdigest()
+        assert [(e["seq"], e["sha256"]) for e in _audit(b, "message_delivered")] == [(1, sha)]
+        assert [(e["seq"], e.get("recovered")) for e in b.events("message_delivered")] \
+            == [(1, True)]
+    finally:
+        stop_all(a, b)
+
+
+def test_a_failed_audit_log_refuses_deliveries_and_the_restart_logs_them(
+        tmp_path: Path) -> None:
+    """The audit log fails (ENOSPC) on the first delivery's line. That file is in in/
+    already (recovery completes its commit), but no ack may leave without the line:
+    its resend is refused (busy) while the log is failed, not answered from the
+    journal, and later files wait behind it; once linkd restarts
+    with a working log, the start-up reconciliation logs the first file's line and the
+    rest is delivered."""
+    a, b = make_pair(tmp_path, start=False)
+    _arm(b, "enospc:audit")
+    try:
+        start_connected(a, b)
+        first, second = os.urandom(3000), os.urandom(4000)
+        a.drop("bravo", "data", "first.bin", first)
+        wait_for(lambda: "first.bin" in entries(b.in_dir("alpha", "data")), 30, message=b.tail)
+        a.drop("bravo", "data", "second.bin", second)
+        # the resend of the first file is refused (not answered from the journal), and
+        # the second waits behind it (in order)
+        wait_for(lambda: any(str(e.get("reason")).startswith("the audit log ")
+                             for e in b.events("inbound_storage_failed")), 30, message=b.tail)
+        assert entries(b.in_dir("alpha", "data")) == ["first.bin"]
+        assert a.events("message_sent") == []           # nothing acknowledged
+        assert _queued(a, "bravo") == 2
+        b.stop()
+        b.env = {}
+        b.start()
+        wait_for(lambda: _queued(a, "bravo") == 0, 90,
+                 message=lambda: f"{a.tail(10)}\n{b.tail(10)}")
+        assert sorted(entries(b.in_dir("alpha", "data"))) == ["first.bin", "second.bin"]
+        lines = [(e["seq"], e["sha256"], e.get("recovered"))
+                 for e in _audit(b, "message_delivered")]
+        assert lines == [(1, hashlib.sha256(first).hexdigest(), True),
+                         (2, hashlib.sha256(second).hexdigest(), None)]
+    finally:
+        stop_all(a, b)
+

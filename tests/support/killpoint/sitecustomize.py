@@ -9,13 +9,22 @@ A daemon started with this folder first on PYTHONPATH imports this module at sta
                    `committed` (a group commit's step 5, spool/inbound.py)
 
 The process dies by SIGKILL as a power cut or the OOM killer would kill it, between
-two steps we want to prove crash-safe. Product code knows nothing of this.
+two steps we want to prove crash-safe. Or, instead of a kill, one I/O error:
+
+  eio:journal[:N]  the first (N) appends to a delivery journal raise EIO (a group
+                   commit fails after its renames, in a live process)
+  enospc:audit     every message_delivered line the audit log writes raises ENOSPC
+                   (the audit log fails and stays failed)
+
+Product code knows nothing of this.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import sys
 from typing import Any
 
 _POINT = os.environ.get("LINKD_TEST_KILL", "")
@@ -49,3 +58,31 @@ elif _POINT == "committed":
         return _saved(self, fs, **changes)
 
     _records.InState.saved = _saved_or_die  # type: ignore[method-assign]
+
+elif _POINT.startswith("eio:journal"):
+    from linkd.spool import records as _records
+
+    _append = _records.Journal.append
+    _failed: list[bool] = []
+    _times = int(_POINT.split(":")[2]) if _POINT.count(":") == 2 else 1
+
+    def _append_once(self: Any, fs: Any, entries: Any) -> None:
+        # only a group commit's append (recovery's own append is left alone)
+        if entries and len(_failed) < _times and sys._getframe(1).f_code.co_name == "commit":
+            _failed.append(True)
+            raise OSError(errno.EIO, "injected EIO", str(self.path))
+        _append(self, fs, entries)
+
+    _records.Journal.append = _append_once  # type: ignore[method-assign]
+
+elif _POINT == "enospc:audit":
+    from linkd.evidence import audit as _audit
+
+    _write = _audit.AuditLog._write
+
+    def _write_or_fail(self: Any, obj: Any) -> bytes:
+        if obj.get("event") == "message_delivered":
+            raise OSError(errno.ENOSPC, "injected ENOSPC", str(self.path))
+        return _write(self, obj)
+
+    _audit.AuditLog._write = _write_or_fail  # type: ignore[method-assign]
