@@ -203,6 +203,9 @@ class ReceiverMixin(RunnerState):
                     rx.skipping[ch] = ev.seq
                     held = inbound.lookup(ev.seq)
                     if held is not None:
+                        # unacknowledged until this batch's acks leave: if a later
+                        # step of the batch fails, the busy nack must name it
+                        rx.started(ch, ev.seq)
                         acks[ch].append(_ack_entry_from_journal(held))
                     else:
                         nacks.append((ch, ev.seq, f"seq {ev.seq} is at or below the committed "
@@ -258,7 +261,8 @@ class ReceiverMixin(RunnerState):
                 got = link.inbound[ch].commit(completed, self._announce)
                 delivered += got
                 acks[ch].extend(_ack_entry(d) for d in got)
-                rx.acked(ch, [d.seq for d in got])
+        for ch, entries in acks.items():    # nothing failed: all of them leave now
+            rx.acked(ch, [e.seq for e in entries])
         # One signature per channel and batch: re-sends answered from the journal and
         # new deliveries share one Merkle tree.
         signed = {ch: self._sign(ch, entries) for ch, entries in acks.items()}

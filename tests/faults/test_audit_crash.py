@@ -125,3 +125,25 @@ def test_a_failed_audit_log_refuses_deliveries_and_the_restart_logs_them(
     finally:
         stop_all(a, b)
 
+
+def test_a_resend_answered_from_the_journal_in_a_batch_that_fails_is_nacked(
+        tmp_path: Path) -> None:
+    """Two commits fail in a row. The resend of the first file is answered from the
+    journal in the same batch as the second file, whose commit fails: that answer
+    never leaves, so the busy nack must name the first file, not the second (it named
+    the second; the first then waited for an ack that never came, for ever)."""
+    a, b = make_pair(tmp_path, start=False)
+    _arm(b, "eio:journal:2")
+    try:
+        start_connected(a, b)
+        a.drop("bravo", "data", "f0.bin", os.urandom(3000))
+        wait_for(lambda: b.events("inbound_storage_failed"), 30, message=b.tail)
+        a.drop("bravo", "data", "f1.bin", os.urandom(3000))
+        wait_for(lambda: _queued(a, "bravo") == 0, 30,
+                 message=lambda: f"{a.tail(10)}\n{b.tail(10)}")
+        assert sorted(entries(b.in_dir("alpha", "data"))) == ["f0.bin", "f1.bin"]
+        assert len(b.events("inbound_storage_failed")) == 2
+        assert sorted(e["seq"] for e in a.events("message_sent")) == [1, 2]
+        assert sorted(e["seq"] for e in _audit(b, "message_delivered")) == [1, 2]
+    finally:
+        stop_all(a, b)
