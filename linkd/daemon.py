@@ -198,7 +198,7 @@ class Daemon:
                         self.log.warning("recovery", peer=link.name, problem=problem)
                     if tail is not None:    # every delivery since the tail began has its line
                         link.reconcile_audit(tail)
-                    link.log_recovered()
+                    await link.log_recovered()
                     link.refresh_queued()       # the counts are right from READY on
                 await nursery.start(serve_status, self.board, cfg.node.status_socket,
                                     Controller(self))

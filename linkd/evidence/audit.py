@@ -100,6 +100,23 @@ class AuditTail:
     delivered: set[tuple[str, str, int, str]]   # (peer, channel, seq, sha256)
 
 
+def _line_number(raw: bytes) -> int | None:
+    try:
+        number = json.loads(raw)["line"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return number if isinstance(number, int) else None
+
+
+def _first_line_number(data: bytes) -> int:
+    """The `line` of the first whole line of `data` (a file read from its start)."""
+    return _line_number(data.split(b"\n", 1)[0]) or 0
+
+
+def _last_line_number(data: bytes) -> int | None:
+    return _line_number(data.rstrip(b"\n").rsplit(b"\n", 1)[-1])
+
+
 def _epoch(stamp: str) -> float:
     return dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
@@ -242,13 +259,17 @@ class AuditLog:
             sig = self.signer.sign(canonical_json(obj))
             obj["sig"] = base64.b64encode(sig).decode("ascii")
             del obj["line"], obj["prev"]
-            raw = self._write(obj)
-            self.since_checkpoint = 0
-            self.sync()
-            self.latest_checkpoint = raw
-            self.checkpoints += 1
-            if os.fstat(self.fd).st_size > self.max_bytes:
-                self._rotate()
+            try:
+                raw = self._write(obj)
+                self.since_checkpoint = 0
+                self.sync()
+                self.latest_checkpoint = raw
+                self.checkpoints += 1
+                if os.fstat(self.fd).st_size > self.max_bytes:
+                    self._rotate()
+            except OSError as exc:
+                self.failed = self.failed or exc
+                raise
             return raw
 
     def _rotate(self) -> None:
@@ -271,20 +292,14 @@ class AuditLog:
                 raise OSError(self.failed.errno, f"audit log {self.path}: "
                                                  f"{self.failed.strerror or self.failed}")
             if self.dirty and self.fd >= 0:
-                os.fsync(self.fd)
+                try:
+                    os.fsync(self.fd)
+                except OSError as exc:
+                    # Linux reports a failed write-back once per file: the next fsync
+                    # would "succeed" with the lines lost. Failed stays failed.
+                    self.failed = exc
+                    raise
                 self.dirty = False
-
-    def delivered_in_tail(self, peer: str, channel: str, wanted: Mapping[int, str],
-                          tail_bytes: int = TAIL_LOOKUP_BYTES) -> set[int]:
-        """Which of `wanted` (seq -> SHA-256 hex) already have a message_delivered line
-        for (peer, channel) in the log's tail (see `tail`). Used after recovery: the
-        receiver writes a batch's lines just before recording the commit
-        (Inbound.commit's `announce`), so a batch recovery completes may already be
-        logged, at the very end of the log."""
-        if not wanted:
-            return set()
-        found = self.tail(tail_bytes).delivered
-        return {seq for seq, sha in wanted.items() if (peer, channel, seq, sha) in found}
 
     def tail(self, tail_bytes: int = TAIL_LOOKUP_BYTES) -> AuditTail:
         """The message_delivered lines of the last `tail_bytes` of the log (of the
@@ -303,9 +318,14 @@ class AuditLog:
                 try:
                     with open(rotated[-1], "rb") as f:
                         f.seek(max(0, os.fstat(f.fileno()).st_size - (tail_bytes - size)))
-                        data = f.read() + b"\n" + data
+                        older = f.read()
                 except OSError:
-                    pass
+                    older = b""
+                # only the file the current one continues (line numbers follow on): a
+                # newest rotated file moved away must not make an older one count
+                if _last_line_number(older) is not None and \
+                        _last_line_number(older) == _first_line_number(data) - 1:
+                    data = older + b"\n" + data
         lines = data.split(b"\n")
         since = time.time()
         for raw in lines[1:] if len(lines) > 1 else lines:   # the first may be cut

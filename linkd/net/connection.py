@@ -283,7 +283,7 @@ class SessionRunner(SenderMixin, ReceiverMixin):
                 problems += await spool.recover_outbound()
         for p in problems:
             self.log.warning("recovery", problem=p)
-        link.log_recovered()
+        await link.log_recovered()
 
     async def close(self, reason: str, error: bool = False) -> None:
         """A goodbye from our side (shutdown, reload, losing a tie-break; `error` for a

@@ -141,6 +141,7 @@ class PeerLink:
             for c in added:
                 await self.spools[c.name].recover_outbound()
                 await in_thread(self.inbound[c.name].recover)
+            await self.log_recovered()
         self._rescan.set()
 
     # -- the slot -------------------------------------------------------------
@@ -212,18 +213,21 @@ class PeerLink:
                                 "sha256": None})
         return entries
 
-    def log_recovered(self) -> None:
-        """Log deliveries that crash recovery completed (their session never did)."""
+    async def log_recovered(self) -> None:
+        """Log deliveries that crash recovery completed (their session never did),
+        except those whose line the audit log's tail already holds: written by the
+        receiver's announce just before a crash (spool/inbound.py, K3)."""
+        taken = [(name, inbound.take_recovered()) for name, inbound in self.inbound.items()]
+        taken = [(name, done) for name, done in taken if done]
+        if not taken:
+            return
         audit = audit_mod.current()
-        for name, inbound in self.inbound.items():
-            logged: set[int] = set()
-            if audit is not None and inbound.recovered:
-                # written by the receiver's announce just before the crash (spool/inbound.py K3)
-                logged = audit.delivered_in_tail(self.name, name,
-                                                 {d.seq: d.sha256 for d in inbound.recovered})
-            for d in inbound.recovered:
+        tail = await in_thread(audit.tail) if audit is not None else None
+        for name, done in taken:
+            for d in done:
                 self.status.channel(name).note_received(d.size)
-                if d.seq in logged:
+                if tail is not None and \
+                        (self.name, name, d.seq, d.sha256) in tail.delivered:
                     continue
                 fields: dict[str, object] = dict(peer=self.name, channel=d.channel, name=d.name,
                                                  seq=d.seq, size=d.size, sha256=d.sha256,
@@ -231,22 +235,24 @@ class PeerLink:
                 if d.sent_name != d.name:
                     fields["sent_name"] = d.sent_name
                 self.log.info("message_delivered", **fields)
-            inbound.recovered = []
 
     def reconcile_audit(self, tail: AuditTail) -> None:
         """At start-up: log message_delivered (recovered=True) for each journaled
         delivery made since the audit log's tail began that has no line in it -- one
         whose line a crash or a failed audit log lost (docs/EVIDENCE.md). Deliveries
         older than the tail are not judged. Covers what recovery just completed."""
+        now = time.time()
         for name, inbound in self.inbound.items():
-            for d in inbound.recovered:
+            for d in inbound.take_recovered():
                 self.status.channel(name).note_received(d.size)
-            inbound.recovered = []
             for e in inbound.journaled():
                 seq, sha = e.get("seq"), e.get("sha256")
                 when = e.get("delivered_at")
+                # (a delivered_at in the future: the clock was stepped back since; its
+                # line, if any, is older than the tail's start by the clock: not judged)
                 if not isinstance(seq, int) or not isinstance(when, int | float) \
-                        or when < tail.since or (self.name, name, seq, sha) in tail.delivered:
+                        or not tail.since <= when <= now \
+                        or (self.name, name, seq, sha) in tail.delivered:
                     continue
                 fields: dict[str, object] = dict(peer=self.name, channel=name,
                                                  name=e.get("name"), seq=seq,

@@ -101,12 +101,17 @@ class ReceiverMixin(RunnerState):
                         return
                     # a commit that failed after its renames is complete now: log it
                     # (its resend will be answered from the journal)
-                    self.link.log_recovered()
+                    await self.link.log_recovered()
                 returned = sum(len(ev.data) for ev in batch if isinstance(ev, S.MessageData))
                 self.session.grant(ch, returned)
-                seq = rx.oldest_unacked(ch)
-                if seq is not None and not rx.discarding(ch):
-                    self.session.send_nack(ch, seq, f"receiver cannot store it now: {exc}",
+                # The oldest message not acknowledged: of earlier batches, or started or
+                # answered in this one (whose acks and nacks were all lost with it, even
+                # a nack that had already started discarding), so the sender rewinds
+                # to it; resending too early costs a journal answer, too late a message.
+                pending = [s for s in (rx.oldest_unacked(ch), rx.batch_low) if s is not None]
+                if pending:
+                    self.session.send_nack(ch, min(pending),
+                                           f"receiver cannot store it now: {exc}",
                                            True, F.NACK_BUSY, busy_wait)
                     rx.discard(ch)
                 busy_wait = min(busy_wait * 2, BUSY_WAIT[1])
@@ -177,6 +182,9 @@ class ReceiverMixin(RunnerState):
         audit = audit_mod.current()
         unaudited = audit.refusal() if audit is not None else ""
         checked: set[str] = set()        # channels whose tmp/ a begin() of this batch checked
+        # what the error path nacks if this batch fails: its discard() calls may drop
+        # earlier messages from the unacknowledged list before the failure
+        rx.batch_low = rx.oldest_unacked(batch[0].ch) if batch else None
         for ev in batch:
             ch = ev.ch
             inbound = link.inbound.get(ch)
@@ -187,6 +195,7 @@ class ReceiverMixin(RunnerState):
             if not rx.passes(ev):
                 continue
             if isinstance(ev, S.MessageStart):
+                rx.batch_low = ev.seq if rx.batch_low is None else min(rx.batch_low, ev.seq)
                 rx.skipping.pop(ch, None)
                 names[(ch, ev.seq)] = ev.name
                 if ev.rewind:
@@ -305,6 +314,7 @@ class _Receiver:
     def __init__(self) -> None:
         self._discard: dict[str, DiscardUntilRewind] = {}
         self.skipping: dict[str, int] = {}      # channel -> seq whose data we ignore
+        self.batch_low: int | None = None       # lowest unacked or started in this batch
         self._unacked: dict[str, list[int]] = collections.defaultdict(list)
 
     def discard(self, ch: str) -> None:

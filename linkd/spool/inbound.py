@@ -77,6 +77,7 @@ import dataclasses
 import hashlib
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -186,9 +187,10 @@ class Inbound:
         self._unreported: list[Delivered] = []   # renamed in a commit that then failed
         self._ready = False
         self._refused: str | None = None         # a symlinked spool folder (see the top)
-        # deliveries the last recover() completed: the daemon logs them after each
-        # recover() (PeerLink.log_recovered), before another can replace them
+        # deliveries recover() completed and the daemon has not yet taken to log
+        # (take_recovered(); recover() runs in worker threads, hence the lock)
         self.recovered: list[Delivered] = []
+        self._recovered_lock = threading.Lock()
 
     @property
     def committed(self) -> int:
@@ -201,6 +203,12 @@ class Inbound:
     def lookup(self, seq: int) -> dict[str, object] | None:
         """What we committed under `seq` (from the journal), if we still know."""
         return self._journal.lookup(seq)
+
+    def take_recovered(self) -> list[Delivered]:
+        """The deliveries recovery completed since the last call (to be logged once)."""
+        with self._recovered_lock:
+            done, self.recovered = self.recovered, []
+        return done
 
     def journaled(self) -> list[dict[str, Any]]:
         """The recent committed deliveries the journal holds, oldest first."""
@@ -221,8 +229,9 @@ class Inbound:
             except OSError:
                 pass
             self._xfer = None
+        where = f" ({exc.filename})" if exc.filename is not None else ""
         return SpoolError(f"{what} on {self.layout.peer}/{self.channel} failed: "
-                          f"{exc.strerror or exc} ({exc.filename})")
+                          f"{exc.strerror or exc}{where}")
 
     def _partial_path(self, seq: int) -> Path:
         return self._tmp / f"{self.channel}.{seq}.part"
@@ -254,7 +263,9 @@ class Inbound:
             self._refused = None
             for folder in folders:
                 make_folder(folder, FOLDER_MODE, self.fs)
-            self.recovered = self._recover(problems)
+            done = self._recover(problems)
+            with self._recovered_lock:
+                self.recovered = self.recovered + done
         except OSError as exc:
             raise self._broken("recovery", exc) from None
         self._unreported = []

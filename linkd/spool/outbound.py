@@ -221,8 +221,9 @@ class Outbound(PickupMixin, RecoveryMixin):
             return ResourceBusy(f"{what} on {self.layout.peer}/{self.channel}: "
                                 f"{exc.strerror or exc}: will retry")
         self._ready = False
+        where = f" ({exc.filename})" if exc.filename is not None else ""
         return SpoolError(f"{what} on {self.layout.peer}/{self.channel} failed: "
-                          f"{exc.strerror or exc} ({exc.filename})")
+                          f"{exc.strerror or exc}{where}")
 
     def pending(self) -> list[Claimed]:
         """Every claimed, unresolved item in seq order. Beyond the window this reads

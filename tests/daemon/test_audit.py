@@ -232,12 +232,50 @@ def test_the_tail_finds_delivered_lines_by_content_and_across_a_rotation(tmp_pat
     delivered(3, "c" * 64)
     delivered(5, "e" * 64, channel="other")
     wanted = {1: "a" * 64, 2: "f" * 64, 3: "c" * 64, 4: "d" * 64, 5: "e" * 64}
-    assert log.delivered_in_tail("alpha", "data", wanted) == {1, 3}
-    assert log.delivered_in_tail("alpha", "other", wanted) == {5}
-    assert log.delivered_in_tail("charlie", "data", wanted) == set()
+
+    def found(peer: str, channel: str) -> set[int]:
+        tail = log.tail()
+        return {s for s, sha in wanted.items() if (peer, channel, s, sha) in tail.delivered}
+    assert found("alpha", "data") == {1, 3}         # 2: other content; 4: never logged
+    assert found("alpha", "other") == {5}
+    assert found("charlie", "data") == set()
     # a short tail: only the newest lines, and `since` is the first whole line's time
     tail = log.tail(tail_bytes=len((tmp_path / "audit" / "audit.jsonl").read_bytes()))
     assert ("alpha", "data", 1, "a" * 64) not in tail.delivered
     assert ("alpha", "data", 3, "c" * 64) in tail.delivered
     assert start - 1 <= tail.since <= time.time()
+    # the newest rotated file moved away: an older one is not taken for it
+    rotated = A.rotated_files(tmp_path / "audit")
+    log._rotate()
+    delivered(6, "6" * 64)
+    rotated_again = A.rotated_files(tmp_path / "audit")
+    rotated_again[-1].rename(tmp_path / "moved-away.jsonl")
+    assert rotated == A.rotated_files(tmp_path / "audit")
+    assert found("alpha", "data") == set()          # 1 and 3 are in files not read
+    log.close()
+
+
+def test_a_failed_fsync_fails_the_log_for_good(tmp_path, monkeypatch):
+    """Linux reports a failed write-back once per file: the next fsync "succeeds" with
+    the lines lost. So the first failure must mark the log failed (deliveries are then
+    refused, linkd/net/receiver.py), not be forgotten by the next sync."""
+    log = A.AuditLog(tmp_path / "audit", "bravo", None)
+    log.open()
+    log.record({"event": "message_delivered", "peer": "alpha", "seq": 1})
+    real = os.fsync
+    calls = []
+
+    def failing_once(fd):
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(5, "Input/output error")
+        return real(fd)
+    monkeypatch.setattr(A.os, "fsync", failing_once)
+    with pytest.raises(OSError):
+        log.sync()
+    assert "cannot be written (Input/output error)" in log.refusal()
+    log.record({"event": "message_delivered", "peer": "alpha", "seq": 2})
+    with pytest.raises(OSError):
+        log.sync()                                  # still failed, not "fine" again
+    monkeypatch.setattr(A.os, "fsync", real)
     log.close()

@@ -7,11 +7,13 @@ waiting on one: the message it was about to start must not go out carrying the r
 flag past the nacked message.
 """
 
+import hashlib
 import os
 import threading
 import time
 
 import trio
+import trio.lowlevel
 import trio.testing
 import trustme
 from memlink import drop, make_link, node_config, peer_config, scan_sync
@@ -141,3 +143,53 @@ async def test_events_queued_before_the_nack_are_discarded_by_the_inbound_worker
     assert inbound.committed == len(names)
     assert [inbound.lookup(seq)["sent_name"] for seq in range(1, len(names) + 1)] == names
     assert outbound.pending() == [] and outbound.acked == len(names)
+
+
+async def test_a_batch_that_fails_after_a_refusal_still_nacks_the_oldest(tmp_path,
+                                                                         monkeypatch):
+    """Found by review: message 5 completes and message 6 starts in one batch while the
+    audit log has failed. 6 is refused (a busy nack, which starts discarding and
+    forgets 5 as unacknowledged), then 5's commit fails (its audit line cannot be made
+    durable) and the batch's nacks are lost with it. The worker must still nack 5 --
+    it sent nothing, and the channel waited for ever."""
+    from linkd.evidence import audit as A
+
+    async def inline(fn, *args, **kwargs):
+        await trio.lowlevel.checkpoint()
+        return fn(*args)
+    monkeypatch.setattr(trio.to_thread, "run_sync", inline)
+    ca = trustme.CA()
+    b = make_link(node_config(tmp_path, ca, "bravo", [peer_config("alpha")]), "alpha")
+    log = A.AuditLog(tmp_path / "audit", "bravo", None)
+    log.open()
+    A.install(log)
+    try:
+        runner = SessionRunner(b, trio.testing.MemorySendStream(), remote="a",
+                               dialed_by_us=False, tls_info=None)
+        runner.session = S.Session(node="bravo", peer="alpha", now=0.0,
+                                   channels=runner.hello_channels())
+        nacks: list[tuple[str, int, str]] = []
+        monkeypatch.setattr(runner.session, "send_nack",
+                            lambda ch, seq, reason, *rest: nacks.append((ch, seq, reason)))
+        monkeypatch.setattr(runner.session, "send_ack", lambda *a, **k: None)
+        monkeypatch.setattr(runner.session, "grant", lambda *a, **k: None)
+        send, receive = trio.open_memory_channel[S.MessageEvent](100)
+        runner.inbound_qs = {"data": (send, receive)}
+        b.inbound["data"].recover()
+        body = b"x" * 10
+        sha = hashlib.sha256(body).digest()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(runner._inbound_worker, receive)
+            send.send_nowait(S.MessageStart("data", 5, "five", 10, sha, 0))
+            await trio.testing.wait_all_tasks_blocked()
+            log.failed = OSError(28, "No space left on device")
+            for ev in (S.MessageData("data", 5, 0, body), S.MessageComplete("data", 5),
+                       S.MessageStart("data", 6, "six", 10, sha, 0)):
+                send.send_nowait(ev)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+    finally:
+        A.install(None)
+        log.close()
+    assert [(ch, seq) for ch, seq, _ in nacks] == [("data", 5)], nacks
+    assert "receiver cannot store it now" in nacks[0][2]

@@ -104,7 +104,7 @@ class LinkModel(RuleBasedStateMachine):
                     pass
                 self.h.ob.recover()
                 self.h.ib.recover()
-                self.events += self.h.ib.recovered
+                self.events += self.h.ib.take_recovered()
                 if hello_ack:
                     self.h.acked = []
                     self.h._probe()

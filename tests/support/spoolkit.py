@@ -167,7 +167,7 @@ class LinkHarness:
     def session(self) -> None:
         self.problems += self.ob.recover()
         self.problems += self.ib.recover()
-        self.delivered += self.ib.recovered
+        self.delivered += self.ib.take_recovered()
         self._check_committed()
         self.audit("recovered")
         self._probe()
