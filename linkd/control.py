@@ -42,6 +42,7 @@ from typing import Any
 import trio
 
 from .spool.fs import fsync_dir
+from .status.server import Streamed
 
 PAUSE_FILE = "paused.json"
 RENAME_NOREPLACE = 1
@@ -295,13 +296,10 @@ class Controller:
         peer, channel = params.get("peer") or None, params.get("channel") or None
         if peer is not None and peer not in self.daemon.links:
             return 404, {"error": f"no peer named {peer!r}"}
-        source = getattr(self.daemon, "queue_entries", None)
+        source = getattr(self.daemon, "queue_chunks", None)
         if source is None:
             return 200, []
-        entries = source(peer, channel)
-        if hasattr(entries, "__await__"):
-            entries = await entries
-        return 200, list(entries)
+        return 200, Streamed(source(peer, channel))
 
     async def failed(self, params: dict[str, Any]) -> tuple[int, Any]:
         peer, channel = params.get("peer") or None, params.get("channel") or None

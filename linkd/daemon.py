@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import itertools
+import json
 import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from functools import partial
 from pathlib import Path
 
@@ -40,7 +42,6 @@ from .errors import (
 from .evidence import audit as audit_mod
 from .evidence import service as evidence
 from .expiry import ExpiryWatch, tls_dates
-from .jsontypes import JSONObject
 from .metrics import tls_refusal_kind
 from .net.admission import Gate, Limits, serve_listener
 from .net.connection import SessionRunner
@@ -59,6 +60,7 @@ from .status import (
 STOP_GRACE = 5.0
 HOUSEKEEPING = 2.0          # seconds between recounts of failed/ and quarantine/
 HOUSEKEEPING_FOLDERS = 50   # folders one recount pass checks (more: a share each pass)
+QUEUE_CHUNK = 500           # queue entries listed and encoded per thread hop (GET /queue)
 # Goodbye reasons a peer's dialler takes as "back at once, redial now" (supervisor.py).
 BYE_SHUTDOWN = "shutdown: peer is shutting down"
 BYE_RELOAD = "reload: configuration reloaded, redial at once"
@@ -108,12 +110,27 @@ class Daemon:
         self._show_paused(link.name)
         return link
 
-    async def queue_entries(self, peer: str | None = None,
-                            channel: str | None = None) -> list[JSONObject]:
-        """Every queued file (GET /queue, `linkctl queue`), oldest first per channel.
-        In a thread: listing a big out/ must not stall the event loop."""
+    async def queue_chunks(self, peer: str | None = None,
+                           channel: str | None = None) -> AsyncIterator[bytes]:
+        """Every queued file (GET /queue, `linkctl queue`) as one JSON array, oldest
+        first per channel, in pieces of QUEUE_CHUNK entries, each listed and encoded
+        in a thread hop: a queue of 100,000 neither stalls the event loop nor is held
+        in memory at once (CONTRACT §6, bounded memory)."""
         links = [link for name, link in list(self.links.items()) if peer is None or name == peer]
-        return await in_thread(lambda: [e for link in links for e in link.queue_entries(channel)])
+        entries = (e for link in links for e in link.iter_queue_entries(channel))
+
+        def encode_next() -> bytes:
+            part = list(itertools.islice(entries, QUEUE_CHUNK))
+            return ",".join(json.dumps(e) for e in part).encode()
+        yield b"["
+        first = True
+        while True:
+            text = await in_thread(encode_next)
+            if not text:
+                break
+            yield text if first else b"," + text
+            first = False
+        yield b"]\n"
 
     def on_pause_changed(self, peer: str) -> None:
         """The pause controller changed `peer`'s pauses: a resumed channel sends now."""

@@ -22,7 +22,7 @@ would reach into the others.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, TypeVar, TypeVarTuple
 
 import trio
@@ -180,10 +180,13 @@ class PeerLink:
                 stats.oldest_queued_age_s = None if oldest is None else round(now - oldest, 3)
 
     def queue_entries(self, channel: str | None = None) -> list[JSONObject]:
-        """Every queued file of this peer (CONTRACT §10 `linkctl queue`), oldest first
-        per channel; files still waiting in out/ come last with seq None."""
+        return list(self.iter_queue_entries(channel))
+
+    def iter_queue_entries(self, channel: str | None = None) -> Iterator[JSONObject]:
+        """Blocking: every queued file of this peer (CONTRACT §10 `linkctl queue`),
+        oldest first per channel; files still waiting in out/ come last with seq None.
+        One at a time: a queue of 100,000 is streamed, never held as one list."""
         now = time.time()
-        entries: list[JSONObject] = []
         runner = self.active
         for name, out in list(self.outbound.items()):
             if channel is not None and name != channel:
@@ -199,19 +202,18 @@ class PeerLink:
                     sent_bytes, in_flight = runner.progress(name, item.seq)
                 state = "held" if held and not in_flight else (
                     "in_flight" if in_flight else "waiting")
-                entries.append({"peer": self.name, "channel": name, "seq": item.seq,
-                                "name": item.name, "size": item.size,
-                                "age_s": round(max(0.0, now - item.claimed_at), 3),
-                                "sent_bytes": sent_bytes, "state": state,
-                                "reason": held if state == "held" else None,
-                                "sha256": item.sha256})
+                yield {"peer": self.name, "channel": name, "seq": item.seq,
+                       "name": item.name, "size": item.size,
+                       "age_s": round(max(0.0, now - item.claimed_at), 3),
+                       "sent_bytes": sent_bytes, "state": state,
+                       "reason": held if state == "held" else None,
+                       "sha256": item.sha256}
             for fname, size, ctime in out.waiting_files():
-                entries.append({"peer": self.name, "channel": name, "seq": None,
-                                "name": fname, "size": size,
-                                "age_s": round(max(0.0, now - ctime), 3), "sent_bytes": 0,
-                                "state": "held" if held else "waiting", "reason": held,
-                                "sha256": None})
-        return entries
+                yield {"peer": self.name, "channel": name, "seq": None,
+                       "name": fname, "size": size,
+                       "age_s": round(max(0.0, now - ctime), 3), "sent_bytes": 0,
+                       "state": "held" if held else "waiting", "reason": held,
+                       "sha256": None}
 
     async def log_recovered(self) -> None:
         """Log deliveries that crash recovery completed (their session never did),

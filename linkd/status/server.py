@@ -33,6 +33,7 @@ import socket
 import stat
 import struct
 import urllib.parse
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -119,7 +120,16 @@ class Control(Protocol):
                      privileged: bool) -> tuple[int, Any]: ...
 
 
-Route = tuple[int, str, bytes, bool]
+class Streamed:
+    """A JSON answer too big to build at once (GET /queue): sent as it is produced,
+    with chunked transfer encoding, so the daemon's memory does not grow with it."""
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self.chunks = chunks
+
+
+Body = bytes | Streamed
+Route = tuple[int, str, Body, bool]
 READ_PATHS = (b"/healthz", b"/status", b"/metrics", b"/queue", b"/failed")
 WRITE_PATHS = (b"/pause", b"/resume", b"/retry", b"/reconnect")
 
@@ -206,8 +216,9 @@ async def _connection(board: StatusBoard, stream: trio.SocketStream,
                 else:
                     status, ctype, body, close = await _route(board, request, body_in,
                                                               control, privileged(uid))
-                headers = [("Content-Type", ctype), ("Content-Length", str(len(body))),
-                           ("Cache-Control", "no-store")]
+                headers = [("Content-Type", ctype), ("Cache-Control", "no-store")]
+                if isinstance(body, bytes):
+                    headers.append(("Content-Length", str(len(body))))
                 if close:
                     headers.append(("Connection", "close"))
                 if status == 405:
@@ -215,7 +226,14 @@ async def _connection(board: StatusBoard, stream: trio.SocketStream,
                     headers.append(("Allow", "POST" if target in WRITE_PATHS else "GET, HEAD"))
                 data = conn.send(h11.Response(status_code=status, headers=headers,
                                               reason=http.client.responses.get(status, "")))
-                if request.method != b"HEAD":
+                if isinstance(body, Streamed):
+                    # (without a length h11 chunks it, or closes after it for HTTP/1.0)
+                    await stream.send_all(data)
+                    data = b""
+                    if request.method != b"HEAD":
+                        async for chunk in body.chunks:
+                            await stream.send_all(conn.send(h11.Data(data=chunk)))
+                elif request.method != b"HEAD":
                     data += conn.send(h11.Data(data=body))
                 await stream.send_all(data + conn.send(h11.EndOfMessage()))
                 if conn.our_state is h11.MUST_CLOSE:
@@ -315,6 +333,8 @@ async def _route(board: StatusBoard, request: h11.Request, body: bytes,
                 return _json(200, [])
             return _json(503, {"error": "this server has no control over a daemon"})
         status, answer = await control.handle(request.method.decode(), path, params, allowed)
+        if isinstance(answer, Streamed):
+            return status, "application/json", answer, False
         return _json(status, answer)
     except Exception:
         log.exception("status_render_failed", path=path)
