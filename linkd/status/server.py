@@ -206,7 +206,7 @@ async def _connection(board: StatusBoard, stream: trio.SocketStream,
     uid = None if metrics_only else peer_uid(stream)
     try:
         while True:
-            with trio.move_on_after(REQUEST_TIMEOUT):
+            with trio.move_on_after(REQUEST_TIMEOUT) as deadline:
                 got = await _read_request(conn, stream)
                 if got is None:
                     return
@@ -232,6 +232,9 @@ async def _connection(board: StatusBoard, stream: trio.SocketStream,
                     data = b""
                     if request.method != b"HEAD":
                         async for chunk in body.chunks:
+                            # a long answer may take longer than one request's time;
+                            # each piece gets it (a client that stops reading is cut)
+                            deadline.deadline = trio.current_time() + REQUEST_TIMEOUT
                             await stream.send_all(conn.send(h11.Data(data=chunk)))
                 elif request.method != b"HEAD":
                     data += conn.send(h11.Data(data=body))
