@@ -169,7 +169,8 @@ class Daemon:
                 raise StartupError(str(exc)) from None
             self.pauses.subscribe(lambda peer, _channel, _paused: self._show_paused(peer))
             try:
-                await in_thread(evidence.open_audit, cfg)   # the audit log (docs/EVIDENCE.md)
+                audit = await in_thread(evidence.open_audit, cfg)   # docs/EVIDENCE.md
+                self.board.audit_problem = audit.refusal
             except (OSError, ValueError) as exc:
                 raise StartupError(f"cannot open the audit log in {cfg.node.state_dir}/audit: "
                                    f"{exc} (check state_dir and the key)") from None

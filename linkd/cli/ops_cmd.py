@@ -238,6 +238,9 @@ def evaluate(doc: dict[str, Any], heartbeat_timeout: float, max_queue_age: float
                 warning.append(f"{name}/{c.get('name')} {c['failed']} in failed/")
         if p.get("quarantined"):
             warning.append(f"{name} {p['quarantined']} in quarantine/")
+    audit = doc.get("audit") or {}
+    if audit.get("failed"):
+        critical.append(f"deliveries refused: {_clean(str(audit['failed']))[:160]}")
     tls = doc.get("tls") or {}
     dates = [("our certificate", tls.get("cert_not_after")),
              ("CRL", tls.get("crl_next_update"))]

@@ -196,6 +196,8 @@ class StatusBoard:
         self.crl_next_update: dt.datetime | None = None    # [tls].crl, when configured
         self.connect_failures: dict[tuple[str, str], int] = {}   # (peer, reason) -> count
         self.tls_refusals: dict[str, int] = {}                   # reason -> count
+        # why the audit log cannot be written ("" if it can): set by the daemon
+        self.audit_problem: Callable[[], str] = lambda: ""
 
     def add_peer(self, name: str, channels: Iterable[str], state: str) -> PeerStatus:
         """Register a peer (or, if known, keep its counters and sync its channels)."""
@@ -231,7 +233,9 @@ class StatusBoard:
                 "started_at": _iso(self.started_at),
                 "peers": [p.document() for p in self.peers.values()],
                 "tls": {"cert_not_after": _iso(self.cert_not_after),
-                        "crl_next_update": _iso(self.crl_next_update)}}
+                        "crl_next_update": _iso(self.crl_next_update)},
+                # while it has failed, every delivery is refused (docs/EVIDENCE.md)
+                "audit": {"failed": self.audit_problem() or None}}
 
     def metrics(self) -> str:
         """Prometheus text exposition format 0.0.4 of the board (no process_* metrics)."""

@@ -99,3 +99,11 @@ def test_a_peers_goodbye_with_escape_codes_is_printed_escaped(tmp_path):
         assert "ALL LINKS OK" in json.loads(run.stdout)["peers"][0]["last_error"]
     finally:
         stop_all(b)
+
+
+def test_check_is_critical_while_the_audit_log_cannot_be_written():
+    doc = {"node": "n", "peers": [], "audit": {"failed": "the audit log /s/audit.jsonl "
+                                                         "cannot be written (No space)"}}
+    code, line = evaluate(safe_doc(doc), 15.0, None)
+    assert code == 2 and line.startswith("CRITICAL: deliveries refused: the audit log ")
+    assert evaluate({"node": "n", "peers": [], "audit": {"failed": None}}, 15.0, None)[0] == 0

@@ -456,7 +456,9 @@ async def test_linkctl_status_json_and_metrics(sock_path: Path,
         assert await trio.to_thread.run_sync(run_status, sock_path, True) == 0
         out = capsys.readouterr().out
         assert json.loads(out) == json.loads(json.dumps(board.document()))
-        assert list(json.loads(out)) == ["node", "version", "started_at", "peers", "tls"]
+        # the contract's keys, then ours: `audit` (why deliveries are refused, or null)
+        assert list(json.loads(out)) == ["node", "version", "started_at", "peers", "tls",
+                                         "audit"]
         assert await trio.to_thread.run_sync(run_metrics, sock_path) == 0
         assert without_process(capsys.readouterr().out) == board.metrics()
         nursery.cancel_scope.cancel()

@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +114,14 @@ def test_a_failed_audit_log_refuses_deliveries_and_the_restart_logs_them(
         assert entries(b.in_dir("alpha", "data")) == ["first.bin"]
         assert a.events("message_sent") == []           # nothing acknowledged
         assert _queued(a, "bravo") == 2
+        # the operator sees it plainly: /status and a CRITICAL check on the receiver
+        assert "injected ENOSPC" in b.status()["audit"]["failed"]
+        check = subprocess.run([sys.executable, "-m", "linkd.cli.linkctl_main", "-s",
+                                str(b.socket), "check"], capture_output=True, text=True,
+                               timeout=30)
+        assert check.returncode == 2, check.stdout + check.stderr
+        assert check.stdout.startswith("CRITICAL: deliveries refused: the audit log "), \
+            check.stdout
         b.stop()
         b.env = {}
         b.start()
@@ -122,6 +132,7 @@ def test_a_failed_audit_log_refuses_deliveries_and_the_restart_logs_them(
                  for e in _audit(b, "message_delivered")]
         assert lines == [(1, hashlib.sha256(first).hexdigest(), True),
                          (2, hashlib.sha256(second).hexdigest(), None)]
+        assert b.status()["audit"] == {"failed": None}
     finally:
         stop_all(a, b)
 
