@@ -108,6 +108,11 @@ class BoardCollector(Collector):
                                   "Start time of the daemon, Unix seconds.")
         start.add_metric([], board.started_at.timestamp())
         yield start
+        audit = GaugeMetricFamily("linkd_audit_log_failed",
+                                  "1 while the audit log cannot be written (every delivery "
+                                  "is refused until linkd restarts), else 0.")
+        audit.add_metric([], 1.0 if board.audit_problem() else 0.0)
+        yield audit
 
         def gauge(name: str, text: str, labels: list[str],
                   rows: Iterable[tuple[list[str], float | None]]) -> GaugeMetricFamily:

@@ -210,6 +210,9 @@ def test_metrics_parse_with_linkd_names_and_values() -> None:
 
     assert value("linkd_info", node="alpha", version="0.1.0") == 1
     assert value("linkd_start_time_seconds") == T0.timestamp()
+    assert value("linkd_audit_log_failed") == 0
+    board.audit_problem = lambda: "the audit log ... cannot be written"
+    assert ("linkd_audit_log_failed", {}, 1.0) in parse_metrics(board.metrics())[1]
     assert value("linkd_peer_up", peer="bravo") == 1
     assert value("linkd_peer_up", peer="charlie") == 0
     assert value("linkd_peer_state", peer="bravo", state="connected") == 1
