@@ -562,6 +562,7 @@ class Outbound(PickupMixin, RecoveryMixin):
         if not ready:
             return done, failed
         self._check(self._out, self._q)
+        moved = False       # a file has left out/: a failure from here on needs recover()
         try:
             now = time.time()
             items = []
@@ -585,6 +586,7 @@ class Outbound(PickupMixin, RecoveryMixin):
                 except FileNotFoundError:
                     unlink_quietly(self.fs, self._rec(item.seq, "meta"))
                     continue        # vanished since examine(): nothing to send
+                moved = True
                 st = os.lstat(item.path)
                 if not stat.S_ISREG(st.st_mode):
                     failed.append(self._fail_claimed(item, "is not a regular file"))
@@ -604,6 +606,12 @@ class Outbound(PickupMixin, RecoveryMixin):
                 # a crash need only check the claims from here on
                 self._save_state()
         except OSError as exc:
+            if moved:
+                # Even out of descriptors (EMFILE, which is "retry later", not broken):
+                # files are in queue/ under seqs not yet durable nor known to the
+                # sender; only recovery may adopt them (it fsyncs first). Retrying the
+                # claim instead left such a file in queue/ for ever, never sent.
+                self._ready = False
             raise self._broken("claiming", exc) from None
         for item in done:
             self._add(item)

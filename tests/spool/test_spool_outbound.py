@@ -544,3 +544,28 @@ def test_a_claim_batch_shares_one_syncfs_and_the_meta_precedes_every_rename(layo
     ob.scan()
     assert [op for op, _ in fs.trace].count("fsync") == 1 and \
         "syncfs" not in [op for op, _ in fs.trace]
+
+
+def test_out_of_descriptors_after_a_rename_leaves_nothing_unsent(layout):
+    """Found by the operator campaign under a descriptor squeeze: a claim that ran
+    out of descriptors (EMFILE: "retry later") after moving a file into queue/ left it
+    there, under a seq the next claim skipped, never sent. Now the claim marks the
+    outbound for recovery, which adopts the file."""
+    from linkd.spool import ResourceBusy
+
+    def emfile(i, op, target):
+        if op == "fsync_dir" and str(target).endswith("/out/data") and not fired:
+            fired.append(True)
+            return OSError(errno.EMFILE, "Too many open files", str(target))
+        return None
+    fired: list[bool] = []
+    ob = outbound(layout, fs=FaultyFS(fault=emfile, sync=False))
+    put(layout, "a.txt")
+    with pytest.raises(ResourceBusy):
+        ob.scan()
+    assert fired
+    if not ob.usable:               # as pick-up does (net/peer.py): recover first
+        assert ob.recover() == []
+    put(layout, "b.txt", t=1)
+    ob.scan()
+    assert [(i.seq, i.name) for i in ob.pending()] == [(1, "a.txt"), (2, "b.txt")]
