@@ -331,16 +331,23 @@ class CountingTransport(trio.abc.Stream):
 
 async def counted_pair(contexts: tuple[Any, Any]) -> tuple[TLSStream, TLSStream,
                                                             CountingTransport]:
-    alpha, bravo = contexts
     left, right = trio.testing.memory_stream_pair()
     counting = CountingTransport(right)
+    client, server = await handshaken(contexts, left, counting)
+    return client, server, counting
+
+
+async def handshaken(contexts: tuple[Any, Any], left: trio.abc.Stream,
+                     right: trio.abc.Stream) -> tuple[TLSStream, TLSStream]:
+    """alpha's client stream on `left`, bravo's server stream on `right`, handshaken."""
+    alpha, bravo = contexts
     client = alpha.client_stream(left, PeerConfig("bravo", channels=(ChannelConfig("d"),)))
-    server = bravo.server_stream(counting, [PeerConfig("alpha", channels=(ChannelConfig("d"),))])
+    server = bravo.server_stream(right, [PeerConfig("alpha", channels=(ChannelConfig("d"),))])
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client.do_handshake)
             nursery.start_soon(server.do_handshake)
-    return client, server, counting
+    return client, server
 
 
 @pytest.mark.parametrize("how", ["receive_into", "receive_some"])
@@ -438,7 +445,6 @@ async def socket_pair(contexts: tuple[Any, Any], tcp: bool = False
                       ) -> tuple[TLSStream, TLSStream]:
     """(client, server) over real sockets (trio.SocketStream transports): a socketpair,
     or a TCP connection on 127.0.0.1."""
-    alpha, bravo = contexts
     if tcp:
         listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
         port = listener.socket.getsockname()[1]
@@ -448,13 +454,7 @@ async def socket_pair(contexts: tuple[Any, Any], tcp: bool = False
     else:
         a, b = trio.socket.socketpair()
         left, right = trio.SocketStream(a), trio.SocketStream(b)
-    client = alpha.client_stream(left, PeerConfig("bravo", channels=(ChannelConfig("d"),)))
-    server = bravo.server_stream(right, [PeerConfig("alpha", channels=(ChannelConfig("d"),))])
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(client.do_handshake)
-            nursery.start_soon(server.do_handshake)
-    return client, server
+    return await handshaken(contexts, left, right)
 
 
 async def test_bulk_reads_from_a_socket_reuse_one_buffer(contexts, monkeypatch):
