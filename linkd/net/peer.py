@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, TypeVar, TypeVarTuple
 
 import trio
+from structlog.typing import FilteringBoundLogger
 
 from .. import log as logmod
 from ..config import ChannelConfig, Config, PeerConfig
@@ -53,6 +54,20 @@ RESOURCE_BACKOFF = (0.2, 5.0)   # pick-up retry after EMFILE & co: first, at mos
 async def in_thread(fn: Callable[[*Ts], T], *args: *Ts) -> T:
     return await trio.to_thread.run_sync(fn, *args)
 
+
+
+def log_delivered(log: FilteringBoundLogger, peer: str, channel: str, name: object,
+                  seq: int, size: object, sha256: object, sent_name: object,
+                  recovered: bool = False) -> None:
+    """The message_delivered line (CONTRACT §10, an audit event): from the group
+    commit (net/receiver.py), crash recovery, and the start-up reconciliation."""
+    fields: dict[str, object] = dict(peer=peer, channel=channel, name=name, seq=seq,
+                                     size=size, sha256=sha256)
+    if recovered:
+        fields["recovered"] = True
+    if sent_name != name:
+        fields["sent_name"] = sent_name
+    log.info("message_delivered", **fields)
 
 class PeerLink:
     def __init__(self, cfg: Config, peer: PeerConfig, status: PeerStatus) -> None:
@@ -179,9 +194,6 @@ class PeerLink:
             if hasattr(stats, "oldest_queued_age_s"):
                 stats.oldest_queued_age_s = None if oldest is None else round(now - oldest, 3)
 
-    def queue_entries(self, channel: str | None = None) -> list[JSONObject]:
-        return list(self.iter_queue_entries(channel))
-
     def iter_queue_entries(self, channel: str | None = None) -> Iterator[JSONObject]:
         """Blocking: every queued file of this peer (CONTRACT §10 `linkctl queue`),
         oldest first per channel; files still waiting in out/ come last with seq None.
@@ -231,12 +243,8 @@ class PeerLink:
                 if tail is not None and \
                         (self.name, name, d.seq, d.sha256) in tail.delivered:
                     continue
-                fields: dict[str, object] = dict(peer=self.name, channel=d.channel, name=d.name,
-                                                 seq=d.seq, size=d.size, sha256=d.sha256,
-                                                 recovered=True)
-                if d.sent_name != d.name:
-                    fields["sent_name"] = d.sent_name
-                self.log.info("message_delivered", **fields)
+                log_delivered(self.log, self.name, name, d.name, d.seq, d.size, d.sha256,
+                              d.sent_name, recovered=True)
 
     def reconcile_audit(self, tail: AuditTail) -> None:
         """At start-up: log message_delivered (recovered=True) for each journaled
@@ -256,13 +264,8 @@ class PeerLink:
                         or not tail.since <= when <= now \
                         or (self.name, name, seq, sha) in tail.delivered:
                     continue
-                fields: dict[str, object] = dict(peer=self.name, channel=name,
-                                                 name=e.get("name"), seq=seq,
-                                                 size=e.get("size"), sha256=sha,
-                                                 recovered=True)
-                if e.get("sent_name") != e.get("name"):
-                    fields["sent_name"] = e.get("sent_name")
-                self.log.info("message_delivered", **fields)
+                log_delivered(self.log, self.name, name, e.get("name"), seq, e.get("size"),
+                              sha, e.get("sent_name"), recovered=True)
 
     def log_failed(self, failed: list[FailedFile]) -> None:
         for f in failed:

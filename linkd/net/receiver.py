@@ -39,6 +39,7 @@ from ..spool import (
     InboundRefused,
 )
 from ..spool.inbound import quarantine_usage
+from .peer import log_delivered
 from .sender import RunnerState
 
 AUDIT_REFUSAL = "the audit log "   # how AuditLog.refusal() begins
@@ -283,12 +284,8 @@ class ReceiverMixin(RunnerState):
         neither its ack nor a later ack from the journal goes out without that line,
         even if we are killed (the line's fields are what the ack names)."""
         for d in delivered:
-            fields: dict[str, object] = dict(peer=self.link.name, channel=d.channel,
-                                             name=d.name, seq=d.seq, size=d.size,
-                                             sha256=d.sha256)
-            if d.sent_name != d.name:
-                fields["sent_name"] = d.sent_name
-            self.log.info("message_delivered", **fields)
+            log_delivered(self.log, self.link.name, d.channel, d.name, d.seq, d.size,
+                          d.sha256, d.sent_name)
         audit = audit_mod.current()
         if audit is not None and delivered:
             audit.sync()
