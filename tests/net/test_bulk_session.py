@@ -64,6 +64,10 @@ class CountingFile:
         got: int = self.fh.readinto(buffer)
         return got
 
+    def fileno(self) -> int:
+        fd: int = self.fh.fileno()
+        return fd
+
     def close(self) -> None:
         self.fh.close()
 
