@@ -1,6 +1,7 @@
 """The daemon's memory footprint (docs/PERFORMANCE.md): an idle daemon is mostly its
 imports, so a library it does not use must not come along; and its worker threads share
-one malloc arena instead of keeping one each."""
+one malloc arena instead of keeping one each; and the frame buffers a receiver
+allocates and frees come back from the heap, not as fresh pages from the kernel."""
 
 import json
 import subprocess
@@ -10,8 +11,8 @@ PROBE = """
 import json, sys
 import linkd.cli.linkd_main as entry
 limited = []                    # before the daemon (and its threads) existed?
-limit = entry.limit_malloc_arenas
-entry.limit_malloc_arenas = lambda: limited.append("linkd.daemon" not in sys.modules) or limit()
+limit = entry.tune_malloc
+entry.tune_malloc = lambda: limited.append("linkd.daemon" not in sys.modules) or limit()
 code = entry.main(["-c", sys.argv[1]])
 loaded = sorted(name for name, module in sys.modules.items()
                 if module is not None and name.split(".")[0] in ("rich", "pygments"))
@@ -39,8 +40,8 @@ def test_linkctl_still_has_rich():
 
 ARENAS = """
 import ctypes, sys, threading
-from linkd.cli.linkd_main import limit_malloc_arenas
-limited = sys.argv[2] == "limit" and limit_malloc_arenas()
+from linkd.cli.linkd_main import tune_malloc
+limited = sys.argv[2] == "limit" and tune_malloc()
 barrier = threading.Barrier(8)
 
 def work():
@@ -74,3 +75,39 @@ def test_the_daemons_worker_threads_share_one_malloc_arena(tmp_path):
         assert out.returncode == 0, out.stderr
         counts[mode] = info.read_text().count("<heap nr=")
     assert counts["limit"] <= 2 < counts["default"]
+
+
+FRAMES = """
+import resource, sys
+from linkd.cli.linkd_main import tune_malloc
+tuned = sys.argv[1] == "tune" and tune_malloc()
+
+def window():
+    # a credit window of data frames, each body a buffer of its own (proto/framing.py),
+    # touched as decryption fills it, then freed once written
+    frames = [bytearray(256 << 10) for _ in range(16)]
+    for frame in frames:
+        frame[::4096] = bytes(len(frame[::4096]))
+    del frames
+
+for _ in range(5):
+    window()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(50):
+    window()
+print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_frame_buffers_are_reused_not_faulted_in_again():
+    """50 credit windows of 256 KiB frames: glibc's default thresholds hand most of
+    them fresh pages (~64 page faults each); tuned, they are reused from the heap."""
+    faults = {}
+    for mode in ("tune", "default"):
+        out = subprocess.run([sys.executable, "-c", FRAMES, mode],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        tuned, n = out.stdout.split()
+        assert tuned == ("True" if mode == "tune" else "False")
+        faults[mode] = int(n)
+    assert faults["tune"] < 1000 < 10_000 < faults["default"], faults
