@@ -528,7 +528,7 @@ def hub_clients(pki_dir: Path, port: int, names: list[str]) -> None:
 
     import trio
 
-    from linkd.net.connection import DIALER_PING_LEAD
+    from linkd.net.connection import RTT_REFRESH
     from linkd.proto import frames as F
     from linkd.proto import session as S
 
@@ -550,9 +550,11 @@ def hub_clients(pki_dir: Path, port: int, names: list[str]) -> None:
                 await trio.sleep(0.2 * (attempt + 1))
         else:
             raise SystemExit(f"{name}: could not connect to the hub")
-        # as a linkd that dialled: it pings ahead of the interval (DIALER_PING_LEAD)
+        # as a linkd that dialled (net/connection.py, PING_LEAD): the hub pings first;
+        # it pongs, and pings with a pong every RTT_REFRESH seconds
         session = S.Session(node=name, peer="hub", now=trio.current_time(),
-                            heartbeat_interval=5.0 * DIALER_PING_LEAD, heartbeat_timeout=15.0,
+                            heartbeat_interval=5.0, heartbeat_timeout=15.0,
+                            rtt_refresh=RTT_REFRESH,
                             channels=[F.ChannelHello(name="data", max=1 << 30,
                                                      credit=4 << 20)])
         await stream.send_all(session.data_to_send(trio.current_time()))

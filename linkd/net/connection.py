@@ -88,12 +88,24 @@ IDLE_READ = 16 * 1024         # a TLS session's reads until one fills it: then b
 #                               flows and the session keeps a READ_SIZE buffer
 MAX_INBOUND_BACKLOG = 4096    # queued inbound events before the reader stops reading
 MAX_PENDING_OUTPUT = 1 << 20  # queued control bytes (pongs, acks...) before the reader waits
-# The side that dialled pings after this share of heartbeat_interval of send-idleness,
-# the other after all of it: on an idle link the dialler's pings then always arrive
-# first, the listener's pongs keep it from being idle, and only one ping and one pong
-# cross per interval. (Both at the same interval raced: about half the intervals
-# carried two pings and two pongs.)
-DIALER_PING_LEAD = 0.9
+# Who pings on an idle link. The side that was dialled (the listener: a hub's side of
+# all its peers) pings after this share of heartbeat_interval of send-idleness, brought
+# forward to a grid of PING_GRID(interval) seconds shared by all its sessions; the
+# dialler only after all of it. So the listener's pings always arrive first, the
+# dialler's pongs keep it from being send-idle, one ping and one pong cross per
+# interval (both at the same interval raced: about half the intervals carried two of
+# each), and a hub wakes once per grid step for the pings of all its idle peers
+# instead of once per peer ping (issue 13: ~0.7 ms of CPU per wake-up here). The
+# dialler, which then never pings for itself, sends a ping with one of its pongs
+# every RTT_REFRESH seconds, to keep its `rtt_ms` current.
+PING_LEAD = 0.9
+RTT_REFRESH = 30.0
+
+
+def ping_grid(interval: float) -> float:
+    """The listener's ping grid: at most 1 s, at most a fifth of the interval (so a
+    ping goes out after at least 0.7 of it, before the dialler's at 1.0)."""
+    return min(1.0, interval / 5)
 
 
 class SessionRunner(SenderMixin, ReceiverMixin):
@@ -219,7 +231,10 @@ class SessionRunner(SenderMixin, ReceiverMixin):
                 self.session = S.Session(
                     node=link.cfg.node.name, peer=link.name, channels=channels,
                     now=now, heartbeat_interval=lcfg.heartbeat_interval * (
-                        DIALER_PING_LEAD if self.dialed_by_us else 1.0),
+                        1.0 if self.dialed_by_us else PING_LEAD),
+                    heartbeat_grid=0.0 if self.dialed_by_us else ping_grid(
+                        lcfg.heartbeat_interval),
+                    rtt_refresh=RTT_REFRESH if self.dialed_by_us else None,
                     heartbeat_timeout=lcfg.heartbeat_timeout,
                     handshake_timeout=handshake,
                     checkpoint=audit.latest_checkpoint if audit is not None else None)

@@ -96,7 +96,8 @@ class Session:
     def __init__(self, *, node: str, peer: str, channels: list[F.ChannelHello], now: float,
                  heartbeat_interval: float = 5.0, heartbeat_timeout: float = 15.0,
                  handshake_timeout: float = 10.0, max_frame: int = DEFAULT_MAX_FRAME,
-                 checkpoint: bytes | None = None) -> None:
+                 checkpoint: bytes | None = None, heartbeat_grid: float = 0.0,
+                 rtt_refresh: float | None = None) -> None:
         self.node = node
         self.peer = peer
         self.state = State.HANDSHAKE
@@ -107,7 +108,8 @@ class Session:
         self._control = bytearray()
         self._bulk = bytearray()
         self._handshake_deadline = now + handshake_timeout
-        self.heartbeat = Heartbeat(heartbeat_interval, heartbeat_timeout, now)
+        self.heartbeat = Heartbeat(heartbeat_interval, heartbeat_timeout, now,
+                                   heartbeat_grid, rtt_refresh)
         self.channels: dict[str, ChannelState] = {}
         for c in channels:
             self._channel(c.name).recv_window = ReceiveWindow(c.credit)
@@ -259,6 +261,8 @@ class Session:
                                      frame.wait)]
             case F.Ping(id=ping_id):
                 self._queue(F.Pong(ping_id), control=True)
+                if self.heartbeat.wants_rtt(now):       # ours rides with the pong
+                    self._queue(F.Ping(self.heartbeat.make_ping(now)), control=True)
                 return []
             case F.Pong(id=ping_id):
                 rtt = self.heartbeat.pong(ping_id, now)

@@ -36,7 +36,7 @@ from memlink import (
 from linkd.config import Config, LinkConfig
 from linkd.net import supervisor
 from linkd.net.admission import Gate
-from linkd.net.connection import DIALER_PING_LEAD, SessionRunner
+from linkd.net.connection import PING_LEAD, RTT_REFRESH, SessionRunner, ping_grid
 from linkd.net.peer import PeerLink
 from linkd.net.tls import TLSContexts, make_contexts
 from linkd.proto import frames as F
@@ -103,31 +103,44 @@ async def test_silent_peer_is_declared_dead_after_heartbeat_timeout(tmp_path, ca
         nursery.cancel_scope.cancel()
     assert error and reason.startswith("heartbeat timeout"), reason
     assert 5.0 <= ended - start <= 5.05, ended - start
-    # While it waited it pinged once per 0.9 s of send-idleness (it dialled: it leads,
-    # DIALER_PING_LEAD) ...
+    # While it waited it pinged once per second of send-idleness (it dialled: a
+    # listener would have pinged first, PING_LEAD, and its pongs kept it busy) ...
     ping_times = [t - start for t, _ in peer.of(F.Ping)]
-    assert [round(t, 2) for t in ping_times] == [0.9, 1.8, 2.7, 3.6, 4.5]
+    assert [round(t, 2) for t in ping_times] == [1.0, 2.0, 3.0, 4.0]
     # ... and it said why it left (best effort).
     byes = peer.of(F.Bye)
     assert byes and "heartbeat timeout" in byes[-1][1].reason
     assert link.status.state == "connected"   # the runner sets connected; the supervisor resets
 
 
+def _record_pings(monkeypatch):
+    """(session heartbeat id, virtual time) of every ping made; timer firings per session."""
+    pings: list[tuple[int, float]] = []
+    fired: collections.Counter[int] = collections.Counter()
+    make_ping, handle_timer = S.Heartbeat.make_ping, S.Session.handle_timer
+
+    def recorded(self, now):
+        pings.append((id(self), now))
+        return make_ping(self, now)
+
+    def counted(self, now):
+        fired[id(self.heartbeat)] += 1
+        return handle_timer(self, now)
+    monkeypatch.setattr(S.Heartbeat, "make_ping", recorded)
+    monkeypatch.setattr(S.Session, "handle_timer", counted)
+    return pings, fired
+
+
 async def test_an_idle_link_carries_one_ping_and_one_pong_per_interval(
         tmp_path, ca, autojump_clock, monkeypatch):
-    """Idle hub cost (issue 13): the dialler pings ahead of the interval, so the
-    listener's pongs always keep it from being send-idle and it never pings; and its
-    timer, moved later by each pong it sends, never wakes for a stale deadline."""
+    """Idle hub cost (issue 13): the listener pings ahead of the interval (PING_LEAD, on
+    its grid), so the dialler's pongs always keep it from being send-idle and it never
+    pings for itself, nor does its timer wake; it measures its RTT with a ping sent
+    along with a pong every RTT_REFRESH seconds."""
     lk = LinkConfig(heartbeat_interval=5.0, heartbeat_timeout=15.0)
     a = make_link(node_config(tmp_path, ca, "alpha", [peer_config("bravo")], lk), "bravo")
     b = make_link(node_config(tmp_path, ca, "bravo", [peer_config("alpha")], lk), "alpha")
-    fired: collections.Counter[int] = collections.Counter()
-    handle_timer = S.Session.handle_timer
-
-    def counted(self, now):
-        fired[id(self)] += 1
-        return handle_timer(self, now)
-    monkeypatch.setattr(S.Session, "handle_timer", counted)
+    pings, fired = _record_pings(monkeypatch)
     left, right = trio.testing.memory_stream_pair()
     ra = SessionRunner(a, left, remote="b", dialed_by_us=True, tls_info=None)
     rb = SessionRunner(b, right, remote="a", dialed_by_us=False, tls_info=None)
@@ -139,16 +152,52 @@ async def test_an_idle_link_carries_one_ping_and_one_pong_per_interval(
         await rb.opened.wait()
         await trio.sleep(60)
         assert ra.session is not None and rb.session is not None
-        dialler_pings = ra.session.heartbeat._next_id - 1
-        listener_pings = rb.session.heartbeat._next_id - 1
-        listener_wakes = fired[id(rb.session)]
-        dialler_wakes = fired[id(ra.session)]
-        assert ra.session.heartbeat.rtt is not None        # the pongs came back
+        dialler, listener = id(ra.session.heartbeat), id(rb.session.heartbeat)
+        assert ra.session.heartbeat.rtt is not None        # both sides know their RTT
+        assert rb.session.heartbeat.rtt is not None
         nursery.cancel_scope.cancel()
-    assert 12 <= dialler_pings <= 14, dialler_pings         # every 4.5 s for 60 s
-    assert listener_pings == 0
-    assert listener_wakes == 0
-    assert dialler_wakes <= dialler_pings + 1
+    grid = ping_grid(5.0)
+    listener_times = [t for who, t in pings if who == listener]
+    dialler_times = [t for who, t in pings if who == dialler]
+    assert 60 / (5 * PING_LEAD) - 1 <= len(listener_times) <= 60 / (5 * PING_LEAD - grid) + 1
+    assert all(abs(t / grid - round(t / grid)) < 1e-6 for t in listener_times)   # on grid
+    assert 1 <= len(dialler_times) <= 60 / RTT_REFRESH + 1      # RTT refreshes only
+    assert fired[dialler] == 0                      # never send-idle: no timer wake
+    assert fired[listener] <= len(listener_times) + 1
+
+
+async def test_a_hubs_idle_peers_are_pinged_together(tmp_path, ca, autojump_clock,
+                                                      monkeypatch):
+    """A listener's sessions ping on one shared grid: a hub with many idle peers wakes
+    once per grid step for all the pings due in it, not once per peer. Eight peers
+    connected at staggered times: ~100 pings in a minute, at no more than one instant
+    per grid step (without the grid, each ping had an instant of its own)."""
+    lk = LinkConfig(heartbeat_interval=5.0, heartbeat_timeout=15.0)
+    pings, _fired = _record_pings(monkeypatch)
+    runners = []
+    for i in range(8):
+        a = make_link(node_config(tmp_path / f"a{i}", ca, "alpha", [peer_config("bravo")], lk),
+                      "bravo")
+        b = make_link(node_config(tmp_path / f"b{i}", ca, "bravo", [peer_config("alpha")], lk),
+                      "alpha")
+        left, right = trio.testing.memory_stream_pair()
+        ra = SessionRunner(a, left, remote="b", dialed_by_us=True, tls_info=None)
+        rb = SessionRunner(b, right, remote="a", dialed_by_us=False, tls_info=None)
+        a.take_slot(ra), b.take_slot(rb)
+        runners.append((ra, rb))
+    async with trio.open_nursery() as nursery:
+        for ra, rb in runners:
+            nursery.start_soon(ra.run)
+            nursery.start_soon(rb.run)
+            await rb.opened.wait()
+            await trio.sleep(0.37)                  # not in step with each other
+        start = trio.current_time()
+        await trio.sleep(60)
+        listeners = {id(rb.session.heartbeat) for _ra, rb in runners}
+        nursery.cancel_scope.cancel()
+    times = [t for who, t in pings if who in listeners and t >= start]
+    assert len(times) >= 8 * 12
+    assert len({round(t, 6) for t in times}) <= 60 / ping_grid(5.0) + 1
 
 
 async def test_peer_silent_before_its_hello_is_dropped_at_the_handshake_timeout(
@@ -183,9 +232,9 @@ async def test_a_live_peer_keeps_the_session_up_for_hours_and_rtt_is_reported(
         assert runner.session.state.value == "open"
         assert link.status.rtt_ms == pytest.approx(80.0, abs=1.0)
         pings = len(peer.of(F.Ping))
-        # One ping per 4.5 s of idleness (each "sent" resets the idle timer; the
-        # dialler pings at DIALER_PING_LEAD of the interval).
-        every = 5 * DIALER_PING_LEAD
+        # One ping per 5 s of idleness (each "sent" resets the idle timer; the fake
+        # peer never pings first, as a listener would).
+        every = 5.0
         assert 3 * 3600 / (every + 0.1) <= pings <= 3 * 3600 / every + 1
         await runner.close("test over")
     assert result == [("test over", False)]

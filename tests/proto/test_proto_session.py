@@ -222,6 +222,31 @@ def test_heartbeat_pings_when_idle_measures_rtt_and_declares_silence_dead():
     assert "heartbeat timeout" in events[-1].reason
 
 
+def test_a_side_that_only_pongs_measures_its_rtt_with_a_ping_riding_on_a_pong():
+    """The dialler (rtt_refresh set) never pings for itself on an idle link: the
+    listener pings first. Its pong to the first ping carries a ping of its own; the
+    next pongs do not, until its measurement is rtt_refresh old."""
+    p = Pair(heartbeat_interval=5.0, heartbeat_timeout=15.0)
+    p.a = S.Session(node="alpha", peer="bravo", channels=chans(), now=0.0,
+                    heartbeat_interval=5.0, heartbeat_timeout=15.0, rtt_refresh=30.0)
+    p.b = S.Session(node="bravo", peer="alpha", channels=chans(), now=0.0,
+                    heartbeat_interval=4.5, heartbeat_timeout=15.0, heartbeat_grid=1.0)
+    p.pump()
+    p.take("a"), p.take("b")
+    rtts = []
+    t = 0.0
+    while t < 65.0:
+        t = p.b.get_timer()
+        assert p.b.handle_timer(t) == []             # bravo's ping ...
+        p.now = t
+        p.pump()                                     # ... answered at once
+        rtts += [ev for ev in p.take("a") if isinstance(ev, S.RttMeasured)]
+        assert p.a.get_timer() > t + 4.0             # alpha is never send-idle
+    assert p.b.heartbeat.rtt is not None
+    assert p.a.heartbeat._next_id - 1 == 3           # at 0 s (about), 30 s and 60 s
+    assert len(rtts) == 3
+
+
 def test_bye_is_a_clean_close():
     p = Pair()
     p.pump()

@@ -6,6 +6,8 @@ import struct
 
 import msgpack
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from linkd.errors import LocalProtocolError, RemoteProtocolError
 from linkd.proto import frames as F
@@ -88,6 +90,37 @@ def test_only_the_newest_eight_pings_are_remembered():
         assert h.make_ping(float(i)) == i
     assert h.pong(1, 20.0) is None          # forgotten: a silent peer cannot grow the table
     assert h.pong(2, 20.0) == 18.0
+
+
+@given(last=st.floats(0.0, 1e6), interval=st.floats(0.5, 3600.0),
+       share=st.floats(0.05, 0.95))
+def test_a_ping_on_a_grid_is_on_it_and_at_most_one_step_early(last, interval, share):
+    grid = interval * share
+    h = Heartbeat(interval, 3 * interval, 0.0, grid=grid)
+    h.sent(last)
+    due = h.ping_due()
+    assert last + interval - grid - 1e-6 <= due <= last + interval + 1e-6   # (float rounding)
+    assert abs(due / grid - round(due / grid)) < 1e-6
+    assert due > last                               # never due at the send itself
+
+
+def test_a_grid_must_be_shorter_than_the_interval():
+    for grid in (-1.0, 5.0, 6.0):
+        with pytest.raises(ValueError):
+            Heartbeat(5.0, 15.0, 0.0, grid=grid)
+
+
+def test_a_side_that_only_pongs_asks_for_its_rtt_every_refresh():
+    h = Heartbeat(5.0, 15.0, 0.0, rtt_refresh=30.0)
+    assert h.wants_rtt(1.0)                         # never measured
+    h.make_ping(1.0)
+    assert not h.wants_rtt(2.0)                     # one on its way
+    assert h.pong(1, 1.2) == pytest.approx(0.2)
+    assert not h.wants_rtt(30.0)
+    assert h.wants_rtt(31.2)                        # 30 s old
+    h.make_ping(31.2)                               # ... lost
+    assert not h.wants_rtt(40.0) and h.wants_rtt(61.2)
+    assert not Heartbeat(5.0, 15.0, 0.0).wants_rtt(100.0)   # not asked to
 
 
 # -- scheduler --------------------------------------------------------------
