@@ -55,17 +55,6 @@ PREFETCH_BYTES = CHUNK_SIZE   # ... and at most this many bytes of them (per cha
 READ_AHEAD = 1 << 20          # bytes of a big file read per thread hop (4 chunks)
 
 
-def _changed_since_claim(fh: BinaryIO, item: Claimed) -> bool:
-    """Does the open queued file differ from its claim record (inode, size, mtime)?
-    An fstat of an open descriptor: no path lookup, no disk I/O."""
-    try:
-        st = os.fstat(fh.fileno())
-    except (OSError, ValueError):
-        return True
-    return bool(item.ino) and (st.st_ino, st.st_size, st.st_mtime_ns) != \
-        (item.ino, item.size, item.mtime_ns)
-
-
 @dataclasses.dataclass
 class _InFlight:
     item: Claimed
@@ -538,21 +527,15 @@ class SenderMixin(RunnerState):
         if isinstance(shown, dict):
             shown["sent_bytes"] = state.offset
         if session.remaining(state.name) == 0:
-            # Written to while we read it? The peer checks the SHA-256 of what it got
-            # against the one taken at pick-up and refuses a mismatch, so a changed
-            # file is never delivered; this check (an fstat of the open file, against
-            # the claim's inode, size and mtime) makes sure it is failed, not retried.
-            # It replaced a second SHA-256 pass over every big file sent (0.9 CPU-s per
-            # GiB here, on the event loop); a change that keeps the mtime (an
-            # explicit utime) is failed once the peer has refused it MAX_ATTEMPTS times.
-            changed = not isinstance(fh, io.BytesIO) and _changed_since_claim(fh, item)
+            # Not hashed again here (it cost 0.9 CPU-s per GiB on the event loop): the
+            # peer checks the SHA-256 of what it got against the one taken at pick-up
+            # and refuses a mismatch, so a file written to while we read it is never
+            # delivered; its nack finds the file changed (_handle_nacks) and fails it.
+            # A change that left the bytes sent as they were (an append, a touch) is
+            # delivered, and logged message_changed when the ack resolves it.
             fh.close()
             state.current, state.fh, state.ahead, state.ahead_buffer = None, None, None, None
             self._show_in_flight(state)
-            if changed:
-                state.in_flight.pop(item.seq, None)
-                await self._fail(item, "not sent: the queued file was changed while being "
-                                       "sent")
 
     async def _read_whole(self, state: _OutChannel, item: Claimed) -> bytes:
         """The content of a small queued file (OSError, SpoolError). Read ahead: a miss

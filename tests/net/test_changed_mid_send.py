@@ -1,19 +1,27 @@
 """A big queued file written to while it is being sent (an in-place writer that
-kept going after the rename, `cp` over the queued copy...) is failed by the
-sender with a reason that says so, and never delivered. Two real PeerLinks over a
-memory stream; the change is made by the sender's own read (after its first
-read-ahead), so it always falls mid-send.
+kept going after the rename, `cp` over the queued copy...). Two real PeerLinks
+over a memory stream; the change is made by the sender's own first read (after
+its first read-ahead), so it always falls mid-send.
 
-The sender notices it with an fstat of the open file at the end (inode, size,
-mtime against the claim); the peer's SHA-256 check is what keeps the changed
-bytes out of its in/ (it quarantines them). A change that also restores the
-mtime is not noticed by the sender: the peer refuses it on every attempt, and
-it is failed after MAX_ATTEMPTS, still never delivered."""
+The sender does not hash the file a second time while sending it: the peer
+hashes what it receives against the SHA-256 taken at pick-up (which the `msg`
+frame carries) and refuses a mismatch, so changed bytes are never delivered.
+
+* Bytes already read or still to be read rewritten: refused (quarantined) by the
+  peer; its nack finds the queued file changed (inode, size, mtime against the
+  claim) and the sender fails it at once, never delivered.
+* The same with the mtime put back: the sender cannot tell; the peer refuses it
+  on every attempt and it is failed after MAX_ATTEMPTS, never delivered.
+* A change that left the bytes sent as they were (an append past the claimed
+  size, a touch): the peer holds exactly what was queued; delivered, and the
+  sender logs message_changed (a file once failed for this was delivered all
+  the same: failed/ said "not sent" of a file the peer had)."""
 
 import io
 import os
 
 import pytest
+import structlog
 import trio
 import trio.testing
 import trustme
@@ -27,32 +35,39 @@ SIZE = 3 * sendmod.READ_AHEAD + 4321         # several read hops: never read who
 
 class _ChangingReader(io.BufferedReader):
     """The queued file as the sender reads it; after the first read, another writer
-    rewrites its last bytes in place (same size)."""
+    changes it (`how`)."""
 
-    def __init__(self, raw, path, keep_mtime):
+    def __init__(self, raw, path, how):
         super().__init__(raw)
-        self.path, self.keep_mtime, self.done = path, keep_mtime, False
+        self.path, self.how, self.done = path, how, False
 
     def readinto(self, b):
         n = super().readinto(b)
         if not self.done:
             self.done = True
             st = os.stat(self.path)
+            if self.how == "touch":
+                os.utime(self.path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+                return n
             fd = os.open(self.path, os.O_WRONLY)
             try:
-                os.pwrite(fd, b"\xff" * 16, SIZE - 16)
+                if self.how == "append":
+                    os.pwrite(fd, b"more", SIZE)
+                else:                                # rewrite its last bytes in place
+                    os.pwrite(fd, b"\xff" * 16, SIZE - 16)
             finally:
                 os.close(fd)
-            if self.keep_mtime:
+            if self.how == "rewrite, mtime kept":
                 os.utime(self.path, ns=(st.st_atime_ns, st.st_mtime_ns))
         return n
 
 
-async def _run(tmp_path, keep_mtime, monkeypatch):
+async def _run(tmp_path, how, monkeypatch):
     ca = trustme.CA()
     a = make_link(node_config(tmp_path, ca, "alpha", [peer_config("bravo")]), "bravo")
     b = make_link(node_config(tmp_path, ca, "bravo", [peer_config("alpha")]), "alpha")
-    drop(a, "data", "big.bin", os.urandom(SIZE))
+    content = os.urandom(SIZE)
+    drop(a, "data", "big.bin", content)
     drop(a, "data", "after.txt", b"the next file still goes")
     scan_sync(a)
     outbound = a.outbound["data"]
@@ -61,10 +76,10 @@ async def _run(tmp_path, keep_mtime, monkeypatch):
 
     def changing_open(item):
         fh = real_open(item)
-        if item.name != "big.bin":
+        if item.name != "big.bin" or opened:
             return fh
         opened.append(item.name)
-        return _ChangingReader(fh.detach(), item.path, keep_mtime)
+        return _ChangingReader(fh.detach(), item.path, how)
     monkeypatch.setattr(outbound, "open", changing_open)
     failed = []
     real_fail = outbound.fail
@@ -78,7 +93,7 @@ async def _run(tmp_path, keep_mtime, monkeypatch):
     ra = SessionRunner(a, left, remote="b", dialed_by_us=True, tls_info=None)
     rb = SessionRunner(b, right, remote="a", dialed_by_us=False, tls_info=None)
     a.take_slot(ra), b.take_slot(rb)
-    with trio.fail_after(60):
+    with structlog.testing.capture_logs() as logs, trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ra.run)
             nursery.start_soon(rb.run)
@@ -87,25 +102,42 @@ async def _run(tmp_path, keep_mtime, monkeypatch):
             await ra.close("done")
             nursery.cancel_scope.cancel()
     assert opened, "the big file was never read from its queued copy"
-    in_dir = b.layout.in_dir("data")
-    assert sorted(p.name for p in in_dir.iterdir()) == ["after.txt"]
+    delivered = {p.name: p.read_bytes() for p in b.layout.in_dir("data").iterdir()}
+    events = [(e["event"], e.get("name")) for e in logs if e.get("node", "alpha") != "bravo"]
+    return failed, delivered, content, events, a, b
+
+
+@pytest.mark.parametrize("how", ["rewrite"])
+async def test_a_file_rewritten_while_sent_is_refused_and_failed_at_once(
+        tmp_path, monkeypatch, how):
+    failed, delivered, _content, _events, a, b = await _run(tmp_path, how, monkeypatch)
+    assert sorted(delivered) == ["after.txt"]
     assert [name for name, _ in failed] == ["big.bin"]
+    reason = failed[0][1]
+    assert reason.startswith("not sent: the queued file was changed after it was queued "
+                             "(refused by bravo: "), reason
+    assert "sha256" in reason
+    assert b.status.channel("data").quarantined == 1      # one attempt, not MAX_ATTEMPTS
     assert (a.layout.failed_dir("data") / "big.bin").exists()
-    return failed[0][1], b
 
 
-async def test_a_file_written_to_while_sent_is_failed_as_changed_and_not_delivered(
+async def test_a_rewrite_that_keeps_the_mtime_is_refused_on_every_attempt_then_failed(
         tmp_path, monkeypatch):
-    reason, _ = await _run(tmp_path, keep_mtime=False, monkeypatch=monkeypatch)
-    assert reason == "not sent: the queued file was changed while being sent"
+    monkeypatch.setattr(sendmod, "MAX_ATTEMPTS", 2)
+    failed, delivered, _content, _events, _a, b = await _run(
+        tmp_path, "rewrite, mtime kept", monkeypatch)
+    assert sorted(delivered) == ["after.txt"]
+    assert [name for name, _ in failed] == ["big.bin"]
+    assert failed[0][1].startswith("refused by bravo: "), failed[0][1]
+    assert "sha256" in failed[0][1]
+    assert b.status.channel("data").quarantined == 2
 
 
-@pytest.mark.parametrize("attempts", [2])
-async def test_a_change_that_keeps_the_mtime_is_refused_by_the_peer_and_failed(
-        tmp_path, monkeypatch, attempts):
-    monkeypatch.setattr(sendmod, "MAX_ATTEMPTS", attempts)
-    reason, b = await _run(tmp_path, keep_mtime=True, monkeypatch=monkeypatch)
-    assert reason.startswith("refused by alpha") or reason.startswith("refused by bravo"), \
-        reason
-    assert "sha256" in reason.lower() or "checksum" in reason.lower(), reason
-    assert b.status.channel("data").quarantined >= 1
+@pytest.mark.parametrize("how", ["append", "touch"])
+async def test_a_change_that_left_the_sent_bytes_alone_is_delivered_and_logged_changed(
+        tmp_path, monkeypatch, how):
+    failed, delivered, content, events, _a, _b = await _run(tmp_path, how, monkeypatch)
+    assert failed == []
+    assert delivered == {"big.bin": content, "after.txt": b"the next file still goes"}
+    assert ("message_sent", "big.bin") in events
+    assert ("message_changed", "big.bin") in events
