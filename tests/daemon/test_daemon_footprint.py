@@ -4,8 +4,11 @@ one malloc arena instead of keeping one each; and the frame buffers a receiver
 allocates and frees come back from the heap, not as fresh pages from the kernel."""
 
 import json
+import os
 import subprocess
 import sys
+
+import pytest
 
 PROBE = """
 import json, sys
@@ -102,12 +105,15 @@ print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def test_frame_buffers_are_reused_not_faulted_in_again():
     """50 credit windows of 256 KiB frames: glibc's default thresholds hand most of
     them fresh pages (~64 page faults each); tuned, they are reused from the heap."""
+    if any(k == "GLIBC_TUNABLES" or k.startswith("MALLOC_") for k in os.environ):
+        pytest.skip("malloc tuned from the environment: the default is not glibc's")
     faults = {}
     for mode in ("tune", "default"):
         out = subprocess.run([sys.executable, "-c", FRAMES, mode],
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         tuned, n = out.stdout.split()
-        assert tuned == ("True" if mode == "tune" else "False")
+        if mode == "tune" and tuned == "False":
+            pytest.skip("no glibc mallopt here (tune_malloc() returned False)")
         faults[mode] = int(n)
     assert faults["tune"] < 1000 < 10_000 < faults["default"], faults
