@@ -59,6 +59,7 @@ READ_AHEAD = 1 << 20          # bytes of a big file read per thread hop (4 chunk
 class _InFlight:
     item: Claimed
     probe: bool                              # sent as a probe (seq <= the peer's committed)
+    offset: int = 0                          # where its data started (> 0: a resume)
 
 
 @dataclasses.dataclass
@@ -493,7 +494,7 @@ class SenderMixin(RunnerState):
                 return
             session.send_msg(state.name, item.seq, item.name, item.size,
                              bytes.fromhex(item.sha256), offset)
-            state.in_flight[item.seq] = _InFlight(item, probe=False)
+            state.in_flight[item.seq] = _InFlight(item, probe=False, offset=offset)
             if offset == item.size:
                 fh.close()
                 return
@@ -634,7 +635,17 @@ class SenderMixin(RunnerState):
                 state.verdicts[item.seq] = "unknown"
                 state.next_seq = nack.seq + 1       # probe the rest (they were discarded)
                 continue
-            if spool.outbound.changed(item):
+            whole = flight is not None and not flight.probe and flight.offset == 0
+            if spool.outbound.changed(item) or (
+                    whole and nack.retry and nack.kind == F.NACK_RETRY
+                    and await trio.to_thread.run_sync(spool.outbound.content_differs, item)):
+                # (The second look reads the file, once per refusal: a retryable
+                # refusal of a message sent whole is the peer's checksum. Its inode,
+                # size and mtime are as claimed, yet its content may differ: rewritten
+                # with its mtime put back. Sent again, it would only be refused, and
+                # quarantined, again. A resume the peer refused sent no data: no look.)
+                if spool.outbound.get(item.seq) is None:
+                    continue        # resolved or failed during the look
                 await self._fail(item, f"not sent: the queued file was changed after it was "
                                        f"queued (refused by {self.link.name}: {nack.reason})")
                 continue

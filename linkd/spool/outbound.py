@@ -634,6 +634,26 @@ class Outbound(PickupMixin, RecoveryMixin):
                 break
         return claimed, failed
 
+    def content_differs(self, item: Claimed) -> bool:
+        """Blocking: does the queued file's content differ from its claim (size or
+        SHA-256), even where its inode, size and mtime do not say so (`changed()`)?
+        For a refusal by the peer's checksum only: it reads the whole file. A file
+        that cannot be read counts as changed."""
+        try:
+            fd = self.fs.open(item.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return True
+        try:
+            digest, size = hashlib.sha256(), 0
+            while chunk := self.fs.read(fd, READ_SIZE):
+                digest.update(chunk)
+                size += len(chunk)
+        except OSError:
+            return True
+        finally:
+            self.fs.close(fd)
+        return size != item.size or digest.hexdigest() != item.sha256
+
     def _rehash(self, item: Claimed) -> Claimed:
         fd = self.fs.open(item.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         try:

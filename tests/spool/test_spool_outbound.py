@@ -569,3 +569,21 @@ def test_out_of_descriptors_after_a_rename_leaves_nothing_unsent(layout):
     put(layout, "b.txt", t=1)
     ob.scan()
     assert [(i.seq, i.name) for i in ob.pending()] == [(1, "a.txt"), (2, "b.txt")]
+
+
+def test_content_differs_reads_what_inode_size_and_mtime_cannot_tell(layout):
+    """The sender's second look after the peer refused a checksum (net/sender.py)."""
+    put(layout, "a.bin", b"A" * 5000)
+    put(layout, "b.bin", b"B" * 5000)
+    put(layout, "c.bin", b"C" * 5000)
+    ob = outbound(layout)
+    a, b, c = ob.scan()[0]
+    assert not ob.content_differs(a)                    # as claimed
+    st = os.stat(b.path)
+    with open(b.path, "r+b") as fh:                     # same size, mtime put back
+        fh.seek(100)
+        fh.write(b"x")
+    os.utime(b.path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert not ob.changed(b) and ob.content_differs(b)
+    os.unlink(c.path)                                   # unreadable: changed
+    assert ob.content_differs(c)
