@@ -638,12 +638,15 @@ class SenderMixin(RunnerState):
             whole = flight is not None and not flight.probe and flight.offset == 0
             if spool.outbound.changed(item) or (
                     whole and nack.retry and nack.kind == F.NACK_RETRY
-                    and await trio.to_thread.run_sync(spool.outbound.content_differs, item)):
+                    and await trio.to_thread.run_sync(spool.outbound.content_differs, item,
+                                                      abandon_on_cancel=True)):
                 # (The second look reads the file, once per refusal: a retryable
                 # refusal of a message sent whole is the peer's checksum. Its inode,
                 # size and mtime are as claimed, yet its content may differ: rewritten
                 # with its mtime put back. Sent again, it would only be refused, and
-                # quarantined, again. A resume the peer refused sent no data: no look.)
+                # quarantined, again. It only reads: a session that ends meanwhile
+                # need not wait for it. A resume is not looked at (refused at its
+                # start it sent no data); its next send is whole, and looked at.)
                 if spool.outbound.get(item.seq) is None:
                     continue        # resolved or failed during the look
                 await self._fail(item, f"not sent: the queued file was changed after it was "

@@ -101,6 +101,7 @@ crash points above are read together.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -637,21 +638,26 @@ class Outbound(PickupMixin, RecoveryMixin):
     def content_differs(self, item: Claimed) -> bool:
         """Blocking: does the queued file's content differ from its claim (size or
         SHA-256), even where its inode, size and mtime do not say so (`changed()`)?
-        For a refusal by the peer's checksum only: it reads the whole file. A file
-        that cannot be read counts as changed."""
+        For a refusal by the peer's checksum only: it reads the whole file. Gone, or a
+        symlink now: it differs. Any other error (EIO, EMFILE, EACCES...) proves
+        nothing: False, and the ordinary retry finds the error again when it opens
+        the file (where a read error or a resource shortage has its own handling)."""
         try:
             fd = self.fs.open(item.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError:
-            return True
+        except OSError as exc:
+            return exc.errno in (errno.ENOENT, errno.ELOOP)
         try:
             digest, size = hashlib.sha256(), 0
             while chunk := self.fs.read(fd, READ_SIZE):
                 digest.update(chunk)
                 size += len(chunk)
         except OSError:
-            return True
+            return False
         finally:
-            self.fs.close(fd)
+            try:
+                self.fs.close(fd)
+            except OSError:
+                pass
         return size != item.size or digest.hexdigest() != item.sha256
 
     def _rehash(self, item: Claimed) -> Claimed:

@@ -585,5 +585,25 @@ def test_content_differs_reads_what_inode_size_and_mtime_cannot_tell(layout):
         fh.write(b"x")
     os.utime(b.path, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert not ob.changed(b) and ob.content_differs(b)
-    os.unlink(c.path)                                   # unreadable: changed
+    os.unlink(c.path)                                   # gone: changed
     assert ob.content_differs(c)
+
+
+def test_content_differs_does_not_call_an_unreadable_file_changed(layout):
+    """EIO, EMFILE, EACCES... prove nothing about the content: the ordinary retry
+    meets the error again when it opens the file, and handles it as such."""
+    put(layout, "a.bin", b"A" * 5000)
+    ob = outbound(layout)
+    (a,) = ob.scan()[0]
+    real_open = ob.fs.open
+    for err in (errno.EIO, errno.EMFILE, errno.EACCES, errno.ENOENT, errno.ELOOP):
+        def failing_open(path, flags, *rest, err=err):
+            if os.fspath(path) == os.fspath(a.path):
+                raise OSError(err, os.strerror(err), os.fspath(path))
+            return real_open(path, flags, *rest)
+        ob.fs.open = failing_open
+        # gone, or a symlink now: it differs; anything else proves nothing
+        assert ob.content_differs(a) is (err in (errno.ENOENT, errno.ELOOP)), \
+            errno.errorcode[err]
+    ob.fs.open = real_open
+    assert not ob.content_differs(a)
