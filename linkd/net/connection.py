@@ -90,11 +90,12 @@ MAX_INBOUND_BACKLOG = 4096    # queued inbound events before the reader stops re
 MAX_PENDING_OUTPUT = 1 << 20  # queued control bytes (pongs, acks...) before the reader waits
 # Who pings on an idle link. The side that was dialled (the listener: a hub's side of
 # all its peers) pings after this share of heartbeat_interval of send-idleness, brought
-# forward to a grid of PING_GRID(interval) seconds shared by all its sessions; the
-# dialler only after all of it. So the listener's pings always arrive first, the
-# dialler's pongs keep it from being send-idle, one ping and one pong cross per
-# interval (both at the same interval raced: about half the intervals carried two of
-# each), and a hub wakes once per grid step for the pings of all its idle peers
+# forward to a grid of ping_grid(interval) seconds shared by all its sessions (so every
+# 0.8 of the interval once its pings sit on the grid); the dialler only after all of
+# it. So the listener's pings always arrive first, the dialler's pongs keep it from
+# being send-idle, one ping and one pong cross per ping period (both at the same
+# interval raced: about half the intervals carried two of each), and a hub wakes once
+# per grid step for the pings of all its idle peers
 # instead of once per peer ping (issue 13: ~0.7 ms of CPU per wake-up here). The
 # dialler, which then never pings for itself, sends a ping with one of its pongs
 # every RTT_REFRESH seconds, to keep its `rtt_ms` current.
