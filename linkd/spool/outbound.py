@@ -139,13 +139,13 @@ from .outbound_items import (
     CHECKPOINT_EVERY,
     CLAIM_BATCH,
     MAX_SEQ,
-    READ_SIZE,
     Candidate,
     Claimed,
     FailedFile,
     FolderRefused,
     Resolved,
     _Pending,
+    digest_fd,
     is_resource_error,
     set_name_xattr,
     write_new,
@@ -647,10 +647,7 @@ class Outbound(PickupMixin, RecoveryMixin):
         except OSError as exc:
             return exc.errno in (errno.ENOENT, errno.ELOOP)
         try:
-            digest, size = hashlib.sha256(), 0
-            while chunk := self.fs.read(fd, READ_SIZE):
-                digest.update(chunk)
-                size += len(chunk)
+            size, sha256 = digest_fd(self.fs, fd)
         except OSError:
             return False
         finally:
@@ -658,7 +655,7 @@ class Outbound(PickupMixin, RecoveryMixin):
                 self.fs.close(fd)
             except OSError:
                 pass
-        return size != item.size or digest.hexdigest() != item.sha256
+        return size != item.size or sha256 != item.sha256
 
     def _rehash(self, item: Claimed) -> Claimed:
         fd = self.fs.open(item.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -666,13 +663,10 @@ class Outbound(PickupMixin, RecoveryMixin):
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise FileChanged("not a regular file")
-            digest, size = hashlib.sha256(), 0
-            while chunk := self.fs.read(fd, READ_SIZE):
-                digest.update(chunk)
-                size += len(chunk)
+            size, sha256 = digest_fd(self.fs, fd)
         finally:
             self.fs.close(fd)
-        new = replace(item, size=size, sha256=digest.hexdigest(), ino=st.st_ino,
+        new = replace(item, size=size, sha256=sha256, ino=st.st_ino,
                       mtime_ns=st.st_mtime_ns)
         write_atomic(self.fs, self._rec(item.seq, "meta"), self._meta_bytes(new))
         return new

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
 from collections import deque
@@ -147,6 +148,16 @@ def write_new(fs: FS, path: PathLike, data: bytes, sync: bool = True) -> None:
             fs.fsync(fd)
     finally:
         fs.close(fd)
+
+
+def digest_fd(fs: FS, fd: int) -> tuple[int, str]:
+    """(size, SHA-256 hex) of what is left to read on `fd`, READ_SIZE bytes per read
+    through the FS seam (pick-up, a re-hash at claim, the sender's second look)."""
+    digest, size = hashlib.sha256(), 0
+    while chunk := fs.read(fd, READ_SIZE):
+        digest.update(chunk)
+        size += len(chunk)
+    return size, digest.hexdigest()
 
 
 def set_name_xattr(path: Path, name: str) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import os
 import signal
 import stat
@@ -32,12 +31,12 @@ from .outbound_items import (
     _GONE,
     CLAIM_BATCH,
     CLAIM_BYTES,
-    READ_SIZE,
     SETTLE,
     Candidate,
     Examined,
     FailedFile,
     OutboundState,
+    digest_fd,
     is_resource_error,
 )
 
@@ -223,10 +222,7 @@ class PickupMixin(OutboundState):
                 fd = -1
                 failed.append(self._fail_unclaimed(name, st.st_size, problem))
                 return None
-            digest, size = hashlib.sha256(), 0
-            while chunk := self.fs.read(fd, READ_SIZE):
-                digest.update(chunk)
-                size += len(chunk)
+            size, sha256 = digest_fd(self.fs, fd)
             if leased and fcntl.fcntl(fd, _F_GETLEASE) != fcntl.F_RDLCK:
                 return 0.2              # a writer opened it while we hashed
             after = os.fstat(fd)
@@ -238,7 +234,7 @@ class PickupMixin(OutboundState):
                 fd = -1
                 failed.append(self._fail_unclaimed(name, size, problem))
                 return None
-            return Candidate(name, size, digest.hexdigest(), st.st_ino, st.st_mtime_ns)
+            return Candidate(name, size, sha256, st.st_ino, st.st_mtime_ns)
         except OSError as exc:
             if is_resource_error(exc):
                 raise
