@@ -646,9 +646,9 @@ class SenderMixin(RunnerState):
                 # with its mtime put back. Sent again, it would only be refused, and
                 # quarantined, again. It only reads: a session that ends meanwhile
                 # need not wait for it. A resume is not looked at (refused at its
-                # start it sent no data); its next send is whole, and looked at.)
-                if spool.outbound.get(item.seq) is None:
-                    continue        # resolved or failed during the look
+                # start it sent no data); its next send is whole, and looked at.
+                # Nothing else can resolve, fail or renumber it meanwhile: it left
+                # in_flight above, and only this task fails or renumbers.)
                 await self._fail(item, f"not sent: the queued file was changed after it was "
                                        f"queued (refused by {self.link.name}: {nack.reason})")
                 continue
