@@ -87,10 +87,25 @@ async def _run(tmp_path, how, monkeypatch):
     failed = []
     real_fail = outbound.fail
 
+    drained = trio.Event()          # every claimed file resolved or failed
+    real_resolve = outbound.resolve
+
+    def note_drained():             # both run in the spool's worker threads
+        if not outbound.pending():
+            trio.from_thread.run_sync(drained.set)
+
     def recording_fail(item, reason):
         failed.append((item.name, reason))
-        return real_fail(item, reason)
+        done = real_fail(item, reason)
+        note_drained()
+        return done
+
+    def noted_resolve(seqs):
+        done = real_resolve(seqs)
+        note_drained()
+        return done
     monkeypatch.setattr(outbound, "fail", recording_fail)
+    monkeypatch.setattr(outbound, "resolve", noted_resolve)
 
     left, right = trio.testing.memory_stream_pair()
     ra = SessionRunner(a, left, remote="b", dialed_by_us=True, tls_info=None)
@@ -100,8 +115,7 @@ async def _run(tmp_path, how, monkeypatch):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ra.run)
             nursery.start_soon(rb.run)
-            while outbound.pending():  # noqa: ASYNC110 (resolved or failed, every one)
-                await trio.sleep(0.01)
+            await drained.wait()
             await ra.close("done")
             nursery.cancel_scope.cancel()
     assert opened, "the big file was never read from its queued copy"
