@@ -28,7 +28,7 @@ from pathlib import Path
 
 import trio
 
-from . import __version__, systemd
+from . import __version__, heap, systemd
 from . import log as logmod
 from .check import startup_problems
 from .config import Config, PeerConfig, load_config
@@ -83,6 +83,7 @@ class Daemon:
         self.pauses: PauseState | None = None    # loaded once state_dir is locked
         self.listen_scope = trio.CancelScope()   # the accept loops of the current [listen]
         self.expiry = ExpiryWatch(self.log)
+        self.heap_trim = heap.IdleTrim()  # give the heap back once quiet (heap.py)
         self.board.cert_not_after, self.board.crl_next_update = tls_dates(cfg)
         self._stop_observing = logmod.add_observer(self._observe)
         # Bounds on unauthenticated connections, from the descriptor limit at start.
@@ -308,6 +309,8 @@ class Daemon:
                                              some=links[start:start + size])
             self.expiry.check(self.board)
             logmod.flush_suppressed()       # the log_suppressed summary, when due
+            if self.heap_trim.due():
+                await in_thread(heap.trim)  # after a busy period: RSS back from its peak
             await trio.sleep(HOUSEKEEPING)
 
     async def _accept(self, listener: trio.SocketListener) -> None:

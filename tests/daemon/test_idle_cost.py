@@ -182,6 +182,7 @@ async def test_housekeeping_checks_a_share_of_a_big_hubs_folders_each_pass(
         def __init__(self) -> None:
             self.links = {link.name: link for link in links}
             self.expiry = SimpleNamespace(check=lambda board: None)
+            self.heap_trim = SimpleNamespace(due=lambda: False)
             self.board = None
 
         async def refresh_folder_counts(self, link: Any = None, *, changed_only: bool = False,
