@@ -32,8 +32,8 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
-from typing import TextIO
+from collections.abc import Callable, Iterable, Mapping
+from typing import TextIO, cast
 
 import structlog
 from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
@@ -86,12 +86,92 @@ def configure(fmt: str | None = None, level: str = "info", node: str | None = No
             structlog.processors.format_exc_info if fmt == "json" else _noop,
             renderer,
         ]
+    stream = sys.stderr
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=lambda *args: LineWriter(stream),
         cache_logger_on_first_use=False,
     )
+
+
+class LineWriter:
+    """structlog's output: each line (and each batch of `info_many`) in one write,
+    under one lock per stream. (structlog's PrintLogger writes a line and its
+    newline separately, so a batch written between the two would split a line.)"""
+
+    _locks: dict[int, threading.Lock] = {}
+    _locks_lock = threading.Lock()
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        with self._locks_lock:
+            self.lock = self._locks.setdefault(id(stream), threading.Lock())
+
+    def write_lines(self, lines: list[str]) -> None:
+        text = "\n".join(lines) + "\n"
+        with self.lock:
+            self.stream.write(text)
+            self.stream.flush()
+
+    def msg(self, message: str) -> None:
+        self.write_lines([message])
+
+    log = debug = info = warn = warning = error = err = critical = exception = fatal = \
+        failure = msg
+
+
+def info_many(logger: FilteringBoundLogger, event: str,
+              rows: Iterable[Mapping[str, object]]) -> None:
+    """`logger.info(event, **row)` for each row, in one go: the same processors give
+    the same lines (observers, rate limits, level filter and all), with one timestamp
+    for the batch; the audit log gets the batch's lines in one write, stderr its
+    lines in another. For the per-message audit events logged a batch at a time (a
+    claim's `message_queued` lines, an ack's `message_sent` lines, a commit's
+    `message_delivered` lines): ~30 -> ~17 µs of CPU a line here, signed audit log."""
+    rows = list(rows)
+    processors = getattr(logger, "_processors", None)
+    wrapped = getattr(logger, "_logger", None)
+    if not isinstance(wrapped, LineWriter) or not processors or len(rows) < 2:
+        for row in rows:
+            logger.info(event, **row)
+        return
+    from .evidence.audit import sink_many
+    context = structlog.get_context(logger)
+    stamp = ""
+    # what each processor but the renderer (the last) is here: 0 run it, 1 the audit
+    # log (gathered for one write), 2 the time stamper (one stamp for the batch)
+    steps: list[tuple[int, Callable[[WrappedLogger, str, EventDict], EventDict]]] = []
+    for proc in processors[:-1]:
+        if proc is _audit:
+            steps.append((1, _audit))
+        elif isinstance(proc, structlog.processors.TimeStamper):
+            stamp = str(proc(wrapped, "info", {})["timestamp"])
+            steps.append((2, proc))
+        else:
+            steps.append((0, cast(Callable[[WrappedLogger, str, EventDict], EventDict], proc)))
+    render = processors[-1]
+    audited: list[Mapping[str, object]] = []
+    lines: list[str] = []
+    for row in rows:
+        out: EventDict = context.copy()
+        out.update(row)
+        out["event"] = event
+        try:
+            for kind, proc in steps:
+                if kind == 0:
+                    out = proc(wrapped, "info", out)
+                elif kind == 1:
+                    audited.append(dict(out))
+                else:
+                    out["timestamp"] = stamp
+            line = render(wrapped, "info", out)
+        except structlog.DropEvent:
+            continue
+        lines.append(line if isinstance(line, str) else str(line))
+    sink_many(audited)
+    if lines:
+        wrapped.write_lines(lines)
 
 
 class _Prioritised:

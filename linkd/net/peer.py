@@ -56,18 +56,26 @@ async def in_thread(fn: Callable[[*Ts], T], *args: *Ts) -> T:
 
 
 
-def log_delivered(log: FilteringBoundLogger, peer: str, channel: str, name: object,
-                  seq: int, size: object, sha256: object, sent_name: object,
-                  recovered: bool = False) -> None:
-    """The message_delivered line (CONTRACT §10, an audit event): from the group
-    commit (net/receiver.py), crash recovery, and the start-up reconciliation."""
+def delivered_fields(peer: str, channel: str, name: object, seq: int, size: object,
+                     sha256: object, sent_name: object,
+                     recovered: bool = False) -> dict[str, object]:
+    """The fields of a message_delivered line (CONTRACT §10, an audit event)."""
     fields: dict[str, object] = dict(peer=peer, channel=channel, name=name, seq=seq,
                                      size=size, sha256=sha256)
     if recovered:
         fields["recovered"] = True
     if sent_name != name:
         fields["sent_name"] = sent_name
-    log.info("message_delivered", **fields)
+    return fields
+
+
+def log_delivered(log: FilteringBoundLogger, peer: str, channel: str, name: object,
+                  seq: int, size: object, sha256: object, sent_name: object,
+                  recovered: bool = False) -> None:
+    """The message_delivered line: from crash recovery and the start-up
+    reconciliation (the group commit logs its batch at once: net/receiver.py)."""
+    log.info("message_delivered", **delivered_fields(peer, channel, name, seq, size,
+                                                     sha256, sent_name, recovered))
 
 class PeerLink:
     def __init__(self, cfg: Config, peer: PeerConfig, status: PeerStatus) -> None:
@@ -281,9 +289,9 @@ class PeerLink:
     # -- pick-up --------------------------------------------------------------
 
     def log_queued(self, claimed: list[Claimed]) -> None:
-        for item in claimed:
-            self.log.info("message_queued", peer=self.name, channel=item.channel,
-                          name=item.name, seq=item.seq, size=item.size, sha256=item.sha256)
+        logmod.info_many(self.log, "message_queued", (
+            dict(peer=self.name, channel=item.channel, name=item.name, seq=item.seq,
+                 size=item.size, sha256=item.sha256) for item in claimed))
 
     async def pick_up(self, name: str, relist: bool) -> float | None:
         """Claim what is ready on `name` now, a bounded batch per hop, until nothing

@@ -25,6 +25,7 @@ from typing import TypeAlias
 
 import trio
 
+from .. import log as logmod
 from ..errors import SpoolError
 from ..evidence import audit as audit_mod
 from ..evidence import receipts as R
@@ -39,7 +40,7 @@ from ..spool import (
     InboundRefused,
 )
 from ..spool.inbound import quarantine_usage
-from .peer import log_delivered
+from .peer import delivered_fields
 from .sender import RunnerState
 
 AUDIT_REFUSAL = "the audit log "   # how AuditLog.refusal() begins
@@ -283,9 +284,9 @@ class ReceiverMixin(RunnerState):
         delivery and make its audit line durable before `committed` records it, so
         neither its ack nor a later ack from the journal goes out without that line,
         even if we are killed (the line's fields are what the ack names)."""
-        for d in delivered:
-            log_delivered(self.log, self.link.name, d.channel, d.name, d.seq, d.size,
-                          d.sha256, d.sent_name)
+        logmod.info_many(self.log, "message_delivered", (
+            delivered_fields(self.link.name, d.channel, d.name, d.seq, d.size, d.sha256,
+                             d.sent_name) for d in delivered))
         audit = audit_mod.current()
         if audit is not None and delivered:
             audit.sync()

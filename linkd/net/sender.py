@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, BinaryIO, cast
 import trio
 from structlog.typing import FilteringBoundLogger
 
+from .. import log as logmod
 from ..errors import SpoolError
 from ..evidence import keys as ekeys
 from ..evidence import receipts as R
@@ -248,6 +249,7 @@ class SenderMixin(RunnerState):
                                      reason=str(exc))
             link.refresh_queued([ch])
             stats = link.status.channel(ch)
+            sent: list[dict[str, object]] = []
             for r in resolved:
                 item, entry = r.item, matched[r.item.seq]
                 self.attempts.pop((ch, item.seq), None)
@@ -256,7 +258,10 @@ class SenderMixin(RunnerState):
                                                  seq=item.seq, size=item.size, sha256=item.sha256)
                 if entry.name != item.name:
                     fields["delivered_name"] = entry.name
-                self.log.info("message_sent", **fields)
+                sent.append(fields)
+            logmod.info_many(self.log, "message_sent", sent)
+            for r in resolved:
+                item = r.item
                 if r.changed:
                     self.log.warning("message_changed", peer=link.name, channel=ch,
                                      name=item.name, seq=item.seq, sha256=item.sha256,
