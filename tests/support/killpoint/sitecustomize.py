@@ -38,14 +38,16 @@ if _POINT.startswith("audit:"):
     from linkd.evidence import audit as _audit
 
     _event = _POINT.split(":", 1)[1]
-    _record = _audit.AuditLog.record
+    _record_many = _audit.AuditLog.record_many     # record() and batches both end here
 
-    def _record_or_die(self: Any, event: Any) -> None:
-        if event.get("event") == _event:
-            _die()
-        _record(self, event)
+    def _record_or_die(self: Any, events: Any) -> None:
+        for i, event in enumerate(events):
+            if event.get("event") == _event:
+                _record_many(self, events[:i])      # the lines before it, then death
+                _die()
+        _record_many(self, events)
 
-    _audit.AuditLog.record = _record_or_die  # type: ignore[method-assign]
+    _audit.AuditLog.record_many = _record_or_die  # type: ignore[method-assign]
 
 elif _POINT == "committed":
     from linkd.spool import records as _records
@@ -78,11 +80,11 @@ elif _POINT.startswith("eio:journal"):
 elif _POINT == "enospc:audit":
     from linkd.evidence import audit as _audit
 
-    _write = _audit.AuditLog._write
+    _write_lines = _audit.AuditLog._write_lines    # every line written goes through it
 
-    def _write_or_fail(self: Any, obj: Any) -> bytes:
-        if obj.get("event") == "message_delivered":
+    def _write_or_fail(self: Any, lines: Any, last_hash: Any) -> None:
+        if any(b'"event":"message_delivered"' in line for line in lines):
             raise OSError(errno.ENOSPC, "injected ENOSPC", str(self.path))
-        return _write(self, obj)
+        _write_lines(self, lines, last_hash)
 
-    _audit.AuditLog._write = _write_or_fail  # type: ignore[method-assign]
+    _audit.AuditLog._write_lines = _write_or_fail  # type: ignore[method-assign]
