@@ -216,7 +216,7 @@ class Daemon:
                     for problem in problems:
                         self.log.warning("recovery", peer=link.name, problem=problem)
                     if tail is not None:    # every delivery since the tail began has its line
-                        link.reconcile_audit(tail)
+                        link.reconcile_audit(tail, await in_thread(link.journaled))
                     await link.log_recovered()
                     link.refresh_queued()       # the counts are right from READY on
                 await nursery.start(serve_status, self.board, cfg.node.status_socket,

@@ -254,16 +254,24 @@ class PeerLink:
                 log_delivered(self.log, self.name, name, d.name, d.seq, d.size, d.sha256,
                               d.sent_name, recovered=True)
 
-    def reconcile_audit(self, tail: AuditTail) -> None:
+    def journaled(self) -> dict[str, list[dict[str, object]]]:
+        """Blocking: each channel's journaled deliveries (reads the journals)."""
+        return {name: inbound.journaled() for name, inbound in self.inbound.items()}
+
+    def reconcile_audit(self, tail: AuditTail,
+                        journaled: dict[str, list[dict[str, object]]] | None = None) -> None:
         """At start-up: log message_delivered (recovered=True) for each journaled
         delivery made since the audit log's tail began that has no line in it -- one
         whose line a crash or a failed audit log lost (docs/EVIDENCE.md). Deliveries
-        older than the tail are not judged. Covers what recovery just completed."""
+        older than the tail are not judged. Covers what recovery just completed.
+        `journaled`: what `journaled()` read in a worker thread (else read here)."""
         now = time.time()
+        if journaled is None:
+            journaled = self.journaled()
         for name, inbound in self.inbound.items():
             for d in inbound.take_recovered():
                 self.status.channel(name).note_received(d.size)
-            for e in inbound.journaled():
+            for e in journaled.get(name, []):
                 seq, sha = e.get("seq"), e.get("sha256")
                 when = e.get("delivered_at")
                 # (a delivered_at in the future: the clock was stepped back since; its

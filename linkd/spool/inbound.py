@@ -212,7 +212,7 @@ class Inbound:
 
     def journaled(self) -> list[dict[str, Any]]:
         """The recent committed deliveries the journal holds, oldest first."""
-        return [e for s, e in self._journal.entries.items() if s <= self.committed]
+        return [e for e in self._journal.entries() if e["seq"] <= self.committed]
 
     def _require(self) -> None:
         if self._refused is not None:

@@ -15,9 +15,10 @@ re-sent message at or below `committed` with what it holds under that seq
 (an ack naming the content), so that a sender whose numbering went wrong
 (state lost or restored) can tell "delivered" from "something else". It keeps
 the newest KEEP entries (rewritten atomically when twice that many lines
-accumulate); a torn last line (crash mid-append) is ignored (the next append
-starts on a new line, so it never swallows a good entry), and a seq logged
-twice (a commit redone by recovery) keeps its last line.
+accumulate), in memory only where each one's line starts (read back on a
+lookup); a torn last line (crash or failed write mid-append) is ignored (the
+next append starts on a new line, so it never swallows a good entry), and a seq
+logged twice (a commit redone by recovery) keeps its last line.
 """
 
 from __future__ import annotations
@@ -115,59 +116,119 @@ def load_state(fs: FS, path: Path, channel: str, problems: list[str],
 
 
 class Journal:
-    """The receiver's recent deliveries of one channel (see the module docstring)."""
+    """The receiver's recent deliveries of one channel (see the module docstring).
+
+    Only where each entry's line starts is kept in memory (`index`: seq -> byte
+    offset, the newest KEEP seqs): an entry is read back from the file when a
+    re-send or a probe asks for it, which is rare, in a worker thread. Holding the
+    parsed entries cost ~1 KiB each, up to 4 MiB per channel that has received
+    KEEP messages: a hub of 200 such peers would have kept 800 MiB."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.entries: collections.OrderedDict[int, dict[str, Any]] = collections.OrderedDict()
+        self.index: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._lines = 0
-        self._torn = False      # the file ends inside a line (a crash mid-append)
 
     def load(self, fs: FS, problems: list[str]) -> None:
-        self.entries.clear()
-        self._lines, self._torn = 0, False
+        self.index.clear()
+        self._lines = 0
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return
         with os.fdopen(fd, "rb") as f:
+            offset = 0
             for raw in f:
                 self._lines += 1
-                self._torn = not raw.endswith(b"\n")
-                try:
-                    entry = json.loads(raw)
-                except ValueError:
-                    continue            # a torn last line
-                if isinstance(entry, dict) and is_int(entry.get("seq"), 1) \
-                        and is_sha256(entry.get("sha256")):
-                    self.entries.pop(entry["seq"], None)
-                    self.entries[entry["seq"]] = entry
-        while len(self.entries) > KEEP:
-            self.entries.popitem(last=False)
+                entry = _entry(raw)
+                if entry is not None:
+                    self.index.pop(entry["seq"], None)
+                    self.index[entry["seq"]] = offset
+                offset += len(raw)
+        self._trim()
+
+    def _trim(self) -> None:
+        while len(self.index) > KEEP:
+            self.index.popitem(last=False)
 
     def lookup(self, seq: int) -> dict[str, Any] | None:
-        return self.entries.get(seq)
+        """The entry of `seq`, if the journal still holds it (OSError: cannot read)."""
+        offset = self.index.get(seq)
+        if offset is None:
+            return None
+        fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            raw = os.pread(fd, LINE_MAX, offset)
+        finally:
+            os.close(fd)
+        entry = _entry(raw.split(b"\n", 1)[0])
+        return entry if entry is not None and entry["seq"] == seq else None
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every entry the journal holds, oldest first (blocking: reads the file)."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        out = []
+        for seq, offset in self.index.items():
+            entry = _entry(data[offset:data.find(b"\n", offset) + 1 or len(data)])
+            if entry is not None and entry["seq"] == seq:
+                out.append(entry)
+        return out
 
     def append(self, fs: FS, entries: list[dict[str, Any]]) -> None:
         """Append and fsync (the caller's commit then records `committed`)."""
         if not entries:
             return
-        data = b"".join(dump_json(e) for e in entries)
-        if self._torn:          # end the torn line first, or it swallows our first entry
-            data = b"\n" + data
-        fd = fs.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW)
+        lines = [dump_json(e) for e in entries]
+        fd = fs.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW)
         try:
-            fs.write(fd, data)
+            # where this write lands, and whether the file ends inside a line (a crash
+            # mid-append): then end that line first, or it swallows our first entry
+            size = os.fstat(fd).st_size
+            head = b"\n" if size and os.pread(fd, 1, size - 1) != b"\n" else b""
+            fs.write(fd, head + b"".join(lines))
             fs.fsync(fd)
         finally:
             fs.close(fd)
-        self._torn = False
-        for e in entries:
-            self.entries.pop(e["seq"], None)
-            self.entries[e["seq"]] = e
-        self._lines += len(entries)
-        while len(self.entries) > KEEP:
-            self.entries.popitem(last=False)
+        offset = size + len(head)
+        for e, line in zip(entries, lines, strict=True):
+            self.index.pop(e["seq"], None)
+            self.index[e["seq"]] = offset
+            offset += len(line)
+        self._lines += len(entries) + (1 if head else 0)
+        self._trim()
         if self._lines > 2 * KEEP:
-            write_atomic(fs, self.path, b"".join(dump_json(e) for e in self.entries.values()))
-            self._lines = len(self.entries)
+            self._compact(fs)
+
+    def _compact(self, fs: FS) -> None:
+        """Rewrite the file with only the entries the index holds (their lines as
+        they are), atomically."""
+        data = self.path.read_bytes()
+        kept: list[bytes] = []
+        index: collections.OrderedDict[int, int] = collections.OrderedDict()
+        offset = 0
+        for seq, at in self.index.items():
+            end = data.find(b"\n", at)
+            line = data[at:end + 1] if end >= 0 else data[at:] + b"\n"
+            kept.append(line)
+            index[seq] = offset
+            offset += len(line)
+        write_atomic(fs, self.path, b"".join(kept))
+        self.index = index
+        self._lines = len(kept)
+
+
+LINE_MAX = 8192     # a journal line is < 1 KiB (two names of <= 255 bytes, a SHA-256)
+
+
+def _entry(raw: bytes) -> dict[str, Any] | None:
+    try:
+        entry = json.loads(raw)
+    except ValueError:
+        return None             # a torn line
+    if isinstance(entry, dict) and is_int(entry.get("seq"), 1) \
+            and is_sha256(entry.get("sha256")):
+        return entry
+    return None

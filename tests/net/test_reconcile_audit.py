@@ -7,6 +7,7 @@ back since) get none."""
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 
 import structlog.testing
@@ -29,10 +30,13 @@ def test_reconcile_logs_only_the_journaled_deliveries_the_tail_lacks(tmp_path):
     ca = trustme.CA()
     link = make_link(node_config(tmp_path, ca, "bravo", [peer_config("alpha")]), "alpha")
     shas = {seq: _deliver(link, seq, bytes([seq]) * 100) for seq in (1, 2, 3, 4)}
-    journal = link.inbound["data"]._journal.entries
+    journal = link.inbound["data"]._journal
     now = time.time()
-    journal[1]["delivered_at"] = now - 3600         # before the tail began: not judged
-    journal[4]["delivered_at"] = now + 3600         # "in the future": not judged
+    entries = [json.loads(line) for line in journal.path.read_text().splitlines()]
+    entries[0]["delivered_at"] = now - 3600         # before the tail began: not judged
+    entries[3]["delivered_at"] = now + 3600         # "in the future": not judged
+    journal.path.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    journal.load(link.inbound["data"].fs, [])
     tail = AuditTail(since=now - 60, delivered={("alpha", "data", 2, shas[2]),
                                                 ("alpha", "data", 3, "0" * 64)})
     with structlog.testing.capture_logs() as logs:

@@ -13,6 +13,7 @@ from spoolkit import FaultyFS
 
 from linkd.errors import SpoolError
 from linkd.spool import ChecksumMismatch, Inbound, InboundRefused, SpoolLayout
+from linkd.spool.fs import FS
 
 CH = "data"
 MiB = 1 << 20
@@ -324,3 +325,52 @@ def test_configure_applies_reloaded_limits_to_the_next_message(layout):
     ib.configure(100, 0o600)
     [d] = ib.commit([receive(ib, 1, "big", b"y" * 20)])
     assert stat.S_IMODE(os.stat(d.path).st_mode) == 0o600
+
+
+def test_the_journal_keeps_only_where_each_entry_is_in_memory(layout):
+    """A channel that has received KEEP messages held ~1 KiB per journal entry
+    (4 MiB: a hub of 200 such peers, 800 MiB); only a line offset is kept now."""
+    import tracemalloc
+
+    from linkd.spool import records
+    lines = b"".join(json.dumps({"seq": s, "sha256": sha(str(s).encode()), "size": 4096,
+                                 "sent_name": f"report-{s:06d}.pdf",
+                                 "name": f"report-{s:06d}.pdf",
+                                 "delivered_at": 1.8e9 + s}).encode() + b"\n"
+                     for s in range(1, records.KEEP + 1))
+    path = layout.journal_file(CH)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(lines)
+    journal = records.Journal(path)
+    tracemalloc.start()
+    try:
+        journal.load(FS(), [])
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(journal.index) == records.KEEP
+    assert held / records.KEEP < 300, held / records.KEEP
+    assert journal.lookup(records.KEEP)["name"] == f"report-{records.KEEP:06d}.pdf"
+
+
+def test_the_journal_appends_after_a_line_cut_short_in_this_process(layout):
+    # an append that failed midway (disk full): the next one starts on a new line
+    # and every offset still points at its own entry, with or without a reload
+    ib = inbound(layout)
+    ib.commit([receive(ib, 1, "a", b"a")])
+    with open(layout.journal_file(CH), "ab") as f:
+        f.write(b'{"seq": 2, "sha256": "ab')
+    ib.commit([receive(ib, 2, "b", b"b"), receive(ib, 3, "c", b"c")])
+    for got in (ib, inbound(layout)):
+        assert [got.lookup(s)["sha256"] for s in (1, 2, 3)] == [sha(b"a"), sha(b"b"),
+                                                                 sha(b"c")]
+
+
+def test_a_journal_line_that_is_not_where_it_was_answers_nothing(layout):
+    # the file replaced behind our back: "cannot say" (a stale nack), never another
+    # seq's entry
+    ib = inbound(layout)
+    ib.commit([receive(ib, 1, "a", b"a"), receive(ib, 2, "b", b"b")])
+    journal = layout.journal_file(CH)
+    journal.write_bytes(journal.read_bytes().split(b"\n", 1)[1])   # line 1 removed
+    assert ib.lookup(1) is None and ib.lookup(2) is None
