@@ -138,7 +138,7 @@ def info_many(logger: FilteringBoundLogger, event: str,
         return
     from .evidence.audit import sink_many
     context = structlog.get_context(logger)
-    stamp = ""
+    stamp, stamp_key = "", "timestamp"
     # what each processor but the renderer (the last) is here: 0 run it, 1 the audit
     # log (gathered for one write), 2 the time stamper (one stamp for the batch)
     steps: list[tuple[int, Callable[[WrappedLogger, str, EventDict], EventDict]]] = []
@@ -146,32 +146,39 @@ def info_many(logger: FilteringBoundLogger, event: str,
         if proc is _audit:
             steps.append((1, _audit))
         elif isinstance(proc, structlog.processors.TimeStamper):
-            stamp = str(proc(wrapped, "info", {})["timestamp"])
+            stamp_key = str(getattr(proc, "key", "timestamp"))
+            stamp = str(proc(wrapped, "info", {})[stamp_key])
             steps.append((2, proc))
         else:
             steps.append((0, cast(Callable[[WrappedLogger, str, EventDict], EventDict], proc)))
     render = processors[-1]
     audited: list[Mapping[str, object]] = []
     lines: list[str] = []
-    for row in rows:
-        out: EventDict = context.copy()
-        out.update(row)
-        out["event"] = event
+    try:
+        for row in rows:
+            out: EventDict = context.copy()
+            out.update(row)
+            out["event"] = event
+            try:
+                for kind, proc in steps:
+                    if kind == 0:
+                        out = proc(wrapped, "info", out)
+                    elif kind == 1:
+                        audited.append(dict(out))
+                    else:
+                        out[stamp_key] = stamp
+                line = render(wrapped, "info", out)
+            except structlog.DropEvent:
+                continue
+            lines.append(line if isinstance(line, str) else str(line))
+    finally:
+        # what was gathered is written even if a processor raised for a later row
+        # (one by one, the earlier lines would have been): then the error goes on
         try:
-            for kind, proc in steps:
-                if kind == 0:
-                    out = proc(wrapped, "info", out)
-                elif kind == 1:
-                    audited.append(dict(out))
-                else:
-                    out["timestamp"] = stamp
-            line = render(wrapped, "info", out)
-        except structlog.DropEvent:
-            continue
-        lines.append(line if isinstance(line, str) else str(line))
-    sink_many(audited)
-    if lines:
-        wrapped.write_lines(lines)
+            sink_many(audited)
+        finally:
+            if lines:
+                wrapped.write_lines(lines)
 
 
 class _Prioritised:

@@ -261,7 +261,13 @@ class AuditLog:
                 for event in events:
                     if "line" in event or "prev" in event:  # ours to set, never the caller's
                         event = {k: v for k, v in event.items() if k not in ("line", "prev")}
-                    raw = self._encode(event, line, prev)
+                    try:
+                        raw = self._encode(event, line, prev)
+                    except Exception:
+                        # not encodable (a caller's bug): the lines before it are
+                        # written, as record() one by one would have, then it raises
+                        self._write_lines(lines, prev)
+                        raise
                     lines.append(raw)
                     line, prev = line + 1, line_hash(raw)
                     if self.since_checkpoint + len(lines) >= self.checkpoint_lines:

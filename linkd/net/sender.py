@@ -249,7 +249,7 @@ class SenderMixin(RunnerState):
                                      reason=str(exc))
             link.refresh_queued([ch])
             stats = link.status.channel(ch)
-            sent: list[dict[str, object]] = []
+            sent: list[dict[str, object]] = []     # message_sent lines, logged a run at once
             for r in resolved:
                 item, entry = r.item, matched[r.item.seq]
                 self.attempts.pop((ch, item.seq), None)
@@ -259,14 +259,14 @@ class SenderMixin(RunnerState):
                 if entry.name != item.name:
                     fields["delivered_name"] = entry.name
                 sent.append(fields)
-            logmod.info_many(self.log, "message_sent", sent)
-            for r in resolved:
-                item = r.item
-                if r.changed:
+                if r.changed:       # its message_changed line follows its message_sent
+                    logmod.info_many(self.log, "message_sent", sent)
+                    sent = []
                     self.log.warning("message_changed", peer=link.name, channel=ch,
                                      name=item.name, seq=item.seq, sha256=item.sha256,
                                      reason="the queued file was changed after pick-up; the "
                                             "peer holds it as it was when it was queued")
+            logmod.info_many(self.log, "message_sent", sent)
         self.sender_wake.set()
 
     def _next_item(self, state: _OutChannel) -> Claimed | None:

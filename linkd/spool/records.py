@@ -152,11 +152,15 @@ class Journal:
             self.index.popitem(last=False)
 
     def lookup(self, seq: int) -> dict[str, Any] | None:
-        """The entry of `seq`, if the journal still holds it (OSError: cannot read)."""
+        """The entry of `seq`, if the journal still holds it (None if the file is
+        gone; OSError if it cannot be read: the batch fails and is retried)."""
         offset = self.index.get(seq)
         if offset is None:
             return None
-        fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None         # removed behind our back: we cannot say
         try:
             raw = os.pread(fd, LINE_MAX, offset)
         finally:

@@ -40,7 +40,7 @@ def test_reconcile_logs_only_the_journaled_deliveries_the_tail_lacks(tmp_path):
     tail = AuditTail(since=now - 60, delivered={("alpha", "data", 2, shas[2]),
                                                 ("alpha", "data", 3, "0" * 64)})
     with structlog.testing.capture_logs() as logs:
-        link.reconcile_audit(tail)
+        link.reconcile_audit(tail, link.journaled())
     lines = [(e["seq"], e["sha256"], e["recovered"]) for e in logs
              if e["event"] == "message_delivered"]
     # 2 has its line; 3's line names other content, so 3 has none

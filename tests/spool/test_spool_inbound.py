@@ -374,3 +374,12 @@ def test_a_journal_line_that_is_not_where_it_was_answers_nothing(layout):
     journal = layout.journal_file(CH)
     journal.write_bytes(journal.read_bytes().split(b"\n", 1)[1])   # line 1 removed
     assert ib.lookup(1) is None and ib.lookup(2) is None
+
+
+def test_a_journal_file_removed_behind_our_back_answers_nothing(layout):
+    # "cannot say" (a stale nack), as the entries() of a missing file are none: not an
+    # I/O error that fails the batch and sends it round the busy-nack loop
+    ib = inbound(layout)
+    ib.commit([receive(ib, 1, "a", b"a")])
+    layout.journal_file(CH).unlink()
+    assert ib.lookup(1) is None and ib.journaled() == []
