@@ -467,11 +467,18 @@ class Outbound(PickupMixin, RecoveryMixin):
         while self._spares:
             spare = self._spares.pop()
             try:
-                fd = self.fs.open(spare, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
+                fd = self.fs.open(spare, os.O_WRONLY | os.O_NOFOLLOW)
             except FileNotFoundError:
                 continue
             try:
+                # Written over from the start, then cut to its length: not O_TRUNC,
+                # which on ext4 frees the record's block for the write to allocate
+                # another (35-40 -> 8-13 us of CPU per record measured here). A crash
+                # before the sync can leave the old record's bytes, or a mix: the seq
+                # inside is then not this one (seqs are never reused) or the JSON is
+                # cut, which recovery treats as it does a torn record.
                 self.fs.write(fd, data)
+                self.fs.truncate(fd, len(data))
                 if sync:
                     self.fs.fsync(fd)
             finally:

@@ -288,6 +288,42 @@ def test_records_of_resolved_claims_are_reused(layout):
     assert not [n for n in os.listdir(layout.queue_dir(CH)) if n.startswith(".")]
 
 
+def test_a_reused_record_is_written_over_and_cut_not_truncated_first(layout):
+    """A spare record is written over from the start and cut to its new length, not
+    opened with O_TRUNC: on ext4 that freed the record's block for the write to
+    allocate another (35-40 vs 8-13 us of CPU per record measured). A longer old
+    record must leave none of its bytes behind."""
+    long = "a-much-longer-name-than-the-next-ones-" * 4
+    for i in range(3):
+        put(layout, f"{long}{i}", t=i)
+    fs = FaultyFS()
+    ob = outbound(layout, fs=fs)
+    ob.scan()
+    ob.resolve([1, 2])                          # two long records become spares
+    flags: list[int] = []
+    real_open = fs.open
+
+    def open_(path, how, mode=0o600):
+        if os.path.basename(str(path)).startswith(".spare-"):
+            flags.append(how)
+        return real_open(path, how, mode)
+    fs.open = open_
+    for i in range(2):
+        put(layout, f"s{i}", t=10 + i)
+    mark = len(fs.trace)
+    got, _ = ob.scan()
+    assert [c.name for c in got] == ["s0", "s1"]
+    assert len(flags) == 2 and not any(f & os.O_TRUNC for f in flags)
+    assert [op for op, t in fs.trace[mark:] if op == "truncate"] == ["truncate"] * 2
+    for c in got:
+        raw = (layout.queue_dir(CH) / f"{c.seq}.meta").read_bytes()
+        assert raw.count(b"\n") == 1 and raw.endswith(b"\n")      # nothing of the old
+        meta = json.loads(raw)
+        assert (meta["seq"], meta["name"], meta["size"]) == (c.seq, c.name, c.size)
+    fresh = outbound(layout)
+    assert [c.name for c in fresh.pending()] == [f"{long}2", "s0", "s1"]
+
+
 def test_the_peers_committed_seq_moves_numbering_forward_but_resolves_nothing(layout):
     put(layout, "waiting")
     ob = outbound(layout)
