@@ -474,9 +474,11 @@ class Outbound(PickupMixin, RecoveryMixin):
                 # Written over from the start, then cut to its length: not O_TRUNC,
                 # which on ext4 frees the record's block for the write to allocate
                 # another (35-40 -> 8-13 us of CPU per record measured here). A crash
-                # before the sync can leave the old record's bytes, or a mix: the seq
-                # inside is then not this one (seqs are never reused) or the JSON is
-                # cut, which recovery treats as it does a torn record.
+                # before the sync can leave the old record's bytes, or a mix, but only
+                # where no .data is beside it: every .data rename comes after the
+                # records' sync and queue/'s fsync, and recovery deletes a .meta
+                # without its .data. (A spare is only handed out once its own rename
+                # was made durable: see resolve().)
                 self.fs.write(fd, data)
                 self.fs.truncate(fd, len(data))
                 if sync:
@@ -487,20 +489,21 @@ class Outbound(PickupMixin, RecoveryMixin):
             return
         write_new(self.fs, path, data, sync=sync)
 
-    def _retire_record(self, path: str) -> None:
+    def _retire_record(self, path: str, kept: int) -> str | None:
         """Remove a resolved claim's .meta: renamed to a spare dot-name for reuse
-        (at most SPARE_RECORDS), else deleted. The spares only live while files are
-        queued: the resolve that empties the queue deletes them."""
-        if len(self._spares) >= SPARE_RECORDS:
+        (returned; at most SPARE_RECORDS are `kept`), else deleted. The spares only
+        live while files are queued: the resolve that empties the queue deletes
+        them."""
+        if kept >= SPARE_RECORDS:
             unlink_quietly(self.fs, path)
-            return
+            return None
         spare = f"{self._qs}/.spare-{self._spare_n}"
         self._spare_n += 1
         try:
             self.fs.rename(path, spare)
         except FileNotFoundError:
-            return
-        self._spares.append(spare)
+            return None
+        return spare
 
     def _drop_spares(self) -> None:
         while self._spares:
@@ -694,15 +697,27 @@ class Outbound(PickupMixin, RecoveryMixin):
                 self.next_seq = max(self.next_seq, top + 1)
                 self._save_state()
             done = []
+            retired: list[str] = []
             for item in items:
                 changed = self.changed(item)
                 self._dispose(item)
-                self._retire_record(f"{self._qs}/{item.seq}.meta")
+                spare = self._retire_record(f"{self._qs}/{item.seq}.meta",
+                                            len(self._spares) + len(retired))
+                if spare is not None:
+                    retired.append(spare)
                 self._forget(item.seq)
                 done.append(Resolved(item, changed))
             if not self._pending and not self._rest:
+                self._spares += retired
                 self._drop_spares()     # a drained queue/<ch>/ is empty
+                retired = []
             self.fs.fsync_dir(self._q)
+            # Only now may a claim write into them: before this fsync the unlink of
+            # their .data and their own rename may not be durable, and a record
+            # written in place there could end up as a resolved seq's .meta beside
+            # its .data after a power cut. (A resolve that fails before this point
+            # leaves them unused dot-files, which recovery deletes.)
+            self._spares += retired
         except OSError as exc:
             raise self._broken("removing acknowledged files", exc) from None
         self._fill()

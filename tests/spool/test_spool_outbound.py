@@ -324,6 +324,83 @@ def test_a_reused_record_is_written_over_and_cut_not_truncated_first(layout):
     assert [c.name for c in fresh.pending()] == [f"{long}2", "s0", "s1"]
 
 
+def test_a_spare_is_not_written_into_before_its_rename_is_durable(layout):
+    """A resolve that fails midway (ENOMEM: the channel stays usable) has renamed a
+    record to a spare without the queue folder's fsync: the spare must not be written
+    into in place (a power cut could then leave a resolved seq's .meta holding another
+    record beside its .data). Found by review."""
+    for i in range(3):
+        put(layout, f"m{i}", t=i)
+    fs = FaultyFS(fail_at=("unlink", 1), error=errno.ENOMEM)
+    ob = outbound(layout, fs=fs)
+    ob.scan()
+    with pytest.raises(SpoolError):
+        ob.resolve([1, 2])          # 1.data gone, 1.meta a spare, then 2.data: ENOMEM
+    assert ob.usable
+    assert ".spare-0" in os.listdir(layout.queue_dir(CH))
+    put(layout, "next", t=5)
+    mark = len(fs.trace)
+    got, _ = ob.scan()
+    assert [c.name for c in got] == ["next"]
+    assert not [t for op, t in fs.trace[mark:] if ".spare-" in t]
+    fresh = outbound(layout)        # recovery deletes the unused spare
+    assert not [n for n in os.listdir(layout.queue_dir(CH)) if n.startswith(".")]
+    assert [c.name for c in fresh.pending()] == ["m1", "m2", "next"]
+
+
+def test_a_claim_into_spares_killed_at_every_step_loses_and_mislabels_nothing(tmp_path):
+    """The crash sweeps never reuse a spare record nor take the batch's syncfs path
+    (their queue drains between claims). Here: 12 files queued, 10 resolved (spares
+    kept, two files still queued), then 9 more claimed into the spares in one batch
+    (syncfs where the kernel reports its errors), the process killed at each of that
+    claim's steps in turn. After the restart's recovery every file is in out/ or
+    queued under a record naming it, with its size and SHA-256, exactly once."""
+    from spoolkit import Crash
+    first = {f"a{i:02d}": f"first {i}".encode() * (i + 1) for i in range(12)}
+    second = {f"b{i:02d}": f"second {i}".encode() * (i + 2) for i in range(9)}
+    n, total = 0, None
+    while total is None or n < total:
+        lay = SpoolLayout(tmp_path / f"s{n}" / "spool", tmp_path / f"s{n}" / "state",
+                          "europol")
+        lay.create([CH], archive_sent=False)
+        for t, (name, data) in enumerate(first.items()):
+            put(lay, name, data, t=t)
+        fs = FaultyFS(sync=False)
+        ob = outbound(lay, fs=fs)
+        ob.scan()
+        ob.resolve(list(range(1, 11)))
+        for t, (name, data) in enumerate(second.items()):
+            put(lay, name, data, t=100 + t)
+        fs.crash_at = fs.calls + n
+        try:
+            ob.scan()
+            total = n                   # this many steps: the claim ran to its end
+        except Crash:
+            pass
+        after = Outbound(lay, CH, 1 << 20, False)
+        after.recover()
+        claimed, _ = after.scan()
+        queued = {c.name: c for c in after.pending()}
+        assert sorted(queued) == ["a10", "a11", *second], n
+        assert len(after.pending()) == len(queued), n              # each exactly once
+        for name, c in queued.items():
+            data = second.get(name, first.get(name))
+            assert (c.size, c.sha256) == (len(data), hashlib.sha256(data).hexdigest()), n
+            assert (lay.queue_dir(CH) / f"{c.seq}.data").read_bytes() == data, n
+        assert os.listdir(lay.out_dir(CH)) == [], n
+        n += 1
+    assert total is not None and total > 30
+    ops = [(op, os.path.basename(t)) for op, t in fs.trace]   # the run that completed
+    assert sum(1 for op, _ in ops if op == "truncate") == 9       # each spare cut to length
+    assert sum(1 for op, t in ops if op == "open" and t.startswith(".spare-")) == 9
+    assert ("syncfs" in [op for op, _ in ops]) or not _syncfs_ok()
+
+
+def _syncfs_ok() -> bool:
+    from linkd.spool import inbound as _inbound
+    return _inbound.SYNCFS_OK
+
+
 def test_the_peers_committed_seq_moves_numbering_forward_but_resolves_nothing(layout):
     put(layout, "waiting")
     ob = outbound(layout)
