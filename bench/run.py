@@ -47,7 +47,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -317,36 +316,17 @@ def run_small(root: Path, files: int, size: int,
         pair.close()
 
 
-def send_priority_files(pair: Pair, arrivals: Any, prefix: str, interval: float,
-                        until: Callable[[int], bool]) -> list[float]:
-    """1 KiB files renamed into out/alerts/ every `interval` s until `until(i)`:
-    each one's rename -> IN_MOVED_TO in the peer's in/alerts/, in seconds."""
-    out = pair.out("alerts")
-    dropped: dict[str, float] = {}
-    i = 0
-    while not until(i):
-        name = f"{prefix}{i:05d}.txt"
-        temp = out / f".{name}"
-        temp.write_bytes(os.urandom(1000))
-        os.rename(temp, out / name)
-        dropped[name] = time.monotonic()
-        i += 1
-        time.sleep(interval)            # pacing the load, not synchronising
-    wait_until(lambda: all(n in arrivals.seen for n in dropped), 120, 0.01,
-               "every priority file")
-    return [arrivals.seen[n] - t for n, t in dropped.items()]
-
-
 def run_priority(root: Path, bulk: int, interval: float = 0.02,
                  idle: int = 100) -> dict[str, float]:
     """First `idle` priority files on an idle link (the floor: the same path with no
     bulk transfer), then as many as fit while the big file streams."""
-    from bench_priority import Arrivals
+    from bench_priority import Arrivals, send_alerts
     pair = Pair(root, [{"name": "bulk", "priority": 0}, {"name": "alerts", "priority": 10}])
     try:
         arrivals = Arrivals(pair.inbox("alerts"))
         arrivals.start()
-        base = send_priority_files(pair, arrivals, "i", 2 * interval, lambda i: i >= idle)
+        base = list(send_alerts(pair.a, arrivals, "i", 2 * interval,
+                                lambda i: i >= idle).values())
         staging = pair.a.dir / "staging"
         staging.mkdir()
         stage_random(staging / "big.bin", bulk)
@@ -355,8 +335,8 @@ def run_priority(root: Path, bulk: int, interval: float = 0.02,
         tmp = pair.b.spool / "alpha" / "tmp"
         wait_until(lambda: any(p.stat().st_size for p in tmp.iterdir()), 120, 0.002,
                    "bulk bytes at the receiver")
-        lat = send_priority_files(pair, arrivals, "a", interval,
-                                  lambda _i: landed.exists())
+        lat = list(send_alerts(pair.a, arrivals, "a", interval,
+                               lambda _i: landed.exists()).values())
         arrivals.stopping = True
         ra, rb = pair.rss()
         return {"p50_ms": 1000 * pct(lat, 0.5), "p99_ms": 1000 * pct(lat, 0.99),
