@@ -3,6 +3,7 @@ message_delivered) logged at once gives the same lines as logging them one by on
 (stderr and the hash-chained audit log), with one timestamp for the batch and one
 write for each; `AuditLog.record_many` puts checkpoints where `record` would."""
 
+import contextlib
 import io
 import json
 import re
@@ -40,7 +41,11 @@ def audit_items(path):
     return out
 
 
-def run(tmp_path, name, fmt, level, batched, journald=False, monkeypatch=None):
+def run(tmp_path, name, fmt, level, batched, journald=False, monkeypatch=None,
+        batch=None, raises=None):
+    """Log `batch` (7 rows by default) as message_sent lines, in one batch or one by
+    one: (stderr, the audit lines' fields, the audit log's path)."""
+    batch = rows(7) if batch is None else batch
     stream = io.StringIO()
     audit_log = A.AuditLog(tmp_path / name, "alpha", None)
     audit_log.open()
@@ -50,11 +55,12 @@ def run(tmp_path, name, fmt, level, batched, journald=False, monkeypatch=None):
     try:
         logmod.configure(fmt, level=level, node="alpha")
         logger = logmod.get(peer="bravo", remote="127.0.0.1:9")  # bound context first
-        if batched:
-            logmod.info_many(logger, "message_sent", rows(7))
-        else:
-            for row in rows(7):
-                logger.info("message_sent", **row)
+        with pytest.raises(raises) if raises else contextlib.nullcontext():
+            if batched:
+                logmod.info_many(logger, "message_sent", batch)
+            else:
+                for row in batch:
+                    logger.info("message_sent", **row)
     finally:
         A.install(None)
         audit_log.close()
@@ -130,30 +136,12 @@ def test_a_processor_error_mid_batch_keeps_the_lines_before_it(tmp_path, monkeyp
     (a batch that gave up whole lost rows 0 and 1 as well)."""
     got = {}
     for mode in ("one", "many"):
-        stream = io.StringIO()
-        audit_log = A.AuditLog(tmp_path / mode, "alpha", None)
-        audit_log.open()
-        A.install(audit_log)
-        monkeypatch.setattr(logmod.sys, "stderr", stream)
         batch = rows(4)
         batch[2]["oops"] = Unrepresentable()
-        try:
-            logmod.configure("json", node="alpha")
-            logger = logmod.get(peer="bravo")
-            with pytest.raises(RuntimeError, match="no repr"):
-                if mode == "many":
-                    logmod.info_many(logger, "message_sent", batch)
-                else:
-                    for row in batch:
-                        logger.info("message_sent", **row)
-        finally:
-            A.install(None)
-            audit_log.close()
-            logmod.configure("json")
-            structlog.reset_defaults()
-        audited = [dict(items) for items in audit_items(audit_log.path)]
-        got[mode] = ([json.loads(x)["seq"] for x in stream.getvalue().splitlines()],
-                     [e["seq"] for e in audited if e["event"] == "message_sent"])
+        err, audited, _ = run(tmp_path, mode, "json", "info", mode == "many",
+                              monkeypatch=monkeypatch, batch=batch, raises=RuntimeError)
+        got[mode] = ([json.loads(x)["seq"] for x in err.splitlines()],
+                     [dict(e)["seq"] for e in audited if dict(e)["event"] == "message_sent"])
     assert got["many"] == got["one"] == ([0, 1], [0, 1])
 
 
