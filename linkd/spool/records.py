@@ -176,7 +176,7 @@ class Journal:
             return []
         out = []
         for seq, offset in self.index.items():
-            entry = _entry(data[offset:data.find(b"\n", offset) + 1 or len(data)])
+            entry = _entry(_line_at(data, offset))
             if entry is not None and entry["seq"] == seq:
                 out.append(entry)
         return out
@@ -214,8 +214,8 @@ class Journal:
         index: collections.OrderedDict[int, int] = collections.OrderedDict()
         offset = 0
         for seq, at in self.index.items():
-            end = data.find(b"\n", at)
-            line = data[at:end + 1] if end >= 0 else data[at:] + b"\n"
+            line = _line_at(data, at)
+            line = line if line.endswith(b"\n") else line + b"\n"
             kept.append(line)
             index[seq] = offset
             offset += len(line)
@@ -225,6 +225,12 @@ class Journal:
 
 
 LINE_MAX = 8192     # a journal line is < 1 KiB (two names of <= 255 bytes, a SHA-256)
+
+
+def _line_at(data: bytes, offset: int) -> bytes:
+    """The line of `data` that starts at `offset`, with its newline if it has one."""
+    end = data.find(b"\n", offset)
+    return data[offset:] if end < 0 else data[offset:end + 1]
 
 
 def _entry(raw: bytes) -> dict[str, Any] | None:
