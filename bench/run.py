@@ -199,6 +199,7 @@ def ceiling_small(root: Path, files: int, size: int, batch: int) -> float:
     final.mkdir()
     payload = os.urandom(size)
     dfd = os.open(final, os.O_RDONLY | os.O_DIRECTORY)
+    os.sync()       # what earlier steps left dirty (an rmtree of 20,000 files) is not ours
     start = time.perf_counter()
     i = 0
     while i < files:
@@ -221,7 +222,17 @@ def ceiling_small(root: Path, files: int, size: int, batch: int) -> float:
     os.close(dfd)
     shutil.rmtree(tmp)
     shutil.rmtree(final)
+    os.sync()
     return files / elapsed
+
+
+def ceiling_small_runs(root: Path, files: int, size: int, batch: int,
+                       runs: int) -> tuple[float, float, float]:
+    """(median, lowest, highest) of `runs` runs of ceiling_small: on these VMs one run
+    of the group-commit ceiling ranged from 5,500 to 19,600 files/s within a minute
+    (the virtual disk's flush latency), so one run made the ratio a lottery."""
+    got = sorted(ceiling_small(root / f"run{k}", files, size, batch) for k in range(runs))
+    return got[len(got) // 2], got[0], got[-1]
 
 
 def ceiling_sha256(total: int) -> float:
@@ -687,6 +698,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.time() - started:6.1f}s] {text}", flush=True)
 
     ceil: dict[str, float] = {}
+    group_runs = 1 if args.quick else 3
+    group_label = (f"ceiling: durable 4 KiB files, group commit ({small_files}"
+                   + (f", median of {group_runs})" if group_runs > 1 else ")"))
+
+    def group_value(median: float, lo: float, hi: float) -> str:
+        return f"{median:.0f} files/s" + (f" ({lo:.0f}-{hi:.0f})" if group_runs > 1 else "")
     try:
         if "ceilings" in steps:
             tls = ceiling_tls(root / "tls", big)
@@ -695,9 +712,10 @@ def main(argv: list[str] | None = None) -> int:
             ceil["write"] = ceiling_write(root / "write", big)
             say(f"durable write: {ceil['write']:.0f} MiB/s")
             ceil["fsync_each"] = ceiling_small(root / "small", small_files // 4, 4 * KiB, 1)
-            ceil["group"] = ceiling_small(root / "small", small_files, 4 * KiB, 64)
+            ceil["group"], g_lo, g_hi = ceiling_small_runs(root / "small", small_files,
+                                                          4 * KiB, 64, group_runs)
             say(f"durable 4 KiB files: fsync each {ceil['fsync_each']:.0f}/s, "
-                f"group commit {ceil['group']:.0f}/s")
+                f"group commit {ceil['group']:.0f}/s ({g_lo:.0f}-{g_hi:.0f})")
             ceil["sha"] = ceiling_sha256(big // 2)
             say(f"SHA-256: {ceil['sha']:.0f} MiB/s")
             table.add("ceiling: TLS trio.SSLStream mTLS loopback",
@@ -707,8 +725,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{ceil['write']:.0f} MiB/s")
             table.add(f"ceiling: durable 4 KiB files, fsync each ({small_files // 4})",
                       f"{ceil['fsync_each']:.0f} files/s")
-            table.add(f"ceiling: durable 4 KiB files, group commit ({small_files})",
-                      f"{ceil['group']:.0f} files/s")
+            table.add(group_label, group_value(ceil["group"], g_lo, g_hi))
             table.add("ceiling: SHA-256", f"{ceil['sha']:.0f} MiB/s")
         rss_a = rss_b = 0
         if "big" in steps:
@@ -726,10 +743,11 @@ def main(argv: list[str] | None = None) -> int:
             rss_a, rss_b = max(rss_a, r["rss_a"]), max(rss_b, r["rss_b"])
         if "small" in steps:
             if "group" not in ceil:     # --only small: its ceiling, in the same run
-                ceil["group"] = ceiling_small(root / "small", small_files, 4 * KiB, 64)
-                say(f"durable 4 KiB files: group commit {ceil['group']:.0f}/s")
-                table.add(f"ceiling: durable 4 KiB files, group commit ({small_files})",
-                          f"{ceil['group']:.0f} files/s")
+                ceil["group"], g_lo, g_hi = ceiling_small_runs(root / "small", small_files,
+                                                              4 * KiB, 64, group_runs)
+                say(f"durable 4 KiB files: group commit {ceil['group']:.0f}/s "
+                    f"({g_lo:.0f}-{g_hi:.0f})")
+                table.add(group_label, group_value(ceil["group"], g_lo, g_hi))
             r = run_small(root / "small-e2e", small_files, 4 * KiB, args.profile)
             say(f"small: {r}")
             g = ceil.get("group")
