@@ -66,6 +66,14 @@ class FS:
             n = os.write(fd, view)
             view = view[n:]
 
+    def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+        """Write all of `data` at `offset` (a "write" step; looping over short writes)."""
+        self.step("write", fd)
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
+
     def fsync(self, fd: int) -> None:
         self.step("fsync", fd)
         os.fsync(fd)

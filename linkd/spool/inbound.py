@@ -88,6 +88,8 @@ from ..errors import ChecksumMismatch as ChecksumMismatch  # re-exported
 from ..errors import InboundRefused as InboundRefused
 from ..errors import SpoolError as SpoolError
 from ..errors import SymlinkedFolder
+from . import direct
+from .direct import DirectWriter
 from .files import (
     is_int,
     is_sha256,
@@ -168,6 +170,15 @@ class _Transfer:
     written: int
     durable: int
     digest: Any
+    writer: DirectWriter | None = None   # big messages: appended through O_DIRECT
+
+    def close(self, fs: FS) -> None:
+        """Release the writer's buffer and descriptor, then the file's (no step)."""
+        try:
+            if self.writer is not None:
+                self.writer.close()
+        finally:
+            fs.close(self.fd)
 
 
 class Inbound:
@@ -225,7 +236,7 @@ class Inbound:
         self._ready = False
         if self._xfer is not None:
             try:
-                self.fs.close(self._xfer.fd)
+                self._xfer.close(self.fs)
             except OSError:
                 pass
             self._xfer = None
@@ -329,9 +340,16 @@ class Inbound:
                     self._st = self._st.saved(self.fs, partial=None)
                 fd = self.fs.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW)
                 digest = hashlib.sha256()
+            writer = None
+            if direct.wanted(size - offset):
+                try:
+                    writer = direct.DirectWriter(self.fs, path, fd, offset)
+                except BaseException:
+                    self.fs.close(fd)
+                    raise
         except OSError as exc:
             raise self._broken(f"starting seq {seq}", exc) from None
-        self._xfer = _Transfer(seq, name, size, sha, fd, path, offset, offset, digest)
+        self._xfer = _Transfer(seq, name, size, sha, fd, path, offset, offset, digest, writer)
         return offset
 
     def _check(self, *folders: Path) -> None:
@@ -368,7 +386,10 @@ class Inbound:
         if x.written + len(data) > x.size:
             raise InboundRefused(f"seq {x.seq}: more than the announced {x.size} bytes")
         try:
-            self.fs.write(x.fd, data)
+            if x.writer is not None:
+                x.writer.append(data)
+            else:
+                self.fs.write(x.fd, data)
             x.digest.update(data)
             x.written += len(data)
             if x.written - x.durable >= self.checkpoint_bytes:
@@ -378,6 +399,8 @@ class Inbound:
 
     def _checkpoint(self, x: _Transfer) -> None:
         self._check(self._st.path.parent)
+        if x.writer is not None:
+            x.writer.settle()
         self.fs.fsync(x.fd)
         self._st = self._st.saved(self.fs, partial={
             "seq": x.seq, "name": x.name, "size": x.size, "sha256": x.sha256,
@@ -389,8 +412,13 @@ class Inbound:
         x = self._transfer()
         if x.written != x.size:
             raise InboundRefused(f"seq {x.seq} ended at {x.written} of {x.size} bytes")
+        if x.writer is not None:
+            try:
+                x.writer.settle()
+            except OSError as exc:
+                raise self._broken(f"writing seq {x.seq}", exc) from None
         self._xfer = None
-        self.fs.close(x.fd)
+        x.close(self.fs)
         got = x.digest.hexdigest()
         if got != x.sha256:
             reason = f"seq {x.seq}: sha256 is {got}, the sender announced {x.sha256}"
@@ -421,7 +449,7 @@ class Inbound:
         except OSError as exc:
             raise self._broken(f"checkpointing seq {x.seq}", exc) from None
         finally:
-            self.fs.close(x.fd)
+            x.close(self.fs)
 
     # -- commit ------------------------------------------------------------
     def commit(self, batch: list[Completed],

@@ -17,7 +17,7 @@ import pytest
 from spoolkit import Crash, FaultyFS, LinkHarness, drop
 
 from linkd.errors import SpoolError
-from linkd.spool import Outbound
+from linkd.spool import Outbound, direct
 from linkd.spool import inbound as inbound_module
 
 CH = "data"
@@ -272,6 +272,46 @@ def test_receiver_crash_at_every_step(tmp_path, monkeypatch, renameat2, syncfs, 
                                        renameat2=renameat2))
         scenario(h)
         check_final(h)
+
+
+@pytest.fixture
+def direct_small(tmp_path, monkeypatch):
+    """big.bin (40,000 bytes) is written through O_DIRECT, in 16 KiB stages."""
+    probe = tmp_path / ".o_direct_probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600))
+    except OSError as exc:
+        pytest.skip(f"no O_DIRECT on the file system of {tmp_path}: {exc}")
+    probe.unlink()
+    monkeypatch.setattr(direct, "DIRECT_MIN", 10_000)
+    monkeypatch.setattr(direct, "STAGE", 4 * direct.BLOCK)
+
+
+@pytest.mark.parametrize("stride", [pytest.param(1, marks=pytest.mark.slow, id="every"),
+                                    pytest.param(SAMPLE, id="sampled")])
+def test_receiver_crash_at_every_step_with_o_direct(tmp_path, direct_small, stride):
+    _, total = count_steps(sweep_dirs(tmp_path, -1))
+    stride, shift = stride_and_shift(stride, 3)
+    for n in steps(total, stride, shift):
+        h = make(sweep_dirs(tmp_path, n))
+        h.ib = h.new_receiver(FaultyFS(crash_at=n, sync=False, tag="receiver"))
+        scenario(h)
+        check_final(h)
+
+
+@pytest.mark.parametrize("error,stride", [
+    pytest.param(errno.EIO, 1, marks=pytest.mark.slow, id="EIO-every"),
+    pytest.param(errno.ENOSPC, SAMPLE, id="ENOSPC-sampled")])
+def test_io_error_at_every_step_with_o_direct(tmp_path, direct_small, error, stride):
+    _, total = count_steps(sweep_dirs(tmp_path, -1))
+    stride, shift = stride_and_shift(stride, 3)
+    for n in steps(total - 1, stride, shift):
+        h = make(sweep_dirs(tmp_path, n))
+        fs = FaultyFS(fail_at=n, error=error, sync=False, tag="receiver")
+        h.ib = h.new_receiver(fs)
+        scenario(h)
+        check_final(h)
+        assert len(h.errors) == (fs.fired is not None), (n, h.errors)
 
 
 @pytest.mark.parametrize("side,small_window,stride", [
