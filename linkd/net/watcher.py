@@ -32,7 +32,6 @@ overflow.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from pathlib import Path
 import trio
 
 from .. import log as logmod
+from ..spool.fs import fs_type as fs_type  # re-exported (statfs f_type)
 
 try:
     import inotify_simple
@@ -60,23 +60,6 @@ REMOTE_FS = {
     0x47504653: "gpfs", 0x0BD00BD0: "lustre", 0x20030528: "orangefs",
     0x19830326: "beegfs",
 }
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-class _StatFS(ctypes.Structure):
-    # struct statfs begins with f_type (__fsword_t: a long on Linux's 64- and
-    # 32-bit ABIs alike); the rest is padding big enough for any layout
-    _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 248)]
-
-
-def fs_type(folder: Path) -> int | None:
-    """statfs(2) f_type of the file system holding `folder` (None if unknown)."""
-    buf = _StatFS()
-    if _libc.statfs(str(folder).encode(), ctypes.byref(buf)) != 0:
-        return None
-    return int(buf.f_type) & 0xFFFFFFFF
-
-
 def identity(folder: Path) -> tuple[int, int] | None:
     """(st_dev, st_ino) of `folder` (not following a symlink), None if it is gone."""
     try:

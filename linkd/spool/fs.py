@@ -195,3 +195,17 @@ def fsync_file(fs: FS, path: PathLike, mode: int | None = None) -> None:
 def fsync_dir(path: PathLike) -> None:
     """fsync a folder (outside the spool's FS seam: for tools and the audit log)."""
     DEFAULT_FS.fsync_dir(path)
+
+
+class _StatFS(ctypes.Structure):
+    # struct statfs begins with f_type (__fsword_t: a long on Linux's 64- and
+    # 32-bit ABIs alike); the rest is padding big enough for any layout
+    _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 248)]
+
+
+def fs_type(folder: PathLike) -> int | None:
+    """statfs(2) f_type of the file system holding `folder` (None if unknown)."""
+    buf = _StatFS()
+    if _libc.statfs(os.fsencode(folder), ctypes.byref(buf)) != 0:
+        return None
+    return int(buf.f_type) & 0xFFFFFFFF
