@@ -180,18 +180,21 @@ def ceiling_write(root: Path, total: int, direct: bool = False) -> tuple[float, 
     block = mmap.mmap(-1, MiB)      # page-aligned, as O_DIRECT wants
     block.write(os.urandom(MiB))
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0)
-    cpu0, start = time.process_time(), time.perf_counter()
-    fd = os.open(path, flags, 0o600)
+    total = max(MiB, total // MiB * MiB)    # whole MiB: O_DIRECT wants whole blocks
     try:
-        left = total
-        while left > 0:     # in whole MiB (O_DIRECT wants whole blocks)
-            left -= os.write(fd, block)
-        os.fsync(fd)
+        cpu0, start = time.process_time(), time.perf_counter()
+        fd = os.open(path, flags, 0o600)
+        try:
+            left = total
+            while left > 0:
+                left -= os.write(fd, block)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu0
     finally:
-        os.close(fd)
-    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu0
-    block.close()
-    path.unlink()
+        block.close()
+        path.unlink(missing_ok=True)    # also when O_DIRECT was refused after the create
     return total / MiB / elapsed, cpu / (total / GiB)
 
 

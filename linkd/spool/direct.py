@@ -30,6 +30,9 @@ fsync makes durable is exactly what it would have been without O_DIRECT:
 nothing about checkpoints, commits or their crash points changes, and
 recovery reads the file through the page cache as before.
 
+O_DIRECT is used only on local file systems known to handle it (LOCAL_FS:
+ext4, XFS, btrfs, tmpfs); the checkpoint fsyncs the ordinary descriptor, which
+on a FUSE or network file system need not flush what the other one wrote.
 Where O_DIRECT is refused (a file system without it, such as tmpfs before
 Linux 6.6 or some FUSE file systems: EINVAL or EOPNOTSUPP at open or at a
 write) the writer falls back, for the rest of the file, to plain writes
@@ -45,7 +48,7 @@ import mmap
 import os
 from pathlib import Path
 
-from .fs import FS
+from .fs import FS, fs_type
 
 BLOCK = 4096                 # O_DIRECT alignment: a multiple of every logical block size
 STAGE = 1 << 20              # the staging buffer: one O_DIRECT write per MiB
@@ -53,6 +56,10 @@ DIRECT_MIN = 4 << 20         # messages smaller than this are written the ordina
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 # what a file system says when it does not do O_DIRECT (at open or at a write)
 _REFUSED = {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP}
+# statfs f_type of the local file systems O_DIRECT is used on: ext2/3/4, XFS, btrfs,
+# tmpfs. Elsewhere (FUSE, NFS, SMB...) an fsync of one descriptor need not flush
+# what another wrote, so the checkpoint's fsync would not cover the direct writes.
+LOCAL_FS = {0xEF53, 0x58465342, 0x9123683E, 0x01021994}
 
 
 def wanted(size: int) -> bool:
@@ -72,19 +79,31 @@ class DirectWriter:
         self.fill = start - self.base         # stage[:fill] holds the file's bytes
         self.dfd: int | None = None
         self.stage: mmap.mmap | None = None
+        if fs_type(path.parent) not in LOCAL_FS:
+            return                            # not known to be safe here: plain writes
         try:
             self.dfd = fs.open(path, os.O_WRONLY | os.O_NOFOLLOW | _O_DIRECT)
         except OSError as exc:
             if exc.errno not in _REFUSED:
                 raise
             return                            # no O_DIRECT here: plain writes
-        self.stage = mmap.mmap(-1, STAGE)
-        if self.fill:
-            head = os.pread(fd, self.fill, self.base)
-            if len(head) != self.fill:
-                self.close()
-                raise OSError(errno.EIO, "partial file shrank while re-reading its tail")
-            self.stage[:self.fill] = head
+        try:
+            mine, theirs = os.fstat(self.dfd), os.fstat(fd)
+            if (mine.st_dev, mine.st_ino) != (theirs.st_dev, theirs.st_ino):
+                # the name was replaced between the two opens: direct writes would
+                # go to another file than the one checkpointed and committed
+                raise OSError(errno.EIO, "the partial file was replaced while opening it",
+                              str(path))
+            self.stage = mmap.mmap(-1, STAGE)
+            if self.fill:
+                head = os.pread(fd, self.fill, self.base)
+                if len(head) != self.fill:
+                    raise OSError(errno.EIO, "partial file shrank while re-reading its tail",
+                                  str(path))
+                self.stage[:self.fill] = head
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def direct(self) -> bool:

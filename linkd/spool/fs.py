@@ -64,6 +64,8 @@ class FS:
         view = memoryview(data)
         while view:
             n = os.write(fd, view)
+            if n <= 0:      # some FUSE servers: would loop for ever
+                raise OSError(errno.EIO, "write made no progress", str(fd))
             view = view[n:]
 
     def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
@@ -72,6 +74,8 @@ class FS:
         view = memoryview(data)
         while view:
             n = os.pwrite(fd, view, offset)
+            if n <= 0:      # some FUSE servers: would loop for ever
+                raise OSError(errno.EIO, "write made no progress", str(fd))
             view, offset = view[n:], offset + n
 
     def fsync(self, fd: int) -> None:
