@@ -198,5 +198,9 @@ class BoardCollector(Collector):
                     labels, [([p.name, c.name], c.paused or p.paused) for p, c in chans])
         yield gauge("linkd_channel_held", "1 while the channel's files are held.", labels,
                     [([p.name, c.name], c.held is not None) for p, c in chans])
+        yield gauge("linkd_channel_inbound_failing",
+                    "1 while what arrives on the channel cannot be stored (disk full...).",
+                    labels, [([p.name, c.name], getattr(c, "inbound_error", None) is not None)
+                             for p, c in chans])
 
 

@@ -188,8 +188,10 @@ class SessionRunner(SenderMixin, ReceiverMixin):
         self.scope.cancel()
 
     def held_reason(self, channel: str) -> str | None:
+        """Why the channel's files wait: the peer does not offer it, or could not store
+        the last one (a busy nack, until an acknowledgement shows it stores again)."""
         state = self.out.get(channel)
-        return state.held if state is not None else None
+        return (state.held or state.busy) if state is not None else None
 
     def progress(self, channel: str, seq: int) -> tuple[int, bool]:
         """(bytes of `seq` sent so far, whether it is on the wire now)."""

@@ -94,6 +94,7 @@ class ReceiverMixin(RunnerState):
                 # repair the spool; the session and the other channels go on.
                 ch = batch[0].ch
                 self.log.error("inbound_storage_failed", channel=ch, reason=str(exc))
+                self.link.status.channel(ch).inbound_error = str(exc)
                 inbound = self.link.inbound.get(ch)
                 if inbound is not None:
                     try:
@@ -112,17 +113,27 @@ class ReceiverMixin(RunnerState):
                 # to it; resending too early costs a journal answer, too late a message.
                 pending = [s for s in (rx.oldest_unacked(ch), rx.batch_low) if s is not None]
                 if pending:
+                    # What of it is durable (recover() kept the last checkpoint): the
+                    # resend starts there, not at byte 0 (a disk that fills up at 120
+                    # MiB of a 200 MiB file would otherwise take 120 MiB again per try).
+                    point = inbound.resume_point() if inbound is not None else None
+                    resume = point[1] if point is not None and point[0] == min(pending) \
+                        and point[1] > 0 else None
                     self.session.send_nack(ch, min(pending),
                                            f"receiver cannot store it now: {exc}",
-                                           True, F.NACK_BUSY, busy_wait)
+                                           True, F.NACK_BUSY, busy_wait, resume)
                     rx.discard(ch)
                 busy_wait = min(busy_wait * 2, BUSY_WAIT[1])
                 self.inbound_drained.set()
                 self.writer_wake.set()
                 continue
-            busy_wait = BUSY_WAIT[0]
             self.inbound_drained.set()
             acks, nacks, delivered, credit, quarantined = result
+            if any(acks.values()):
+                # Only a message stored to the end shows the storage works again: a
+                # resend that writes some data before it fails again keeps the
+                # waits growing (reset on every written batch, they stayed at 1 s).
+                busy_wait = BUSY_WAIT[0]
             for ch, seq, reason, retry, kind in nacks:
                 if kind == F.NACK_BUSY and reason.startswith(AUDIT_REFUSAL):
                     self.log.error("inbound_storage_failed", peer=self.link.name, channel=ch,
@@ -243,6 +254,10 @@ class ReceiverMixin(RunnerState):
                     inbound.begin(ev.seq, ev.name, ev.size, ev.sha256.hex(), ev.offset,
                                   checked=ch in checked)
                     checked.add(ch)
+                    if ev.offset:       # (logged from this thread, as message_delivered is)
+                        self.log.info("transfer_resumed", peer=self.link.name, channel=ch,
+                                      seq=ev.seq, name=ev.name, size=ev.size,
+                                      offset=ev.offset)
                 except InboundRefused as exc:
                     # A resume we cannot honour is retried from byte 0; anything else
                     # (size over our limit...) is final.

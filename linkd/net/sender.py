@@ -77,6 +77,7 @@ class _OutChannel:
     probing: bool = False                    # queued seqs <= peer_committed await answers
     verdicts: dict[int, str] = dataclasses.field(default_factory=dict)  # seq -> other|unknown
     held: str | None = None                  # why its files wait (peer lacks the channel)
+    busy: str | None = None                  # why they wait: the peer could not store them
     ahead: tuple[BinaryIO, memoryview] | None = None  # (fh, what was read and not sent yet)
     ahead_buffer: bytearray | None = None    # what it is read into (one per big file)
     wait_until: float = 0.0                  # trio time before which nothing is sent
@@ -113,6 +114,9 @@ class RunnerState:
         raise NotImplementedError
 
     def _violation(self, reason: str) -> None:  # pragma: no cover - SessionRunner's
+        raise NotImplementedError
+
+    def _set_held(self, name: str, reason: str | None) -> None:  # pragma: no cover
         raise NotImplementedError
 
 
@@ -234,6 +238,9 @@ class SenderMixin(RunnerState):
             # content under this seq. Renumbered (with everything after it) once every
             # probe of the channel is answered: see _finish_probing.
             state.verdicts[item.seq] = "other"
+        if matched and state.busy is not None:
+            state.busy = None               # the peer stores again
+            self._set_held(ch, state.held)
         if matched:
             # The receipts are durable before any file leaves the queue: stored first,
             # in the same thread hop that resolves the batch.
@@ -479,6 +486,8 @@ class SenderMixin(RunnerState):
             if state.resume is not None and state.resume[0] == item.seq \
                     and state.resume[1] <= item.size:
                 offset = state.resume[1]
+                self.log.info("transfer_resumed", peer=self.link.name, channel=state.name,
+                              seq=item.seq, name=item.name, size=item.size, offset=offset)
             state.resume = None
             spool = self.link.spools[state.name]
             # A small file is read whole, with the small files queued after it, in one
@@ -631,8 +640,13 @@ class SenderMixin(RunnerState):
             if nack.kind == F.NACK_BUSY:
                 self.log.warning("message_retry", peer=self.link.name, channel=nack.ch,
                                  seq=nack.seq, name=item.name, reason=nack.reason,
-                                 wait=nack.wait)
+                                 wait=nack.wait, resume=nack.resume)
                 state.wait_until = trio.current_time() + max(nack.wait, 0.1)
+                # The peer keeps what it stored durably: send from there (the resend's
+                # msg carries the offset, which the peer checks against its checkpoint).
+                state.resume = (nack.seq, nack.resume) if nack.resume else None
+                state.busy = f"{self.link.name} cannot store it now: {nack.reason}"
+                self._set_held(nack.ch, state.held or state.busy)
                 continue
             if nack.kind == F.NACK_STALE:
                 # The peer cannot say what it holds under this seq: renumbered with the

@@ -65,6 +65,7 @@ class NackReceived:
     retry: bool
     kind: str = F.NACK_RETRY
     wait: float = 0.0
+    resume: int | None = None       # busy: the receiver's durable offset of `seq`
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -154,7 +154,9 @@ NACK_STALE = "stale"   # seq is at or below the receiver's committed seq and it 
 class Nack:
     """Message `seq` of `ch` was not accepted. `retry`: send it again (from
     a Msg with rewind); otherwise the refusal is final. `kind` refines it
-    (NACK_BUSY, NACK_STALE); `wait` is the seconds to wait before a resend."""
+    (NACK_BUSY, NACK_STALE); `wait` is the seconds to wait before a resend;
+    `resume` (busy only): the receiver holds the first `resume` bytes of `seq`
+    durably, so the resend may start there (as a hello's resume point)."""
 
     ch: str
     seq: int
@@ -162,6 +164,7 @@ class Nack:
     retry: bool
     kind: str = NACK_RETRY
     wait: float = 0.0
+    resume: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -207,6 +210,8 @@ def frame_to_map(frame: Frame) -> dict[str, Any]:
             m["k"] = frame.kind
         if frame.wait:
             m["w"] = frame.wait
+        if frame.resume is not None:
+            m["r"] = frame.resume
         return m
     if isinstance(frame, Ping):
         return {"t": "ping", "id": frame.id}
@@ -408,8 +413,10 @@ def map_to_frame(m: Any) -> Frame:
         if isinstance(wait, bool) or not isinstance(wait, (int, float)) \
                 or not 0.0 <= wait <= 3600.0:
             raise RemoteProtocolError("nack field 'w' is not 0..3600 seconds")
+        resume = _uint(m, "r", "nack") if m.get("r") is not None else None
         return Nack(ch=_channel(m, "nack"), seq=_uint(m, "s", "nack", 1, MAX_SEQ),
-                    reason=_reason(m, "nack"), retry=retry, kind=nack_kind, wait=float(wait))
+                    reason=_reason(m, "nack"), retry=retry, kind=nack_kind, wait=float(wait),
+                    resume=resume)
     if kind == "ping":
         return Ping(id=_uint(m, "id", "ping"))
     if kind == "pong":

@@ -258,7 +258,7 @@ class Session:
             case F.Nack():
                 self._sending(frame.ch, "nack").nacked(frame.seq)
                 return [NackReceived(frame.ch, frame.seq, frame.reason, frame.retry, frame.kind,
-                                     frame.wait)]
+                                     frame.wait, frame.resume)]
             case F.Ping(id=ping_id):
                 self._queue(F.Pong(ping_id), control=True)
                 if self.heartbeat.wants_rtt(now):       # ours rides with the pong
@@ -323,13 +323,14 @@ class Session:
             self._queue(F.Checkpoint(line), control=True)
 
     def send_nack(self, ch: str, seq: int, reason: str, retry: bool, kind: str = F.NACK_RETRY,
-                  wait: float = 0.0) -> None:
+                  wait: float = 0.0, resume: int | None = None) -> None:
         """Refuse message `seq`; discard the channel's frames until the sender rewinds.
+        `resume` (a busy nack): the durable prefix of `seq` the resend may skip.
         LocalProtocolError before the handshake or on a channel we do not receive."""
         if not self._step(Input.SEND_NACK):
             return
         state = self._local_receiving(ch)
-        self._queue(F.Nack(ch, seq, reason[:F.MAX_REASON_CHARS], retry, kind, wait),
+        self._queue(F.Nack(ch, seq, reason[:F.MAX_REASON_CHARS], retry, kind, wait, resume),
                     control=True)
         state.refuse()
 

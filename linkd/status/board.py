@@ -50,7 +50,9 @@ class ChannelStats:
     `note_*` helpers count acknowledged (sent) and delivered (received) files.
     `failed` is the number of files in failed/<channel>/ now (recounted from the
     folder, so it survives a restart). `paused`, `held`, `in_flight` and
-    `oldest_queued_age_s` are filled by the sender (None: nothing to say).
+    `oldest_queued_age_s` are filled by the sender (None: nothing to say);
+    `inbound_error` by the receiver: why it could not store the last message it
+    received (disk full...), until a message is stored again.
     """
 
     name: str
@@ -68,6 +70,7 @@ class ChannelStats:
     held: str | None = None                     # why the channel's files wait, e.g. not offered
     in_flight: dict[str, Any] | None = None     # {name, seq, size, sent_bytes}
     oldest_queued_age_s: float | None = None
+    inbound_error: str | None = None            # the receiver's storage failed: why
 
     def note_sent(self, size: int, when: dt.datetime | None = None) -> None:
         self.sent += 1
@@ -78,6 +81,7 @@ class ChannelStats:
         self.received += 1
         self.received_bytes += size
         self.last_received_at = when or _utcnow()
+        self.inbound_error = None               # it stores again
 
     def document(self) -> dict[str, Any]:
         age = self.oldest_queued_age_s
@@ -88,7 +92,8 @@ class ChannelStats:
                 "last_received_at": _iso(self.last_received_at),
                 "oldest_queued_age_s": None if age is None else round(float(age), 3),
                 "paused": self.paused, "held": self.held,
-                "in_flight": None if self.in_flight is None else dict(self.in_flight)}
+                "in_flight": None if self.in_flight is None else dict(self.in_flight),
+                "inbound_error": self.inbound_error}
 
 
 @dataclasses.dataclass

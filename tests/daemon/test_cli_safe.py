@@ -107,3 +107,19 @@ def test_check_is_critical_while_the_audit_log_cannot_be_written():
     code, line = evaluate(safe_doc(doc), 15.0, None)
     assert code == 2 and line.startswith("CRITICAL: deliveries refused: the audit log ")
     assert evaluate({"node": "n", "peers": [], "audit": {"failed": None}}, 15.0, None)[0] == 0
+
+
+def test_check_warns_of_a_held_channel_and_of_a_receiver_that_cannot_store():
+    """Found in an operator's trial: with the receiver's disk full, `linkctl check`
+    said OK on both sides; only the logs told."""
+    def doc(**channel):
+        return {"node": "n", "peers": [{"name": "p", "state": "connected",
+                                        "channels": [{"name": "c", "queued": 1, **channel}]}]}
+    assert evaluate(doc(), 15.0, None)[0] == 0
+    code, line = evaluate(doc(held="p cannot store it now: No space left on device"),
+                          15.0, None)
+    assert code == 1 and line.startswith("WARNING: p/c held: p cannot store it now"), line
+    code, line = evaluate(doc(inbound_error="[Errno 28] No space left on device"), 15.0, None)
+    assert code == 1 and "p/c cannot store what arrives: [Errno 28] No space" in line, line
+    # a channel an operator paused is not a problem to warn of
+    assert evaluate(doc(paused=True, held="paused"), 15.0, None)[0] == 0

@@ -229,6 +229,13 @@ def test_metrics_parse_with_linkd_names_and_values() -> None:
         assert value(f"linkd_channel_{family}", peer="charlie", channel="x") == 0
     assert types["linkd_channel_sent_messages_total"] == "counter"
     assert types["linkd_channel_queued_bytes"] == "gauge"
+    assert value("linkd_channel_inbound_failing", peer="bravo", channel="data") == 0
+    board.peers["bravo"].channel("data").inbound_error = "[Errno 28] No space left"
+    assert ("linkd_channel_inbound_failing", {"peer": "bravo", "channel": "data"}, 1.0) \
+        in parse_metrics(board.metrics())[1]
+    board.peers["bravo"].channel("data").note_received(10)     # stored again
+    assert ("linkd_channel_inbound_failing", {"peer": "bravo", "channel": "data"}, 0.0) \
+        in parse_metrics(board.metrics())[1]
 
 
 def test_metrics_escape_label_values() -> None:

@@ -46,7 +46,7 @@ frames = st.one_of(
     st.builds(F.Ack, channel_names, st.lists(ack_entries, min_size=1, max_size=5).map(tuple)),
     st.builds(F.Nack, channel_names, seqs, st.text(max_size=100), st.booleans(),
               st.sampled_from([F.NACK_RETRY, F.NACK_BUSY, F.NACK_STALE]),
-              st.floats(0, 3600)),
+              st.floats(0, 3600), st.none() | st.integers(0, (1 << 64) - 1)),
     st.builds(F.Credit, channel_names, st.integers(0, 1 << 40)),
 )
 
@@ -103,6 +103,8 @@ def raw(obj) -> bytes:
     ({"t": "data", "ch": "d", "s": 1, "d": b"x" * (256 * 1024 + 1)}, "at most"),
     ({"t": "nack", "ch": "d", "s": 1, "why": "", "retry": True, "k": "other"}, "kind"),
     ({"t": "nack", "ch": "d", "s": 1, "why": "", "retry": True, "w": -1}, "seconds"),
+    ({"t": "nack", "ch": "d", "s": 1, "why": "", "retry": True, "r": -1}, "'r'"),
+    ({"t": "nack", "ch": "d", "s": 1, "why": "", "retry": True, "r": "0"}, "'r'"),
     ({"t": "msg", "ch": "d", "s": 1, "n": "a\nb", "z": 1, "h": b"\0" * 32, "o": 0},
      "control character"),
     ({"t": "hello", "v": 2, "node": "a", "ch": [{"n": "x", "max": 1, "c": (1 << 64) - 1,

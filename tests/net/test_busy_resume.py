@@ -1,0 +1,157 @@
+"""A receiver whose disk fills up mid-message (found in an operator's trial: a 200 MiB
+file on a spool with 120 MiB free).
+
+Two real PeerLinks over a memory stream. The receiver's spool write fails with ENOSPC
+part-way through a big message; it nacks "busy". The resend must start at what the
+receiver holds durably (the nack names it), not at byte 0 -- which re-sent and
+re-wrote 120 MiB every 1.6 s -- and the waits between resends must keep growing
+while the storage keeps failing, even when each resend writes some data first (they
+were reset to 1 s by every batch written)."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import trio
+import trio.testing
+import trustme
+from memlink import drop, make_link, node_config, peer_config, scan_sync
+
+from linkd.net import receiver as receiver_module
+from linkd.net.connection import SessionRunner
+from linkd.proto import frames as F
+from linkd.proto import session as S
+
+KiB, MiB = 1 << 10, 1 << 20
+
+
+def pair(tmp_path):
+    ca = trustme.CA()
+    a = make_link(node_config(tmp_path, ca, "alpha", [peer_config("bravo")]), "bravo")
+    b = make_link(node_config(tmp_path, ca, "bravo", [peer_config("alpha")]), "alpha")
+    return a, b
+
+
+def failing_writes(inbound, fail_after: int, failures: int):
+    """Make inbound.write raise ENOSPC once `fail_after` bytes of a message were
+    written since its begin() (at whatever offset it began), `failures` times.
+    Returns the list of (offset, bytes written) of each begin()."""
+    real_begin, real_write = inbound.begin, inbound.write
+    attempts: list[list[int]] = []
+    left = [failures]
+
+    def begin(seq, name, size, sha256, offset=0, **kw):
+        used = real_begin(seq, name, size, sha256, offset, **kw)
+        attempts.append([offset, 0])
+        return used
+
+    def write(data):
+        if left[0] and attempts and attempts[-1][1] + len(data) > fail_after:
+            left[0] -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(data)
+        attempts[-1][1] += len(data)
+    inbound.begin, inbound.write = begin, write
+    return attempts
+
+
+async def run_until_delivered(a, b, monkeypatch):
+    """Run both sides until alpha's queue is empty; the busy nacks bravo sent."""
+    nacks: list[F.Nack] = []
+    real_send_nack = S.Session.send_nack
+
+    def send_nack(self, ch, seq, reason, retry, kind=F.NACK_RETRY, wait=0.0, resume=None):
+        nacks.append(F.Nack(ch, seq, reason, retry, kind, wait, resume))
+        return real_send_nack(self, ch, seq, reason, retry, kind, wait, resume)
+    monkeypatch.setattr(S.Session, "send_nack", send_nack)
+    left, right = trio.testing.memory_stream_pair()
+    ra = SessionRunner(a, left, remote="b", dialed_by_us=True, tls_info=None)
+    rb = SessionRunner(b, right, remote="a", dialed_by_us=False, tls_info=None)
+    a.take_slot(ra), b.take_slot(rb)
+    outbound = a.outbound["data"]
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ra.run)
+            nursery.start_soon(rb.run)
+            while outbound.pending():  # noqa: ASYNC110 (acknowledged = durable in bravo's in/)
+                await trio.sleep(0.01)
+            await ra.close("done")
+            nursery.cancel_scope.cancel()
+    return nacks
+
+
+async def test_a_busy_nack_resends_from_the_receivers_durable_offset(tmp_path, monkeypatch):
+    monkeypatch.setattr(receiver_module, "BUSY_WAIT", (0.01, 0.05))
+    a, b = pair(tmp_path)
+    payload = os.urandom(3 * MiB + 12_345)
+    drop(a, "data", "big.bin", payload)
+    scan_sync(a)
+    inbound = b.inbound["data"]
+    inbound.checkpoint_bytes = 256 * KiB
+    attempts = failing_writes(inbound, fail_after=2 * MiB + 100 * KiB, failures=1)
+
+    nacks = await run_until_delivered(a, b, monkeypatch)
+
+    assert (b.layout.in_dir("data") / "big.bin").read_bytes() == payload
+    [busy] = [n for n in nacks if n.kind == F.NACK_BUSY]
+    assert busy.seq == 1 and busy.resume is not None and busy.resume >= 2 * MiB, busy
+    # the resend began where the receiver's durable copy ended, and wrote only the rest
+    assert len(attempts) == 2, attempts
+    assert attempts[1][0] == busy.resume
+    assert attempts[1][0] + attempts[1][1] == len(payload)
+    assert a.outbound["data"].acked == 1
+
+
+async def test_busy_waits_keep_growing_while_resends_fail_part_way(tmp_path, monkeypatch):
+    monkeypatch.setattr(receiver_module, "BUSY_WAIT", (0.01, 0.5))
+    a, b = pair(tmp_path)
+    payload = os.urandom(8 * MiB)
+    drop(a, "data", "big.bin", payload)
+    scan_sync(a)
+    inbound = b.inbound["data"]
+    inbound.checkpoint_bytes = 256 * KiB
+    # every resend writes a first batch (1 MiB) and fails in its second
+    attempts = failing_writes(inbound, fail_after=3 * MiB // 2, failures=4)
+
+    nacks = await run_until_delivered(a, b, monkeypatch)
+
+    assert (b.layout.in_dir("data") / "big.bin").read_bytes() == payload
+    busy = [n for n in nacks if n.kind == F.NACK_BUSY]
+    assert [n.wait for n in busy] == [0.01, 0.02, 0.04, 0.08], busy
+    # and each resend went on from the durable offset before it
+    assert [off for off, _ in attempts] == sorted(off for off, _ in attempts)
+    assert attempts[-1][0] > 0 and len(attempts) == 5, attempts
+
+
+async def test_the_queue_says_why_a_file_waits_while_the_peer_cannot_store_it(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(receiver_module, "BUSY_WAIT", (0.01, 0.05))
+    a, b = pair(tmp_path)
+    drop(a, "data", "big.bin", os.urandom(2 * MiB))
+    scan_sync(a)
+    attempts = failing_writes(b.inbound["data"], fail_after=MiB // 2, failures=1)
+    seen: list[str | None] = []
+    real_handle = SessionRunner._handle_nacks
+
+    async def handle_nacks(self):
+        await real_handle(self)
+        if self.link is a:
+            seen.append(self.held_reason("data"))
+            entries = list(a.iter_queue_entries("data"))
+            seen.append(entries[0]["state"] + ": " + str(entries[0]["reason"]))
+            seen.append(a.status.channel("data").held)
+            seen.append(b.status.channel("data").inbound_error)
+    monkeypatch.setattr(SessionRunner, "_handle_nacks", handle_nacks)
+
+    await run_until_delivered(a, b, monkeypatch)
+
+    assert attempts, "the fault was never injected"
+    reason = "bravo cannot store it now: receiver cannot store it now: [Errno 28] No space"
+    assert seen and seen[0] and seen[0].startswith(reason), seen
+    assert seen[1].startswith("held: " + reason), seen
+    assert seen[2] == seen[0]
+    assert seen[3] == "[Errno 28] No space left on device", seen
+    # an acknowledgement clears it again, and a delivery on the receiver's side
+    assert a.status.channel("data").held is None
+    assert b.status.channel("data").inbound_error is None
