@@ -41,6 +41,7 @@ import hashlib
 import os
 import platform
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -687,6 +688,10 @@ def main(argv: list[str] | None = None) -> int:
                          "workload (collapsed stacks: DIR/small-sender.txt, ...)")
     ap.add_argument("--hub-clients", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    # A SIGTERM (`timeout`, a CI runner) unwinds like Ctrl-C, through the finally
+    # blocks that stop the daemons: they run in their own sessions and otherwise
+    # outlive the bench (found: three pairs left running, redialling, for an hour).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.hub_clients:
         pki_dir, port, *names = args.hub_clients
         hub_clients(Path(pki_dir), int(port), names)
