@@ -327,6 +327,8 @@ class SessionRunner(SenderMixin, ReceiverMixin):
             self._show_in_flight(ch)
             self._set_held(ch.name, None)
         for name, inbound in list(self.link.inbound.items()):
+            # nothing arrives now: the next session says again if storing fails
+            self.link.status.channel(name).inbound_error = None
             try:
                 await trio.to_thread.run_sync(inbound.abort)
             except (OSError, SpoolError) as exc:

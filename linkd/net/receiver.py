@@ -134,6 +134,11 @@ class ReceiverMixin(RunnerState):
                 # resend that writes some data before it fails again keeps the
                 # waits growing (reset on every written batch, they stayed at 1 s).
                 busy_wait = BUSY_WAIT[0]
+            # A message answered now (stored, or refused for a reason of its own) shows
+            # the last storage error no longer describes the channel.
+            for ch in {*(c for c, e in acks.items() if e),
+                       *(n[0] for n in nacks if n[4] != F.NACK_BUSY)}:
+                self.link.status.channel(ch).inbound_error = None
             for ch, seq, reason, retry, kind in nacks:
                 if kind == F.NACK_BUSY and reason.startswith(AUDIT_REFUSAL):
                     self.log.error("inbound_storage_failed", peer=self.link.name, channel=ch,

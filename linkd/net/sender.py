@@ -238,9 +238,8 @@ class SenderMixin(RunnerState):
             # content under this seq. Renumbered (with everything after it) once every
             # probe of the channel is answered: see _finish_probing.
             state.verdicts[item.seq] = "other"
-        if matched and state.busy is not None:
-            state.busy = None               # the peer stores again
-            self._set_held(ch, state.held)
+        if matched:
+            self._not_busy(ch)              # the peer stores again
         if matched:
             # The receipts are durable before any file leaves the queue: stored first,
             # in the same thread hop that resolves the batch.
@@ -396,6 +395,7 @@ class SenderMixin(RunnerState):
 
     async def _fail(self, item: Claimed, reason: str) -> None:
         self.attempts.pop((item.channel, item.seq), None)   # bookkeeping dies with the message
+        self._not_busy(item.channel)
         spool = self.link.spools.get(item.channel)
         if spool is None:
             return
@@ -404,6 +404,14 @@ class SenderMixin(RunnerState):
         self.link.refresh_queued([item.channel])
         if failed is not None:
             self.link.log_failed([failed])
+
+    def _not_busy(self, ch: str) -> None:
+        """The peer's "cannot store it" no longer describes the channel: its message
+        is being sent again, was acknowledged, or failed."""
+        state = self.out.get(ch)
+        if state is not None and state.busy is not None:
+            state.busy = None
+            self._set_held(ch, state.held)
 
     def _nacked(self, ch: str) -> bool:
         """A nack for `ch` arrived and is not handled yet: whatever _step was about to
@@ -486,8 +494,6 @@ class SenderMixin(RunnerState):
             if state.resume is not None and state.resume[0] == item.seq \
                     and state.resume[1] <= item.size:
                 offset = state.resume[1]
-                self.log.info("transfer_resumed", peer=self.link.name, channel=state.name,
-                              seq=item.seq, name=item.name, size=item.size, offset=offset)
             state.resume = None
             spool = self.link.spools[state.name]
             # A small file is read whole, with the small files queued after it, in one
@@ -509,6 +515,10 @@ class SenderMixin(RunnerState):
             session.send_msg(state.name, item.seq, item.name, item.size,
                              bytes.fromhex(item.sha256), offset)
             state.in_flight[item.seq] = _InFlight(item, probe=False, offset=offset)
+            self._not_busy(state.name)          # sent again: held no longer
+            if offset:
+                self.log.info("transfer_resumed", peer=self.link.name, channel=state.name,
+                              seq=item.seq, name=item.name, size=item.size, offset=offset)
             if offset == item.size:
                 fh.close()
                 return
@@ -644,7 +654,8 @@ class SenderMixin(RunnerState):
                 state.wait_until = trio.current_time() + max(nack.wait, 0.1)
                 # The peer keeps what it stored durably: send from there (the resend's
                 # msg carries the offset, which the peer checks against its checkpoint).
-                state.resume = (nack.seq, nack.resume) if nack.resume else None
+                if nack.resume:     # (else keep a hello's resume point, for a probe's nack)
+                    state.resume = (nack.seq, nack.resume)
                 state.busy = f"{self.link.name} cannot store it now: {nack.reason}"
                 self._set_held(nack.ch, state.held or state.busy)
                 continue

@@ -22,6 +22,7 @@ from linkd.net import receiver as receiver_module
 from linkd.net.connection import SessionRunner
 from linkd.proto import frames as F
 from linkd.proto import session as S
+from linkd.spool.fs import FS
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -56,8 +57,9 @@ def failing_writes(inbound, fail_after: int, failures: int):
     return attempts
 
 
-async def run_until_delivered(a, b, monkeypatch):
-    """Run both sides until alpha's queue is empty; the busy nacks bravo sent."""
+async def run_until_delivered(a, b, monkeypatch, before_close=None):
+    """Run both sides until alpha's queue is empty (then call `before_close`, while the
+    session is still up); the busy nacks bravo sent."""
     nacks: list[F.Nack] = []
     real_send_nack = S.Session.send_nack
 
@@ -76,6 +78,8 @@ async def run_until_delivered(a, b, monkeypatch):
             nursery.start_soon(rb.run)
             while outbound.pending():  # noqa: ASYNC110 (acknowledged = durable in bravo's in/)
                 await trio.sleep(0.01)
+            if before_close is not None:
+                before_close()
             await ra.close("done")
             nursery.cancel_scope.cancel()
     return nacks
@@ -143,8 +147,12 @@ async def test_the_queue_says_why_a_file_waits_while_the_peer_cannot_store_it(
             seen.append(a.status.channel("data").held)
             seen.append(b.status.channel("data").inbound_error)
     monkeypatch.setattr(SessionRunner, "_handle_nacks", handle_nacks)
+    after: list[str | None] = []
 
-    await run_until_delivered(a, b, monkeypatch)
+    def before_close():     # acknowledged, the session still up (its end clears both)
+        after.extend([a.status.channel("data").held, b.status.channel("data").inbound_error])
+
+    await run_until_delivered(a, b, monkeypatch, before_close)
 
     assert attempts, "the fault was never injected"
     reason = "bravo cannot store it now: receiver cannot store it now: [Errno 28] No space"
@@ -152,6 +160,88 @@ async def test_the_queue_says_why_a_file_waits_while_the_peer_cannot_store_it(
     assert seen[1].startswith("held: " + reason), seen
     assert seen[2] == seen[0]
     assert seen[3] == "[Errno 28] No space left on device", seen
-    # an acknowledgement clears it again, and a delivery on the receiver's side
-    assert a.status.channel("data").held is None
-    assert b.status.channel("data").inbound_error is None
+    # sent again and acknowledged: neither side says so any more
+    assert after == [None, None], after
+
+
+class FullAt(FS):
+    """A disk that holds the first `limit` bytes of a .part file: a write past it fails
+    with ENOSPC through the spool's own FS seam (so the spool treats it as a failed
+    write, and the resume point is its last periodic checkpoint, as for real).
+    From the review of 2b5fa39."""
+
+    def __init__(self, limit: int, failures: int) -> None:
+        self.limit, self.left = limit, failures
+
+    def _check(self, fd: int, offset: int, n: int) -> None:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if name.endswith(".part") and self.left and offset + n > self.limit:
+            self.left -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def write(self, fd, data):
+        self._check(fd, os.lseek(fd, 0, os.SEEK_CUR), len(data))
+        super().write(fd, data)
+
+    def pwrite(self, fd, data, offset):
+        self._check(fd, offset, len(data))
+        super().pwrite(fd, data, offset)
+
+
+async def test_a_disk_full_at_the_fs_seam_resumes_from_the_last_checkpoint(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(receiver_module, "BUSY_WAIT", (0.01, 0.5))
+    a, b = pair(tmp_path)
+    payload = os.urandom(12 * MiB + 4321)       # O_DIRECT-sized where the fs allows it
+    drop(a, "data", "big.bin", payload)
+    scan_sync(a)
+    inbound = b.inbound["data"]
+    inbound.checkpoint_bytes = MiB
+    inbound.fs = FullAt(limit=7 * MiB + 5000, failures=3)
+    begins: list[int] = []
+    real_begin = inbound.begin
+
+    def begin(seq, name, size, sha256, offset=0, **kw):
+        begins.append(offset)
+        return real_begin(seq, name, size, sha256, offset, **kw)
+    inbound.begin = begin
+
+    nacks = await run_until_delivered(a, b, monkeypatch)
+
+    assert (b.layout.in_dir("data") / "big.bin").read_bytes() == payload
+    busy = [n for n in nacks if n.kind == F.NACK_BUSY]
+    assert [n.wait for n in busy] == [0.01, 0.02, 0.04], busy
+    assert [n.resume for n in busy] == [7 * MiB] * 3, busy    # the last checkpoint
+    assert begins == [0, 7 * MiB, 7 * MiB, 7 * MiB], begins
+
+
+async def test_neither_side_stays_held_once_the_refused_message_failed(tmp_path, monkeypatch):
+    """From the review of 2b5fa39: a busy nack, then the resend is refused for good (the
+    receiver's limit was lowered meanwhile) and the file goes to failed/. No ack ever
+    comes on the channel, yet neither side may go on saying it cannot store."""
+    monkeypatch.setattr(receiver_module, "BUSY_WAIT", (0.01, 0.05))
+    a, b = pair(tmp_path)
+    drop(a, "data", "big.bin", os.urandom(2 * MiB))
+    scan_sync(a)
+    inbound = b.inbound["data"]
+    inbound.checkpoint_bytes = 256 * KiB
+    failing_writes(inbound, fail_after=MiB, failures=1)
+    real_recover = inbound.recover
+    recovered: list[int] = []
+
+    def recover():
+        out = real_recover()
+        recovered.append(1)
+        if len(recovered) > 1:      # after the ENOSPC, not at the session's start
+            inbound.configure(MiB, inbound.file_mode)
+        return out
+    inbound.recover = recover
+    seen: list[object] = []
+
+    def before_close():
+        seen.extend([len(list(a.layout.failed_dir("data").glob("big.bin"))),
+                     a.status.channel("data").held, b.status.channel("data").inbound_error])
+
+    await run_until_delivered(a, b, monkeypatch, before_close)
+
+    assert seen == [1, None, None], seen
