@@ -237,10 +237,10 @@ def evaluate(doc: dict[str, Any], heartbeat_timeout: float, max_queue_age: float
             if c.get("failed"):
                 warning.append(f"{name}/{c.get('name')} {c['failed']} in failed/")
             if c.get("held") and not c.get("paused"):
-                warning.append(f"{name}/{c.get('name')} held: {_clean(str(c['held']))[:120]}")
+                warning.append(f"{name}/{c.get('name')} held: {_clean(str(c['held']))[:200]}")
             if c.get("inbound_error"):
                 warning.append(f"{name}/{c.get('name')} cannot store what arrives: "
-                               f"{_clean(str(c['inbound_error']))[:120]}")
+                               f"{_clean(str(c['inbound_error']))[:200]}")
         if p.get("quarantined"):
             warning.append(f"{name} {p['quarantined']} in quarantine/")
     audit = doc.get("audit") or {}

@@ -18,6 +18,11 @@ line. Special lines:
   peer's log.
 * `audit_torn_tail`: on opening, a last line without its newline (a crash in
   mid-write, never acknowledged) is cut and recorded here (`bytes`, `sha256`).
+* `audit_resumed`: the log could not be written because its disk was full
+  (ENOSPC or EDQUOT from a write) and can be again (`resume()`): `failed_at`,
+  `reason`; the lines of the events in between are missing (no delivery was
+  acknowledged meanwhile: every one was refused). A torn fragment the failed
+  write left is cut and recorded first (`audit_torn_tail`).
 * `audit_rotated` / first line of a new file: when the file grows past
   `max_bytes` at a checkpoint it is renamed `audit-<line>.jsonl` and the chain
   continues in a fresh `audit.jsonl`.
@@ -35,6 +40,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime as dt
+import errno
 import hashlib
 import json
 import os
@@ -138,6 +144,9 @@ class AuditLog:
         self.since_checkpoint = 0
         self.dirty = False
         self.failed: OSError | None = None
+        self.failed_at: str | None = None      # when it failed (the audit_resumed line)
+        self.failed_at_last: str | None = None  # ... the last time, once resumed
+        self._write_error: OSError | None = None   # the last error of a write (not an fsync)
         self.latest_checkpoint: bytes | None = None   # raw line of the newest checkpoint
         self.checkpoints = 0        # how many were made since open (to notice new ones)
         self._busy = False
@@ -231,11 +240,15 @@ class AuditLog:
         if not lines:
             return
         data = b"\n".join(lines) + b"\n"
-        written = os.write(self.fd, data)
-        if written < len(data):
-            view = memoryview(data)[written:]
-            while view:
-                view = view[os.write(self.fd, view):]
+        try:
+            written = os.write(self.fd, data)
+            if written < len(data):
+                view = memoryview(data)[written:]
+                while view:
+                    view = view[os.write(self.fd, view):]
+        except OSError as exc:
+            self._write_error = exc     # (resume() can recover from a full disk here)
+            raise
         self.line += len(lines)
         self.prev = last_hash
         self.since_checkpoint += len(lines)
@@ -277,9 +290,13 @@ class AuditLog:
                         line, prev = self.line, self.prev
                 self._write_lines(lines, prev)
             except OSError as exc:
-                self.failed = exc
+                self._fail(exc)
             finally:
                 self._busy = False
+
+    def _fail(self, exc: OSError) -> None:
+        if self.failed is None:
+            self.failed, self.failed_at = exc, _now()
 
     def checkpoint(self, why: str) -> bytes | None:
         """Write a signed checkpoint line and fsync; returns its bytes."""
@@ -301,7 +318,7 @@ class AuditLog:
                 if os.fstat(self.fd).st_size > self.max_bytes:
                     self._rotate()
             except OSError as exc:
-                self.failed = self.failed or exc
+                self._fail(exc)
                 raise
             return raw
 
@@ -330,7 +347,8 @@ class AuditLog:
                 except OSError as exc:
                     # Linux reports a failed write-back once per file: the next fsync
                     # would "succeed" with the lines lost. Failed stays failed.
-                    self.failed = exc
+                    self.failed, self.failed_at = exc, self.failed_at or _now()
+                    self._write_error = None        # (not resumable: see resume())
                     raise
                 self.dirty = False
 
@@ -383,12 +401,65 @@ class AuditLog:
                                    str(obj.get("sha256"))))
         return AuditTail(since, delivered)
 
+    def resumable(self) -> bool:
+        """Failed only because a write found the disk full: resume() may recover it.
+        Not after a failed fsync (Linux reports a lost write-back once: lines may be
+        gone without a trace) nor any other error: those wait for a restart."""
+        failed = self.failed
+        return failed is not None and failed is self._write_error \
+            and failed.errno in (errno.ENOSPC, errno.EDQUOT)
+
+    def resume(self) -> bool:
+        """Blocking: after a full disk, carry on if a write fits again. Re-reads the
+        tail as open() does (the failed write may have left part of a line: cut,
+        recorded), then writes `audit_resumed` and a checkpoint and fsyncs; True if
+        the log works again. Lines written before the failure were accepted by the
+        kernel whole (a full disk fails the write, not the write-back, on the file
+        systems linkd supports), so the chain goes on from the file's last line."""
+        with self.lock:
+            if not self.resumable() or self.fd < 0:
+                return False
+            failed, failed_at = self.failed, self.failed_at
+            assert failed is not None
+            line, prev = self.line, self.prev
+            try:
+                torn = self._read_tail()
+                self.failed = None
+                if torn is not None:
+                    self._write({"event": "audit_torn_tail", "node": self.node,
+                                 "timestamp": _now(), "bytes": len(torn),
+                                 "sha256": hashlib.sha256(torn).hexdigest(),
+                                 "reason": "a write cut short by a full disk; its fragment "
+                                           "was removed"})
+                self._write({"event": "audit_resumed", "node": self.node, "timestamp": _now(),
+                             "failed_at": failed_at,
+                             "reason": f"the audit log could not be written "
+                                       f"({failed.strerror or failed}): the events since "
+                                       f"then are not in it; every delivery was refused "
+                                       f"meanwhile"})
+                self.sync()
+                if self.signer is not None:
+                    self.checkpoint("resumed")
+            except OSError as exc:
+                if self.failed is None:
+                    self.line, self.prev = line, prev
+                self.failed, self.failed_at = exc, failed_at
+                if exc is not self._write_error:
+                    self._write_error = None
+                return False
+            self.failed_at_last, self.failed_at = failed_at, None
+            return True
+
     def refusal(self) -> str:
         """Why deliveries must be refused now ("" if none): a log that failed drops
         every line, and no delivery may be acknowledged without its line."""
         failed = self.failed
         if failed is None:
             return ""
+        if self.resumable():
+            return (f"the audit log {self.path} cannot be written "
+                    f"({failed.strerror or failed}): deliveries are refused until it can "
+                    f"(free space: linkd carries on by itself)")
         return (f"the audit log {self.path} cannot be written ({failed.strerror or failed}): "
                 f"deliveries are refused until it can (free space, then restart linkd)")
 

@@ -9,6 +9,7 @@ clean shutdown (so the peer witnesses our state before the goodbye), `close_audi
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import trio
@@ -17,6 +18,7 @@ from . import audit as A
 from . import keys
 
 SYNC_INTERVAL = 0.5
+RESUME_INTERVAL = 5.0       # while the disk is full: how often to try writing again
 
 
 def open_audit(cfg: Any) -> A.AuditLog:
@@ -50,10 +52,31 @@ async def audit_loop(daemon: Any) -> None:
             await trio.to_thread.run_sync(log.sync)
         except OSError as exc:
             daemon.log.error("audit_log_failed", reason=str(exc))
-            return
+            if not await _resume(daemon, log):
+                return              # not a full disk: deliveries wait for a restart
         if log.checkpoints != seen:
             seen = log.checkpoints
             _send(daemon, log.latest_checkpoint)
+
+
+async def _resume(daemon: Any, log: A.AuditLog) -> bool:
+    """After a full disk: try every RESUME_INTERVAL until the log can be written again
+    (then log audit_log_resumed and reconcile the deliveries journaled meanwhile, as
+    at start-up: none was acknowledged, but a commit cut short may have completed).
+    False at once for a failure that only a restart may clear."""
+    while log.resumable():
+        await trio.sleep(RESUME_INTERVAL)
+        resumed = time.time()
+        if not await trio.to_thread.run_sync(log.resume):
+            continue
+        daemon.log.warning("audit_log_resumed", failed_at=log.failed_at_last,
+                           reason="the audit log can be written again: deliveries go on")
+        tail = await trio.to_thread.run_sync(log.tail)
+        for link in list(daemon.links.values()):
+            link.reconcile_audit(tail, await trio.to_thread.run_sync(link.journaled),
+                                 until=resumed)
+        return True
+    return False
 
 
 async def checkpoint_and_send(daemon: Any, why: str) -> None:

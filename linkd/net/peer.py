@@ -259,13 +259,16 @@ class PeerLink:
         return {name: inbound.journaled() for name, inbound in self.inbound.items()}
 
     def reconcile_audit(self, tail: AuditTail,
-                        journaled: dict[str, list[dict[str, object]]]) -> None:
+                        journaled: dict[str, list[dict[str, object]]],
+                        until: float | None = None) -> None:
         """At start-up: log message_delivered (recovered=True) for each journaled
         delivery made since the audit log's tail began that has no line in it -- one
         whose line a crash or a failed audit log lost (docs/EVIDENCE.md). Deliveries
         older than the tail are not judged. Covers what recovery just completed.
-        `journaled`: what `journaled()` read (blocking: in a worker thread)."""
-        now = time.time()
+        `journaled`: what `journaled()` read (blocking: in a worker thread). `until`:
+        judge only deliveries made before it (after a full audit log resumed: the
+        ones made since log their own lines)."""
+        now = time.time() if until is None else until
         for name, inbound in self.inbound.items():
             for d in inbound.take_recovered():
                 self.status.channel(name).note_received(d.size)

@@ -140,14 +140,21 @@ class ReceiverMixin(RunnerState):
                        *(n[0] for n in nacks if n[4] != F.NACK_BUSY)}:
                 self.link.status.channel(ch).inbound_error = None
             for ch, seq, reason, retry, kind in nacks:
+                resume = None
                 if kind == F.NACK_BUSY and reason.startswith(AUDIT_REFUSAL):
                     self.log.error("inbound_storage_failed", peer=self.link.name, channel=ch,
                                    seq=seq, reason=reason)
+                    self.link.status.channel(ch).inbound_error = reason
                 elif kind == F.NACK_BUSY:   # quarantine/ over its quota: ask again later
                     self.log.warning("quarantine_full", peer=self.link.name, channel=ch,
                                      seq=seq, reason=reason)
+                if kind == F.NACK_BUSY:     # what of it we hold durably: resend from there
+                    inbound = self.link.inbound.get(ch)
+                    point = inbound.resume_point() if inbound is not None else None
+                    if point is not None and point[0] == seq and point[1] > 0:
+                        resume = point[1]
                 self.session.send_nack(ch, seq, reason, retry, kind,
-                                       QUARANTINE_WAIT if kind == F.NACK_BUSY else 0.0)
+                                       QUARANTINE_WAIT if kind == F.NACK_BUSY else 0.0, resume)
             for d in delivered:     # logged by _announce, inside the commit
                 self.link.status.channel(d.channel).note_received(d.size)
             for ch, name, seq, reason, where in quarantined:

@@ -640,6 +640,7 @@ class SenderMixin(RunnerState):
                 state.fh.close()
             state.current, state.fh, state.ahead = None, None, None
             state.prefetched.clear()
+            self._show_in_flight(state)         # (it showed the abandoned send's bytes)
             flight = state.in_flight.get(nack.seq)
             for seq in [s for s in state.in_flight if s >= nack.seq]:
                 del state.in_flight[seq]
@@ -656,7 +657,7 @@ class SenderMixin(RunnerState):
                 # msg carries the offset, which the peer checks against its checkpoint).
                 if nack.resume:     # (else keep a hello's resume point, for a probe's nack)
                     state.resume = (nack.seq, nack.resume)
-                state.busy = f"{self.link.name} cannot store it now: {nack.reason}"
+                state.busy = f"{self.link.name}: {nack.reason}"
                 self._set_held(nack.ch, state.held or state.busy)
                 continue
             if nack.kind == F.NACK_STALE:

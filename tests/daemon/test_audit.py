@@ -9,10 +9,14 @@ import signal
 import time
 
 import pytest
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from procs import make_pair, start_connected, stop_all, wait_for
 
 from linkd.cli.linkctl_main import main as linkctl
 from linkd.evidence import audit as A
+from linkd.evidence import keys
 from linkd.evidence import receipts as R
 
 
@@ -278,4 +282,55 @@ def test_a_failed_fsync_fails_the_log_for_good(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         log.sync()                                  # still failed, not "fine" again
     monkeypatch.setattr(A.os, "fsync", real)
+    # not a full disk: nothing can say what was lost, so only a restart carries on
+    assert not log.resumable() and not log.resume()
+    assert "restart linkd" in log.refusal()
     log.close()
+
+
+def full_disk_once(monkeypatch, fragment: bool):
+    """os.write in the audit module fails once with ENOSPC (after half the bytes went
+    in when `fragment`), then works: a disk that filled up and was freed."""
+    real = os.write
+    done: list[bool] = []
+
+    def write(fd, data):
+        if not done:
+            done.append(True)
+            if fragment:
+                real(fd, bytes(data)[:len(data) // 2])
+            raise OSError(28, "No space left on device")
+        return real(fd, data)
+    monkeypatch.setattr(A.os, "write", write)
+
+
+@pytest.mark.parametrize("fragment", [False, True], ids=["clean", "torn"])
+def test_a_log_failed_by_a_full_disk_resumes_and_still_verifies(tmp_path, monkeypatch,
+                                                               capsys, fragment):
+    """Found in an operator's trial: the audit log shared a disk that filled up; every
+    delivery was then refused until linkd was restarted, long after space was freed."""
+    cert = trustme.CA().issue_cert("bravo", common_name="bravo")
+    signer = keys.Signer(x509.load_pem_x509_certificate(cert.cert_chain_pems[0].bytes()),
+                         load_pem_private_key(cert.private_key_pem.bytes(), None))
+    log = A.AuditLog(tmp_path / "audit", "bravo", signer, checkpoint_lines=4)
+    log.open()
+    log.record({"event": "message_delivered", "peer": "alpha", "seq": 1})
+    full_disk_once(monkeypatch, fragment)
+    log.record({"event": "message_delivered", "peer": "alpha", "seq": 2})   # lost
+    assert log.failed is not None and log.resumable()
+    assert "linkd carries on by itself" in log.refusal()
+    log.record({"event": "message_delivered", "peer": "alpha", "seq": 3})   # dropped
+    assert log.resume() is True
+    assert log.failed is None and log.refusal() == ""
+    log.record({"event": "message_delivered", "peer": "alpha", "seq": 4})
+    log.sync()
+    log.close()
+    lines = [json.loads(x) for x in log.path.read_bytes().splitlines()]
+    events = [(o["event"], o.get("seq")) for o in lines]
+    assert ("audit_resumed", None) in events
+    assert [s for e, s in events if e == "message_delivered"] == [1, 4]
+    assert (("audit_torn_tail", None) in events) == fragment
+    assert [o["line"] for o in lines] == list(range(1, len(lines) + 1))
+    code, out = verify(capsys, "--log", str(log.path))
+    assert code == 0, out
+

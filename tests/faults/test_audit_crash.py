@@ -137,6 +137,40 @@ def test_a_failed_audit_log_refuses_deliveries_and_the_restart_logs_them(
         stop_all(a, b)
 
 
+def test_an_audit_log_failed_by_a_full_disk_resumes_without_a_restart(
+        tmp_path: Path) -> None:
+    """Found in an operator's trial: the spool and the state dir shared a disk that
+    filled up; the audit log failed on a delivery's line and every delivery was refused
+    until linkd was restarted, long after space was freed. Now the daemon writes again
+    once a write fits (every 5 s it tries), logs the lines it owes (the first file,
+    already in in/, `recovered`) and goes on, with a chain that still verifies."""
+    a, b = make_pair(tmp_path, start=False)
+    _arm(b, "enospc:audit:once")
+    try:
+        start_connected(a, b)
+        first, second = os.urandom(3000), os.urandom(4000)
+        a.drop("bravo", "data", "first.bin", first)
+        wait_for(lambda: b.events("audit_log_failed"), 30, message=b.tail)
+        a.drop("bravo", "data", "second.bin", second)
+        wait_for(lambda: _queued(a, "bravo") == 0, 60,
+                 message=lambda: f"{a.tail(10)}\n{b.tail(10)}")
+        assert sorted(entries(b.in_dir("alpha", "data"))) == ["first.bin", "second.bin"]
+        assert b.events("audit_log_resumed"), b.tail()
+        assert b.running                                    # no restart
+        lines = [(e["seq"], e["sha256"], e.get("recovered"))
+                 for e in _audit(b, "message_delivered")]
+        assert lines == [(1, hashlib.sha256(first).hexdigest(), True),
+                         (2, hashlib.sha256(second).hexdigest(), None)]
+        assert _audit(b, "audit_resumed") and _audit(b, "audit_torn_tail")
+        assert b.status()["audit"] == {"failed": None}
+        check = subprocess.run([sys.executable, "-m", "linkd.cli.linkctl_main", "audit",
+                                "verify", "--log", str(b.state / "audit" / "audit.jsonl")],
+                               capture_output=True, text=True, timeout=60)
+        assert check.returncode == 0, check.stdout + check.stderr
+    finally:
+        stop_all(a, b)
+
+
 def test_a_resend_answered_from_the_journal_in_a_batch_that_fails_is_nacked(
         tmp_path: Path) -> None:
     """Two commits fail in a row. The resend of the first file is answered from the

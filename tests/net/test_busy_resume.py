@@ -155,7 +155,7 @@ async def test_the_queue_says_why_a_file_waits_while_the_peer_cannot_store_it(
     await run_until_delivered(a, b, monkeypatch, before_close)
 
     assert attempts, "the fault was never injected"
-    reason = "bravo cannot store it now: receiver cannot store it now: [Errno 28] No space"
+    reason = "bravo: receiver cannot store it now: [Errno 28] No space"
     assert seen and seen[0] and seen[0].startswith(reason), seen
     assert seen[1].startswith("held: " + reason), seen
     assert seen[2] == seen[0]
@@ -245,3 +245,45 @@ async def test_neither_side_stays_held_once_the_refused_message_failed(tmp_path,
     await run_until_delivered(a, b, monkeypatch, before_close)
 
     assert seen == [1, None, None], seen
+
+
+async def test_an_audit_refusal_also_names_the_durable_offset(tmp_path, monkeypatch):
+    """From the re-trial: while the audit log was failed, its refusals carried no
+    offset, so a big file went out from byte 0 every 30 s (the partial was kept)."""
+    from linkd.evidence import audit as A
+    monkeypatch.setattr(receiver_module, "BUSY_WAIT", (0.01, 0.05))
+    monkeypatch.setattr(receiver_module, "QUARANTINE_WAIT", 0.01)
+    a, b = pair(tmp_path)
+    payload = os.urandom(3 * MiB)
+    drop(a, "data", "big.bin", payload)
+    scan_sync(a)
+    inbound = b.inbound["data"]
+    inbound.checkpoint_bytes = 256 * KiB
+    attempts = failing_writes(inbound, fail_after=2 * MiB, failures=1)
+    log = A.AuditLog(tmp_path / "audit", "bravo", None)
+    log.open()
+    A.install(log)
+    real_handle = SessionRunner._handle_nacks
+    refusals: list[tuple[str, int | None]] = []
+
+    async def handle_nacks(self):
+        for nack in self.nacks if self.link is a else []:
+            refusals.append((nack.reason, nack.resume))
+            if len(refusals) == 1:      # the disk filled up: the audit log fails too
+                log.failed = OSError(28, "No space left on device")
+            else:                       # and can be written again
+                log.failed = None
+        await real_handle(self)
+    monkeypatch.setattr(SessionRunner, "_handle_nacks", handle_nacks)
+    try:
+        await run_until_delivered(a, b, monkeypatch)
+    finally:
+        A.install(None)
+        log.close()
+
+    assert (b.layout.in_dir("data") / "big.bin").read_bytes() == payload
+    assert len(refusals) == 2, refusals
+    (storage, at), (audit, again) = refusals
+    assert "No space" in storage and audit.startswith("the audit log"), refusals
+    assert at is not None and again == at, refusals
+    assert [off for off, _ in attempts] == [0, at], attempts

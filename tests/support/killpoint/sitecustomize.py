@@ -88,3 +88,26 @@ elif _POINT == "enospc:audit":
         _write_lines(self, lines, last_hash)
 
     _audit.AuditLog._write_lines = _write_or_fail  # type: ignore[method-assign]
+
+elif _POINT == "enospc:audit:once":
+    # A disk that is full for one write: the first message_delivered line fails inside
+    # AuditLog._write_lines's own os.write (as a real ENOSPC does), after half of it
+    # went in (a torn fragment); later writes succeed (space freed).
+    import types as _types
+
+    from linkd.evidence import audit as _audit
+
+    _real_os = _audit.os
+    _done: list[bool] = []
+
+    def _write_once(fd: int, data: Any) -> int:
+        if not _done and b'"event":"message_delivered"' in bytes(data):
+            _done.append(True)
+            _real_os.write(fd, bytes(data)[:len(data) // 2])
+            raise OSError(errno.ENOSPC, "injected ENOSPC (once)")
+        return _real_os.write(fd, data)
+
+    _proxy = _types.SimpleNamespace(**{k: getattr(_real_os, k) for k in dir(_real_os)
+                                       if not k.startswith("__")})
+    _proxy.write = _write_once
+    _audit.os = _proxy  # type: ignore[assignment]
