@@ -147,6 +147,8 @@ class AuditLog:
         self.failed_at: str | None = None      # when it failed (the audit_resumed line)
         self.failed_at_last: str | None = None  # ... the last time, once resumed
         self._write_error: OSError | None = None   # the last error of a write (not an fsync)
+        self.failures = 0           # times the log failed: a caller's lines may be lost
+        self._torn: list[bytes] = []    # fragments cut while resuming, not yet recorded
         self.latest_checkpoint: bytes | None = None   # raw line of the newest checkpoint
         self.checkpoints = 0        # how many were made since open (to notice new ones)
         self._busy = False
@@ -265,7 +267,10 @@ class AuditLog:
         if not events:
             return
         with self.lock:
-            if self.fd < 0 or self.failed is not None or self._busy:
+            if self.failed is not None:
+                self.failures += 1      # lines lost: see lost_since()
+                return
+            if self.fd < 0 or self._busy:
                 return
             self._busy = True
             try:
@@ -297,12 +302,18 @@ class AuditLog:
     def _fail(self, exc: OSError) -> None:
         if self.failed is None:
             self.failed, self.failed_at = exc, _now()
+            self.failures += 1
 
     def checkpoint(self, why: str) -> bytes | None:
         """Write a signed checkpoint line and fsync; returns its bytes."""
         with self.lock:
             if self.signer is None or self.fd < 0:
                 return None
+            if self.failed is not None:
+                # Not after a failure: the file may end in a fragment, and line/prev
+                # may be behind it (only resume() or open() re-reads the tail).
+                raise OSError(self.failed.errno, f"audit log {self.path}: "
+                                                 f"{self.failed.strerror or self.failed}")
             obj = {"line": self.line + 1, "prev": self.prev, "event": "audit_checkpoint",
                    "node": self.node, "timestamp": _now(), "why": why,
                    "signer": self.signer.cert_sha256, "alg": self.signer.alg}
@@ -323,6 +334,15 @@ class AuditLog:
             return raw
 
     def _rotate(self) -> None:
+        try:
+            self._rotate_now()
+        except OSError:
+            # A new file without its audit_rotated and audit_key lines would not verify
+            # alone: not for resume() to carry on from (a restart's open() does).
+            self._write_error = None
+            raise
+
+    def _rotate_now(self) -> None:
         target = self.folder / f"audit-{self.line:012d}.jsonl"
         os.rename(self.path, target)
         os.close(self.fd)
@@ -347,6 +367,8 @@ class AuditLog:
                 except OSError as exc:
                     # Linux reports a failed write-back once per file: the next fsync
                     # would "succeed" with the lines lost. Failed stays failed.
+                    if self.failed is None:
+                        self.failures += 1
                     self.failed, self.failed_at = exc, self.failed_at or _now()
                     self._write_error = None        # (not resumable: see resume())
                     raise
@@ -401,6 +423,13 @@ class AuditLog:
                                    str(obj.get("sha256"))))
         return AuditTail(since, delivered)
 
+    def lost_since(self, mark: int) -> bool:
+        """Whether lines may have been lost since `mark` (a value of `failures` read
+        before recording them): the log failed, or dropped lines while failed, even
+        if it works again now (resume() in between). A caller that must not go on
+        without its lines (a delivery's) checks this after its sync()."""
+        return self.failures != mark
+
     def resumable(self) -> bool:
         """Failed only because a write found the disk full: resume() may recover it.
         Not after a failed fsync (Linux reports a lost write-back once: lines may be
@@ -421,16 +450,19 @@ class AuditLog:
                 return False
             failed, failed_at = self.failed, self.failed_at
             assert failed is not None
-            line, prev = self.line, self.prev
             try:
-                torn = self._read_tail()
-                self.failed = None
+                torn = self._read_tail()        # (line/prev from the file, as it is now)
                 if torn is not None:
+                    self._torn.append(torn)     # recorded below, or at the next attempt
+                self.failed = None
+                while self._torn:
+                    fragment = self._torn[0]
                     self._write({"event": "audit_torn_tail", "node": self.node,
-                                 "timestamp": _now(), "bytes": len(torn),
-                                 "sha256": hashlib.sha256(torn).hexdigest(),
+                                 "timestamp": _now(), "bytes": len(fragment),
+                                 "sha256": hashlib.sha256(fragment).hexdigest(),
                                  "reason": "a write cut short by a full disk; its fragment "
                                            "was removed"})
+                    self._torn.pop(0)
                 self._write({"event": "audit_resumed", "node": self.node, "timestamp": _now(),
                              "failed_at": failed_at,
                              "reason": f"the audit log could not be written "
@@ -441,8 +473,7 @@ class AuditLog:
                 if self.signer is not None:
                     self.checkpoint("resumed")
             except OSError as exc:
-                if self.failed is None:
-                    self.line, self.prev = line, prev
+                # (line/prev stay as the file was read: the next attempt re-reads it)
                 self.failed, self.failed_at = exc, failed_at
                 if exc is not self._write_error:
                     self._write_error = None

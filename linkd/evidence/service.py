@@ -71,10 +71,13 @@ async def _resume(daemon: Any, log: A.AuditLog) -> bool:
             continue
         daemon.log.warning("audit_log_resumed", failed_at=log.failed_at_last,
                            reason="the audit log can be written again: deliveries go on")
-        tail = await trio.to_thread.run_sync(log.tail)
-        for link in list(daemon.links.values()):
-            link.reconcile_audit(tail, await trio.to_thread.run_sync(link.journaled),
-                                 until=resumed)
+        try:
+            tail = await trio.to_thread.run_sync(log.tail)
+            for link in list(daemon.links.values()):
+                link.reconcile_audit(tail, await trio.to_thread.run_sync(link.journaled),
+                                     until=resumed)
+        except OSError as exc:      # (EMFILE, EIO...): the next start-up reconciles
+            daemon.log.error("audit_reconcile_failed", reason=str(exc))
         return True
     return False
 

@@ -270,10 +270,19 @@ class PeerLink:
         ones made since log their own lines)."""
         now = time.time() if until is None else until
         for name, inbound in self.inbound.items():
+            # What recovery just completed: logged here whatever its date (after a
+            # resume, one recovered since `until` is logged by nothing else).
+            taken = set()
             for d in inbound.take_recovered():
                 self.status.channel(name).note_received(d.size)
+                taken.add(d.seq)
+                if (self.name, name, d.seq, d.sha256) not in tail.delivered:
+                    log_delivered(self.log, self.name, name, d.name, d.seq, d.size,
+                                  d.sha256, d.sent_name, recovered=True)
             for e in journaled.get(name, []):
                 seq, sha = e.get("seq"), e.get("sha256")
+                if seq in taken:
+                    continue
                 when = e.get("delivered_at")
                 # (a delivered_at in the future: the clock was stepped back since; its
                 # line, if any, is older than the tail's start by the clock: not judged)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import errno
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TypeAlias
@@ -311,12 +312,19 @@ class ReceiverMixin(RunnerState):
         delivery and make its audit line durable before `committed` records it, so
         neither its ack nor a later ack from the journal goes out without that line,
         even if we are killed (the line's fields are what the ack names)."""
+        audit = audit_mod.current()
+        mark = audit.failures if audit is not None else 0
         logmod.info_many(self.log, "message_delivered", (
             delivered_fields(self.link.name, d.channel, d.name, d.seq, d.size, d.sha256,
                              d.sent_name) for d in delivered))
-        audit = audit_mod.current()
         if audit is not None and delivered:
             audit.sync()
+            if audit.lost_since(mark):
+                # Dropped while the log was failed, and it was resumed before this
+                # sync: the lines are not in it. Fail the commit as a failed sync would
+                # (the reconciliation after the resume, or at start-up, logs them).
+                raise OSError(errno.EIO, f"audit log {audit.path}: the lines of this "
+                                         f"commit were lost while it could not be written")
 
     def _quarantine_full(self) -> str:
         """Blocking: why quarantine/ takes nothing more from this peer, or ""."""
