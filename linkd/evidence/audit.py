@@ -149,6 +149,7 @@ class AuditLog:
         self._write_error: OSError | None = None   # the last error of a write (not an fsync)
         self.failures = 0           # times the log failed: a caller's lines may be lost
         self._torn: list[bytes] = []    # fragments cut while resuming, not yet recorded
+        self._own_fragment = False  # a resume attempt's own write was cut short
         self.latest_checkpoint: bytes | None = None   # raw line of the newest checkpoint
         self.checkpoints = 0        # how many were made since open (to notice new ones)
         self._busy = False
@@ -452,8 +453,11 @@ class AuditLog:
             assert failed is not None
             try:
                 torn = self._read_tail()        # (line/prev from the file, as it is now)
-                if torn is not None:
+                if torn is not None and not self._own_fragment:
                     self._torn.append(torn)     # recorded below, or at the next attempt
+                # (a fragment of the last attempt's own lines is cut, not recorded: those
+                # lines are written again below, and nothing of the events was lost)
+                self._own_fragment = False
                 self.failed = None
                 while self._torn:
                     fragment = self._torn[0]
@@ -477,6 +481,8 @@ class AuditLog:
                 self.failed, self.failed_at = exc, failed_at
                 if exc is not self._write_error:
                     self._write_error = None
+                else:
+                    self._own_fragment = True
                 return False
             self.failed_at_last, self.failed_at = failed_at, None
             return True

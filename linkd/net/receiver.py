@@ -30,6 +30,7 @@ from .. import log as logmod
 from ..errors import SpoolError
 from ..evidence import audit as audit_mod
 from ..evidence import receipts as R
+from ..evidence import service as evidence_service
 from ..evidence.canonical import micros
 from ..proto import frames as F
 from ..proto import session as S
@@ -55,6 +56,16 @@ Nack: TypeAlias = tuple[str, int, str, bool, str]              # ch, seq, reason
 Quarantined: TypeAlias = tuple[str, str, int, str, Path | None]  # ch, name, seq, reason, where
 Applied: TypeAlias = tuple[dict[str, list[F.AckEntry]], list[Nack], list[Delivered],
                            dict[str, int], list[Quarantined]]   # acks, nacks, delivered, credit
+
+
+def _busy_wait(reason: str) -> float:
+    """How long a sender refused "busy" (not for its file's fault) waits: as long as
+    the audit log takes to try again after a full disk (it heals by itself, see
+    evidence/service.py), else QUARANTINE_WAIT (an operator must act)."""
+    audit = audit_mod.current()
+    if reason.startswith(AUDIT_REFUSAL) and audit is not None and audit.resumable():
+        return evidence_service.RESUME_INTERVAL
+    return QUARANTINE_WAIT
 
 
 class ReceiverMixin(RunnerState):
@@ -155,7 +166,8 @@ class ReceiverMixin(RunnerState):
                     if point is not None and point[0] == seq and point[1] > 0:
                         resume = point[1]
                 self.session.send_nack(ch, seq, reason, retry, kind,
-                                       QUARANTINE_WAIT if kind == F.NACK_BUSY else 0.0, resume)
+                                       _busy_wait(reason) if kind == F.NACK_BUSY else 0.0,
+                                       resume)
             for d in delivered:     # logged by _announce, inside the commit
                 self.link.status.channel(d.channel).note_received(d.size)
             for ch, name, seq, reason, where in quarantined:

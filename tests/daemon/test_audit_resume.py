@@ -217,3 +217,46 @@ def test_a_rotation_cut_short_by_a_full_disk_waits_for_a_restart(tmp_path, monke
     log2.close()
     v = verdict(log2)
     assert v.ok, v.message
+
+
+def test_failed_resume_attempts_leave_one_torn_record_not_one_each(tmp_path, monkeypatch):
+    """From the second re-trial (helper-28): each resume attempt while the disk was
+    still full wrote part of its own audit_torn_tail line, which the next attempt cut
+    and recorded as another "write cut short": 10 such records after 50 s, for one
+    line really lost."""
+    log = A.AuditLog(tmp_path / "a", "bravo", signer(), checkpoint_lines=100)
+    log.open()
+    disk = Disk(monkeypatch)
+    disk.full, disk.room = True, 40           # the real loss: part of one line
+    log.record({"event": "message_delivered", "peer": "alpha", "seq": 1})
+    for _ in range(3):                        # attempts 5 s apart, the disk still full
+        disk.room = 100                       # room for part of the attempt's own line
+        assert log.resume() is False
+        assert log.resumable()
+    disk.full = False
+    assert log.resume() is True
+    log.close()
+    assert verdict(log).ok, verdict(log).message
+    assert events(log).count("audit_torn_tail") == 1, events(log)
+
+
+def test_an_audit_refusal_asks_for_the_resend_when_the_log_tries_again(tmp_path,
+                                                                      monkeypatch):
+    from linkd.evidence import service
+    from linkd.net import receiver
+    log = A.AuditLog(tmp_path / "a", "bravo", None)
+    log.open()
+    A.install(log)
+    try:
+        disk = Disk(monkeypatch)
+        disk.full = True
+        log.record({"event": "link_down", "peer": "alpha"})
+        refusal = log.refusal()
+        assert refusal.startswith(receiver.AUDIT_REFUSAL)
+        assert receiver._busy_wait(refusal) == service.RESUME_INTERVAL
+        log._write_error = None               # as after a failed fsync: a restart's job
+        assert receiver._busy_wait(log.refusal()) == receiver.QUARANTINE_WAIT
+        assert receiver._busy_wait("quarantine quota full") == receiver.QUARANTINE_WAIT
+    finally:
+        A.install(None)
+        disk.full = False
