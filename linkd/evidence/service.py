@@ -59,6 +59,13 @@ async def audit_loop(daemon: Any) -> None:
             _send(daemon, log.latest_checkpoint)
 
 
+def refusal_wait(default: float) -> float:
+    """How long a sender refused because the audit log cannot be written waits: until
+    the log tries again after a full disk (it heals by itself), else `default`."""
+    log = A.current()
+    return RESUME_INTERVAL if log is not None and log.resumable() else default
+
+
 async def _resume(daemon: Any, log: A.AuditLog) -> bool:
     """After a full disk: try every RESUME_INTERVAL until the log can be written again
     (then log audit_log_resumed and reconcile the deliveries journaled meanwhile, as

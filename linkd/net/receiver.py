@@ -58,16 +58,6 @@ Applied: TypeAlias = tuple[dict[str, list[F.AckEntry]], list[Nack], list[Deliver
                            dict[str, int], list[Quarantined]]   # acks, nacks, delivered, credit
 
 
-def _busy_wait(reason: str) -> float:
-    """How long a sender refused "busy" (not for its file's fault) waits: as long as
-    the audit log takes to try again after a full disk (it heals by itself, see
-    evidence/service.py), else QUARANTINE_WAIT (an operator must act)."""
-    audit = audit_mod.current()
-    if reason.startswith(AUDIT_REFUSAL) and audit is not None and audit.resumable():
-        return evidence_service.RESUME_INTERVAL
-    return QUARANTINE_WAIT
-
-
 class ReceiverMixin(RunnerState):
     def _sign(self, ch: str, entries: list[F.AckEntry]) -> list[F.AckEntry]:
         """Blocking: sign receipts for these ack entries (one signature per batch)."""
@@ -165,9 +155,10 @@ class ReceiverMixin(RunnerState):
                     point = inbound.resume_point() if inbound is not None else None
                     if point is not None and point[0] == seq and point[1] > 0:
                         resume = point[1]
-                self.session.send_nack(ch, seq, reason, retry, kind,
-                                       _busy_wait(reason) if kind == F.NACK_BUSY else 0.0,
-                                       resume)
+                wait = QUARANTINE_WAIT if kind == F.NACK_BUSY else 0.0
+                if kind == F.NACK_BUSY and reason.startswith(AUDIT_REFUSAL):
+                    wait = evidence_service.refusal_wait(wait)  # back when it tries again
+                self.session.send_nack(ch, seq, reason, retry, kind, wait, resume)
             for d in delivered:     # logged by _announce, inside the commit
                 self.link.status.channel(d.channel).note_received(d.size)
             for ch, name, seq, reason, where in quarantined:

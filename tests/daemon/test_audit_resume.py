@@ -251,12 +251,10 @@ def test_an_audit_refusal_asks_for_the_resend_when_the_log_tries_again(tmp_path,
         disk = Disk(monkeypatch)
         disk.full = True
         log.record({"event": "link_down", "peer": "alpha"})
-        refusal = log.refusal()
-        assert refusal.startswith(receiver.AUDIT_REFUSAL)
-        assert receiver._busy_wait(refusal) == service.RESUME_INTERVAL
+        assert log.refusal().startswith(receiver.AUDIT_REFUSAL)
+        assert service.refusal_wait(receiver.QUARANTINE_WAIT) == service.RESUME_INTERVAL
         log._write_error = None               # as after a failed fsync: a restart's job
-        assert receiver._busy_wait(log.refusal()) == receiver.QUARANTINE_WAIT
-        assert receiver._busy_wait("quarantine quota full") == receiver.QUARANTINE_WAIT
+        assert service.refusal_wait(receiver.QUARANTINE_WAIT) == receiver.QUARANTINE_WAIT
     finally:
         A.install(None)
         disk.full = False
