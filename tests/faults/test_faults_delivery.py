@@ -153,6 +153,13 @@ class Dropper(threading.Thread):
         self.order: dict[str, list[str]] = {n: [] for n in NAMES}
         self.error: BaseException | None = None
         self.done = threading.Event()
+        # Held while a staged file is open for writing. A daemon started meanwhile
+        # (fork, then exec) holds a copy of that descriptor until its exec: linkd
+        # sees a writer on a file already renamed into out/, rightly holds it back,
+        # and the files renamed after it overtake it -- allowed (CONTRACT §4: pick-up
+        # order), but not the drop order this test checks. Found once in CI (seed
+        # 3330749880: f001042 queued after f001072, during a receiver restart).
+        self.lock = threading.Lock()
 
     def run(self) -> None:
         try:
@@ -164,7 +171,8 @@ class Dropper(threading.Thread):
                 time.sleep(max(0.0, due - time.monotonic()))
                 out = self.sender.out_dir(self.peer, drop.channel)
                 temp = self.staging / drop.name
-                sha = write_file(temp, drop.size)
+                with self.lock:
+                    sha = write_file(temp, drop.size)
                 os.rename(temp, out / drop.name)
                 self.expected[drop.channel][drop.name] = sha
                 self.order[drop.channel].append(drop.name)
@@ -195,7 +203,9 @@ def run_kill_test(tmp_path: Path, *, files: int, kills: int, big: list[int],
             a.wait_state("bravo", timeout=30)
             time.sleep(rng.uniform(0, max_pause))          # the fault injection itself
             victim.kill()
-            victim.start()
+            with dropper.lock:          # no fork while a staged file is open (Dropper)
+                victim.start(wait=False)
+            wait_for(victim.healthy, 30, message=victim.tail)
         kill_time = time.monotonic() - started
         assert dropper.done.wait(300), "dropper did not finish"
         assert dropper.error is None, f"dropper failed: {dropper.error!r}"
