@@ -41,6 +41,20 @@ class Disk:
         raise OSError(errno.ENOSPC, "No space left on device")
 
 
+def opened(tmp_path, every=100):
+    log = A.AuditLog(tmp_path / "a", "bravo", signer(), checkpoint_lines=every)
+    log.open()
+    return log
+
+
+def assert_restart_verifies(tmp_path):
+    """linkd started again on the folder (open() cuts a fragment): the chain verifies."""
+    log = opened(tmp_path)
+    log.close()
+    v = verdict(log)
+    assert v.ok, v.message
+
+
 def verdict(log):
     return A.verify(A.rotated_files(log.folder) + [log.path])
 
@@ -51,8 +65,7 @@ def events(log):
 
 def test_torn_fragment_recorded_when_first_resume_attempt_finds_disk_still_full(
         tmp_path, monkeypatch):
-    log = A.AuditLog(tmp_path / "a", "bravo", signer(), checkpoint_lines=100)
-    log.open()
+    log = opened(tmp_path)
     disk = Disk(monkeypatch)
     disk.full, disk.room = True, 40           # a short write: 40 bytes of the line go in
     log.record({"event": "message_delivered", "peer": "alpha", "seq": 1})
@@ -68,24 +81,18 @@ def test_torn_fragment_recorded_when_first_resume_attempt_finds_disk_still_full(
 
 def test_close_while_failed_after_a_short_write(tmp_path, monkeypatch):
     """Shutdown (SIGTERM, or 'free space then restart') before resume ran."""
-    log = A.AuditLog(tmp_path / "a", "bravo", signer(), checkpoint_lines=100)
-    log.open()
+    log = opened(tmp_path)
     disk = Disk(monkeypatch)
     disk.full, disk.room = True, 40
     log.record({"event": "message_delivered", "peer": "alpha", "seq": 1})
     assert log.failed is not None
     disk.full = False                          # space freed, then linkd stopped
     log.close()
-    log2 = A.AuditLog(tmp_path / "a", "bravo", signer(), checkpoint_lines=100)
-    log2.open()
-    log2.close()
-    v = verdict(log2)
-    assert v.ok, v.message
+    assert_restart_verifies(tmp_path)
 
 
 def test_close_while_failed_after_whole_lines_plus_fragment(tmp_path, monkeypatch):
-    log = A.AuditLog(tmp_path / "a", "bravo", signer(), checkpoint_lines=100)
-    log.open()
+    log = opened(tmp_path)
     disk = Disk(monkeypatch)
     one = A.AuditLog._encode({"event": "message_delivered", "peer": "alpha", "seq": 1}, 0, A.ZERO)
     disk.full, disk.room = True, len(one) + 60   # first line whole + part of the second
@@ -94,16 +101,11 @@ def test_close_while_failed_after_whole_lines_plus_fragment(tmp_path, monkeypatc
     assert log.failed is not None
     disk.full = False
     log.close()
-    log2 = A.AuditLog(tmp_path / "a", "bravo", signer(), checkpoint_lines=100)
-    log2.open()
-    log2.close()
-    v = verdict(log2)
-    assert v.ok, v.message
+    assert_restart_verifies(tmp_path)
 
 
 def test_resume_with_whole_lines_plus_fragment_verifies(tmp_path, monkeypatch):
-    log = A.AuditLog(tmp_path / "a", "bravo", signer(), checkpoint_lines=100)
-    log.open()
+    log = opened(tmp_path)
     disk = Disk(monkeypatch)
     disk.full, disk.room = True, 900
     log.record_many([{"event": "message_delivered", "peer": "alpha", "seq": i}
@@ -120,8 +122,7 @@ def test_resume_with_whole_lines_plus_fragment_verifies(tmp_path, monkeypatch):
 def test_failed_resume_attempt_then_close(tmp_path, monkeypatch):
     """resume(): torn-tail line fits, audit_resumed does not -> line/prev restored to
     stale values; a shutdown then writes a checkpoint off the stale values."""
-    log = A.AuditLog(tmp_path / "a", "bravo", signer(), checkpoint_lines=100)
-    log.open()
+    log = opened(tmp_path)
     disk = Disk(monkeypatch)
     disk.full, disk.room = True, 40
     log.record({"event": "message_delivered", "peer": "alpha", "seq": 1})
@@ -135,19 +136,14 @@ def test_failed_resume_attempt_then_close(tmp_path, monkeypatch):
     assert log.resume() is False
     disk.full = False
     log.close()
-    log2 = A.AuditLog(tmp_path / "a", "bravo", signer(), checkpoint_lines=100)
-    log2.open()
-    log2.close()
-    v = verdict(log2)
-    assert v.ok, v.message
+    assert_restart_verifies(tmp_path)
 
 
 def test_a_line_dropped_while_failed_is_noticed_after_a_resume(tmp_path, monkeypatch):
     """_announce records a delivery's line (dropped: the log is failed), resume() runs
     in the audit loop's thread, then _announce's sync() succeeds: the commit must
     still fail, or the ack leaves without its line."""
-    log = A.AuditLog(tmp_path / "a", "bravo", signer(), checkpoint_lines=100)
-    log.open()
+    log = opened(tmp_path)
     disk = Disk(monkeypatch)
     disk.full = True
     log.record({"event": "link_down", "peer": "alpha"})    # the log fails on some line
@@ -224,8 +220,7 @@ def test_failed_resume_attempts_leave_one_torn_record_not_one_each(tmp_path, mon
     still full wrote part of its own audit_torn_tail line, which the next attempt cut
     and recorded as another "write cut short": 10 such records after 50 s, for one
     line really lost."""
-    log = A.AuditLog(tmp_path / "a", "bravo", signer(), checkpoint_lines=100)
-    log.open()
+    log = opened(tmp_path)
     disk = Disk(monkeypatch)
     disk.full, disk.room = True, 40           # the real loss: part of one line
     log.record({"event": "message_delivered", "peer": "alpha", "seq": 1})

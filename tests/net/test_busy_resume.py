@@ -34,6 +34,18 @@ def pair(tmp_path):
     return a, b
 
 
+def big_file(tmp_path, size: int, checkpoint_bytes: int):
+    """alpha with big.bin (`size` random bytes) queued for bravo, whose inbound spool
+    checkpoints every `checkpoint_bytes`: (alpha, bravo, the bytes, bravo's spool)."""
+    a, b = pair(tmp_path)
+    payload = os.urandom(size)
+    drop(a, "data", "big.bin", payload)
+    scan_sync(a)
+    inbound = b.inbound["data"]
+    inbound.checkpoint_bytes = checkpoint_bytes
+    return a, b, payload, inbound
+
+
 def failing_writes(inbound, fail_after: int, failures: int):
     """Make inbound.write raise ENOSPC once `fail_after` bytes of a message were
     written since its begin() (at whatever offset it began), `failures` times.
@@ -87,12 +99,7 @@ async def run_until_delivered(a, b, monkeypatch, before_close=None):
 
 async def test_a_busy_nack_resends_from_the_receivers_durable_offset(tmp_path, monkeypatch):
     monkeypatch.setattr(receiver_module, "BUSY_WAIT", (0.01, 0.05))
-    a, b = pair(tmp_path)
-    payload = os.urandom(3 * MiB + 12_345)
-    drop(a, "data", "big.bin", payload)
-    scan_sync(a)
-    inbound = b.inbound["data"]
-    inbound.checkpoint_bytes = 256 * KiB
+    a, b, payload, inbound = big_file(tmp_path, 3 * MiB + 12_345, 256 * KiB)
     attempts = failing_writes(inbound, fail_after=2 * MiB + 100 * KiB, failures=1)
 
     nacks = await run_until_delivered(a, b, monkeypatch)
@@ -109,12 +116,7 @@ async def test_a_busy_nack_resends_from_the_receivers_durable_offset(tmp_path, m
 
 async def test_busy_waits_keep_growing_while_resends_fail_part_way(tmp_path, monkeypatch):
     monkeypatch.setattr(receiver_module, "BUSY_WAIT", (0.01, 0.5))
-    a, b = pair(tmp_path)
-    payload = os.urandom(8 * MiB)
-    drop(a, "data", "big.bin", payload)
-    scan_sync(a)
-    inbound = b.inbound["data"]
-    inbound.checkpoint_bytes = 256 * KiB
+    a, b, payload, inbound = big_file(tmp_path, 8 * MiB, 256 * KiB)
     # every resend writes a first batch (1 MiB) and fails in its second
     attempts = failing_writes(inbound, fail_after=3 * MiB // 2, failures=4)
 
@@ -253,12 +255,7 @@ async def test_an_audit_refusal_also_names_the_durable_offset(tmp_path, monkeypa
     from linkd.evidence import audit as A
     monkeypatch.setattr(receiver_module, "BUSY_WAIT", (0.01, 0.05))
     monkeypatch.setattr(receiver_module, "QUARANTINE_WAIT", 0.01)
-    a, b = pair(tmp_path)
-    payload = os.urandom(3 * MiB)
-    drop(a, "data", "big.bin", payload)
-    scan_sync(a)
-    inbound = b.inbound["data"]
-    inbound.checkpoint_bytes = 256 * KiB
+    a, b, payload, inbound = big_file(tmp_path, 3 * MiB, 256 * KiB)
     attempts = failing_writes(inbound, fail_after=2 * MiB, failures=1)
     log = A.AuditLog(tmp_path / "audit", "bravo", None)
     log.open()
