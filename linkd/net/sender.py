@@ -240,7 +240,6 @@ class SenderMixin(RunnerState):
             state.verdicts[item.seq] = "other"
         if matched:
             self._not_busy(ch)              # the peer stores again
-        if matched:
             # The receipts are durable before any file leaves the queue: stored first,
             # in the same thread hop that resolves the batch.
             ordered = [docs[s] for s in sorted(docs)]
