@@ -63,6 +63,11 @@ class Incoming:
     seq: int
     size: int
     offset: int
+    sha_due: bool = False       # its Msg carried no SHA-256: complete once a Sum brings it
+
+    @property
+    def complete(self) -> bool:
+        return self.offset == self.size and not self.sha_due
 
 
 @dataclasses.dataclass(slots=True)
@@ -71,6 +76,11 @@ class Outgoing:
 
     seq: int
     remaining: int
+    sum_due: bool = False       # its Msg carried no SHA-256: a Sum must follow its data
+
+    @property
+    def finished(self) -> bool:
+        return not self.remaining and not self.sum_due
 
 
 class ChannelState:
@@ -97,15 +107,28 @@ class ChannelState:
         if not self.discard.passes(msg.rewind):
             return []
         current = self.incoming
-        if current is not None and current.offset < current.size and not msg.rewind:
+        if current is not None and not current.complete and not msg.rewind:
             raise RemoteProtocolError(f"msg {msg.seq} on {msg.ch!r} starts before message "
                                       f"{current.seq} is complete")
-        self.incoming = Incoming(msg.seq, msg.size, msg.offset)
+        self.incoming = Incoming(msg.seq, msg.size, msg.offset, sha_due=msg.sha256 is None)
         events: list[Event] = [MessageStart(msg.ch, msg.seq, msg.name, msg.size, msg.sha256,
                                             msg.offset, msg.rewind)]
-        if msg.offset == msg.size:
+        if self.incoming.complete:
             events.append(MessageComplete(msg.ch, msg.seq))
         return events
+
+    def receive_sum(self, frame: F.Sum) -> list[Event]:
+        if not self.discard.passes(False):
+            return []
+        current = self.incoming
+        if current is None or current.seq != frame.seq or not current.sha_due:
+            raise RemoteProtocolError(f"sum for message {frame.seq} on {frame.ch!r}, which "
+                                      "is not awaiting one")
+        if current.offset < current.size:
+            raise RemoteProtocolError(f"sum for message {frame.seq} on {frame.ch!r} before "
+                                      "its last data byte")
+        current.sha_due = False
+        return [MessageComplete(frame.ch, frame.seq, frame.sha256)]
 
     def receive_data(self, frame: F.Data) -> list[Event]:
         assert self.recv_window is not None
@@ -124,7 +147,7 @@ class ChannelState:
         offset = current.offset
         current.offset += n
         events: list[Event] = [MessageData(frame.ch, frame.seq, offset, frame.data)]
-        if current.offset == current.size:
+        if current.complete:
             events.append(MessageComplete(frame.ch, frame.seq))
         return events
 
@@ -168,17 +191,25 @@ class ChannelState:
 
     # -- sender half: our actions -------------------------------------------
 
-    def start(self, seq: int, size: int, offset: int) -> bool:
-        """Begin message `seq`; returns whether its Msg carries the rewind flag."""
+    def start(self, seq: int, size: int, offset: int, late: bool = False) -> bool:
+        """Begin message `seq` (`late`: its SHA-256 follows in a Sum); returns whether
+        its Msg carries the rewind flag."""
         if self.send_window is None:
             raise LocalProtocolError(f"peer does not accept channel {self.name!r}")
         current = self.outgoing
-        if current is not None and current.remaining:
+        if current is not None and not current.finished:
             raise LocalProtocolError(f"message {current.seq} on {self.name!r} is not finished")
         rewind, self.rewind = self.rewind, False
-        self.outgoing = Outgoing(seq, size - offset)
+        self.outgoing = Outgoing(seq, size - offset, sum_due=late)
         self.on_wire.add(seq)
         return rewind
+
+    def finish_sum(self, seq: int) -> None:
+        """The Sum of message `seq` goes out: after its last data byte, once."""
+        current = self.outgoing
+        if current is None or current.seq != seq or current.remaining or not current.sum_due:
+            raise LocalProtocolError(f"message {seq} on {self.name!r} is not awaiting its sum")
+        current.sum_due = False
 
     def spend(self, data: bytes | memoryview) -> int:
         """Account for `data` of the message in progress; returns its seq."""

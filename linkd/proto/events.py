@@ -28,7 +28,7 @@ class MessageStart:
     seq: int
     name: str
     size: int
-    sha256: bytes
+    sha256: bytes | None          # None: a Sum frame brings it (MessageComplete.sha256)
     offset: int
     rewind: bool = False
 
@@ -45,6 +45,7 @@ class MessageData:
 class MessageComplete:
     ch: str
     seq: int
+    sha256: bytes | None = None   # from the Sum frame, when the Msg did not carry it
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

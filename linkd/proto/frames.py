@@ -53,6 +53,9 @@ class Hello:
     node: str
     channels: tuple[ChannelHello, ...]
     checkpoint: bytes | None = None     # optional `ck`: the sender's latest audit checkpoint
+    # optional `lh`: we accept a Msg without its SHA-256, which a Sum frame then brings
+    # after the message's last byte (a big file is sent while it is still being hashed)
+    late_hash: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -76,13 +79,15 @@ class Msg:
 
     `rewind` marks the first message sent after a Nack on the channel: the
     receiver discards every frame of the channel between its Nack and this.
+    `sha256` None (only to a peer whose hello says `late_hash`): a Sum frame
+    brings it after the message's last data byte.
     """
 
     ch: str
     seq: int
     name: str
     size: int
-    sha256: bytes
+    sha256: bytes | None
     offset: int = 0
     rewind: bool = False
 
@@ -96,6 +101,16 @@ class Data:
     ch: str
     seq: int
     data: bytes | memoryview
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Sum:
+    """The SHA-256 of message `seq`, whose Msg did not carry it: sent after the
+    message's last data byte, before anything else of the channel."""
+
+    ch: str
+    seq: int
+    sha256: bytes
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -173,7 +188,7 @@ class Credit:
     bytes: int
 
 
-Frame = Hello | Bye | Ping | Pong | Msg | Data | Ack | Nack | Credit | Checkpoint
+Frame = Hello | Bye | Ping | Pong | Msg | Data | Sum | Ack | Nack | Credit | Checkpoint
 
 
 # -- encoding ---------------------------------------------------------------
@@ -195,8 +210,13 @@ def frame_to_map(frame: Frame) -> dict[str, Any]:
     if isinstance(frame, Data):
         return {"t": "data", "ch": frame.ch, "s": frame.seq, "d": frame.data}
     if isinstance(frame, Msg):
-        return {"t": "msg", "ch": frame.ch, "s": frame.seq, "n": frame.name, "z": frame.size,
-                "h": frame.sha256, "o": frame.offset, "rw": frame.rewind}
+        msg = {"t": "msg", "ch": frame.ch, "s": frame.seq, "n": frame.name, "z": frame.size,
+               "h": frame.sha256, "o": frame.offset, "rw": frame.rewind}
+        if frame.sha256 is None:
+            del msg["h"]
+        return msg
+    if isinstance(frame, Sum):
+        return {"t": "sum", "ch": frame.ch, "s": frame.seq, "h": frame.sha256}
     if isinstance(frame, Ack):
         return {"t": "ack", "ch": frame.ch, "a": [_ack_entry_map(e) for e in frame.entries]}
     if isinstance(frame, Checkpoint):
@@ -222,6 +242,8 @@ def frame_to_map(frame: Frame) -> dict[str, Any]:
                  "ch": [_channel_hello(c) for c in frame.channels]}
         if frame.checkpoint is not None:
             hello["ck"] = frame.checkpoint
+        if frame.late_hash:
+            hello["lh"] = True
         return hello
     if isinstance(frame, Bye):
         return {"t": "bye", "why": frame.reason}
@@ -315,7 +337,11 @@ def _decode_hello(m: dict[Any, Any]) -> Hello:
     if checkpoint is not None and (not isinstance(checkpoint, bytes)
                                    or not 0 < len(checkpoint) <= MAX_CHECKPOINT):
         raise RemoteProtocolError("hello field 'ck' is not a checkpoint line")
-    return Hello(version=version, node=node, channels=tuple(channels), checkpoint=checkpoint)
+    late_hash = m.get("lh", False)
+    if not isinstance(late_hash, bool):
+        raise RemoteProtocolError("hello field 'lh' has the wrong type")
+    return Hello(version=version, node=node, channels=tuple(channels), checkpoint=checkpoint,
+                 late_hash=late_hash)
 
 
 def _decode_msg(m: dict[Any, Any]) -> Msg:
@@ -323,9 +349,7 @@ def _decode_msg(m: dict[Any, Any]) -> Msg:
     problem = plain_name_problem(name)
     if problem:
         raise RemoteProtocolError(f"msg names a bad file: file name {problem}")
-    sha: bytes = _get(m, "h", bytes, "msg")
-    if len(sha) != 32:
-        raise RemoteProtocolError("msg carries a SHA-256 that is not 32 bytes")
+    sha = _sha256(m, "msg") if "h" in m else None
     size = _uint(m, "z", "msg")
     offset = _uint(m, "o", "msg")
     if offset > size:
@@ -335,6 +359,13 @@ def _decode_msg(m: dict[Any, Any]) -> Msg:
         raise RemoteProtocolError("msg field 'rw' has the wrong type")
     return Msg(ch=_channel(m, "msg"), seq=_uint(m, "s", "msg", 1, MAX_SEQ), name=name, size=size,
                sha256=sha, offset=offset, rewind=rewind)
+
+
+def _sha256(m: dict[Any, Any], what: str) -> bytes:
+    sha: bytes = _get(m, "h", bytes, what)
+    if len(sha) != 32:
+        raise RemoteProtocolError(f"{what} carries a SHA-256 that is not 32 bytes")
+    return sha
 
 
 def _receipt_fields(item: dict[Any, Any]) -> dict[str, Any]:
@@ -402,6 +433,9 @@ def map_to_frame(m: Any) -> Frame:
         return _decode_msg(m)
     if kind == "ack":
         return _decode_ack(m)
+    if kind == "sum":
+        return Sum(ch=_channel(m, "sum"), seq=_uint(m, "s", "sum", 1, MAX_SEQ),
+                   sha256=_sha256(m, "sum"))
     if kind == "credit":
         return Credit(ch=_channel(m, "credit"), bytes=_uint(m, "b", "credit", 0, 1 << 40))
     if kind == "nack":

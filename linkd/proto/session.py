@@ -19,6 +19,8 @@ protocol:
 * As *sender* it spends the credit the peer grants, refuses (locally) to
   send more data than announced, and marks the first Msg after a Nack as
   `rewind`.
+* A big file's SHA-256 may follow its data (a Sum frame) instead of riding in
+  its Msg, when the peer's hello offers it (`late_hash`; docs/PROTOCOL.md §5).
 * Heartbeats (linkd.proto.heartbeat): a ping after `heartbeat_interval` of
   send-idleness, death after `heartbeat_timeout` of receive-silence.
 * Control frames (acks, credit, pings, pongs, nacks, bye) are queued ahead of
@@ -34,6 +36,10 @@ linkd.proto.channel; the events in
 linkd.proto.events (re-exported here, with State, for the owner). This module
 only dispatches: frames to channels (a `match` on the frame type), calls to
 the table, and it owns the output queues and the timers.
+
+Size: over 400 lines on purpose: it is the one entry of the sans-IO core, every
+frame in and every action out (one short method each) passes the state table
+here; split, that check would be spread over modules.
 """
 
 from __future__ import annotations
@@ -97,11 +103,12 @@ class Session:
                  heartbeat_interval: float = 5.0, heartbeat_timeout: float = 15.0,
                  handshake_timeout: float = 10.0, max_frame: int = DEFAULT_MAX_FRAME,
                  checkpoint: bytes | None = None, heartbeat_grid: float = 0.0,
-                 rtt_refresh: float | None = None) -> None:
+                 rtt_refresh: float | None = None, late_hash: bool = True) -> None:
         self.node = node
         self.peer = peer
         self.state = State.HANDSHAKE
         self.peer_hello: F.Hello | None = None
+        self.late_hash = late_hash      # we take a Msg without its SHA-256 (then a Sum)
         self.peer_channels: dict[str, F.ChannelHello] = {}
         self.close_reason: str | None = None
         self._decoder = FrameDecoder(max_frame)
@@ -113,7 +120,8 @@ class Session:
         self.channels: dict[str, ChannelState] = {}
         for c in channels:
             self._channel(c.name).recv_window = ReceiveWindow(c.credit)
-        self._queue(F.Hello(F.PROTOCOL_VERSION, node, tuple(channels), checkpoint), control=True)
+        self._queue(F.Hello(F.PROTOCOL_VERSION, node, tuple(channels), checkpoint,
+                            late_hash=late_hash), control=True)
 
     def _channel(self, ch: str) -> ChannelState:
         """The state of `ch` (created on first use; only for names our own code uses)."""
@@ -246,7 +254,12 @@ class Session:
             case F.Data():
                 return self._receiving(frame.ch, "data").receive_data(frame)
             case F.Msg():
+                if frame.sha256 is None and not self.late_hash:
+                    raise RemoteProtocolError(f"msg {frame.seq} on {frame.ch!r} carries no "
+                                              "SHA-256, and our hello did not offer 'lh'")
                 return self._receiving(frame.ch, "msg").receive_msg(frame)
+            case F.Sum():
+                return self._receiving(frame.ch, "sum").receive_sum(frame)
             case F.Ack(ch=ch, entries=entries):
                 self._sending(ch, "ack").acked(entries)
                 return [AckReceived(ch, entries)]
@@ -352,14 +365,32 @@ class Session:
     # -- sender actions -------------------------------------------------------
     # LocalProtocolError unless OPEN: the driver stops its sender on it.
 
-    def send_msg(self, ch: str, seq: int, name: str, size: int, sha256: bytes,
+    @property
+    def peer_late_hash(self) -> bool:
+        """The peer takes a Msg without its SHA-256 (a Sum brings it after the data)."""
+        return self.peer_hello is not None and self.peer_hello.late_hash
+
+    def send_msg(self, ch: str, seq: int, name: str, size: int, sha256: bytes | None,
                  offset: int = 0) -> None:
+        """Start message `seq`; `sha256` None: send_sum() follows its last data byte
+        (only to a peer that takes it: peer_late_hash)."""
         self._step(Input.SEND_MSG)
         state = self.channels.get(ch)
         if state is None:
             raise LocalProtocolError(f"peer does not accept channel {ch!r}")
-        rewind = state.start(seq, size, offset)
+        if sha256 is None and not self.peer_late_hash:
+            raise LocalProtocolError(f"peer {self.peer} needs the SHA-256 in the msg")
+        rewind = state.start(seq, size, offset, late=sha256 is None)
         self._queue(F.Msg(ch, seq, name, size, sha256, offset, rewind), control=False)
+
+    def send_sum(self, ch: str, seq: int, sha256: bytes) -> None:
+        """The SHA-256 of message `seq`, whose Msg went without it: after its data."""
+        self._step(Input.SEND_SUM)
+        state = self.channels.get(ch)
+        if state is None:
+            raise LocalProtocolError(f"peer does not accept channel {ch!r}")
+        state.finish_sum(seq)
+        self._queue(F.Sum(ch, seq, sha256), control=False)
 
     def send_data(self, ch: str, data: bytes | memoryview) -> None:
         self._step(Input.SEND_DATA)
@@ -394,3 +425,9 @@ class Session:
         if state is None or state.outgoing is None:
             return None
         return state.outgoing.remaining
+
+    def sum_due(self, ch: str) -> bool:
+        """The current message of `ch` has all its data out and awaits send_sum()."""
+        state = self.channels.get(ch)
+        return state is not None and state.outgoing is not None \
+            and state.outgoing.sum_due and not state.outgoing.remaining

@@ -51,6 +51,7 @@ class Input(enum.Enum):
     CLOSE = "close"
     SEND_MSG = "send_msg"
     SEND_DATA = "send_data"
+    SEND_SUM = "send_sum"
     ABANDON = "abandon"
     SEND_ACK = "send_ack"
     SEND_NACK = "send_nack"
@@ -83,6 +84,7 @@ TRANSITIONS: dict[tuple[State, Input], State] = {
     (OP, Input.CLOSE): CL,
     (OP, Input.SEND_MSG): OP,
     (OP, Input.SEND_DATA): OP,
+    (OP, Input.SEND_SUM): OP,
     (OP, Input.ABANDON): OP,
     (OP, Input.SEND_ACK): OP,
     (OP, Input.SEND_NACK): OP,

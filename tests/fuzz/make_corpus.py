@@ -62,6 +62,11 @@ def record() -> list[bytes]:
                            size, f"file-{seq}.txt", f"file-{seq}.txt", 1.5)
         b.send_ack(ch, [entry])
         pump()
+    late = b"hashed while sent"
+    a.send_msg("alerts", 5, "late.bin", len(late), None, 0)    # its SHA-256 after the data
+    a.send_data("alerts", late)
+    a.send_sum("alerts", 5, hashlib.sha256(late).digest())
+    pump()
     a.send_msg("data", 4, "resumed.bin", 100, bytes(32), 60)   # a resume at an offset
     a.send_data("data", bytes(40))
     a.abandon("data")                                          # and abandoned
@@ -83,7 +88,7 @@ def record() -> list[bytes]:
         start = 0
         while dec.next_frame() is not None:
             end = len(chunk) - dec.buffered
-            frames.append(chunk[start:end])
+            frames.append(bytes(chunk[start:end]))
             start = end
     return frames
 

@@ -96,11 +96,14 @@ def sender(data: bytes) -> None:
             if op == 0:                                   # we start a message
                 seq[ch] += 1
                 body = bytes(n % 300)
-                s.send_msg(ch, seq[ch], f"f{seq[ch]}", len(body),
-                           hashlib.sha256(body).digest(), 0)
+                digest = hashlib.sha256(body).digest()
+                late = bool(n & 0x8000)                   # its SHA-256 in a Sum after it
+                s.send_msg(ch, seq[ch], f"f{seq[ch]}", len(body), None if late else digest, 0)
                 while body and s.sendable(ch):
                     piece, body = body[:s.sendable(ch)], body[s.sendable(ch):]
                     s.send_data(ch, piece)
+                if s.sum_due(ch):
+                    s.send_sum(ch, seq[ch], digest)
             elif op == 1:                                 # we abandon it
                 s.abandon(ch)
             elif op == 2:

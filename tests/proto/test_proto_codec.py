@@ -23,8 +23,8 @@ seqs = st.integers(1, F.MAX_SEQ)
 def msgs(draw):
     size = draw(st.integers(0, 1 << 40))
     return F.Msg(draw(channel_names), draw(seqs), draw(file_names), size,
-                 draw(st.binary(min_size=32, max_size=32)), draw(st.integers(0, size)),
-                 draw(st.booleans()))
+                 draw(st.none() | st.binary(min_size=32, max_size=32)),
+                 draw(st.integers(0, size)), draw(st.booleans()))
 
 
 ack_entries = st.builds(F.AckEntry, seqs, st.binary(min_size=32, max_size=32), u64,
@@ -35,7 +35,8 @@ hellos = st.builds(
     st.lists(st.builds(F.ChannelHello, channel_names, u64, st.integers(-100, 100),
                        st.integers(0, F.MAX_SEQ),
                        st.none() | st.tuples(u64, u64), u64),
-             max_size=5, unique_by=lambda c: c.name).map(tuple))
+             max_size=5, unique_by=lambda c: c.name).map(tuple),
+    st.none(), st.booleans())
 
 frames = st.one_of(
     hellos,
@@ -43,6 +44,7 @@ frames = st.one_of(
     st.builds(F.Ping, u64), st.builds(F.Pong, u64),
     msgs(),
     st.builds(F.Data, channel_names, seqs, st.binary(max_size=2048)),
+    st.builds(F.Sum, channel_names, seqs, st.binary(min_size=32, max_size=32)),
     st.builds(F.Ack, channel_names, st.lists(ack_entries, min_size=1, max_size=5).map(tuple)),
     st.builds(F.Nack, channel_names, seqs, st.text(max_size=100), st.booleans(),
               st.sampled_from([F.NACK_RETRY, F.NACK_BUSY, F.NACK_STALE]),

@@ -658,3 +658,104 @@ def test_a_heartbeat_timeout_says_how_long_the_peer_was_silent():
     (closed,) = p.a.handle_timer(17.0)
     assert closed == S.SessionClosed("heartbeat timeout: nothing received for 15.0s",
                                      error=True, by_peer=True)
+
+
+# -- the late SHA-256 (a big file sent while it is still being hashed) -------------------
+
+def late_message(p, payload, ch="data", seq=1):
+    """Send `payload` as message `seq` whose Msg carries no SHA-256; no Sum yet."""
+    p.a.send_msg(ch, seq, "big.bin", len(payload), None)
+    offset = 0
+    while offset < len(payload):
+        n = p.a.sendable(ch)
+        p.a.send_data(ch, payload[offset:offset + n])
+        offset += n
+    p.pump()
+
+
+def violation(p, key="b"):
+    closed = [e for e in p.events[key] if isinstance(e, S.SessionClosed)]
+    return closed[0].reason if closed else None
+
+
+@pytest.mark.parametrize("size", [0, 10, CHUNK_SIZE + 5])
+def test_a_message_without_its_sha256_completes_only_with_the_sum_after_its_data(size):
+    p = opened()
+    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    sha = hashlib.sha256(payload).digest()
+    assert p.a.peer_late_hash and p.b.peer_late_hash       # both offer it by default
+    late_message(p, payload)
+    events = p.take("b")
+    assert events[0] == S.MessageStart("data", 1, "big.bin", size, None, 0, False)
+    assert b"".join(e.data for e in events if isinstance(e, S.MessageData)) == payload
+    assert not any(isinstance(e, S.MessageComplete) for e in events)    # not without the sum
+    assert p.a.sum_due("data")
+    with pytest.raises(LocalProtocolError, match="not finished"):
+        p.a.send_msg("data", 2, "next", 1, sha)            # the Sum comes first
+    p.a.send_sum("data", 1, sha)
+    assert not p.a.sum_due("data")
+    p.pump()
+    assert p.take("b") == [S.MessageComplete("data", 1, sha)]
+    with pytest.raises(LocalProtocolError, match="not awaiting its sum"):
+        p.a.send_sum("data", 1, sha)                       # once
+    p.a.send_msg("data", 2, "next", 0, sha)                # then the channel goes on
+    p.pump()
+    assert p.take("b")[-1] == S.MessageComplete("data", 2)
+
+
+def test_a_sum_before_the_last_data_byte_is_a_violation():
+    p = opened()
+    p.a.send_msg("data", 1, "big.bin", 10, None)
+    p.a.send_data("data", b"12345")
+    p.a.channels["data"].outgoing.remaining = 0            # pretend, to send the sum early
+    p.a.send_sum("data", 1, b"\0" * 32)
+    p.pump()
+    assert "before its last data byte" in violation(p)
+
+
+@pytest.mark.parametrize("sha, seq", [(b"\1" * 32, 1), (None, 2)])
+def test_a_sum_for_a_message_that_awaits_none_is_a_violation(sha, seq):
+    p = opened()
+    p.a.send_msg("data", 1, "one", 0, sha)
+    p.pump()
+    p.a.channels["data"].outgoing.sum_due = False
+    p.a._queue(F.Sum("data", seq, b"\0" * 32), control=False)
+    p.pump()
+    assert f"sum for message {seq} on 'data', which is not awaiting one" in violation(p)
+
+
+def test_a_msg_while_the_previous_awaits_its_sum_is_a_violation_unless_it_rewinds():
+    p = opened()
+    late_message(p, b"abc")
+    p.a.channels["data"].outgoing.sum_due = False          # pretend, to start the next one
+    p.a.send_msg("data", 2, "two", 1, b"\0" * 32)
+    p.pump()
+    assert "starts before message 1 is complete" in violation(p)
+    q = opened()
+    late_message(q, b"abc")
+    q.a.abandon("data")                                    # our file went bad mid-way
+    q.a.send_msg("data", 1, "big.bin", 0, b"\2" * 32)      # rewinds
+    q.pump()
+    assert violation(q) is None
+    assert q.take("b")[-1] == S.MessageComplete("data", 1)
+
+
+def test_a_sum_after_our_nack_is_discarded_with_the_rest():
+    p = opened()
+    late_message(p, b"abc")
+    p.take("b")
+    p.b.send_nack("data", 1, "no room", True, F.NACK_BUSY, 1.0)
+    p.a.send_sum("data", 1, b"\0" * 32)                    # crossed the nack on the wire
+    p.pump()
+    assert violation(p) is None and violation(p, "a") is None
+    assert p.take("b") == []
+
+
+def test_the_late_sha256_is_only_for_a_peer_that_offers_it():
+    p = opened(late_hash=False)
+    assert not p.a.peer_late_hash
+    with pytest.raises(LocalProtocolError, match="needs the SHA-256 in the msg"):
+        p.a.send_msg("data", 1, "big.bin", 10, None)
+    p.a._queue(F.Msg("data", 1, "big.bin", 10, None), control=False)   # a peer that does
+    p.pump()
+    assert "carries no SHA-256, and our hello did not offer 'lh'" in violation(p)

@@ -52,13 +52,17 @@ DEFAULT_KW = dict(handshake_timeout=BIG, heartbeat_interval=BIG, heartbeat_timeo
 
 def session_in(state, inp):
     """A Session (alpha, peer bravo) in `state`; when OPEN or CLOSED it has message 1 of
-    "alerts" (100 bytes) in progress, so send_data has something to send."""
+    "alerts" (100 bytes) in progress, so send_data has something to send (for
+    SEND_SUM: an empty message whose Msg went without its SHA-256)."""
     kw = TIMER_KW.get(inp, DEFAULT_KW)
     a = S.Session(node="alpha", peer="bravo", channels=chans(), now=0.0, **kw)
     if state is not State.HANDSHAKE:
         b = S.Session(node="bravo", peer="alpha", channels=chans(), now=0.0)
         a.receive_data(b.data_to_send(0.0), 0.0)
-        a.send_msg("alerts", 1, "a", 100, SHA)
+        if inp is Input.SEND_SUM:
+            a.send_msg("alerts", 1, "a", 0, None)
+        else:
+            a.send_msg("alerts", 1, "a", 100, SHA)
         if state is State.CLOSED:
             a.close("done")
     a.data_to_send(0.0)
@@ -69,7 +73,8 @@ def session_in(state, inp):
 def apply(s, inp):
     """Feed `inp` to the session; returns the events (or None for a call)."""
     peer_frames = {
-        Input.PEER_HELLO: encode_frame(F.Hello(F.PROTOCOL_VERSION, "bravo", tuple(chans()))),
+        Input.PEER_HELLO: encode_frame(F.Hello(F.PROTOCOL_VERSION, "bravo", tuple(chans()),
+                                               late_hash=True)),
         Input.PEER_BYE: encode_frame(F.Bye("going")),
         Input.PEER_FRAME: encode_frame(F.Ping(7)),
         Input.PEER_EOF: b"",
@@ -83,6 +88,7 @@ def apply(s, inp):
         Input.CLOSE: lambda: s.close("bye"),
         Input.SEND_MSG: lambda: s.send_msg("data", 1, "f", 10, SHA),
         Input.SEND_DATA: lambda: s.send_data("alerts", b"x" * 10),
+        Input.SEND_SUM: lambda: s.send_sum("alerts", 1, SHA),
         Input.ABANDON: lambda: s.abandon("alerts"),
         Input.SEND_ACK: lambda: s.send_ack("data", [ENTRY]),
         Input.SEND_NACK: lambda: s.send_nack("data", 1, "no", True),
@@ -180,6 +186,10 @@ class SessionAgainstTheTable(RuleBasedStateMachine):
             self.s.send_msg("data", self.seq, "f", 0, SHA)
         elif inp is Input.SEND_DATA and new is State.OPEN:
             self.s.send_data("data", b"")
+        elif inp is Input.SEND_SUM and new is State.OPEN:
+            self.seq += 1
+            self.s.send_msg("data", self.seq, "f", 0, None)
+            self.s.send_sum("data", self.seq, SHA)
         else:
             apply(self.s, inp)
         if new is not None:
