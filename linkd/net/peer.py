@@ -227,7 +227,7 @@ class PeerLink:
                        "age_s": round(max(0.0, now - item.claimed_at), 3),
                        "sent_bytes": sent_bytes, "state": state,
                        "reason": held if state == "held" else None,
-                       "sha256": item.sha256}
+                       "sha256": item.sha256 or None}
             for fname, size, ctime in out.waiting_files():
                 yield {"peer": self.name, "channel": name, "seq": None,
                        "name": fname, "size": size,
@@ -307,9 +307,12 @@ class PeerLink:
     # -- pick-up --------------------------------------------------------------
 
     def log_queued(self, claimed: list[Claimed]) -> None:
+        # A big file's SHA-256 is taken after its claim, while it is sent (LATE_HASH):
+        # its line leaves it out ("where known", CONTRACT §10); message_sent has it.
         logmod.info_many(self.log, "message_queued", (
             dict(peer=self.name, channel=item.channel, name=item.name, seq=item.seq,
-                 size=item.size, sha256=item.sha256) for item in claimed))
+                 size=item.size, **({"sha256": item.sha256} if item.sha256 else {}))
+            for item in claimed))
 
     async def pick_up(self, name: str, relist: bool) -> float | None:
         """Claim what is ready on `name` now, a bounded batch per hop, until nothing

@@ -267,7 +267,8 @@ class ReceiverMixin(RunnerState):
                 # left the sender waiting for an answer that never came).
                 rx.started(ch, ev.seq)
                 try:
-                    inbound.begin(ev.seq, ev.name, ev.size, ev.sha256.hex(), ev.offset,
+                    inbound.begin(ev.seq, ev.name, ev.size,
+                                  ev.sha256.hex() if ev.sha256 is not None else "", ev.offset,
                                   checked=ch in checked)
                     checked.add(ch)
                     if ev.offset:       # (logged from this thread, as message_delivered is)
@@ -288,7 +289,8 @@ class ReceiverMixin(RunnerState):
                 if rx.skipping.get(ch) == ev.seq:
                     continue
                 try:
-                    done[ch].append(inbound.finish())
+                    done[ch].append(inbound.finish(
+                        ev.sha256.hex() if ev.sha256 is not None else None))
                 except ChecksumMismatch as exc:
                     nacks.append((ch, ev.seq, str(exc), True, F.NACK_RETRY))
                     rx.discard(ch)

@@ -84,6 +84,10 @@ class _OutChannel:
     # small files read ahead in one thread hop: seq -> (the item read, bytes or why not)
     prefetched: dict[int, tuple[Claimed, bytes | Exception]] = dataclasses.field(
         default_factory=dict)
+    # a big file's late SHA-256 (spool/outbound.py): seqs being hashed, and results
+    # not used yet (the item with its SHA-256, or why it could not be taken)
+    hashing: set[int] = dataclasses.field(default_factory=set)
+    hashed: dict[int, Claimed | Exception] = dataclasses.field(default_factory=dict)
 
 
 class RunnerState:
@@ -106,6 +110,7 @@ class RunnerState:
     signer: ekeys.Signer | None
     verifier: R.Verifier | None
     peer_cert_der: bytes | None
+    nursery: trio.Nursery | None
 
     def end(self, reason: str, error: bool) -> None:  # pragma: no cover - SessionRunner's
         raise NotImplementedError
@@ -297,11 +302,69 @@ class SenderMixin(RunnerState):
         ready = []
         for name, state in self.out.items():
             if state.current is not None:
-                if self.session.sendable(name) > 0:
+                if self.session.sendable(name) > 0 or self._sum_ready(state):
                     ready.append((name, state.priority))
-            elif self._next_item(state) is not None:
+            elif (item := self._next_item(state)) is not None and not (
+                    item.seq in state.hashing and self._needs_hash(state, item)):
                 ready.append((name, state.priority))
         return ready
+
+    # -- a big file's late SHA-256 (spool/outbound.py) ----------------------------
+
+    def _needs_hash(self, state: _OutChannel, item: Claimed) -> bool:
+        """`item` has no SHA-256 yet, and its msg must carry one: a probe (the peer's
+        answer is compared with it), or a peer that does not take it late."""
+        assert self.session is not None
+        return not item.sha256 and (item.seq <= state.peer_committed
+                                    or not self.session.peer_late_hash)
+
+    def _sum_ready(self, state: _OutChannel) -> bool:
+        """The current message's data is out, and its late SHA-256 (or why there is
+        none) is known: the next step sends its sum (or abandons it)."""
+        assert self.session is not None
+        item = state.current
+        return item is not None and self.session.sum_due(state.name) \
+            and (item.seq in state.hashed or bool(item.sha256))
+
+    def _start_hash(self, state: _OutChannel, item: Claimed) -> None:
+        if item.seq in state.hashing or item.seq in state.hashed or self.nursery is None:
+            return
+        state.hashing.add(item.seq)
+        self.nursery.start_soon(self._hash_late, state, item)
+
+    async def _hash_late(self, state: _OutChannel, item: Claimed) -> None:
+        """Take and record `item`'s SHA-256 in a thread, beside its transfer."""
+        result: Claimed | Exception
+        try:
+            result = await self.link.spools[state.name].hash_late(item)
+        except (OSError, SpoolError) as exc:
+            result = exc
+        finally:
+            state.hashing.discard(item.seq)
+        state.hashed[item.seq] = result
+        if isinstance(result, Claimed):
+            flight = state.in_flight.get(item.seq)
+            if flight is not None and flight.item.path == result.path:
+                flight.item = result        # what its ack is checked against
+        self.sender_wake.set()
+
+    async def _send_sum(self, state: _OutChannel) -> None:
+        """The current message's data is out: send its late SHA-256, or, if it could
+        not be taken (the file changed after its claim...), abandon the message."""
+        assert self.session is not None and state.current is not None
+        item = state.current
+        got = state.hashed.pop(item.seq, None)
+        if isinstance(got, Exception):
+            self._abandon(state)
+            await self._unreadable(state, item, got)
+            return
+        hashed = got if got is not None else item
+        self.session.send_sum(state.name, item.seq, bytes.fromhex(hashed.sha256))
+        flight = state.in_flight.get(item.seq)
+        if flight is not None:
+            flight.item = hashed
+        state.current = None
+        self._show_in_flight(state)
 
     def _next_wait(self) -> float:
         """When a channel held back by `wait_until` may send again."""
@@ -468,10 +531,23 @@ class SenderMixin(RunnerState):
         assert self.session is not None
         session = self.session
         fh: BinaryIO | None
+        if state.current is not None and session.sum_due(state.name):
+            await self._send_sum(state)
+            return
         if state.current is None:
             item = self._next_item(state)
             if item is None:        # the pending set changed since _ready() looked
                 return
+            if not item.sha256:
+                got = state.hashed.pop(item.seq, None)
+                if isinstance(got, Exception):
+                    await self._unreadable(state, item, got)
+                    return
+                if got is not None and got.path == item.path:
+                    item = got
+                elif self._needs_hash(state, item):
+                    self._start_hash(state, item)
+                    return          # its msg waits for it (_ready skips the channel)
             state.next_seq = item.seq + 1
             if item.seq <= state.peer_committed:
                 # A probe: the peer says what it holds under this seq (see the top). No
@@ -511,15 +587,21 @@ class SenderMixin(RunnerState):
                 fh.close()
                 state.next_seq = item.seq       # _handle_nacks decides where to resume
                 return
+            # A big file claimed without its SHA-256 goes out at once, hashed beside
+            # it; its sum follows the data (_send_sum).
             session.send_msg(state.name, item.seq, item.name, item.size,
-                             bytes.fromhex(item.sha256), offset)
+                             bytes.fromhex(item.sha256) if item.sha256 else None, offset)
             state.in_flight[item.seq] = _InFlight(item, probe=False, offset=offset)
+            if not item.sha256:
+                self._start_hash(state, item)
             self._not_busy(state.name)          # sent again: held no longer
             if offset:
                 self.log.info("transfer_resumed", peer=self.link.name, channel=state.name,
                               seq=item.seq, name=item.name, size=item.size, offset=offset)
             if offset == item.size:
                 fh.close()
+                if not item.sha256:
+                    state.current = item        # no data left: its sum is next
                 return
             state.current, state.fh, state.offset = item, fh, offset
             self._show_in_flight(state)
@@ -529,6 +611,9 @@ class SenderMixin(RunnerState):
         item = state.current
         fh = state.fh
         assert item is not None and fh is not None     # a message in progress has its file
+        if isinstance(state.hashed.get(item.seq), Exception):
+            await self._send_sum(state)     # its hash failed: abandoned, not sent on
+            return
         try:
             data = await self._read_chunk(state, fh, n)
         except (OSError, ValueError) as exc:
@@ -558,7 +643,9 @@ class SenderMixin(RunnerState):
             # A change that left the bytes sent as they were (an append, a touch) is
             # delivered, and logged message_changed when the ack resolves it.
             fh.close()
-            state.current, state.fh, state.ahead, state.ahead_buffer = None, None, None, None
+            state.fh, state.ahead, state.ahead_buffer = None, None, None
+            if not session.sum_due(state.name):
+                state.current = None
             self._show_in_flight(state)
 
     async def _read_whole(self, state: _OutChannel, item: Claimed) -> bytes:

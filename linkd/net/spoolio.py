@@ -22,6 +22,7 @@ a cancelled session cannot leave half a state change behind.
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import Callable
 from typing import BinaryIO, TypeVar, TypeVarTuple
 
@@ -99,6 +100,19 @@ class ChannelSpool:
         it cannot be sent (see Outbound.read_whole); the list stops early after a
         resource error."""
         return await trio.to_thread.run_sync(self.outbound.read_whole, items)
+
+    async def hash_late(self, item: Claimed) -> Claimed:
+        """Take the SHA-256 of a big file claimed without one (reading, without the
+        lock, like examine()) and record it (with the lock); the queued item as it now
+        is. FileChanged, OSError. Cancelled, the reading thread stops at its next
+        read (it is abandoned, not waited for: 0.6 s per GiB)."""
+        stop = threading.Event()
+        try:
+            sha256 = await trio.to_thread.run_sync(self.outbound.digest_late, item,
+                                                   stop.is_set, abandon_on_cancel=True)
+        finally:
+            stop.set()
+        return await self._locked(self.outbound.record_sha256, item, sha256)
 
     async def open(self, item: Claimed, offset: int, prefetch: bool = False) -> BinaryIO:
         """Open a queued file for sending at `offset` (FileChanged, OSError).

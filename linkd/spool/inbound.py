@@ -311,8 +311,8 @@ class Inbound:
             raise InboundRefused(f"file name {name!r} {problem}")
         if not is_int(size) or size > self.max_bytes:
             raise InboundRefused(f"size {size!r} is over max_message_bytes ({self.max_bytes})")
-        sha = sha256.lower() if isinstance(sha256, str) else ""
-        if not is_sha256(sha):
+        sha = sha256.lower() if isinstance(sha256, str) else None
+        if sha is None or not (sha == "" or is_sha256(sha)):
             raise InboundRefused(f"sha256 {sha256!r} is not 64 hex digits")
         if not is_int(offset) or offset > size:
             raise InboundRefused(f"offset {offset!r} is not within 0..{size}")
@@ -322,8 +322,11 @@ class Inbound:
             self._check(self._tmp)
         try:
             if offset:
-                if ck is None or (ck["seq"], ck["name"], ck["size"], ck["sha256"],
-                                  ck["offset"]) != (seq, name, size, sha, offset):
+                # A SHA-256 not known yet on either side (a late one: the Sum brings
+                # it) matches any: the whole file is still checked against the Sum.
+                if ck is None or (ck["seq"], ck["name"], ck["size"], ck["offset"]) \
+                        != (seq, name, size, offset) \
+                        or (sha and ck["sha256"] and ck["sha256"] != sha):
                     durable = ck["offset"] if ck and ck["seq"] == seq else 0
                     raise InboundRefused(f"cannot resume seq {seq} at offset {offset}: the "
                                          f"durable offset is {durable}")
@@ -407,11 +410,16 @@ class Inbound:
             "offset": x.written})
         x.durable = x.written
 
-    def finish(self) -> Completed:
-        """All `size` bytes are in: check the SHA-256. No fsync (commit does it)."""
+    def finish(self, sha256: str | None = None) -> Completed:
+        """All `size` bytes are in: check the SHA-256 (begin()'s, or `sha256` when the
+        sender announced it only now, after the data). No fsync (commit does it)."""
         x = self._transfer()
         if x.written != x.size:
             raise InboundRefused(f"seq {x.seq} ended at {x.written} of {x.size} bytes")
+        if sha256 is not None:
+            x.sha256 = sha256.lower()
+        if not is_sha256(x.sha256):
+            raise InboundRefused(f"seq {x.seq} is complete, but no SHA-256 was announced")
         if x.writer is not None:
             try:
                 x.writer.settle()

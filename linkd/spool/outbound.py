@@ -61,6 +61,17 @@ Migration of revision 1 claims writes each new .meta with `migrated_from`, so
 that a move cut by a crash (a copy across mounts, or link + unlink) is finished
 on the next start rather than queued a second time.
 
+The late SHA-256 (issue 13): a file of LATE_HASH bytes or more is claimed without
+its SHA-256 (`sha256` "" in the record and the Claimed), so that its first byte
+leaves at once: the sender hashes it in a thread beside the transfer
+(`digest_late()`: the same checks as examine()'s, under a lease, against the
+claimed inode, size and mtime), records it (`record_sha256()`, a .meta rewritten
+atomically; a crash loses only the hash, taken again) and sends it after the data
+(a `sum` frame, docs/PROTOCOL.md), or before the `msg` to a peer that does not
+take it late and for a probe. What the peer delivers is still checked against a
+hash taken under a lease, as at pick-up: a file written to after its claim is
+refused, or failed here, never delivered mixed.
+
 The queue in memory (issue 13): only a *window* of the lowest queued seqs
 (WINDOW items, more than the sender keeps in flight) is loaded as `Claimed`;
 every seq above it is a 16-byte entry of a `QueueIndex` (queue_index.py), read
@@ -652,6 +663,8 @@ class Outbound(PickupMixin, RecoveryMixin):
         symlink now: it differs. Any other error (EIO, EMFILE, EACCES...) proves
         nothing: False, and the ordinary retry finds the error again when it opens
         the file (where a read error or a resource shortage has its own handling)."""
+        if not item.sha256:
+            return False        # hashed late and not yet: nothing to compare with
         try:
             fd = self.fs.open(item.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as exc:
@@ -666,6 +679,27 @@ class Outbound(PickupMixin, RecoveryMixin):
             except OSError:
                 pass
         return size != item.size or sha256 != item.sha256
+
+    def record_sha256(self, item: Claimed, sha256: str) -> Claimed:
+        """The late SHA-256 of `item` (digest_late()) into its .meta (atomically: a crash
+        leaves the record without it, and it is taken again) and the window. Returns
+        the queued item as it now is (unchanged if it was resolved, failed, renumbered
+        or hashed meanwhile)."""
+        self._require()
+        current = self._item(item.seq)
+        if current is None or current.sha256 or (current.path, current.ino) != \
+                (item.path, item.ino):
+            return current if current is not None else item
+        new = replace(current, sha256=sha256)
+        try:
+            write_atomic(self.fs, self._rec(item.seq, "meta"), self._meta_bytes(new))
+        except OSError as exc:
+            if is_resource_error(exc):
+                raise
+            raise self._broken("recording a SHA-256", exc) from None
+        if item.seq in self._pending:
+            self._pending[item.seq] = new
+        return new
 
     def _rehash(self, item: Claimed) -> Claimed:
         fd = self.fs.open(item.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)

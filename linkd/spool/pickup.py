@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import os
 import signal
 import stat
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from ..errors import FileChanged as FileChanged  # re-exported
 from ..errors import ResourceBusy as ResourceBusy
 from ..errors import SpoolError as SpoolError
+from . import outbound_items
 from .files import (
     place_with_reason,
 )
@@ -31,8 +33,10 @@ from .outbound_items import (
     _GONE,
     CLAIM_BATCH,
     CLAIM_BYTES,
+    READ_SIZE,
     SETTLE,
     Candidate,
+    Claimed,
     Examined,
     FailedFile,
     OutboundState,
@@ -153,7 +157,7 @@ class PickupMixin(OutboundState):
                 self._not_ready.pop(name, None)
                 self._listed.pop(name, None)
                 result.ready.append(got)
-                hashed += got.size
+                hashed += got.size if got.sha256 else 0
             elif isinstance(got, float):
                 self._not_ready[name] = now + got
                 skipped.append(name)
@@ -222,6 +226,10 @@ class PickupMixin(OutboundState):
                 fd = -1
                 failed.append(self._fail_unclaimed(name, st.st_size, problem))
                 return None
+            if st.st_size >= outbound_items.LATE_HASH:
+                # Claimed now, hashed while it is sent (Outbound.digest_late): no
+                # writer has it open (the lease), and it is checked again then.
+                return Candidate(name, st.st_size, "", st.st_ino, st.st_mtime_ns)
             size, sha256 = digest_fd(self.fs, fd)
             if leased and fcntl.fcntl(fd, _F_GETLEASE) != fcntl.F_RDLCK:
                 return 0.2              # a writer opened it while we hashed
@@ -247,6 +255,35 @@ class PickupMixin(OutboundState):
         finally:
             if fd >= 0:
                 os.close(fd)            # closing drops the lease
+
+    def digest_late(self, item: Claimed, stop: Callable[[], bool] = lambda: False) -> str:
+        """The pick-up SHA-256 of a big file claimed without one (LATE_HASH), taken
+        after its claim while the sender already sends it: as examine() hashes, under
+        a read lease, and the file must still be the inode, size and mtime claimed, and
+        stay so while it is read. Reads only (no lock); record_sha256() records it.
+        FileChanged if the file changed (or a writer has it open); OSError as reading
+        goes; `stop()` true ends it early (OSError ECANCELED: the session ended)."""
+        fd = self._open_checked(item)
+        try:
+            leased = self._lease(fd)
+            if leased is None:
+                raise FileChanged("it was opened for writing after it was queued")
+            before = os.fstat(fd)
+            digest, size = hashlib.sha256(), 0
+            while chunk := self.fs.read(fd, READ_SIZE):
+                if stop():
+                    raise OSError(errno.ECANCELED, "hashing stopped: the session ended")
+                digest.update(chunk)
+                size += len(chunk)
+            after = os.fstat(fd)
+            if (leased and fcntl.fcntl(fd, _F_GETLEASE) != fcntl.F_RDLCK) or size != item.size \
+                    or (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != \
+                    (before.st_size, before.st_mtime_ns, before.st_ctime_ns):
+                raise FileChanged("it was written to after it was queued, while it was "
+                                  "being hashed")
+            return digest.hexdigest()
+        finally:
+            self.fs.close(fd)
 
     @staticmethod
     def _lease(fd: int) -> bool | None:

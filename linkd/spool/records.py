@@ -73,7 +73,8 @@ def _problem(record: dict[str, Any], channel: str) -> str | None:
     if ck is not None:
         if not isinstance(ck, dict) or not is_int(ck.get("seq"), 1) \
                 or not isinstance(ck.get("name"), str) or plain_name_problem(ck["name"]) \
-                or not is_int(ck.get("size")) or not is_sha256(ck.get("sha256")) \
+                or not is_int(ck.get("size")) \
+                or not (is_sha256(ck.get("sha256")) or ck.get("sha256") == "") \
                 or not is_int(ck.get("offset")) or ck["offset"] > ck["size"]:
             return "partial is malformed"
     return None

@@ -265,7 +265,8 @@ class RecoveryMixin(OutboundState):
         except (ValueError, UnicodeDecodeError):
             return None, None
         if not isinstance(rec, dict) or rec.get("seq") != seq or not is_int(rec.get("size")) \
-                or not is_sha256(rec.get("sha256")) or not isinstance(rec.get("name"), str) \
+                or not (is_sha256(rec.get("sha256")) or rec.get("sha256") == "") \
+                or not isinstance(rec.get("name"), str) \
                 or plain_name_problem(rec["name"]):
             return None, rec if isinstance(rec, dict) else None
         at = rec.get("claimed_at")
