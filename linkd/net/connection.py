@@ -538,7 +538,7 @@ class SessionRunner(SenderMixin, ReceiverMixin):
                 for item in window:
                     self.log.warning(
                         "duplicate_possible", peer=link.name, channel=name, name=item.name,
-                        seq=item.seq, size=item.size, sha256=item.sha256,
+                        seq=item.seq, size=item.size, sha256=item.sha256 or None,
                         reason=f"the peer's committed seq went back from {out.acked} to "
                                f"{state.peer_committed} (its state was lost or restored): "
                                f"this file may have been delivered already")

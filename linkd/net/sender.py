@@ -336,9 +336,21 @@ class SenderMixin(RunnerState):
         """Take and record `item`'s SHA-256 in a thread, beside its transfer."""
         result: Claimed | Exception
         try:
-            result = await self.link.spools[state.name].hash_late(item)
-        except (OSError, SpoolError) as exc:
-            result = exc
+            while True:
+                try:
+                    result = await self.link.spools[state.name].hash_late(item)
+                except (OSError, SpoolError) as exc:
+                    if not (isinstance(exc, ResourceBusy) or is_resource_error(exc)):
+                        result = exc
+                        break
+                    # Out of descriptors or memory: not the file's fault, and what
+                    # went out of it so far stays good: hash again in a while.
+                    self.log.warning("send_delayed", peer=self.link.name, channel=state.name,
+                                     seq=item.seq, name=item.name,
+                                     reason=f"cannot hash it now: {exc}")
+                    await trio.sleep(READ_RETRY)
+                else:
+                    break
         finally:
             state.hashing.discard(item.seq)
         state.hashed[item.seq] = result
@@ -359,6 +371,11 @@ class SenderMixin(RunnerState):
             await self._unreadable(state, item, got)
             return
         hashed = got if got is not None else item
+        if not hashed.sha256:       # (not seen: the item went while it was hashed)
+            self._abandon(state)
+            await self._unreadable(state, item, FileChanged("its SHA-256 could not be "
+                                                            "recorded"))
+            return
         self.session.send_sum(state.name, item.seq, bytes.fromhex(hashed.sha256))
         flight = state.in_flight.get(item.seq)
         if flight is not None:
@@ -441,7 +458,7 @@ class SenderMixin(RunnerState):
             self.attempts.pop((state.name, old.seq), None)
             fields: dict[str, object] = dict(peer=self.link.name, channel=state.name,
                                              name=old.name, seq=new.seq, old_seq=old.seq,
-                                             size=old.size, sha256=old.sha256)
+                                             size=old.size, sha256=old.sha256 or None)
             verdict = verdicts.get(old.seq)
             if verdict == "unknown":
                 self.log.warning("duplicate_possible", **fields,
@@ -534,16 +551,20 @@ class SenderMixin(RunnerState):
         if state.current is not None and session.sum_due(state.name):
             await self._send_sum(state)
             return
+        if state.current is not None and state.fh is None:
+            # Its data is out, and a nack that came in while we flushed took its sum
+            # away: _handle_nacks decides what comes next (review of the late hash).
+            return
         if state.current is None:
             item = self._next_item(state)
             if item is None:        # the pending set changed since _ready() looked
                 return
+            got = state.hashed.pop(item.seq, None)     # (stale once it has its hash)
             if not item.sha256:
-                got = state.hashed.pop(item.seq, None)
                 if isinstance(got, Exception):
                     await self._unreadable(state, item, got)
                     return
-                if got is not None and got.path == item.path:
+                if got is not None and got.path == item.path and got.sha256:
                     item = got
                 elif self._needs_hash(state, item):
                     self._start_hash(state, item)
@@ -573,7 +594,9 @@ class SenderMixin(RunnerState):
             spool = self.link.spools[state.name]
             # A small file is read whole, with the small files queued after it, in one
             # thread hop per batch (its SHA-256 checked there), and sent at once below.
-            small = item.size - offset <= CHUNK_SIZE
+            # (a small file without a SHA-256 -- a migrated revision 1 claim -- is sent
+            # as a big one is: hashed beside it)
+            small = item.size - offset <= CHUNK_SIZE and bool(item.sha256)
             try:
                 if small and offset == 0:
                     fh = io.BytesIO(await self._read_whole(state, item))

@@ -322,8 +322,8 @@ class Inbound:
             self._check(self._tmp)
         try:
             if offset:
-                # A SHA-256 not known yet on either side (a late one: the Sum brings
-                # it) matches any: the whole file is still checked against the Sum.
+                # A SHA-256 not known on one side (a late one: the Sum brings it)
+                # matches any: the whole file is still checked before the commit.
                 if ck is None or (ck["seq"], ck["name"], ck["size"], ck["offset"]) \
                         != (seq, name, size, offset) \
                         or (sha and ck["sha256"] and ck["sha256"] != sha):

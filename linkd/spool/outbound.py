@@ -403,6 +403,9 @@ class Outbound(PickupMixin, RecoveryMixin):
                     (item.ino, item.size, item.mtime_ns):
                 raise FileChanged(f"it was changed after it was queued (now {st.st_size} "
                                   f"bytes, claimed with {item.size})")
+            if item.ctime_ns and st.st_ctime_ns != item.ctime_ns:
+                raise FileChanged("it was changed after it was queued (its ctime moved: "
+                                  "written to, or its times set)")
         except BaseException:
             self.fs.close(fd)
             raise
@@ -601,8 +604,17 @@ class Outbound(PickupMixin, RecoveryMixin):
             if share:
                 self.fs.syncfs(self._q)
             self.fs.fsync_dir(self._q)
-            for item in items:
+            for item, c in zip(items, ready, strict=True):
                 src = self._out / item.name
+                # A big file hashed late: written to since examine() (its ctime moves
+                # even when its mtime is put back), it is hashed here after all.
+                rewritten = False
+                if not c.sha256:
+                    try:
+                        pre = os.lstat(src)
+                        rewritten = pre.st_ctime_ns != c.ctime_ns
+                    except FileNotFoundError:
+                        pass
                 try:
                     self.fs.rename_noreplace(src, item.path)
                 except FileNotFoundError:
@@ -616,9 +628,11 @@ class Outbound(PickupMixin, RecoveryMixin):
                 # only now: setting an xattr changes the ctime, which is the file's
                 # place in the arrival order while it is still in out/
                 set_name_xattr(item.path, item.name)
-                if (st.st_ino, st.st_size, st.st_mtime_ns) != (item.ino, item.size,
-                                                                item.mtime_ns):
+                if rewritten or (st.st_ino, st.st_size, st.st_mtime_ns) != \
+                        (item.ino, item.size, item.mtime_ns):
                     item = self._rehash(item)  # replaced or written since examine()
+                elif not item.sha256:
+                    item = replace(item, ctime_ns=os.lstat(item.path).st_ctime_ns)
                 done.append(item)
             self.next_seq = max(self.next_seq, items[-1].seq + 1)
             self.fs.fsync_dir(self._q)
@@ -841,7 +855,8 @@ class Outbound(PickupMixin, RecoveryMixin):
         if self._has(new_seq) or new_seq > MAX_SEQ:
             raise SpoolError(f"cannot renumber seq {item.seq} to {new_seq} on "
                              f"{self.layout.peer}/{self.channel}")
-        new = replace(item, seq=new_seq, path=self._rec(new_seq, "data"))
+        # (a rename moves the ctime: a late hash then checks inode, size and mtime)
+        new = replace(item, seq=new_seq, path=self._rec(new_seq, "data"), ctime_ns=0)
         self._check(self._q)
         try:
             write_new(self.fs, self._rec(new_seq, "meta"),

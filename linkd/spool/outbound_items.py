@@ -64,6 +64,10 @@ class Claimed:
     claimed_at: float
     ino: int = 0
     mtime_ns: int = 0
+    # A file claimed without its SHA-256 (LATE_HASH): its ctime once claimed, in
+    # memory only. A write, even one whose mtime was put back, moves it: the late
+    # hash would otherwise take the content as rewritten for the content queued.
+    ctime_ns: int = 0
 
 
 class _Pending(dict[int, Claimed]):
@@ -127,6 +131,7 @@ class Candidate:
     sha256: str
     ino: int
     mtime_ns: int
+    ctime_ns: int = 0       # a big file's, as examine() saw it (claim() compares it)
 
 
 @dataclass

@@ -229,7 +229,8 @@ class PickupMixin(OutboundState):
             if st.st_size >= outbound_items.LATE_HASH:
                 # Claimed now, hashed while it is sent (Outbound.digest_late): no
                 # writer has it open (the lease), and it is checked again then.
-                return Candidate(name, st.st_size, "", st.st_ino, st.st_mtime_ns)
+                return Candidate(name, st.st_size, "", st.st_ino, st.st_mtime_ns,
+                                 st.st_ctime_ns)
             size, sha256 = digest_fd(self.fs, fd)
             if leased and fcntl.fcntl(fd, _F_GETLEASE) != fcntl.F_RDLCK:
                 return 0.2              # a writer opened it while we hashed

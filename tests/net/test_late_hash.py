@@ -9,9 +9,12 @@ written to after its claim is failed, never delivered mixed."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import sys
+import threading
 
 import pytest
 import trio
@@ -21,6 +24,7 @@ from net.test_ack_evidence import run_against
 from net.test_busy_resume import big_file, failing_writes, pair, run_until_delivered
 
 from linkd.errors import FileChanged
+from linkd.net import connection, sender
 from linkd.net import receiver as receiver_module
 from linkd.proto import frames as F
 from linkd.proto import session as S
@@ -138,6 +142,31 @@ async def test_a_big_file_written_to_after_its_claim_is_failed_not_delivered(tmp
     assert "changed after it was queued" in (failed / "big.bin.reason").read_text()
 
 
+@pytest.mark.parametrize("late", [False, True], ids=["hashed-at-pick-up", "late"])
+async def test_a_file_rewritten_after_its_claim_with_its_mtime_put_back_is_not_delivered(
+        tmp_path, monkeypatch, late):
+    """Found by review: rewritten in place (same inode and size, mtime put back) after
+    its claim and before its late hash, it was delivered as rewritten, logged plain
+    message_sent. Its ctime since the claim now says so; it is failed, as a file
+    hashed at pick-up is (the peer refuses it, content_differs() fails it)."""
+    monkeypatch.setattr(outbound_items, "LATE_HASH", 1 * MiB if late else 1 << 40)
+    a, b = pair(tmp_path)
+    drop(a, "data", "big.bin", os.urandom(2 * MiB))
+    scan_sync(a)
+    [item] = a.outbound["data"].pending()
+    assert bool(item.ctime_ns) == late
+    st = os.stat(item.path)
+    with open(item.path, "r+b") as f:  # noqa: ASYNC230 (before the session starts)
+        f.write(b"X" * 4096)
+    os.utime(item.path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    await run_until_delivered(a, b, monkeypatch)
+
+    assert not (b.layout.in_dir("data") / "big.bin").exists()
+    reason = (a.layout.failed_dir("data") / "big.bin.reason").read_text()
+    assert "changed after it was queued" in reason
+
+
 async def test_a_busy_resend_of_a_late_message_resumes_at_the_durable_offset(tmp_path,
                                                                            monkeypatch):
     """The receiver's checkpoint of a late message has no SHA-256 (it came later): a
@@ -204,3 +233,101 @@ async def test_a_probe_of_a_late_message_carries_its_sha256(tmp_path):
     [msg] = [f for _, f in peer.frames if isinstance(f, F.Msg)]
     assert msg.sha256 == hashlib.sha256(payload).digest() and msg.offset == msg.size
     assert not [f for _, f in peer.frames if isinstance(f, (F.Data, F.Sum))]
+
+
+async def test_a_nack_during_the_flush_before_a_sum_step_ends_nothing(tmp_path, monkeypatch):
+    """Found by review: a late message with all its data out (current set, no file,
+    its sum due); the sender flushes another channel's output before stepping it, and
+    the peer's busy nack arrives during that flush. The step used to assert the file
+    was there: 'internal error', the session ended. The interleaving is pinned: the
+    hash is held until the data is out and the other channel is mid-run."""
+    ca = trustme.CA()
+    link = make_link(node_config(tmp_path, ca, "alpha",
+                                 [peer_config("bravo", ("data", "bulk"))]), "bravo")
+    drop(link, "data", "big.bin", os.urandom(2 * MiB))
+    for i in range(2000):
+        drop(link, "bulk", f"s{i:05d}.txt", b"x" * 100)
+    scan_sync(link)
+    assert link.outbound["data"].pending()[0].sha256 == ""
+
+    release = threading.Event()
+    real_digest = pickup.PickupMixin.digest_late
+
+    def held_digest(self, item, stop=lambda: False):
+        release.wait(20)
+        return real_digest(self, item, stop)
+    monkeypatch.setattr(pickup.PickupMixin, "digest_late", held_digest)
+
+    real_read_whole = sender.SenderMixin._read_whole
+
+    async def read_whole(self, state, item):
+        data = self.out.get("data")
+        if state.name == "bulk" and not release.is_set() and data is not None \
+                and data.current is not None and data.fh is None \
+                and self.session.sum_due("data"):
+            # the big file's data is all out; let its hash finish during this hop
+            release.set()
+            while 1 not in data.hashed:  # noqa: ASYNC110 (set by a task we do not own)
+                await trio.sleep(0.001)
+        return await real_read_whole(self, state, item)
+    monkeypatch.setattr(sender.SenderMixin, "_read_whole", read_whole)
+
+    peer = FakePeer(None, channels=("data", "bulk"))
+    fired: list = []
+    real_flush = connection.SessionRunner.flush
+
+    async def flush(self):
+        await real_flush(self)
+        caller = sys._getframe(1)
+        # The flush _sender makes before it turns to another channel (`if unflushed
+        # and name != last`), just before stepping "data": the nack arrives meanwhile.
+        if not fired and caller.f_code.co_name == "_sender" \
+                and caller.f_locals.get("name") == "data" \
+                and caller.f_locals.get("last") != "data" \
+                and self.out["data"].current is not None and self.out["data"].fh is None:
+            fired.append(True)
+            peer.session.send_nack("data", 1, "disk full", True, F.NACK_BUSY, 0.01, None)
+            await peer.flush()
+            while not self.nacks:  # noqa: ASYNC110 (the reader fills it)
+                await trio.sleep(0.001)
+    monkeypatch.setattr(connection.SessionRunner, "flush", flush)
+
+    async def until(runner, peer):
+        end = trio.current_time() + 60
+        while not (hasattr(runner, "result") or ("data", 1) in peer.complete  # noqa: ASYNC110
+                   or trio.current_time() > end):
+            await trio.sleep(0.01)
+    runner = await run_against(link, peer, until)
+
+    assert fired, "the interleaving did not happen"
+    result = getattr(runner, "result", None)
+    assert result is None or "internal error" not in result[0], result
+
+
+async def test_a_late_hash_out_of_descriptors_is_retried_and_the_transfer_kept(
+        tmp_path, monkeypatch):
+    """EMFILE from the hash is not the file's fault: the hash is taken again a while
+    later, and the bytes already sent stay (review: the transfer was abandoned and
+    started over from byte 0)."""
+    monkeypatch.setattr(sender, "READ_RETRY", 0.01)
+    a, b = pair(tmp_path)
+    payload = os.urandom(3 * MiB)
+    drop(a, "data", "big.bin", payload)
+    scan_sync(a)
+    real_digest = pickup.PickupMixin.digest_late
+    calls: list = []
+
+    def digest_late(self, item, stop=lambda: False):
+        calls.append(item.seq)
+        if len(calls) == 1:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_digest(self, item, stop)
+    monkeypatch.setattr(pickup.PickupMixin, "digest_late", digest_late)
+    sent: list = []
+    record_sending(monkeypatch, sent)
+
+    await run_until_delivered(a, b, monkeypatch)
+
+    assert (b.layout.in_dir("data") / "big.bin").read_bytes() == payload
+    assert calls == [1, 1]
+    assert [e[0] for e in sent if e[0] != "digest"] == ["msg", "sum"]   # one transfer

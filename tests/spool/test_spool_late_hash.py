@@ -204,3 +204,29 @@ def test_a_resume_whose_known_sha256s_differ_is_refused(layout):
 def test_receive_still_needs_a_sha256_up_front_by_default(layout):
     ib = inbound(layout)
     assert receive(ib, 1, "a.txt", b"abc").sha256 == sha(b"abc")
+
+
+def test_a_big_file_rewritten_between_examine_and_claim_is_hashed_at_its_claim(layout):
+    """Its mtime put back, only its ctime says it was written to since examine():
+    the claim hashes it then, so what is queued is what was hashed."""
+    ob = outbound(layout, max_bytes=1 << 30)
+    path = put(layout, "big.bin", os.urandom(200 * KiB))
+    found = ob.examine()
+    [c] = found.ready
+    assert c.sha256 == "" and c.ctime_ns
+    st = os.stat(path)
+    with open(path, "r+b") as f:
+        f.write(b"changed")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    [item], _ = ob.claim(found.ready)
+    assert item.sha256 == sha(item.path.read_bytes()) and item.ctime_ns == 0
+
+
+def test_a_renumbered_late_claim_is_hashed_without_a_false_alarm(layout):
+    """A renumbering renames the file (its ctime moves): the late hash then checks
+    inode, size and mtime as for any claim."""
+    ob, item, data = claimed(layout)
+    assert item.ctime_ns
+    new = ob.renumber(item, 100)
+    assert new.seq > 100 and new.ctime_ns == 0
+    assert ob.digest_late(new) == sha(data)
