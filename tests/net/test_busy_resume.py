@@ -13,10 +13,8 @@ from __future__ import annotations
 import errno
 import os
 
-import trio
-import trio.testing
 import trustme
-from memlink import drop, make_link, node_config, peer_config, scan_sync
+from memlink import drop, make_link, node_config, peer_config, run_pair, scan_sync
 
 from linkd.net import receiver as receiver_module
 from linkd.net.connection import SessionRunner
@@ -79,21 +77,7 @@ async def run_until_delivered(a, b, monkeypatch, before_close=None):
         nacks.append(F.Nack(ch, seq, reason, retry, kind, wait, resume))
         return real_send_nack(self, ch, seq, reason, retry, kind, wait, resume)
     monkeypatch.setattr(S.Session, "send_nack", send_nack)
-    left, right = trio.testing.memory_stream_pair()
-    ra = SessionRunner(a, left, remote="b", dialed_by_us=True, tls_info=None)
-    rb = SessionRunner(b, right, remote="a", dialed_by_us=False, tls_info=None)
-    a.take_slot(ra), b.take_slot(rb)
-    outbound = a.outbound["data"]
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(ra.run)
-            nursery.start_soon(rb.run)
-            while outbound.pending():  # noqa: ASYNC110 (acknowledged = durable in bravo's in/)
-                await trio.sleep(0.01)
-            if before_close is not None:
-                before_close()
-            await ra.close("done")
-            nursery.cancel_scope.cancel()
+    await run_pair(a, b, before_close=before_close)
     return nacks
 
 

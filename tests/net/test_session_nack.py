@@ -16,7 +16,7 @@ import trio
 import trio.lowlevel
 import trio.testing
 import trustme
-from memlink import drop, make_link, node_config, peer_config, scan_sync
+from memlink import drop, make_link, node_config, peer_config, run_pair, scan_sync
 
 from linkd.net.connection import SessionRunner
 from linkd.proto import session as S
@@ -56,19 +56,8 @@ async def test_a_nacked_message_is_resent_and_nothing_behind_it_is_lost(tmp_path
     # one small file per read hop, so that the nack can arrive during any of them
     monkeypatch.setattr("linkd.net.sender.PREFETCH_FILES", 1)
 
-    left, right = trio.testing.memory_stream_pair()
-    ra = SessionRunner(a, left, remote="b", dialed_by_us=True, tls_info=None)
-    rb = SessionRunner(b, right, remote="a", dialed_by_us=False, tls_info=None)
-    a.take_slot(ra), b.take_slot(rb)
     in_dir = b.layout.in_dir("data")
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(ra.run)
-            nursery.start_soon(rb.run)
-            while outbound.pending():  # noqa: ASYNC110 (acknowledged = durable in bravo's in/)
-                await trio.sleep(0.01)
-            await ra.close("done")
-            nursery.cancel_scope.cancel()
+    await run_pair(a, b)
 
     assert corrupted, "the fault was never injected"
     delivered = {p.name: p.read_bytes() for p in in_dir.iterdir()}

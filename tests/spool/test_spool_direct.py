@@ -72,16 +72,25 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def deliver(layout, name: str, data: bytes, checkpoint_bytes: int = 8 << 20,
+            chunk: int | None = None):
+    """Receive `data` as message 1 through a Recording FS, in writes of `chunk`
+    bytes (one write if None), and commit it: (the delivery, the FS)."""
+    fs = Recording()
+    ib = Inbound(layout, CH, 1 << 30, 0o640, checkpoint_bytes, fs=fs)
+    ib.recover()
+    ib.begin(1, name, len(data), sha(data))
+    step = chunk or len(data) or 1
+    for i in range(0, len(data), step):
+        ib.write(data[i:i + step])
+    [d] = ib.commit([ib.finish()])
+    return d, fs
+
+
 def test_a_big_message_goes_through_o_direct_and_arrives_intact(layout):
     data = os.urandom(9 * MiB + 12_345)
-    fs = Recording()
-    ib = Inbound(layout, CH, 1 << 30, 0o640, 3 * MiB + 5, fs=fs)   # unaligned checkpoints
-    ib.recover()
-    ib.begin(1, "big.bin", len(data), sha(data))
-    chunk = 256 * 1024 + 7
-    for i in range(0, len(data), chunk):
-        ib.write(data[i:i + chunk])
-    [d] = ib.commit([ib.finish()])
+    # unaligned checkpoints and writes
+    d, fs = deliver(layout, "big.bin", data, checkpoint_bytes=3 * MiB + 5, chunk=256 * 1024 + 7)
     assert d.path.read_bytes() == data
     # all but the tails written at the checkpoints and at the end went past the page cache
     assert fs.direct_bytes >= len(data) - 4 * direct.BLOCK
@@ -90,12 +99,7 @@ def test_a_big_message_goes_through_o_direct_and_arrives_intact(layout):
 
 def test_small_messages_are_written_the_ordinary_way(layout):
     data = os.urandom(direct.DIRECT_MIN - 1)
-    fs = Recording()
-    ib = Inbound(layout, CH, 1 << 30, 0o640, fs=fs)
-    ib.recover()
-    ib.begin(1, "small.bin", len(data), sha(data))
-    ib.write(data)
-    [d] = ib.commit([ib.finish()])
+    d, fs = deliver(layout, "small.bin", data)
     assert d.path.read_bytes() == data
     assert fs.direct_fds == set() and fs.direct_bytes == 0
 
@@ -234,12 +238,7 @@ def test_no_o_direct_where_a_checkpoint_fsync_might_not_cover_it(layout, monkeyp
     another's writes: plain writes there."""
     monkeypatch.setattr(direct, "fs_type", lambda folder: 0x65735546)     # fuse
     data = os.urandom(direct.DIRECT_MIN + 5)
-    fs = Recording()
-    ib = Inbound(layout, CH, 1 << 30, 0o640, fs=fs)
-    ib.recover()
-    ib.begin(1, "big.bin", len(data), sha(data))
-    ib.write(data)
-    [d] = ib.commit([ib.finish()])
+    d, fs = deliver(layout, "big.bin", data)
     assert d.path.read_bytes() == data
     assert fs.direct_fds == set() and fs.direct_bytes == 0
 

@@ -282,3 +282,28 @@ def scan_sync(link: Any) -> None:
     for name, out in link.outbound.items():
         out.scan(None)
         link.refresh_queued([name])
+
+
+async def run_pair(a: Any, b: Any, channel: str = "data",
+                   before_close: Any = None) -> None:
+    """Run a real session between two PeerLinks over a memory stream (alpha dials)
+    until `channel`'s queue on `a` is empty, i.e. every file acknowledged (durable
+    in b's in/); then call `before_close()` while the session is still up, and close."""
+    import trio.testing
+
+    from linkd.net.connection import SessionRunner
+    left, right = trio.testing.memory_stream_pair()
+    ra = SessionRunner(a, left, remote="b", dialed_by_us=True, tls_info=None)
+    rb = SessionRunner(b, right, remote="a", dialed_by_us=False, tls_info=None)
+    a.take_slot(ra), b.take_slot(rb)
+    outbound = a.outbound[channel]
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ra.run)
+            nursery.start_soon(rb.run)
+            while outbound.pending():  # noqa: ASYNC110 (acknowledged = durable in b's in/)
+                await trio.sleep(0.01)
+            if before_close is not None:
+                before_close()
+            await ra.close("done")
+            nursery.cancel_scope.cancel()
