@@ -7,6 +7,7 @@ import hashlib
 import os
 import re
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -160,11 +161,14 @@ def write_new(fs: FS, path: PathLike, data: bytes, sync: bool = True) -> None:
         fs.close(fd)
 
 
-def digest_fd(fs: FS, fd: int) -> tuple[int, str]:
+def digest_fd(fs: FS, fd: int, stop: Callable[[], bool] | None = None) -> tuple[int, str]:
     """(size, SHA-256 hex) of what is left to read on `fd`, READ_SIZE bytes per read
-    through the FS seam (pick-up, a re-hash at claim, the sender's second look)."""
+    through the FS seam (pick-up, a re-hash at claim, the sender's second look, the
+    late hash). `stop()` true before a chunk is hashed: OSError ECANCELED."""
     digest, size = hashlib.sha256(), 0
     while chunk := fs.read(fd, READ_SIZE):
+        if stop is not None and stop():
+            raise OSError(errno.ECANCELED, "hashing stopped: the session ended")
         digest.update(chunk)
         size += len(chunk)
     return size, digest.hexdigest()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import os
 import signal
 import stat
@@ -33,7 +32,6 @@ from .outbound_items import (
     _GONE,
     CLAIM_BATCH,
     CLAIM_BYTES,
-    READ_SIZE,
     SETTLE,
     Candidate,
     Claimed,
@@ -270,19 +268,14 @@ class PickupMixin(OutboundState):
             if leased is None:
                 raise FileChanged("it was opened for writing after it was queued")
             before = os.fstat(fd)
-            digest, size = hashlib.sha256(), 0
-            while chunk := self.fs.read(fd, READ_SIZE):
-                if stop():
-                    raise OSError(errno.ECANCELED, "hashing stopped: the session ended")
-                digest.update(chunk)
-                size += len(chunk)
+            size, sha256 = digest_fd(self.fs, fd, stop)
             after = os.fstat(fd)
             if (leased and fcntl.fcntl(fd, _F_GETLEASE) != fcntl.F_RDLCK) or size != item.size \
                     or (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != \
                     (before.st_size, before.st_mtime_ns, before.st_ctime_ns):
                 raise FileChanged("it was written to after it was queued, while it was "
                                   "being hashed")
-            return digest.hexdigest()
+            return sha256
         finally:
             self.fs.close(fd)
 
