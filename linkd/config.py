@@ -94,6 +94,9 @@ class LinkConfig:
     # clears quarantine/ (a lying or broken peer cannot fill the disk with bad files).
     quarantine_max_files: int = 1000
     quarantine_max_bytes: int = 1 << 30
+    # While a channel has a message in flight, lower priorities wait, for at most this
+    # share of the time (proto/scheduler.py PriorityHold); 0: they never wait.
+    priority_hold: float = 0.25
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -134,7 +137,7 @@ _LISTEN_KEYS = ("address", "port")
 _LINK_FLOATS = ("heartbeat_interval", "heartbeat_timeout", "reconnect_min", "reconnect_max",
                 "handshake_timeout")
 _LINK_INTS = ("quarantine_max_files", "quarantine_max_bytes")
-_LINK_KEYS = (*_LINK_FLOATS, "archive_sent", *_LINK_INTS)
+_LINK_KEYS = (*_LINK_FLOATS, "archive_sent", *_LINK_INTS, "priority_hold")
 _PEER_KEYS = ("name", "connect", "pin_sha256", "channel")
 _CHANNEL_KEYS = ("name", "priority", "max_message_bytes")
 
@@ -376,6 +379,12 @@ class _Loader:
                     self.fail(f"link.{key}", f"{value} is not a positive number of seconds",
                               f"write e.g. {key} = {getattr(LinkConfig(), key)}")
                 values[key] = value
+        hold = self.get(t, "priority_hold", "link", float)
+        if hold is not None:
+            if not (math.isfinite(hold) and 0.0 <= hold <= 0.9):
+                self.fail("link.priority_hold", f"{hold} is not a share of time from 0 to 0.9",
+                          "write e.g. priority_hold = 0.25 (0: lower priorities never wait)")
+            values["priority_hold"] = hold
         archive = self.get(t, "archive_sent", "link", bool)
         if archive is not None:
             values["archive_sent"] = archive

@@ -73,7 +73,7 @@ from ..jsontypes import JSONObject
 from ..proto import frames as F
 from ..proto import session as S
 from ..proto.framing import CHUNK_SIZE
-from ..proto.scheduler import Scheduler
+from ..proto.scheduler import PriorityHold, Scheduler
 from ..wakeup import Wakeup
 from .receiver import ReceiverMixin
 from .sender import MAX_IN_FLIGHT, SenderMixin, _OutChannel
@@ -139,6 +139,7 @@ class SessionRunner(SenderMixin, ReceiverMixin):
         self.nacks: list[S.NackReceived] = []
         self.out: dict[str, _OutChannel] = {}
         self.scheduler = Scheduler()
+        self.hold = PriorityHold(share=link.cfg.link.priority_hold)
         self.opened = trio.Event()
         self.reason: str | None = None
         self.error = True

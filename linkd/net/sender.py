@@ -19,7 +19,6 @@ import collections
 import dataclasses
 import errno
 import io
-import math
 import os
 from typing import TYPE_CHECKING, BinaryIO, cast
 
@@ -34,7 +33,7 @@ from ..evidence.canonical import micros
 from ..proto import frames as F
 from ..proto import session as S
 from ..proto.framing import CHUNK_SIZE
-from ..proto.scheduler import Scheduler
+from ..proto.scheduler import PriorityHold, Scheduler
 from ..spool import (
     Claimed,
     FileChanged,
@@ -107,6 +106,7 @@ class RunnerState:
                                 trio.MemoryReceiveChannel[S.MessageEvent]]]
     ack_q: trio.MemoryReceiveChannel[S.AckReceived]
     scheduler: Scheduler
+    hold: PriorityHold
     signer: ekeys.Signer | None
     verifier: R.Verifier | None
     peer_cert_der: bytes | None
@@ -297,7 +297,9 @@ class SenderMixin(RunnerState):
             # sender when it is done.
             return None
 
-    def _ready(self) -> list[tuple[str, int]]:
+    def _ready(self) -> tuple[list[tuple[str, int]], set[str]]:
+        """The channels with something to send now, with their priorities, and those
+        of them held back while a higher priority has a message in flight."""
         assert self.session is not None
         ready = []
         for name, state in self.out.items():
@@ -307,7 +309,16 @@ class SenderMixin(RunnerState):
             elif (item := self._next_item(state)) is not None and not (
                     item.seq in state.hashing and self._needs_hash(state, item)):
                 ready.append((name, state.priority))
-        return ready
+        # While a higher priority has a message in flight, lower ones wait (for at most
+        # a share of the time: PriorityHold; and a channel passed over 16 times still
+        # gets its turn: Scheduler), so that its delivery gets the CPU and the disk of
+        # both hosts instead of the bulk bytes sent right behind it.
+        top = max((s.priority for s in self.out.values() if s.in_flight), default=None)
+        want = top is not None and any(p < top for _, p in ready)
+        held: set[str] = set()
+        if self.hold.update(trio.current_time(), want):
+            held = {n for n, p in ready if top is not None and p < top}
+        return ready, held
 
     # -- a big file's late SHA-256 (spool/outbound.py) ----------------------------
 
@@ -387,7 +398,7 @@ class SenderMixin(RunnerState):
         """When a channel held back by `wait_until` may send again."""
         now = trio.current_time()
         waits = [s.wait_until for s in self.out.values() if s.wait_until > now]
-        return min(waits) if waits else math.inf
+        return min([*waits, self.hold.ends_at()])
 
     async def _sender(self) -> None:
         """Send what is ready, a step (a Msg, a Data chunk) at a time. A run of steps
@@ -411,8 +422,9 @@ class SenderMixin(RunnerState):
                 for state in list(self.out.values()):
                     if state.probing and self._probing_done(state):
                         await self._finish_probing(state)
-            ready = self._ready()
-            if not ready:
+            ready, held = self._ready()
+            name = self.scheduler.pick(ready, held)
+            if name is None:
                 if unflushed:
                     await self.flush()
                     unflushed = 0
@@ -420,8 +432,6 @@ class SenderMixin(RunnerState):
                 with trio.move_on_at(self._next_wait()):
                     await self.sender_wake.wait()
                 continue
-            name = self.scheduler.pick(ready)
-            assert name is not None
             if unflushed and name != last:
                 await self.flush()
                 unflushed = 0

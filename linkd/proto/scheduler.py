@@ -9,7 +9,7 @@ still receives at least about 1/(limit+1) of the turns under constant load.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 
 class Scheduler:
@@ -19,14 +19,17 @@ class Scheduler:
         self._turn = 0
         self._last_served: dict[str, int] = {}
 
-    def pick(self, ready: Iterable[tuple[str, int]]) -> str | None:
-        """`ready` holds (channel, priority) pairs; returns the channel to serve."""
+    def pick(self, ready: Iterable[tuple[str, int]],
+             held: Collection[str] = ()) -> str | None:
+        """`ready` holds (channel, priority) pairs; returns the channel to serve, or
+        None. A `held` channel (PriorityHold) is served only once it is starving:
+        passed over counts for it as for any ready channel."""
         candidates = list(ready)
-        if not candidates:
+        starving = [c for c in candidates if self._skipped.get(c[0], 0) >= self.starvation_limit]
+        pool = starving or [c for c in candidates if c[0] not in held]
+        if not pool:
             return None
         self._turn += 1
-        starving = [c for c in candidates if self._skipped.get(c[0], 0) >= self.starvation_limit]
-        pool = starving or candidates
         top = max(p for _, p in pool)
         best = [name for name, p in pool if p == top]
         # Round robin among equals: the one served longest ago.
@@ -42,3 +45,45 @@ class Scheduler:
     def forget(self, channel: str) -> None:
         self._skipped.pop(channel, None)
         self._last_served.pop(channel, None)
+
+
+class PriorityHold:
+    """Lower priorities wait while a higher one has a message in flight.
+
+    Sending a priority message's bytes first is not enough on a busy host: its
+    delivery (the peer's commit, fsyncs, the ack) then competes for the CPU and
+    the disk with the bulk bytes sent right after it. So while a channel has a
+    message sent and not yet acknowledged, channels of lower priority send
+    nothing, but for at most `share` of the time: a token bucket of `burst`
+    seconds of holding, refilled at `share` seconds per second, so that a
+    stream of urgent messages never starves a bulk transfer (it keeps at least
+    1 - `share` of the time; `share` 0: nothing ever waits). Pure: the caller
+    passes the time. `[link] priority_hold` sets the share (default 0.25).
+    """
+
+    def __init__(self, share: float = 0.25, burst: float = 0.25) -> None:
+        if not 0.0 <= share < 1.0 or burst < 0.0:
+            raise ValueError("share must be in [0, 1) and burst >= 0")
+        self.share = share
+        self.burst = burst
+        self.credit = burst
+        self._last: float | None = None
+        self.holding = False
+
+    def update(self, now: float, want: bool) -> bool:
+        """Account the time since the last call (held or not) and say whether to
+        hold now; `want`: a higher priority has a message in flight and a lower
+        one has something to send."""
+        if self._last is not None:
+            elapsed = max(0.0, now - self._last)
+            rate = self.share - (1.0 if self.holding else 0.0)
+            self.credit = min(self.burst, self.credit + elapsed * rate)
+        self._last = now
+        self.holding = want and self.share > 0.0 and self.credit > 0.0
+        return self.holding
+
+    def ends_at(self) -> float:
+        """While holding: when the credit runs out (look again then); else inf."""
+        if not self.holding or self._last is None:
+            return float("inf")
+        return self._last + self.credit / (1.0 - self.share)

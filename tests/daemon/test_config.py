@@ -291,6 +291,9 @@ ERRORS: list[tuple[str, Callable[[dict[str, Any]], None], tuple[str, ...]]] = [
     ("inf timeout", _set("link", value={"handshake_timeout": float("inf")}),
      ("link.handshake_timeout",)),
     ("nan", _set("link", value={"reconnect_max": float("nan")}), ("link.reconnect_max",)),
+    ("hold all the time", _set("link", value={"priority_hold": 1.0}),
+     ("link.priority_hold", "share of time from 0 to 0.9")),
+    ("negative hold", _set("link", value={"priority_hold": -0.1}), ("link.priority_hold",)),
     ("timeout <= interval", _set("link", value={"heartbeat_interval": 20.0}),
      ("link.heartbeat_timeout", "heartbeat_interval")),
     ("timeout == interval", _set("link", value={"heartbeat_interval": 2,
@@ -415,6 +418,7 @@ CONTRACT_KEYS = {
     "link.heartbeat_interval", "link.heartbeat_timeout", "link.reconnect_min",
     "link.reconnect_max", "link.handshake_timeout", "link.archive_sent",
     "link.quarantine_max_files", "link.quarantine_max_bytes",    # issue 8 (beyond §2)
+    "link.priority_hold",                                         # issue 13 (beyond §2)
     "peer.name", "peer.connect", "peer.pin_sha256",
     "peer.channel.name", "peer.channel.priority", "peer.channel.max_message_bytes",
 }
