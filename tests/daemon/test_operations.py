@@ -202,7 +202,10 @@ def test_failed_retry_pause_reconnect_and_check(tmp_path: Path, daemons: list[An
     assert "nope.txt" in missing.stderr
     ok = ctl(a, "retry", "--peer", "bravo", "--channel", "data", "big.txt")
     assert ok.returncode == 0 and ok.stdout.count("\n") == 1, ok
-    assert not (failed_dir / "big.txt.reason").exists() or (failed_dir / "big.txt").exists()
+    # it fails again (its reason is written first, then the file moved in: wait for
+    # the file), under its own name, and the retry left no orphan reason behind
+    wait_for(lambda: (failed_dir / "big.txt").exists(), 30)
+    assert sorted(p.name for p in failed_dir.iterdir()) == ["big.txt", "big.txt.reason"]
     # pause persists across a restart, resume works, both show in status
     assert ctl(a, "pause", "--peer", "bravo", "--channel", "data").returncode == 0
     assert channel(a, "bravo", "data")["paused"] is True
