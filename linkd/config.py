@@ -152,6 +152,8 @@ _EXAMPLES = {
     "connect": '"europol-edge.example:7443"', "pin_sha256": '"<64 hex digits>"',
     "priority": "10", "max_message_bytes": "1073741824", "spool_group": '"linkd-producers"',
     "log_level": '"info"', "metrics_listen": '"127.0.0.1:9464"',
+    "priority_hold": "0.25", "quarantine_max_files": "1000",
+    "quarantine_max_bytes": "1073741824",
 }
 
 

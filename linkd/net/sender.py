@@ -314,10 +314,11 @@ class SenderMixin(RunnerState):
         # gets its turn: Scheduler), so that its delivery gets the CPU and the disk of
         # both hosts instead of the bulk bytes sent right behind it.
         top = max((s.priority for s in self.out.values() if s.in_flight), default=None)
-        want = top is not None and any(p < top for _, p in ready)
-        held: set[str] = set()
-        if self.hold.update(trio.current_time(), want):
-            held = {n for n, p in ready if top is not None and p < top}
+        # (only while the hold alone keeps the link idle: while the higher priority
+        # still sends its own bytes, it goes first anyway and no credit is spent)
+        want = top is not None and bool(ready) and all(p < top for _, p in ready)
+        held = {n for n, _ in ready} if self.hold.update(trio.current_time(), want) \
+            else set()
         return ready, held
 
     # -- a big file's late SHA-256 (spool/outbound.py) ----------------------------

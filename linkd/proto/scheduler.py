@@ -61,6 +61,8 @@ class PriorityHold:
     passes the time. `[link] priority_hold` sets the share (default 0.25).
     """
 
+    EPSILON = 1e-6
+
     def __init__(self, share: float = 0.25, burst: float = 0.25) -> None:
         if not 0.0 <= share < 1.0 or burst < 0.0:
             raise ValueError("share must be in [0, 1) and burst >= 0")
@@ -72,14 +74,19 @@ class PriorityHold:
 
     def update(self, now: float, want: bool) -> bool:
         """Account the time since the last call (held or not) and say whether to
-        hold now; `want`: a higher priority has a message in flight and a lower
-        one has something to send."""
+        hold now; `want`: a higher priority has a message in flight, has nothing to
+        send itself, and a lower one has (so the hold alone keeps the link idle:
+        time spent sending the higher priority's own bytes costs no credit)."""
         if self._last is not None:
             elapsed = max(0.0, now - self._last)
             rate = self.share - (1.0 if self.holding else 0.0)
-            self.credit = min(self.burst, self.credit + elapsed * rate)
+            # (no debt: a caller that comes back late -- a flush blocked on a full
+            # TCP window -- is not charged beyond the credit it had)
+            self.credit = max(0.0, min(self.burst, self.credit + elapsed * rate))
         self._last = now
-        self.holding = want and self.share > 0.0 and self.credit > 0.0
+        # (below a microsecond of credit the hold is over: a sliver left by rounding
+        # would give an ends_at() equal to now, and a sender waking then would loop)
+        self.holding = want and self.share > 0.0 and self.credit > self.EPSILON
         return self.holding
 
     def ends_at(self) -> float:

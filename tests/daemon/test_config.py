@@ -240,6 +240,10 @@ ERRORS: list[tuple[str, Callable[[dict[str, Any]], None], tuple[str, ...]]] = [
      ("link.heartbeat_interval", "number")),
     ("interval bool", _set("link", value={"reconnect_min": True}), ("link.reconnect_min",)),
     ("archive int", _set("link", value={"archive_sent": 1}), ("link.archive_sent", "true or")),
+    ("hold str", _set("link", value={"priority_hold": "high"}),
+     ("link.priority_hold", "number", "priority_hold = 0.25")),
+    ("quarantine str", _set("link", value={"quarantine_max_files": "many"}),
+     ("link.quarantine_max_files", "integer", "quarantine_max_files = 1000")),
     ("require_post_quantum str", _set("tls", "require_post_quantum", value="yes"),
      ("tls.require_post_quantum", "true or false")),
     ("priority float", _set("peer", 0, "channel", 0, "priority", value=1.5),
@@ -422,6 +426,14 @@ CONTRACT_KEYS = {
     "peer.name", "peer.connect", "peer.pin_sha256",
     "peer.channel.name", "peer.channel.priority", "peer.channel.max_message_bytes",
 }
+
+
+def test_every_scalar_key_has_an_example_for_its_error_line() -> None:
+    # a wrong type says "write e.g. <key> = <value>": never "<key> = ..."
+    import linkd.config as c
+    keys = [k for t in (c._NODE_KEYS, c._STATUS_KEYS, c._TLS_KEYS, c._LISTEN_KEYS,
+                        c._LINK_KEYS, c._PEER_KEYS, c._CHANNEL_KEYS) for k in t]
+    assert [k for k in keys if k != "channel" and c._example("x", k) == "..."] == []
 
 
 @pytest.mark.parametrize("name", ["linkd.example.toml", "interpol.toml", "europol.toml"])

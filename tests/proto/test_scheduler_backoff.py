@@ -91,3 +91,29 @@ def test_a_held_channel_waits_unless_it_is_starving():
     served = [s.pick([("alerts", 10), ("bulk", 0)], held={"bulk"}) for _ in range(8)]
     # passed over counts for a held channel too: every 4th turn is still its own
     assert served == ["alerts", "alerts", "alerts", "bulk"] * 2
+
+
+@pytest.mark.parametrize("t0", [25506.90257394217, 89331.70425576351, 0.7, 3.1, 10.2])
+def test_waking_when_the_hold_ends_ends_it(t0):
+    # The sender sleeps until ends_at() and asks again. A sliver of credit left by
+    # rounding used to keep the hold on with ends_at() == now: under a virtual clock
+    # (which wakes exactly then) the sender looped without time ever moving.
+    for share in (0.25, 0.5, 0.9):
+        h = PriorityHold(share=share)
+        assert h.update(t0, want=True)
+        end = h.ends_at()
+        assert end > t0
+        assert not h.update(end, want=True), (share, h.credit)
+        assert h.ends_at() == float("inf")
+
+
+def test_a_long_stall_leaves_no_debt():
+    # A sender that comes back late (its flush blocked on a full TCP window for 30 s)
+    # is charged at most the credit it had: the next urgent message is held again
+    # at once, as after any idle time, instead of waiting ~100 s to repay.
+    h = PriorityHold()
+    assert h.update(0.0, want=True)
+    assert not h.update(30.0, want=False)
+    assert h.credit == 0.0
+    assert h.update(40.0, want=True)         # 10 s refilled the whole burst
+    assert h.credit == pytest.approx(h.burst)
