@@ -268,7 +268,16 @@ class PickupMixin(OutboundState):
             if leased is None:
                 raise FileChanged("it was opened for writing after it was queued")
             before = os.fstat(fd)
-            size, sha256 = digest_fd(self.fs, fd, stop)
+
+            def halt() -> bool:
+                # A writer opening the file breaks our lease: stop at once (and close,
+                # releasing it) rather than keep the writer waiting while the rest of
+                # the file is read; it is failed either way. (One fcntl per chunk.)
+                if leased and fcntl.fcntl(fd, _F_GETLEASE) != fcntl.F_RDLCK:
+                    raise FileChanged("it was opened for writing after it was queued, "
+                                      "while it was being hashed")
+                return stop()
+            size, sha256 = digest_fd(self.fs, fd, halt)
             after = os.fstat(fd)
             if (leased and fcntl.fcntl(fd, _F_GETLEASE) != fcntl.F_RDLCK) or size != item.size \
                     or (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != \

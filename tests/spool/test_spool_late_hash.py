@@ -103,10 +103,12 @@ def during_the_digest(ob, monkeypatch, act):
             act()
         return real_read(fd, n)
     monkeypatch.setattr(ob.fs, "read", read)
+    return reads
 
 
 def test_a_writer_opening_it_while_it_is_hashed_is_noticed(layout, monkeypatch):
-    ob, item, _ = claimed(layout, size=3 * MiB)
+    ob, item, _ = claimed(layout, size=8 * MiB)
+    leased = []
 
     def writer():
         # O_NONBLOCK: with our lease held the open fails at once (a blocking one
@@ -115,14 +117,21 @@ def test_a_writer_opening_it_while_it_is_hashed_is_noticed(layout, monkeypatch):
         try:
             fd = os.open(item.path, os.O_WRONLY | os.O_NONBLOCK)
         except BlockingIOError:
+            leased.append(True)
             return
         try:
             os.write(fd, b"changed")
         finally:
             os.close(fd)
-    during_the_digest(ob, monkeypatch, writer)
+    reads = during_the_digest(ob, monkeypatch, writer)
     with pytest.raises(FileChanged, match="while it was being hashed"):
         ob.digest_late(item)
+    if leased:
+        # the lease break stopped it at once (and its close released the lease), not
+        # after reading the 6 MiB left while the writer waited
+        assert len(reads) == 2, len(reads)
+        fd = os.open(item.path, os.O_WRONLY | os.O_NONBLOCK)    # no lease left
+        os.close(fd)
 
 
 def test_a_change_of_times_while_it_is_hashed_is_noticed(layout, monkeypatch):
