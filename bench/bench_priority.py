@@ -81,10 +81,13 @@ def main() -> int:
     ap.add_argument("--interval", type=float, default=0.02, help="seconds between alerts")
     ap.add_argument("--baseline", type=int, default=100, help="alerts sent with no bulk load")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder")
+    ap.add_argument("--priority-hold", type=float, default=None,
+                    help="the sender's [link] priority_hold (default: linkd's, 0.25; 0: off)")
     args = ap.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="bench-priority-"))
-    a, b = make_pair(root, channels=CHANNELS)
+    link = {} if args.priority_hold is None else {"priority_hold": args.priority_hold}
+    a, b = make_pair(root, channels=CHANNELS, link=link)
     try:
         arrivals = Arrivals(b.in_dir("alpha", "alerts"))
         arrivals.start()

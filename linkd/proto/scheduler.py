@@ -61,7 +61,8 @@ class PriorityHold:
     passes the time. `[link] priority_hold` sets the share (default 0.25).
     """
 
-    EPSILON = 1e-6
+    EPSILON = 1e-6          # below this much credit a hold is over
+    START = 0.002           # a new hold needs this much (no holds of a timer tick)
 
     def __init__(self, share: float = 0.25, burst: float = 0.25) -> None:
         if not 0.0 <= share < 1.0 or burst < 0.0:
@@ -80,13 +81,18 @@ class PriorityHold:
         if self._last is not None:
             elapsed = max(0.0, now - self._last)
             rate = self.share - (1.0 if self.holding else 0.0)
-            # (no debt: a caller that comes back late -- a flush blocked on a full
-            # TCP window -- is not charged beyond the credit it had)
-            self.credit = max(0.0, min(self.burst, self.credit + elapsed * rate))
+            # Debt, bounded: a sender wakes late (timers round up to a millisecond,
+            # a busy host adds more), and what a hold overran is paid back, or the
+            # share would not hold; but a caller back after a long stall (a flush
+            # blocked on a full TCP window) owes at most `burst`, so it holds again
+            # within burst / share seconds (1 s at the default), not 4x the stall.
+            self.credit = max(-self.burst, min(self.burst, self.credit + elapsed * rate))
         self._last = now
-        # (below a microsecond of credit the hold is over: a sliver left by rounding
-        # would give an ends_at() equal to now, and a sender waking then would loop)
-        self.holding = want and self.share > 0.0 and self.credit > self.EPSILON
+        # (a hold goes on while a microsecond of credit is left: a sliver left by
+        # rounding would give an ends_at() equal to now, and a sender waking then
+        # would loop; and starts only with START: each hold is a timer wake-up)
+        floor = self.EPSILON if self.holding else self.START
+        self.holding = want and self.share > 0.0 and self.credit > floor
         return self.holding
 
     def ends_at(self) -> float:

@@ -164,14 +164,16 @@ def write_new(fs: FS, path: PathLike, data: bytes, sync: bool = True) -> None:
 def digest_fd(fs: FS, fd: int, stop: Callable[[], bool] | None = None) -> tuple[int, str]:
     """(size, SHA-256 hex) of what is left to read on `fd`, READ_SIZE bytes per read
     through the FS seam (pick-up, a re-hash at claim, the sender's second look, the
-    late hash). `stop()` true before a chunk is hashed: OSError ECANCELED."""
+    late hash). `stop()` true before a chunk is read: OSError ECANCELED."""
     digest, size = hashlib.sha256(), 0
-    while chunk := fs.read(fd, READ_SIZE):
+    while True:
         if stop is not None and stop():
             raise OSError(errno.ECANCELED, "hashing stopped: the session ended")
+        chunk = fs.read(fd, READ_SIZE)
+        if not chunk:
+            return size, digest.hexdigest()
         digest.update(chunk)
         size += len(chunk)
-    return size, digest.hexdigest()
 
 
 def set_name_xattr(path: Path, name: str) -> None:

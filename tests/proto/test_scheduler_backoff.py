@@ -1,6 +1,7 @@
 """Scheduler (priority, round robin, no starvation) and Backoff (capped, jittered)."""
 
 import collections
+import itertools
 import random
 
 import pytest
@@ -107,13 +108,32 @@ def test_waking_when_the_hold_ends_ends_it(t0):
         assert h.ends_at() == float("inf")
 
 
-def test_a_long_stall_leaves_no_debt():
+def test_a_long_stall_costs_at_most_burst_over_share_of_holds():
     # A sender that comes back late (its flush blocked on a full TCP window for 30 s)
-    # is charged at most the credit it had: the next urgent message is held again
-    # at once, as after any idle time, instead of waiting ~100 s to repay.
+    # owes at most one burst: the next urgent message is held again within
+    # burst / share seconds (1 s here), not after repaying the whole stall (~100 s).
     h = PriorityHold()
     assert h.update(0.0, want=True)
     assert not h.update(30.0, want=False)
-    assert h.credit == 0.0
-    assert h.update(40.0, want=True)         # 10 s refilled the whole burst
-    assert h.credit == pytest.approx(h.burst)
+    assert h.credit == -h.burst
+    assert not h.update(30.5, want=True)
+    assert h.update(30.0 + h.burst / h.share + 0.1, want=True)
+
+
+def test_late_wake_ups_do_not_raise_the_share():
+    # A real sender wakes no sooner than a millisecond (trio rounds timeouts up; a
+    # busy host adds more: 5 ms), so each hold overruns what ends_at() planned. Without
+    # the overrun paid back (credit clamped at 0), holds of a tick after every bulk
+    # step took 78-86 % of the time at a share of 0.25.
+    for share, step, late in itertools.product((0.25, 0.5), (0.00005, 0.0003, 0.002),
+                                               (0.001, 0.005)):
+        h, t, held, total = PriorityHold(share=share), 0.0, 0.0, 10.0
+        while t < total:
+            if h.update(t, True):
+                end = max(h.ends_at(), t + late)
+                held += end - t
+                t = end
+            else:
+                t += step                       # one bulk step
+        bound = share + h.burst / (1 - share) / total + 0.01
+        assert held / total <= bound, (share, step, late, held / total)

@@ -126,7 +126,9 @@ def test_a_writer_opening_it_while_it_is_hashed_is_noticed(layout, monkeypatch):
     reads = during_the_digest(ob, monkeypatch, writer)
     with pytest.raises(FileChanged, match="while it was being hashed"):
         ob.digest_late(item)
-    if leased:
+    if not leased:
+        pytest.skip("no file leases here (not the owner, or no support)")
+    else:
         # the lease break stopped it at once (and its close released the lease), not
         # after reading the 6 MiB left while the writer waited
         assert len(reads) == 2, len(reads)
