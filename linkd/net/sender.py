@@ -310,9 +310,9 @@ class SenderMixin(RunnerState):
                     item.seq in state.hashing and self._needs_hash(state, item)):
                 ready.append((name, state.priority))
         # While a higher priority has a message in flight, lower ones wait (for at most
-        # a share of the time: PriorityHold; and a channel passed over 16 times still
-        # gets its turn: Scheduler), so that its delivery gets the CPU and the disk of
-        # both hosts instead of the bulk bytes sent right behind it.
+        # a share of the time, and 0.33 s at a time: PriorityHold), so that its
+        # delivery gets the CPU and the disk of both hosts instead of the bulk bytes
+        # sent right behind it.
         top = max((s.priority for s in self.out.values() if s.in_flight), default=None)
         # (only while the hold alone keeps the link idle: while the higher priority
         # still sends its own bytes, it goes first anyway and no credit is spent)
