@@ -155,6 +155,10 @@ class BoardCollector(Collector):
         yield gauge("linkd_peer_rtt_seconds", "Last measured round-trip time.", ["peer"],
                     [([p.name], None if p.rtt_ms is None else p.rtt_ms / 1000)
                      for p in peers])
+        yield counter("linkd_peer_priority_held_seconds",
+                      "Time lower-priority channels waited while a higher one had a message "
+                      "in flight ([link] priority_hold).", ["peer"],
+                      [([p.name], p.priority_held_s) for p in peers])
         yield gauge("linkd_peer_quarantine_files", "Files in quarantine/ now.", ["peer"],
                     [([p.name], p.quarantined) for p in peers])
         yield counter("linkd_connect_failures", "Failed dials, by reason.", ["peer", "reason"],

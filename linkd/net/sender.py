@@ -317,8 +317,11 @@ class SenderMixin(RunnerState):
         # (only while the hold alone keeps the link idle: while the higher priority
         # still sends its own bytes, it goes first anyway and no credit is spent)
         want = top is not None and bool(ready) and all(p < top for _, p in ready)
+        before = self.hold.held_s
         held = {n for n, _ in ready} if self.hold.update(trio.current_time(), want) \
             else set()
+        if self.hold.held_s != before:
+            self.link.status.priority_held_s += self.hold.held_s - before
         return ready, held
 
     # -- a big file's late SHA-256 (spool/outbound.py) ----------------------------

@@ -72,6 +72,7 @@ class PriorityHold:
         self.credit = burst
         self._last: float | None = None
         self.holding = False
+        self.held_s = 0.0           # time held in all (the status board's counter)
 
     def update(self, now: float, want: bool) -> bool:
         """Account the time since the last call (held or not) and say whether to
@@ -80,6 +81,8 @@ class PriorityHold:
         time spent sending the higher priority's own bytes costs no credit)."""
         if self._last is not None:
             elapsed = max(0.0, now - self._last)
+            if self.holding:
+                self.held_s += elapsed
             rate = self.share - (1.0 if self.holding else 0.0)
             # Debt, bounded: a sender wakes late (timers round up to a millisecond,
             # a busy host adds more), and what a hold overran is paid back, or the

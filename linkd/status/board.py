@@ -122,6 +122,7 @@ class PeerStatus:
     paused: bool = False
     cert_not_after: dt.datetime | str | None = None  # the peer's certificate, last seen
     quarantined: int = 0                    # files in quarantine/ now
+    priority_held_s: float = 0.0            # lower priorities held back ([link] priority_hold)
     # called with the new state whenever `state` changes (the outage watch waits on it)
     listeners: list[Callable[[str], None]] = dataclasses.field(
         default_factory=list, repr=False, compare=False)
@@ -185,6 +186,7 @@ class PeerStatus:
                 "paused": self.paused,
                 "cert_not_after": _iso(cert) if isinstance(cert, dt.datetime) else cert,
                 "quarantined": self.quarantined,
+                "priority_held_s": round(self.priority_held_s, 3),
                 "tls": tls, "next_attempt_at": _iso(self.next_attempt_at),
                 "channels": [c.document() for c in self.channels.values()]}
 

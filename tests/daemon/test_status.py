@@ -200,6 +200,7 @@ def test_metrics_parse_with_linkd_names_and_values() -> None:
     connect_bravo(board)
     board.peers["bravo"].rtt_ms = 2.5
     board.peers["bravo"].reconnects = 3
+    board.peers["bravo"].priority_held_s = 1.25
     board.peers["bravo"].channel("data").note_sent(100)
     types, samples = parse_metrics(board.metrics())
     assert all(name.startswith("linkd_") for name in types)
@@ -219,6 +220,8 @@ def test_metrics_parse_with_linkd_names_and_values() -> None:
     assert value("linkd_peer_state", peer="bravo", state="backoff") == 0
     assert value("linkd_peer_state", peer="charlie", state="waiting") == 1
     assert value("linkd_peer_reconnects_total", peer="bravo") == 3
+    assert value("linkd_peer_priority_held_seconds_total", peer="bravo") == 1.25
+    assert value("linkd_peer_priority_held_seconds_total", peer="charlie") == 0
     assert value("linkd_peer_rtt_seconds", peer="bravo") == 0.0025
     assert ("linkd_peer_rtt_seconds", (("peer", "charlie"),)) not in got   # unknown: omitted
     assert value("linkd_channel_sent_messages_total", peer="bravo", channel="data") == 1

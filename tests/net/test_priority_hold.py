@@ -45,6 +45,10 @@ async def test_bulk_waits_while_an_urgent_message_is_unacknowledged_but_is_not_s
     # the hold's burst (0.25 s) plus what refills meanwhile: ~0.5 s before any bulk byte
     assert bulk[0] - alert_at >= 0.45, bulk[0] - alert_at
     assert len(bulk) == 4                  # then it flows: all of it arrived
+    # what an operator sees: /status priority_held_s and
+    # linkd_peer_priority_held_seconds_total count the time bulk waited
+    held = link.status.document()["priority_held_s"]
+    assert 0.4 <= held <= bulk[0] - alert_at + 0.05, held
 
 
 async def test_bulk_flows_at_once_when_the_urgent_message_is_acknowledged(tmp_path):
@@ -74,3 +78,4 @@ async def test_priority_hold_0_lets_bulk_go_at_once(tmp_path):
     [alert_at] = [t for t, f in peer.frames if isinstance(f, F.Msg) and f.ch == "alerts"]
     bulk = [t for t, f in peer.frames if isinstance(f, F.Data) and f.ch == "data"]
     assert bulk[0] - alert_at < 0.45
+    assert link.status.priority_held_s == 0.0

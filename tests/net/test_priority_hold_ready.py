@@ -22,7 +22,9 @@ def _runner(alerts_sending: bool):
     data.current = object()                                   # type: ignore[assignment]
     session = types.SimpleNamespace(sendable=lambda name: 1 << 16)
     runner = types.SimpleNamespace(out={"alerts": alerts, "data": data},
-                                   session=session, hold=PriorityHold(share=0.25))
+                                   session=session, hold=PriorityHold(share=0.25),
+                                   link=types.SimpleNamespace(
+                                       status=types.SimpleNamespace(priority_held_s=0.0)))
     runner._sum_ready = lambda state: False
     runner._next_item = lambda state: None      # alerts: nothing more queued
     return runner
@@ -43,3 +45,4 @@ async def test_credit_is_spent_only_while_the_hold_alone_idles_the_link(
         # only its ack is awaited: bulk is held, and that costs credit
         assert ready == [("data", 0)] and held == {"data"}
         assert runner.hold.credit < runner.hold.burst - 0.05
+        assert runner.link.status.priority_held_s == pytest.approx(0.1)   # and shows

@@ -61,6 +61,7 @@ def test_the_hold_lasts_its_burst_then_gives_the_time_back_share_by_share():
     assert h.update(0.49, want=True)
     assert not h.update(0.51, want=True) and h.ends_at() == float("inf")
     assert not h.update(0.52, want=False)       # nothing to hold back: no credit spent
+    assert h.held_s == pytest.approx(0.51)      # the time held, in all
     assert h.update(0.60, want=True)            # refilled while not holding
 
 
