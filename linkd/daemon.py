@@ -66,6 +66,11 @@ BYE_SHUTDOWN = "shutdown: peer is shutting down"
 BYE_RELOAD = "reload: configuration reloaded, redial at once"
 
 
+def _heartbeat(cfg: Config) -> tuple[float, float]:
+    """The [link] settings a session takes when it starts (the rest apply live)."""
+    return cfg.link.heartbeat_interval, cfg.link.heartbeat_timeout
+
+
 
 
 class Daemon:
@@ -397,7 +402,9 @@ class Daemon:
             before = old.peer(peer.name)
             link.cfg = cfg
             link.apply_limits()             # changed limits apply to existing channels too
-            if before != peer:
+            # (priority_hold applies to the live session at its next step; the
+            # heartbeat is set when a session starts: a change needs a new one)
+            if before != peer or _heartbeat(old) != _heartbeat(cfg):
                 await link.reconfigure(cfg, peer)
                 self.board.sync_channels(peer.name, [c.name for c in peer.channels])
                 self._show_paused(peer.name)

@@ -314,6 +314,8 @@ class SenderMixin(RunnerState):
         # delivery gets the CPU and the disk of both hosts instead of the bulk bytes
         # sent right behind it.
         top = max((s.priority for s in self.out.values() if s.in_flight), default=None)
+        if self.hold.share != self.link.cfg.link.priority_hold:     # (a reload changed it)
+            self.hold.set_share(self.link.cfg.link.priority_hold)
         # (only while the hold alone keeps the link idle: while the higher priority
         # still sends its own bytes, it goes first anyway and no credit is spent)
         want = top is not None and bool(ready) and all(p < top for _, p in ready)

@@ -344,6 +344,9 @@ async def dial_loop(daemon: Host, link: PeerLink, *,
             backoff.reset()           # the peer said it is back at once, or an operator asked
             link.redial_pending = False
             continue
+        lcfg = daemon.cfg.link          # (a reload's new bounds apply from here)
+        backoff.minimum = lcfg.reconnect_min
+        backoff.maximum = max(lcfg.reconnect_max, lcfg.reconnect_min)
         delay = backoff.next_delay()
         if link.active is None:
             link.status.set_state(

@@ -74,6 +74,14 @@ class PriorityHold:
         self.holding = False
         self.held_s = 0.0           # time held in all (the status board's counter)
 
+    def set_share(self, share: float) -> None:
+        """A new share (a reload); the credit stays (at most one burst either way)."""
+        if not 0.0 <= share < 1.0:
+            raise ValueError("share must be in [0, 1)")
+        self.share = share
+        if share == 0.0:
+            self.holding = False
+
     def update(self, now: float, want: bool) -> bool:
         """Account the time since the last call (held or not) and say whether to
         hold now; `want`: a higher priority has a message in flight, has nothing to

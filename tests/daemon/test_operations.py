@@ -438,6 +438,28 @@ def test_a_reload_goodbye_makes_the_dialler_redial_at_once(tmp_path: Path,
     a.wait_state("bravo", timeout=8)  # far less than reconnect_min
 
 
+def test_a_reload_applies_the_link_settings_a_session_took_at_its_start(
+        tmp_path: Path, daemons: list[Any]) -> None:
+    # heartbeat_interval/timeout are set when a session starts: a reload that changes
+    # them must start a new session (it logged "reloaded" and kept the old ones);
+    # priority_hold applies to the live session, without a new one.
+    import signal
+    a, b = make_pair(tmp_path)
+    daemons += [a, b]
+    a.link["priority_hold"] = 0.0
+    a.write_config()
+    a.signal(signal.SIGHUP)
+    wait_for(lambda: a.events("reloaded"), 15)
+    assert len(a.events("link_up")) == 1 and not a.events("link_down")
+    a.link["heartbeat_interval"] = float(a.link.get("heartbeat_interval", 5.0)) / 2
+    a.write_config()
+    a.signal(signal.SIGHUP)
+    wait_for(lambda: len(a.events("reloaded")) == 2, 15)
+    wait_for(lambda: len(a.events("link_up")) >= 2 and len(b.events("link_up")) >= 2, 15)
+    assert any("reload" in e.get("reason", "") for e in a.events("link_down")), \
+        a.events("link_down")
+
+
 # --------------------------------------------------------------------------- send --wait
 
 

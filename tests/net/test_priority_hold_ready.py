@@ -24,7 +24,9 @@ def _runner(alerts_sending: bool):
     runner = types.SimpleNamespace(out={"alerts": alerts, "data": data},
                                    session=session, hold=PriorityHold(share=0.25),
                                    link=types.SimpleNamespace(
-                                       status=types.SimpleNamespace(priority_held_s=0.0)))
+                                       status=types.SimpleNamespace(priority_held_s=0.0),
+                                       cfg=types.SimpleNamespace(link=types.SimpleNamespace(
+                                           priority_hold=0.25))))
     runner._sum_ready = lambda state: False
     runner._next_item = lambda state: None      # alerts: nothing more queued
     return runner
@@ -46,3 +48,17 @@ async def test_credit_is_spent_only_while_the_hold_alone_idles_the_link(
         assert ready == [("data", 0)] and held == {"data"}
         assert runner.hold.credit < runner.hold.burst - 0.05
         assert runner.link.status.priority_held_s == pytest.approx(0.1)   # and shows
+
+
+async def test_a_reloaded_priority_hold_applies_to_the_live_session(autojump_clock):
+    # SIGHUP replaces link.cfg; the hold was built when the session started and
+    # kept its share: "priority_hold = 0" and a reload left bulk held (operator trial)
+    runner = _runner(alerts_sending=False)
+    assert SenderMixin._ready(runner)[1] == {"data"}        # type: ignore[arg-type]
+    runner.link.cfg.link.priority_hold = 0.0
+    await trio.sleep(0.01)
+    assert SenderMixin._ready(runner)[1] == set()           # type: ignore[arg-type]
+    assert runner.hold.share == 0.0
+    runner.link.cfg.link.priority_hold = 0.5                # and back on
+    await trio.sleep(0.01)
+    assert SenderMixin._ready(runner)[1] == {"data"}        # type: ignore[arg-type]

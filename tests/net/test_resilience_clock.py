@@ -9,6 +9,7 @@ models an unreachable network. Hours of virtual time pass in milliseconds.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import errno
 import hashlib
 import logging
@@ -525,6 +526,31 @@ async def test_refused_dials_back_off_with_jitter_all_day(tmp_path, ca, autojump
     assert attempts[-1] > t0 + day - hi
     assert day / hi <= len(attempts) <= day / (hi / 2) + 20
     assert set(states) == {"connecting"}
+
+
+async def test_reloaded_reconnect_bounds_apply_from_the_next_attempt(tmp_path, ca,
+                                                                     autojump_clock):
+    # The backoff was built once per dial loop: a SIGHUP lowering reconnect_max from
+    # 60 s to 2 s went on waiting up to a minute between dials until a restart.
+    daemon, link = fake_daemon_and_link(tmp_path, ca, reconnect_min=1.0, reconnect_max=60.0)
+    attempts: list[float] = []
+
+    async def refused(host, port):
+        attempts.append(trio.current_time())
+        raise OSError(errno.ECONNREFUSED, "Connection refused")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: supervisor.dial_loop(daemon, link, open_stream=refused))
+        await trio.sleep(600)                   # at the 60 s ceiling by now
+        daemon.cfg = dataclasses.replace(daemon.cfg, link=dataclasses.replace(
+            daemon.cfg.link, reconnect_min=0.5, reconnect_max=2.0))
+        reloaded = trio.current_time()
+        await trio.sleep(600)
+        nursery.cancel_scope.cancel()
+    after = [t for t in attempts if t > reloaded]
+    gaps = [b - a for a, b in zip(after, after[1:], strict=False)]
+    assert after[0] - reloaded <= 60.0 + 1e-6   # the wait under way ends as planned
+    assert gaps and max(gaps) <= 2.0 + 1e-6, gaps[:5]
 
 
 async def test_blackholed_dials_time_out_and_back_off(tmp_path, ca, autojump_clock):
