@@ -384,7 +384,8 @@ class _Loader:
         hold = self.get(t, "priority_hold", "link", float)
         if hold is not None:
             if not (math.isfinite(hold) and 0.0 <= hold <= 0.9):
-                self.fail("link.priority_hold", f"{hold} is out of range (a share of time from 0 to 0.9)",
+                self.fail("link.priority_hold",
+                          f"{hold} is out of range (a share of time from 0 to 0.9)",
                           "write e.g. priority_hold = 0.25 (0: lower priorities never wait)")
             values["priority_hold"] = hold
         archive = self.get(t, "archive_sent", "link", bool)
