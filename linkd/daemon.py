@@ -71,8 +71,6 @@ def _heartbeat(cfg: Config) -> tuple[float, float]:
     return cfg.link.heartbeat_interval, cfg.link.heartbeat_timeout
 
 
-
-
 class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
