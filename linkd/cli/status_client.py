@@ -143,6 +143,11 @@ def format_status(doc: dict[str, Any], now: dt.datetime | None = None) -> str:
         if p.get("paused"):
             lines.append("  PAUSED: nothing is sent to this peer (linkctl resume --peer "
                          f"{p.get('name')})")
+        if p.get("priority_held_s"):
+            held = float(p["priority_held_s"])
+            lines.append(f"  lower priorities held back {held:.1f}s" if held < 60 else
+                         f"  lower priorities held back {_span(held)}")
+            lines[-1] += " in all, behind higher ones in flight ([link] priority_hold)"
         rows = [["CHANNEL", "QUEUED", "SENT", "RECEIVED", "FAILED", "QUARANTINED",
                  "LAST SENT", "LAST RECEIVED"]]
         for c in p.get("channels") or []:

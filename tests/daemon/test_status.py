@@ -273,6 +273,14 @@ def test_format_status_names_peers_states_and_channels() -> None:
     row = next(line for line in lines if line.startswith("bravo"))
     assert row.index("127.0.0.1") == header.index("REMOTE")      # aligned columns
     assert "TLS_AES_256_GCM_SHA384 X25519MLKEM768, peer CN=bravo" in text, text
+    assert "held back" not in text                  # no hold yet: no line
+    board.peers["bravo"].priority_held_s = 75.5
+    text = format_status(json.loads(json.dumps(board.document())),
+                         now=T0 + dt.timedelta(minutes=1, seconds=2))
+    assert "  lower priorities held back 1m 15s in all" in text, text
+    board.peers["bravo"].priority_held_s = 0.4        # under a minute: tenths
+    text = format_status(json.loads(json.dumps(board.document())))
+    assert "  lower priorities held back 0.4s in all" in text, text
 
 
 def test_format_status_copes_with_no_peers_and_odd_values() -> None:
