@@ -400,17 +400,19 @@ class Daemon:
             before = old.peer(peer.name)
             link.cfg = cfg
             link.apply_limits()             # changed limits apply to existing channels too
-            # (priority_hold applies to the live session at its next step; the
-            # heartbeat is set when a session starts: a change needs a new one)
-            if before != peer or _heartbeat(old) != _heartbeat(cfg):
+            if before != peer:
                 await link.reconfigure(cfg, peer)
                 self.board.sync_channels(peer.name, [c.name for c in peer.channels])
                 self._show_paused(peer.name)
-                if link.active is not None:
-                    await link.active.close(BYE_RELOAD)
-                if (before is None or before.connect != peer.connect) and peer.connect:
-                    self.link_scopes[peer.name].cancel()
-                    await self.nursery.start(self._run_link, link)
+            # A changed peer, or heartbeat (set when a session starts), needs a new
+            # session; priority_hold applies to the live one at its next step.
+            if (before != peer or _heartbeat(old) != _heartbeat(cfg)) \
+                    and link.active is not None:
+                await link.active.close(BYE_RELOAD)
+            if before != peer and (before is None or before.connect != peer.connect) \
+                    and peer.connect:
+                self.link_scopes[peer.name].cancel()
+                await self.nursery.start(self._run_link, link)
         await self.refresh_folder_counts()
         self.log.info("reloaded", peers=len(self.links))
         systemd.ready(f"serving {len(self.links)} peer(s)")
