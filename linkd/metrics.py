@@ -198,6 +198,14 @@ class BoardCollector(Collector):
         yield gauge("linkd_channel_oldest_queued_age_seconds",
                     "Age of the oldest queued file (absent when none).", labels,
                     [([p.name, c.name], c.oldest_queued_age_s) for p, c in chans])
+        unacked = [(p, c, c.unacked()) for p, c in chans]
+        yield gauge("linkd_channel_awaiting_ack_messages",
+                    "Files sent whole that the peer has not acknowledged yet.", labels,
+                    [([p.name, c.name], u[0]) for p, c, u in unacked])
+        yield gauge("linkd_channel_oldest_unacked_age_seconds",
+                    "Time since the oldest file awaiting the peer's acknowledgement was "
+                    "sent (absent when none).", labels,
+                    [([p.name, c.name], u[2]) for p, c, u in unacked])
         yield gauge("linkd_channel_paused", "1 while sending on the channel is paused.",
                     labels, [([p.name, c.name], c.paused or p.paused) for p, c in chans])
         yield gauge("linkd_channel_held", "1 while the channel's files are held.", labels,

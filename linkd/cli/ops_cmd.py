@@ -27,6 +27,9 @@ from .status_client import _span, _table, http_request, human_bytes
 from .status_cmd import _HINT, _emit, _fail
 
 DEFAULT_HEARTBEAT_TIMEOUT = 15.0
+# A peer acknowledges a file once it is durable, within milliseconds to seconds: one
+# sent this long ago and still unacknowledged means its storage hangs (or it lies).
+UNACKED_WARN_S = 60.0
 
 
 class Unreachable(Exception):
@@ -238,6 +241,10 @@ def evaluate(doc: dict[str, Any], heartbeat_timeout: float, max_queue_age: float
                 warning.append(f"{name}/{c.get('name')} {c['failed']} in failed/")
             if c.get("held") and not c.get("paused"):
                 warning.append(f"{name}/{c.get('name')} held: {_clean(str(c['held']))[:200]}")
+            unacked = c.get("oldest_unacked_age_s")
+            if isinstance(unacked, (int, float)) and unacked > UNACKED_WARN_S:
+                warning.append(f"{name}/{c.get('name')} {c.get('awaiting_ack')} sent, not "
+                               f"acknowledged for {int(unacked)}s")
             if c.get("inbound_error"):
                 warning.append(f"{name}/{c.get('name')} cannot store what arrives: "
                                f"{_clean(str(c['inbound_error']))[:200]}")

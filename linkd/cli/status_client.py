@@ -160,5 +160,33 @@ def format_status(doc: dict[str, Any], now: dt.datetime | None = None) -> str:
                          str(c.get("failed", 0)), str(c.get("quarantined", 0)),
                          _ago(c.get("last_sent_at"), now), _ago(c.get("last_received_at"), now)])
         lines += _table(rows, "  ") if len(rows) > 1 else ["  no channels"]
+        lines += _transfers(p.get("channels") or [])
     return "\n".join(lines) + "\n"
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        else 0.0
+
+
+def _transfers(channels: list[dict[str, Any]]) -> list[str]:
+    """Under a peer's channel table: the message each channel is sending, and the
+    messages sent whole that the peer has not acknowledged yet (a peer that stores
+    nothing and says nothing shows here first)."""
+    lines = []
+    for c in channels:
+        flight = c.get("in_flight")
+        if isinstance(flight, dict):
+            done = human_bytes(int(_number(flight.get("sent_bytes"))))
+            size = human_bytes(int(_number(flight.get("size"))))
+            lines.append(f"  {c.get('name')}: sending {flight.get('name')} (seq "
+                         f"{flight.get('seq')}), {done} of {size}")
+        count = int(_number(c.get("awaiting_ack")))
+        if count:
+            age = _number(c.get("oldest_unacked_age_s"))
+            lines.append(f"  {c.get('name')}: {count} sent "
+                         f"({human_bytes(int(_number(c.get('awaiting_ack_bytes'))))}), awaiting "
+                         f"the peer's acknowledgement, the oldest for "
+                         + (f"{age:.1f}s" if age < 60 else _span(age)))
+    return lines
 

@@ -261,6 +261,7 @@ class SessionRunner(SenderMixin, ReceiverMixin):
                     for _send, receive in self.inbound_qs.values():
                         nursery.start_soon(self._inbound_worker, receive)
                     nursery.start_soon(self._ack_worker)
+                    nursery.start_soon(self._ack_watch)
                     nursery.start_soon(self._sender)
         except* (trio.BrokenResourceError, trio.ClosedResourceError) as broken:
             lost = broken.exceptions[0]
@@ -327,6 +328,9 @@ class SessionRunner(SenderMixin, ReceiverMixin):
             ch.current = None
             self._show_in_flight(ch)
             self._set_held(ch.name, None)
+            stats = self.link.status.channel(ch.name)
+            if getattr(stats, "unacked_source", None) == self.awaiting:
+                stats.unacked_source = None     # (a newer session may have set its own)
         for name, inbound in list(self.link.inbound.items()):
             # nothing arrives now: the next session says again if storing fails
             self.link.status.channel(name).inbound_error = None
@@ -510,6 +514,9 @@ class SessionRunner(SenderMixin, ReceiverMixin):
             state.next_seq = first if first is not None else 1
             self.out[name] = state
             self._set_held(name, state.held)
+            stats = link.status.channel(name)
+            if hasattr(stats, "unacked_source"):
+                stats.unacked_source = self.awaiting    # /status `awaiting_ack`
         tls = self.tls_info or {}
         link.status.set_state("connected", remote=self.remote, tls=self.tls_info)
         self.log.info("link_up", peer=link.name, remote=self.remote,

@@ -53,6 +53,8 @@ COALESCE_BYTES = 64 << 10     # ... or this many bytes of output, whichever come
 PREFETCH_FILES = 64           # small queued files read in one thread hop ...
 PREFETCH_BYTES = CHUNK_SIZE   # ... and at most this many bytes of them (per channel)
 READ_AHEAD = 1 << 20          # bytes of a big file read per thread hop (4 chunks)
+ACK_OVERDUE = 60.0            # seconds a message sent whole may await its ack unremarked
+ACK_WATCH_INTERVAL = 10.0     # how often that is looked at
 
 
 @dataclasses.dataclass
@@ -60,6 +62,7 @@ class _InFlight:
     item: Claimed
     probe: bool                              # sent as a probe (seq <= the peer's committed)
     offset: int = 0                          # where its data started (> 0: a resume)
+    sent_at: float | None = None             # trio time its last frame was written
 
 
 @dataclasses.dataclass
@@ -398,6 +401,7 @@ class SenderMixin(RunnerState):
         if flight is not None:
             flight.item = hashed
         state.current = None
+        self._mark_sent(state, item.seq)
         self._show_in_flight(state)
 
     def _next_wait(self) -> float:
@@ -538,6 +542,54 @@ class SenderMixin(RunnerState):
                          seq=item.seq, name=item.name, reason=f"cannot read it: {why}")
         state.wait_until = trio.current_time() + READ_RETRY
 
+    @staticmethod
+    def _mark_sent(state: _OutChannel, seq: int) -> None:
+        """The message's last frame is out: from now on it awaits the peer's ack."""
+        flight = state.in_flight.get(seq)
+        if flight is not None:
+            flight.sent_at = trio.current_time()
+
+    @staticmethod
+    def _unacked(state: _OutChannel) -> list[tuple[float, Claimed]]:
+        """(when it was sent, trio time; the item) of each message of the channel sent
+        whole and not acknowledged yet, oldest first."""
+        return sorted(((f.sent_at, f.item) for f in state.in_flight.values()
+                       if f.sent_at is not None), key=lambda pair: pair[0])
+
+    def awaiting(self, channel: str) -> tuple[int, int, float | None]:
+        """/status `awaiting_ack`: (messages of `channel` sent whole and not yet
+        acknowledged, their bytes, seconds since the oldest of them was sent)."""
+        state = self.out.get(channel)
+        sent = self._unacked(state) if state is not None else []
+        if not sent:
+            return 0, 0, None
+        return (len(sent), sum(item.size for _, item in sent),
+                max(0.0, trio.current_time() - sent[0][0]))
+
+    async def _ack_watch(self) -> None:
+        """Warn (`ack_overdue`, once per message) when the peer leaves a message sent
+        whole unacknowledged for ACK_OVERDUE seconds: a peer acknowledges once the
+        file is durable, so its storage hangs or it withholds its acks; the session
+        itself stays up (heartbeats answer), and nothing else would say so."""
+        warned: dict[str, int] = {}
+        while True:
+            await trio.sleep(ACK_WATCH_INTERVAL)
+            now = trio.current_time()
+            for name, state in self.out.items():
+                sent = self._unacked(state)
+                if not sent or now - sent[0][0] < ACK_OVERDUE \
+                        or warned.get(name) == sent[0][1].seq:
+                    continue
+                waited, item = now - sent[0][0], sent[0][1]
+                warned[name] = item.seq
+                self.log.warning("ack_overdue", peer=self.link.name, channel=name,
+                                 seq=item.seq, name=item.name, waited_s=round(waited, 1),
+                                 awaiting=len(sent),
+                                 reason=f"{self.link.name} has not acknowledged message "
+                                        f"{item.seq} ({item.name!r}) in {int(waited)}s: "
+                                        f"its storage may hang; the file stays queued "
+                                        f"until it does")
+
     def _show_in_flight(self, state: _OutChannel) -> None:
         """/status `in_flight`: the message being sent on the channel, if any."""
         stats = self.link.status.channel(state.name)
@@ -592,7 +644,8 @@ class SenderMixin(RunnerState):
                 # (its limit may have been lowered since it took it).
                 session.send_msg(state.name, item.seq, item.name, item.size,
                                  bytes.fromhex(item.sha256), item.size)
-                state.in_flight[item.seq] = _InFlight(item, probe=True)
+                state.in_flight[item.seq] = _InFlight(item, probe=True,
+                                                      sent_at=trio.current_time())
                 return
             # Only this session's word counts: a limit from an earlier session of the
             # peer means nothing now (it may have been raised since).
@@ -641,6 +694,8 @@ class SenderMixin(RunnerState):
                 fh.close()
                 if not item.sha256:
                     state.current = item        # no data left: its sum is next
+                else:
+                    state.in_flight[item.seq].sent_at = trio.current_time()
                 return
             state.current, state.fh, state.offset = item, fh, offset
             self._show_in_flight(state)
@@ -685,6 +740,7 @@ class SenderMixin(RunnerState):
             state.fh, state.ahead, state.ahead_buffer = None, None, None
             if not session.sum_due(state.name):
                 state.current = None
+                self._mark_sent(state, item.seq)
             self._show_in_flight(state)
 
     async def _read_whole(self, state: _OutChannel, item: Claimed) -> bytes:

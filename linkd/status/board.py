@@ -52,7 +52,11 @@ class ChannelStats:
     folder, so it survives a restart). `paused`, `held`, `in_flight` and
     `oldest_queued_age_s` are filled by the sender (None: nothing to say);
     `inbound_error` by the receiver: why it could not store the last message it
-    received (disk full...), until a message is stored again.
+    received (disk full...), until a message is stored again. `awaiting_ack`
+    (messages sent whole that the peer has not acknowledged yet) is read when a
+    document is built, from `unacked_source`: set by the live session to a function
+    of the channel's name giving (messages, bytes, seconds since the oldest was
+    sent or None), None while there is no session.
     """
 
     name: str
@@ -71,6 +75,17 @@ class ChannelStats:
     in_flight: dict[str, Any] | None = None     # {name, seq, size, sent_bytes}
     oldest_queued_age_s: float | None = None
     inbound_error: str | None = None            # the receiver's storage failed: why
+    unacked_source: Callable[[str], tuple[int, int, float | None]] | None = \
+        dataclasses.field(default=None, repr=False, compare=False)
+
+    def unacked(self) -> tuple[int, int, float | None]:
+        """(messages awaiting the peer's ack, their bytes, the oldest one's age in
+        seconds or None)."""
+        source = self.unacked_source
+        if source is None:
+            return 0, 0, None
+        count, size, age = source(self.name)
+        return count, size, None if age is None else round(age, 3)
 
     def note_sent(self, size: int, when: dt.datetime | None = None) -> None:
         self.sent += 1
@@ -85,6 +100,7 @@ class ChannelStats:
 
     def document(self) -> dict[str, Any]:
         age = self.oldest_queued_age_s
+        unacked, unacked_bytes, unacked_age = self.unacked()
         return {"name": self.name, "queued": self.queued, "queued_bytes": self.queued_bytes,
                 "sent": self.sent, "sent_bytes": self.sent_bytes, "received": self.received,
                 "received_bytes": self.received_bytes, "failed": self.failed,
@@ -93,6 +109,8 @@ class ChannelStats:
                 "oldest_queued_age_s": None if age is None else round(float(age), 3),
                 "paused": self.paused, "held": self.held,
                 "in_flight": None if self.in_flight is None else dict(self.in_flight),
+                "awaiting_ack": unacked, "awaiting_ack_bytes": unacked_bytes,
+                "oldest_unacked_age_s": unacked_age,
                 "inbound_error": self.inbound_error}
 
 
