@@ -130,6 +130,8 @@ class SessionRunner(SenderMixin, ReceiverMixin):
         self.timer_scope: trio.CancelScope | None = None   # the timer's current sleep
         self.timer_slack = 1.0       # how much later a deadline must be to re-arm it
         self.writer_wake = Wakeup()
+        self.ack_watch_wake = Wakeup()
+        self.ack_watch_idle = False
         self.inbound_drained = Wakeup()
         # One inbound queue and worker per channel (made in run()): a channel whose disk
         # work is slow (a big file's checkpoint fsyncs, a slow consumer disk) never holds
@@ -415,6 +417,13 @@ class SessionRunner(SenderMixin, ReceiverMixin):
             if isinstance(ev, (S.MessageStart, S.MessageData, S.MessageComplete)):
                 self.inbound_qs[ev.ch][0].send_nowait(ev)   # the session checked ev.ch
             elif isinstance(ev, S.AckReceived):
+                # answered now, applied by _ack_worker (after our receipts are stored):
+                # /status awaiting_ack and ack_overdue are about the peer, not our disk
+                flights = self.out[ev.ch].in_flight if ev.ch in self.out else {}
+                for entry in ev.entries:
+                    flight = flights.get(entry.seq)
+                    if flight is not None:
+                        flight.acked = True
                 self.ack_q_send.send_nowait(ev)
             elif isinstance(ev, S.CreditReceived):
                 self.sender_wake.set()

@@ -19,6 +19,7 @@ import collections
 import dataclasses
 import errno
 import io
+import math
 import os
 from typing import TYPE_CHECKING, BinaryIO, cast
 
@@ -54,7 +55,7 @@ PREFETCH_FILES = 64           # small queued files read in one thread hop ...
 PREFETCH_BYTES = CHUNK_SIZE   # ... and at most this many bytes of them (per channel)
 READ_AHEAD = 1 << 20          # bytes of a big file read per thread hop (4 chunks)
 ACK_OVERDUE = 60.0            # seconds a message sent whole may await its ack unremarked
-ACK_WATCH_INTERVAL = 10.0     # how often that is looked at
+ACK_WATCH_INTERVAL = 10.0     # how often an overdue channel is looked at again
 
 
 @dataclasses.dataclass
@@ -63,6 +64,7 @@ class _InFlight:
     probe: bool                              # sent as a probe (seq <= the peer's committed)
     offset: int = 0                          # where its data started (> 0: a resume)
     sent_at: float | None = None             # trio time its last frame was written
+    acked: bool = False                      # the peer's ack for it came (not yet applied)
 
 
 @dataclasses.dataclass
@@ -103,6 +105,8 @@ class RunnerState:
     nacks: list[S.NackReceived]
     attempts: dict[tuple[str, int], int]
     sender_wake: Wakeup
+    ack_watch_wake: Wakeup          # a message awaits an ack: the watch may sleep no more
+    ack_watch_idle: bool            # the watch waits for that (it has no deadline)
     writer_wake: Wakeup
     inbound_drained: Wakeup
     inbound_qs: dict[str, tuple[trio.MemorySendChannel[S.MessageEvent],
@@ -542,19 +546,20 @@ class SenderMixin(RunnerState):
                          seq=item.seq, name=item.name, reason=f"cannot read it: {why}")
         state.wait_until = trio.current_time() + READ_RETRY
 
-    @staticmethod
-    def _mark_sent(state: _OutChannel, seq: int) -> None:
+    def _mark_sent(self, state: _OutChannel, seq: int) -> None:
         """The message's last frame is out: from now on it awaits the peer's ack."""
         flight = state.in_flight.get(seq)
         if flight is not None:
             flight.sent_at = trio.current_time()
+            if self.ack_watch_idle:
+                self.ack_watch_wake.set()
 
     @staticmethod
     def _unacked(state: _OutChannel) -> list[tuple[float, Claimed]]:
         """(when it was sent, trio time; the item) of each message of the channel sent
-        whole and not acknowledged yet, oldest first."""
-        return sorted(((f.sent_at, f.item) for f in state.in_flight.values()
-                       if f.sent_at is not None), key=lambda pair: pair[0])
+        whole whose ack has not come (a probe counts: it asks what the peer holds)."""
+        return [(f.sent_at, f.item) for f in state.in_flight.values()
+                if f.sent_at is not None and not f.acked]
 
     def awaiting(self, channel: str) -> tuple[int, int, float | None]:
         """/status `awaiting_ack`: (messages of `channel` sent whole and not yet
@@ -564,31 +569,42 @@ class SenderMixin(RunnerState):
         if not sent:
             return 0, 0, None
         return (len(sent), sum(item.size for _, item in sent),
-                max(0.0, trio.current_time() - sent[0][0]))
+                max(0.0, trio.current_time() - min(at for at, _ in sent)))
 
     async def _ack_watch(self) -> None:
-        """Warn (`ack_overdue`, once per message) when the peer leaves a message sent
-        whole unacknowledged for ACK_OVERDUE seconds: a peer acknowledges once the
-        file is durable, so its storage hangs or it withholds its acks; the session
-        itself stays up (heartbeats answer), and nothing else would say so."""
+        """Warn (`ack_overdue`) when a channel's oldest message sent whole has awaited
+        the peer's ack for ACK_OVERDUE seconds, once for each message found so: a
+        peer acknowledges once the file is durable, so its storage hangs or it
+        withholds its acks; the session itself stays up (heartbeats answer), and
+        nothing else would say so. It sleeps until the oldest message's deadline,
+        and without a deadline (nothing awaits an ack: an idle link, a hub's idle
+        peers) until a message is sent."""
         warned: dict[str, int] = {}
         while True:
-            await trio.sleep(ACK_WATCH_INTERVAL)
             now = trio.current_time()
+            due = math.inf
             for name, state in self.out.items():
                 sent = self._unacked(state)
-                if not sent or now - sent[0][0] < ACK_OVERDUE \
-                        or warned.get(name) == sent[0][1].seq:
+                if not sent:
                     continue
-                waited, item = now - sent[0][0], sent[0][1]
+                at, item = min(sent, key=lambda pair: pair[0])
+                if now - at < ACK_OVERDUE:
+                    due = min(due, at + ACK_OVERDUE)
+                    continue
+                due = min(due, now + ACK_WATCH_INTERVAL)    # until its ack comes
+                if warned.get(name) == item.seq:
+                    continue
                 warned[name] = item.seq
                 self.log.warning("ack_overdue", peer=self.link.name, channel=name,
-                                 seq=item.seq, name=item.name, waited_s=round(waited, 1),
+                                 seq=item.seq, name=item.name, waited_s=round(now - at, 1),
                                  awaiting=len(sent),
                                  reason=f"{self.link.name} has not acknowledged message "
-                                        f"{item.seq} ({item.name!r}) in {int(waited)}s: "
+                                        f"{item.seq} ({item.name!r}) in {int(now - at)}s: "
                                         f"its storage may hang; the file stays queued "
-                                        f"until it does")
+                                        f"(linkctl reconnect asks the peer again)")
+            self.ack_watch_idle = due == math.inf
+            with trio.move_on_at(due):
+                await self.ack_watch_wake.wait()
 
     def _show_in_flight(self, state: _OutChannel) -> None:
         """/status `in_flight`: the message being sent on the channel, if any."""
@@ -644,8 +660,8 @@ class SenderMixin(RunnerState):
                 # (its limit may have been lowered since it took it).
                 session.send_msg(state.name, item.seq, item.name, item.size,
                                  bytes.fromhex(item.sha256), item.size)
-                state.in_flight[item.seq] = _InFlight(item, probe=True,
-                                                      sent_at=trio.current_time())
+                state.in_flight[item.seq] = _InFlight(item, probe=True)
+                self._mark_sent(state, item.seq)
                 return
             # Only this session's word counts: a limit from an earlier session of the
             # peer means nothing now (it may have been raised since).
@@ -695,7 +711,7 @@ class SenderMixin(RunnerState):
                 if not item.sha256:
                     state.current = item        # no data left: its sum is next
                 else:
-                    state.in_flight[item.seq].sent_at = trio.current_time()
+                    self._mark_sent(state, item.seq)
                 return
             state.current, state.fh, state.offset = item, fh, offset
             self._show_in_flight(state)

@@ -7,18 +7,22 @@ the metrics, `linkctl status` and `linkctl check` show them, and the log says
 from __future__ import annotations
 
 import datetime as dt
+import os
 
 import pytest
 import structlog
 import trio
 import trustme
-from memlink import FakePeer, drop, make_link, node_config, peer_config, scan_sync
+from memlink import FAR, FakePeer, drop, make_link, node_config, peer_config, scan_sync
 from net.test_ack_evidence import run_against
 
 from linkd.cli.ops_cmd import evaluate
 from linkd.cli.status_client import format_status
 from linkd.metrics import render_metrics
-from linkd.net.sender import ACK_OVERDUE
+from linkd.net.sender import ACK_OVERDUE, SenderMixin
+from linkd.proto import frames as F
+from linkd.proto import session as S
+from linkd.spool import outbound_items
 from linkd.status.board import StatusBoard
 
 
@@ -30,6 +34,9 @@ def inline_threads(monkeypatch):
         await trio.lowlevel.checkpoint_if_cancelled()
         return fn(*args)
     monkeypatch.setattr(trio.to_thread, "run_sync", inline)
+
+
+MiB = 1 << 20
 
 
 def two_files(tmp_path):
@@ -93,6 +100,106 @@ async def test_acknowledged_messages_do_not_await(tmp_path, autojump_clock):
         await run_against(link, peer, until)
     assert (seen["doc"]["awaiting_ack"], seen["doc"]["oldest_unacked_age_s"]) == (0, None)
     assert not [e for e in logs if e["event"] == "ack_overdue"]
+
+
+async def sent_whole(link, peer, frame):
+    """Run until the peer got a frame of type `frame`, then a little more; return the
+    channel's /status document then."""
+    seen = {}
+
+    async def until(runner, peer):
+        while not peer.of(frame):  # noqa: ASYNC110 (the peer's side)
+            await trio.sleep(0.01)
+        await trio.sleep(1)
+        seen["doc"] = link.status.channel("data").document()
+    await run_against(link, peer, until)
+    return seen["doc"]
+
+
+async def test_a_big_file_awaits_its_ack_once_its_late_sha256_is_sent(
+        tmp_path, autojump_clock, monkeypatch):
+    monkeypatch.setattr(outbound_items, "LATE_HASH", 1 * MiB)
+    link = make_link(node_config(tmp_path, trustme.CA(), "alpha",
+                                 [peer_config("bravo", ("data",))]), "bravo")
+    drop(link, "data", "big.bin", os.urandom(2 * MiB))
+    scan_sync(link)
+    assert link.outbound["data"].pending()[0].sha256 == ""      # hashed late
+    doc = await sent_whole(link, FakePeer(None, ack=False), F.Sum)
+    assert (doc["awaiting_ack"], doc["awaiting_ack_bytes"], doc["in_flight"]) == \
+        (1, 2 * MiB, None)
+
+
+async def test_a_probe_awaits_its_answer(tmp_path, autojump_clock):
+    # the peer says it committed seq 1 already (e.g. our state was restored from a
+    # backup): we ask what it holds there, and that waits for its answer too
+    link = make_link(node_config(tmp_path, trustme.CA(), "alpha",
+                                 [peer_config("bravo", ("data",))]), "bravo")
+    drop(link, "data", "a.txt", b"a" * 1000)
+    scan_sync(link)
+    doc = await sent_whole(link, FakePeer(None, ack=False, committed=1), F.Msg)
+    assert (doc["awaiting_ack"], doc["awaiting_ack_bytes"]) == (1, 1000)
+
+
+async def test_a_resume_with_nothing_left_to_send_awaits_its_ack(tmp_path, autojump_clock):
+    # the peer has all of the file checkpointed (its hello's resume is at the end)
+    link = make_link(node_config(tmp_path, trustme.CA(), "alpha",
+                                 [peer_config("bravo", ("data",))]), "bravo")
+    drop(link, "data", "a.txt", b"a" * 1000)
+    scan_sync(link)
+    peer = FakePeer(None, ack=False)
+    peer.session = S.Session(
+        node="bravo", peer="alpha", now=trio.current_time(),
+        channels=[F.ChannelHello(name="data", max=1 << 40, credit=4 << 20, resume=(1, 1000))],
+        heartbeat_interval=FAR, heartbeat_timeout=FAR, handshake_timeout=FAR)
+    doc = await sent_whole(link, peer, F.Msg)
+    [msg] = [f for _, f in peer.frames if isinstance(f, F.Msg)]
+    assert msg.offset == msg.size == 1000                       # no data went out
+    assert (doc["awaiting_ack"], doc["awaiting_ack_bytes"]) == (1, 1000)
+
+
+async def test_an_ack_that_came_is_not_awaited_while_our_disk_applies_it(
+        tmp_path, autojump_clock, monkeypatch):
+    # acks wait in a queue while an earlier batch is applied (receipts stored,
+    # files removed): a slow disk of ours must not be blamed on the peer
+    link = two_files(tmp_path)
+    monkeypatch.setattr(SenderMixin, "_resolve_acks", hang)
+    seen = {}
+
+    async def until(runner, peer):
+        while len(peer.complete) < 2:  # noqa: ASYNC110 (the peer's side)
+            await trio.sleep(0.01)
+        await trio.sleep(ACK_OVERDUE + 15)
+        seen["doc"] = link.status.channel("data").document()
+    with structlog.testing.capture_logs() as logs:
+        await run_against(link, FakePeer(None), until)
+    assert (seen["doc"]["awaiting_ack"], seen["doc"]["queued"]) == (0, 2)
+    assert not [e for e in logs if e["event"] == "ack_overdue"]
+
+
+async def hang(self, ch, entries):
+    await trio.sleep_forever()
+
+
+async def test_an_idle_session_does_not_wake_to_watch_acks(
+        tmp_path, autojump_clock, monkeypatch):
+    # a hub's idle peers: the watch sleeps without a deadline until a message is sent
+    link = two_files(tmp_path)
+    looks = []
+    real = SenderMixin._unacked
+    monkeypatch.setattr(SenderMixin, "_unacked",
+                        staticmethod(lambda state: looks.append(1) or real(state)))
+    seen = {}
+
+    async def until(runner, peer):
+        while link.status.channel("data").sent < 2:  # noqa: ASYNC110 (resolved in a thread)
+            await trio.sleep(0.01)
+        await trio.sleep(ACK_OVERDUE + 1)       # the watch's last deadline passes
+        seen["before"] = len(looks)
+        await trio.sleep(400)
+        seen["after"] = len(looks)
+        seen["idle"] = runner.ack_watch_idle
+    await run_against(link, FakePeer(None), until)
+    assert seen["after"] == seen["before"] and seen["idle"] is True
 
 
 def test_linkctl_check_warns_of_an_overdue_ack():
