@@ -85,6 +85,9 @@ class Daemon:
         self.reload_scope = trio.CancelScope()   # the running reload; shutdown cancels it
         self.pauses: PauseState | None = None    # loaded once state_dir is locked
         self.listen_scope = trio.CancelScope()   # the accept loops of the current [listen]
+        # each accept loop's own scope: cancelled, it closes its listening socket and
+        # lets the sessions it accepted go on (shutdown says goodbye to them first)
+        self.accepting: set[trio.CancelScope] = set()
         self.expiry = ExpiryWatch(self.log)
         self.heap_trim = heap.IdleTrim()  # give the heap back once quiet (heap.py)
         self.board.cert_not_after, self.board.crl_next_update = tls_dates(cfg)
@@ -319,7 +322,13 @@ class Daemon:
     async def _accept(self, listener: trio.SocketListener) -> None:
         # EMFILE & co: one (rate-limited) line and a short wait, never a traceback;
         # unauthenticated connections are bounded by self.gate (net/admission.py).
-        await serve_listener(listener, partial(handle_inbound, self), self.log, "[listen]")
+        accepting = trio.CancelScope()
+        self.accepting.add(accepting)
+        try:
+            await serve_listener(listener, partial(handle_inbound, self), self.log, "[listen]",
+                                 accepting)
+        finally:
+            self.accepting.discard(accepting)
 
     async def _reload_task(self) -> None:
         async with self.reload_lock:
@@ -332,6 +341,11 @@ class Daemon:
         self.stopping = True
         systemd.stopping()
         self.log.info("stopping", signal=why)
+        # No new connections from here on: a peer told goodbye redials at once, and
+        # one accepted now would be cut mid-handshake when we exit (it logged
+        # tls_refused, "connection reset"); refused by the kernel, it backs off.
+        for accepting in self.accepting:
+            accepting.cancel()
         await evidence.checkpoint_and_send(self, "stopping")   # witnessed before the bye
         for scope in self.link_scopes.values():
             scope.cancel()   # stops pick-up and dialling

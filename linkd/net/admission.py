@@ -107,11 +107,14 @@ class Gate:
 
 async def serve_listener(listener: trio.SocketListener,
                          handler: Callable[[trio.SocketStream], Awaitable[None]],
-                         log: FilteringBoundLogger, what: str) -> None:
+                         log: FilteringBoundLogger, what: str,
+                         accepting: trio.CancelScope | None = None) -> None:
     """Accept forever, one task per connection, closed when its handler returns. A
     capacity error (EMFILE...) is one
     log line and a short wait; a handler's unexpected error is one log line and
-    ends only that connection."""
+    ends only that connection. Cancelling `accepting` stops accepting and closes
+    the listening socket (a dialler is then refused by the kernel) while the
+    connections already accepted go on: this returns when their handlers have."""
     async def guarded(stream: trio.SocketStream) -> None:
         try:
             await handler(stream)
@@ -120,20 +123,28 @@ async def serve_listener(listener: trio.SocketListener,
         finally:            # as trio.serve_listeners does: the stream ends with its handler
             await trio.aclose_forcefully(stream)
 
+    async with trio.open_nursery() as nursery:
+        with accepting or trio.CancelScope():
+            async with listener:
+                await _accept_loop(listener, guarded, nursery, log, what)
+
+
+async def _accept_loop(listener: trio.SocketListener,
+                       guarded: Callable[[trio.SocketStream], Awaitable[None]],
+                       nursery: trio.Nursery, log: FilteringBoundLogger, what: str) -> None:
     delay = ACCEPT_BACKOFF[0]
-    async with listener, trio.open_nursery() as nursery:
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                if exc.errno not in CAPACITY_ERRNOS:
-                    raise
-                log.error("accept_failed", listener=what, errno=errno.errorcode.get(
-                    exc.errno or 0, str(exc.errno)),
-                    reason=f"cannot accept a connection on {what}: "
-                           f"{exc.strerror or exc}; retrying in {delay:g}s")
-                await trio.sleep(delay)
-                delay = min(delay * 2, ACCEPT_BACKOFF[1])
-                continue
-            delay = ACCEPT_BACKOFF[0]
-            nursery.start_soon(guarded, stream)
+    while True:
+        try:
+            stream = await listener.accept()
+        except OSError as exc:
+            if exc.errno not in CAPACITY_ERRNOS:
+                raise
+            log.error("accept_failed", listener=what, errno=errno.errorcode.get(
+                exc.errno or 0, str(exc.errno)),
+                reason=f"cannot accept a connection on {what}: "
+                       f"{exc.strerror or exc}; retrying in {delay:g}s")
+            await trio.sleep(delay)
+            delay = min(delay * 2, ACCEPT_BACKOFF[1])
+            continue
+        delay = ACCEPT_BACKOFF[0]
+        nursery.start_soon(guarded, stream)

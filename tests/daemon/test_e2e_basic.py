@@ -15,3 +15,19 @@ def test_files_cross_both_ways_intact(pair):
     wait_for(lambda: not any(a.out_dir("bravo", "data").iterdir()), 10)
     sent = wait_for(lambda: a.events("message_sent"), 10)
     assert sent[0]["name"] == "there.bin" and sent[0]["seq"] == 1
+
+
+def test_a_peer_restarting_is_not_reported_as_a_tls_refusal(pair):
+    """A listener that said goodbye (SIGTERM) went on accepting until it exited: the
+    dialler, told goodbye, redialled at once and was cut mid-handshake, logging
+    `tls_refused` "Connection reset by peer" (4 restarts in 6 here) as if its
+    certificate had been refused. Now the listening socket closes first: the
+    redial is refused by the kernel and simply backs off."""
+    a, b = pair(link={"reconnect_min": 0.01, "reconnect_max": 0.05})
+    for _ in range(4):
+        b.stop()
+        b.start()
+        a.wait_state("bravo")
+    assert a.events("tls_refused") == [] and b.events("tls_refused") == []
+    a.drop("bravo", "data", "after.txt", b"still flows")
+    wait_for(lambda: b.inbound("alpha", "data") == {"after.txt": b"still flows"}, 30)
