@@ -347,13 +347,20 @@ class Daemon:
         for accepting in self.accepting:
             accepting.cancel()
         await evidence.checkpoint_and_send(self, "stopping")   # witnessed before the bye
-        for scope in self.link_scopes.values():
-            scope.cancel()   # stops pick-up and dialling
         with trio.move_on_after(STOP_GRACE):
+            # The goodbyes go out while the sessions still run: each reads on until its
+            # peer closes its end (SessionRunner.close). A session that a dialler runs
+            # lives in its link's scope, so that scope is cancelled only after: cut
+            # first, it closed with the peer's bytes unread, the kernel reset the
+            # connection, and the peer, its goodbye dropped with the reset, logged an
+            # unclean link_down. (The dial loop does not redial once we are stopping.)
             async with trio.open_nursery() as nursery:
                 for link in self.links.values():
                     if link.active is not None:
                         nursery.start_soon(link.active.close, BYE_SHUTDOWN)
+        for scope in self.link_scopes.values():
+            scope.cancel()   # stops pick-up and dialling
+        with trio.move_on_after(STOP_GRACE):
             for link in self.links.values():
                 with trio.move_on_after(STOP_GRACE):
                     await link.wait_idle()

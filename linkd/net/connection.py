@@ -88,6 +88,7 @@ IDLE_READ = 16 * 1024         # a TLS session's reads until one fills it: then b
 #                               flows and the session keeps a READ_SIZE buffer
 MAX_INBOUND_BACKLOG = 4096    # queued inbound events before the reader stops reading
 MAX_PENDING_OUTPUT = 1 << 20  # queued control bytes (pongs, acks...) before the reader waits
+LINGER = 1.0                  # seconds a goodbye waits for the peer to close its end
 # Who pings on an idle link. The side that was dialled (the listener: a hub's side of
 # all its peers) pings after this share of heartbeat_interval of send-idleness, brought
 # forward to a grid of ping_grid(interval) seconds shared by all its sessions (so every
@@ -143,6 +144,7 @@ class SessionRunner(SenderMixin, ReceiverMixin):
         self.scheduler = Scheduler()
         self.hold = PriorityHold(share=link.cfg.link.priority_hold)
         self.opened = trio.Event()
+        self.reader_done = trio.Event()     # the reader has stopped (EOF, error, end)
         self.reason: str | None = None
         self.error = True
         # Kept by the peer, not the session: the retry limit must hold across reconnects.
@@ -249,7 +251,7 @@ class SessionRunner(SenderMixin, ReceiverMixin):
                     if self.preread:
                         self._dispatch(self.session.receive_data(self.preread, now))
                         self.preread = b""
-                    nursery.start_soon(self._reader)
+                    nursery.start_soon(self._reading)
                     nursery.start_soon(self._timer)
                     nursery.start_soon(self._writer)
                     await self.flush()
@@ -320,6 +322,14 @@ class SessionRunner(SenderMixin, ReceiverMixin):
                     await self.flush()
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass
+            if self.nursery is not None:
+                # Linger: read on (what comes is dropped) until the peer, told goodbye,
+                # closes its end. Closing with its bytes unread would make our kernel
+                # reset the connection, and a reset makes the peer's kernel drop what
+                # it had not read yet, our goodbye with it: it logged an unclean
+                # link_down "connection reset by peer" for a plain restart.
+                with trio.move_on_after(LINGER):
+                    await self.reader_done.wait()
         self.end(reason, error)
 
     async def _cleanup(self) -> None:
@@ -349,6 +359,12 @@ class SessionRunner(SenderMixin, ReceiverMixin):
         await trio.aclose_forcefully(self.stream)
 
     # -- reader and timer -----------------------------------------------------
+
+    async def _reading(self) -> None:
+        try:
+            await self._reader()
+        finally:
+            self.reader_done.set()
 
     async def _reader(self) -> None:
         assert self.session is not None
@@ -380,6 +396,8 @@ class SessionRunner(SenderMixin, ReceiverMixin):
                 else:
                     self.end(f"connection lost: {exc.__cause__ or exc}", True)
                 return
+            if not len(data) and self.session.state is S.State.CLOSED:
+                return      # the peer closed its end after our goodbye (close() waits)
             events = self.session.receive_data(data, trio.current_time())
             self._dispatch(events)
             del events      # frames (their data) belong to the workers now, not to this wait

@@ -323,8 +323,8 @@ async def dial_loop(daemon: Host, link: PeerLink, *,
     while True:
         await link.wait_idle()
         connect = link.peer.connect
-        if connect is None:
-            return
+        if connect is None or getattr(daemon, "stopping", False):
+            return      # (stopping: the goodbye was said, its link scope ends next)
         host, port = connect
         remote = f"{host}:{port}"
         link.redial_pending = False

@@ -1,0 +1,110 @@
+"""A goodbye lingers until the peer closes its end (an operator's restart trial: the
+dialler's SIGTERM left the listener an unclean link_down "connection reset by peer"
+in 4 restarts of 30). The stopping side closed its socket right after writing its
+goodbye, with the peer's bytes unread; the kernel then sends a reset, and a reset
+makes the peer's kernel drop what it had not read yet, the goodbye with it. Now
+SessionRunner.close() reads on (dropping what comes) until the peer, told goodbye,
+closes its end, for at most LINGER seconds; and a stopping daemon says goodbye
+before it cancels the dial loop its session runs in."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trustme
+from memlink import FakePeer, drop, make_link, node_config, peer_config, scan_sync
+from net.test_ack_evidence import run_against
+
+from linkd.net import supervisor
+from linkd.net.connection import LINGER
+from linkd.proto import frames as F
+
+
+@pytest.fixture(autouse=True)
+def inline_threads(monkeypatch):
+    """Thread hops inline: under autojump_clock, virtual time would otherwise leap
+    ahead while a worker thread fsyncs (see net/test_resilience_clock.py)."""
+    async def inline(fn, *args, **kwargs):
+        await trio.lowlevel.checkpoint_if_cancelled()
+        return fn(*args)
+    monkeypatch.setattr(trio.to_thread, "run_sync", inline)
+
+
+def a_link(tmp_path):
+    link = make_link(node_config(tmp_path, trustme.CA(), "alpha",
+                                 [peer_config("bravo", ("data",))]), "bravo")
+    drop(link, "data", "a.txt", b"a")
+    scan_sync(link)
+    return link
+
+
+async def until_connected(link):
+    while link.status.channel("data").sent < 1:  # noqa: ASYNC110 (resolved in a thread)
+        await trio.sleep(0.01)
+
+
+async def test_a_goodbye_reads_on_until_the_peer_closes_its_end(tmp_path, autojump_clock):
+    link = a_link(tmp_path)
+    peer = FakePeer(None)
+    seen: dict[str, float | bool] = {}
+
+    async def until(runner, peer):
+        await until_connected(link)
+        async with trio.open_nursery() as nursery:
+            async def close():
+                await runner.close("shutdown: peer is shutting down")
+                seen["closed_at"] = trio.current_time()
+            nursery.start_soon(close)
+            while not peer.of(F.Bye):  # noqa: ASYNC110 (the peer's side)
+                await trio.sleep(0.001)
+            await trio.sleep(LINGER / 2)
+            # told goodbye, the peer still has bytes on the way: they are read
+            seen["reading"] = not runner.reader_done.is_set()
+            await peer.send_raw(b"\0" * 1000)
+            await trio.sleep(0.01)
+            seen["still_reading"] = not runner.reader_done.is_set()
+            seen["peer_closed_at"] = trio.current_time()
+            await peer.stream.aclose()
+    runner = await run_against(link, peer, until)
+    assert seen["reading"] and seen["still_reading"]
+    # it ended as soon as the peer closed, not at the linger's limit
+    assert 0 <= seen["closed_at"] - seen["peer_closed_at"] < 0.1, seen
+    assert runner.reason == "shutdown: peer is shutting down" and not runner.error
+
+
+async def test_a_peer_that_never_closes_its_end_holds_a_goodbye_linger_seconds(
+        tmp_path, autojump_clock):
+    link = a_link(tmp_path)
+    peer = FakePeer(None)
+    seen: dict[str, float] = {}
+
+    async def until(runner, peer):
+        await until_connected(link)
+        start = trio.current_time()
+        await runner.close("shutdown: peer is shutting down")
+        seen["took"] = trio.current_time() - start
+    await run_against(link, peer, until)
+    assert LINGER <= seen["took"] < LINGER + 0.5, seen
+
+
+async def test_a_stopping_daemon_does_not_redial(tmp_path, autojump_clock):
+    # its goodbye ends the session while the dial loop still runs (its scope is
+    # cancelled after the goodbyes): it must not dial the peer again meanwhile
+    link = make_link(node_config(tmp_path, trustme.CA(), "alpha",
+                                 [peer_config("bravo", ("data",), ("127.0.0.1", 9))]),
+                     "bravo")
+    dials = []
+
+    async def open_stream(host, port):
+        dials.append(trio.current_time())
+        raise OSError("unreachable")
+
+    class Stopping:
+        cfg = link.cfg
+        links = {"bravo": link}
+        board = None
+        gate = None
+        stopping = True
+    with trio.move_on_after(60) as waited:
+        await supervisor.dial_loop(Stopping(), link, open_stream=open_stream)
+    assert dials == [] and not waited.cancelled_caught      # it returned at once
