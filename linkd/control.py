@@ -287,7 +287,7 @@ class Controller:
             what = f"{link.name}/{channel}" if channel else link.name
             return 200, {"message": f"{'paused' if paused else 'resumed'} sending to {what}"}
         if path == "/reconnect":
-            return self.reconnect(link)
+            return await self.reconnect(link, bool(params.get("force")))
         if path == "/retry":
             return await self.retry(link, params)
         return 404, {"error": f"unknown endpoint {path}"}
@@ -314,13 +314,24 @@ class Controller:
             entries += await trio.to_thread.run_sync(list_failed, link.layout, link.name, chans)
         return 200, entries
 
-    def reconnect(self, link: Any) -> tuple[int, Any]:
-        from .net.supervisor import redial_now
+    async def reconnect(self, link: Any, force: bool = False) -> tuple[int, Any]:
+        """Skip the backoff; `force`: end the live session first (a new one asks the
+        peer what it holds, e.g. when it has stopped acknowledging: ack_overdue)."""
+        from .net.supervisor import BYE_RECONNECT, redial_now
+        if force and link.active is not None:
+            await link.active.close(BYE_RECONNECT)
+            if link.peer.connect is None:
+                return 200, {"message": f"ended the session with {link.name}; it dials us "
+                                        "again"}
+            redial_now(link)
+            return 200, {"message": f"ended the session with {link.name}; dialling it again "
+                                    "now"}
         if link.peer.connect is None:
             return 409, {"error": f"peer {link.name} has no connect address: it dials us, "
-                                  "so there is nothing to redial"}
+                                  "so there is nothing to redial (--force ends its session)"}
         if link.active is not None:
-            return 200, {"message": f"{link.name} is already connected"}
+            return 200, {"message": f"{link.name} is already connected (--force ends the "
+                                    "session and starts a new one)"}
         redial_now(link)
         return 200, {"message": f"dialling {link.name} now"}
 

@@ -220,6 +220,7 @@ _shtab_linkctl_receipt_verify_defaults_added=0
 _shtab_linkctl_reconnect_options=(
   "(- : *)"{-h,--help}"[show this help message and exit]"
   "--peer[peer]:peer:"
+  "--force[end the live session and start a new one (it asks the peer what it holds\: for a peer that stopped acknowledging, ack_overdue)]"
 )
 
 # guard to ensure default positional specs are added only once per session

@@ -51,6 +51,9 @@ def parser() -> argparse.ArgumentParser:
         cmd.add_argument("--channel", default=None)
     rc = sub.add_parser("reconnect", help="skip the backoff and dial the peer now")
     rc.add_argument("--peer", required=True)
+    rc.add_argument("--force", action="store_true",
+                    help="end the live session and start a new one (it asks the peer what "
+                         "it holds: for a peer that stopped acknowledging, ack_overdue)")
 
     chk = sub.add_parser("check", help="one line and a Nagios-plugin exit code (0 OK, "
                          "1 WARNING, 2 CRITICAL, 3 UNKNOWN)")

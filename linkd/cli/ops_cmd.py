@@ -106,7 +106,10 @@ def run(args: argparse.Namespace) -> int:
             return run_simple(sock, f"/{command}", {"peer": args.peer,
                                                     "channel": args.channel})
         if command == "reconnect":
-            return run_simple(sock, "/reconnect", {"peer": args.peer})
+            body: dict[str, Any] = {"peer": args.peer}
+            if args.force:
+                body["force"] = True
+            return run_simple(sock, "/reconnect", body)
     except Unreachable as exc:
         if command == "check":
             return _nagios(3, f"UNKNOWN: {exc}")
@@ -243,8 +246,8 @@ def evaluate(doc: dict[str, Any], heartbeat_timeout: float, max_queue_age: float
                 warning.append(f"{name}/{c.get('name')} held: {_clean(str(c['held']))[:200]}")
             unacked = c.get("oldest_unacked_age_s")
             if isinstance(unacked, (int, float)) and unacked > UNACKED_WARN_S:
-                warning.append(f"{name}/{c.get('name')} {c.get('awaiting_ack')} sent, not "
-                               f"acknowledged for {int(unacked)}s")
+                warning.append(f"{name}/{c.get('name')} {c.get('awaiting_ack')} awaiting the "
+                               f"peer's ack, the oldest for {int(unacked)}s")
             if c.get("inbound_error"):
                 warning.append(f"{name}/{c.get('name')} cannot store what arrives: "
                                f"{_clean(str(c['inbound_error']))[:200]}")

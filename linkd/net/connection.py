@@ -133,6 +133,7 @@ class SessionRunner(SenderMixin, ReceiverMixin):
         self.writer_wake = Wakeup()
         self.ack_watch_wake = Wakeup()
         self.ack_watch_idle = False
+        self.overdue = {}
         self.inbound_drained = Wakeup()
         # One inbound queue and worker per channel (made in run()): a channel whose disk
         # work is slow (a big file's checkpoint fsyncs, a slow consumer disk) never holds

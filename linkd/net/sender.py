@@ -107,6 +107,7 @@ class RunnerState:
     sender_wake: Wakeup
     ack_watch_wake: Wakeup          # a message awaits an ack: the watch may sleep no more
     ack_watch_idle: bool            # the watch waits for that (it has no deadline)
+    overdue: dict[str, tuple[int, float]]   # channel -> (seq, sent at) logged ack_overdue
     writer_wake: Wakeup
     inbound_drained: Wakeup
     inbound_qs: dict[str, tuple[trio.MemorySendChannel[S.MessageEvent],
@@ -265,6 +266,11 @@ class SenderMixin(RunnerState):
                     self.log.warning("receipt_archive_failed", peer=link.name, channel=ch,
                                      reason=str(exc))
             link.refresh_queued([ch])
+            overdue = self.overdue.get(ch)
+            if overdue is not None and overdue[0] in matched:
+                del self.overdue[ch]
+                self.log.info("ack_resumed", peer=link.name, channel=ch, seq=overdue[0],
+                              waited_s=round(trio.current_time() - overdue[1], 1))
             stats = link.status.channel(ch)
             sent: list[dict[str, object]] = []     # message_sent lines, logged a run at once
             for r in resolved:
@@ -595,13 +601,14 @@ class SenderMixin(RunnerState):
                 if warned.get(name) == item.seq:
                     continue
                 warned[name] = item.seq
+                self.overdue[name] = (item.seq, at)
                 self.log.warning("ack_overdue", peer=self.link.name, channel=name,
                                  seq=item.seq, name=item.name, waited_s=round(now - at, 1),
                                  awaiting=len(sent),
                                  reason=f"{self.link.name} has not acknowledged message "
                                         f"{item.seq} ({item.name!r}) in {int(now - at)}s: "
                                         f"its storage may hang; the file stays queued "
-                                        f"(linkctl reconnect asks the peer again)")
+                                        f"(linkctl reconnect --force asks it again)")
             self.ack_watch_idle = due == math.inf
             with trio.move_on_at(due):
                 await self.ack_watch_wake.wait()

@@ -207,8 +207,10 @@ async def run_session(daemon: Host, link: PeerLink, runner: SessionRunner) -> No
 # A goodbye whose reason starts with one of these means "I am going away on
 # purpose and back at once" (a reload rebinding, a restart): the dialling side
 # skips its backoff instead of waiting up to reconnect_max.
-REDIAL_REASONS = ("reload:", "shutdown:")
+REDIAL_REASONS = ("reload:", "shutdown:", "reconnect:")
 _PEER_BYE = "peer said goodbye: "
+# `linkctl reconnect --force`: the live session ends, both sides dial or wait at once
+BYE_RECONNECT = "reconnect: an operator asked for a new session"
 
 
 def peer_asked_to_redial(reason: str | None) -> bool:
@@ -216,7 +218,7 @@ def peer_asked_to_redial(reason: str | None) -> bool:
     closing the session (we renegotiate at once; no backoff for that either)."""
     if not reason:
         return False
-    if reason.startswith("reload:"):
+    if reason.startswith(("reload:", "reconnect:")):
         return True
     return reason.startswith(_PEER_BYE) and reason[len(_PEER_BYE):].startswith(REDIAL_REASONS)
 

@@ -240,6 +240,30 @@ def test_reconnect_skips_a_long_backoff(tmp_path: Path, daemons: list[Any]) -> N
     assert ctl(b, "reconnect", "--peer", "alpha").returncode == 1   # bravo never dials
 
 
+def test_reconnect_force_starts_a_new_session_from_either_side(
+        tmp_path: Path, daemons: list[Any]) -> None:
+    """ack_overdue advises a new session (it asks the peer what it holds), but a
+    plain reconnect said "already connected" and did nothing (operator trial)."""
+    a, b = make_pair(tmp_path, link={"reconnect_min": 20.0, "reconnect_max": 40.0})
+    daemons += [a, b]
+    plain = ctl(a, "reconnect", "--peer", "bravo")
+    assert plain.returncode == 0 and "already connected (--force" in plain.stdout, plain
+    for side, other, message in ((a, "bravo", "dialling it again now"),
+                                 (b, "alpha", "it dials us again")):
+        before = peer(a, "bravo")["reconnects"]
+        started = time.monotonic()
+        result = ctl(side, "reconnect", "--peer", other, "--force")
+        assert result.returncode == 0 and message in result.stdout, result
+        # a new session at once, though the backoff floor is 20 s
+        wait_for(lambda before=before: peer(a, "bravo")["reconnects"] == before + 1, 10)
+        a.wait_state("bravo", timeout=10)
+        b.wait_state("alpha", timeout=10)
+        assert time.monotonic() - started < 10
+    downs = [e for e in a.events("link_down") + b.events("link_down")]
+    assert downs and all(e.get("clean") for e in downs), downs
+    assert any("reconnect: an operator asked" in str(e.get("reason")) for e in downs)
+
+
 def test_changing_endpoints_refuse_other_users(tmp_path: Path, daemons: list[Any]) -> None:
     if os.geteuid() != 0 or not shutil.which("setpriv"):
         pytest.skip("needs root and setpriv to act as another user")

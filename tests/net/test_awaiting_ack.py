@@ -86,6 +86,28 @@ async def test_a_peer_that_never_acknowledges_shows_and_is_logged(tmp_path, auto
     assert (after["awaiting_ack"], after["oldest_unacked_age_s"]) == (0, None)
 
 
+async def test_acks_that_come_after_ack_overdue_are_logged(tmp_path, autojump_clock):
+    link = two_files(tmp_path)
+    peer = FakePeer(None, ack=False)
+
+    async def until(runner, peer):
+        while len(peer.complete) < 2:  # noqa: ASYNC110 (the peer's side)
+            await trio.sleep(0.01)
+        await trio.sleep(ACK_OVERDUE + 15)
+        peer.ack = True                 # its storage is back: it acknowledges both
+        for seq in (1, 2):
+            peer._done("data", seq, trio.current_time())
+        await peer.flush()
+        while link.status.channel("data").sent < 2:  # noqa: ASYNC110 (resolved in a thread)
+            await trio.sleep(0.01)
+    with structlog.testing.capture_logs() as logs:
+        await run_against(link, peer, until)
+    events = [e["event"] for e in logs if e["event"] in ("ack_overdue", "ack_resumed")]
+    assert events == ["ack_overdue", "ack_resumed"]
+    [resumed] = [e for e in logs if e["event"] == "ack_resumed"]
+    assert resumed["seq"] == 1 and resumed["waited_s"] >= ACK_OVERDUE + 15
+
+
 async def test_acknowledged_messages_do_not_await(tmp_path, autojump_clock):
     link = two_files(tmp_path)
     peer = FakePeer(None)
@@ -207,6 +229,7 @@ def test_linkctl_check_warns_of_an_overdue_ack():
     doc = {"peers": [{"name": "bravo", "state": "connected", "channels": [
         {"name": "data", "queued": 2, "awaiting_ack": 2, "oldest_unacked_age_s": 75.0}]}]}
     code, line = evaluate(doc, 15.0, None, now)
-    assert code == 1 and "bravo/data 2 sent, not acknowledged for 75s" in line, line
+    assert code == 1 and "bravo/data 2 awaiting the peer's ack, the oldest for 75s" in line, \
+        line
     doc["peers"][0]["channels"][0]["oldest_unacked_age_s"] = 3.0
     assert evaluate(doc, 15.0, None, now)[0] == 0
