@@ -46,7 +46,7 @@ from .metrics import tls_refusal_kind
 from .net.admission import Gate, Limits, serve_listener
 from .net.connection import SessionRunner
 from .net.peer import PeerLink, in_thread
-from .net.supervisor import dial_loop, handle_inbound, outage_watch
+from .net.supervisor import BYE_SHUTDOWN, dial_loop, handle_inbound, outage_watch
 from .net.tls import TLSContexts, make_contexts
 from .net.watcher import FolderWatcher
 from .spool import SpoolLayout, lock_state_dir
@@ -62,13 +62,20 @@ HOUSEKEEPING = 2.0          # seconds between recounts of failed/ and quarantine
 HOUSEKEEPING_FOLDERS = 50   # folders one recount pass checks (more: a share each pass)
 QUEUE_CHUNK = 500           # queue entries listed and encoded per thread hop (GET /queue)
 # Goodbye reasons a peer's dialler takes as "back at once, redial now" (supervisor.py).
-BYE_SHUTDOWN = "shutdown: peer is shutting down"
 BYE_RELOAD = "reload: configuration reloaded, redial at once"
 
 
 def _heartbeat(cfg: Config) -> tuple[float, float]:
     """The [link] settings a session takes when it starts (the rest apply live)."""
     return cfg.link.heartbeat_interval, cfg.link.heartbeat_timeout
+
+
+async def close_side_by_side(sessions: list[tuple[SessionRunner, str]],
+                             error: bool = False) -> None:
+    """Say goodbye to these sessions at once (each waits for its peer to close)."""
+    async with trio.open_nursery() as nursery:
+        for runner, reason in sessions:
+            nursery.start_soon(partial(runner.close, reason, error=error))
 
 
 class Daemon:
@@ -350,20 +357,19 @@ class Daemon:
         with trio.move_on_after(STOP_GRACE):
             # The goodbyes go out while the sessions still run: each reads on until its
             # peer closes its end (SessionRunner.close). A session that a dialler runs
-            # lives in its link's scope, so that scope is cancelled only after: cut
-            # first, it closed with the peer's bytes unread, the kernel reset the
-            # connection, and the peer, its goodbye dropped with the reset, logged an
-            # unclean link_down. (The dial loop does not redial once we are stopping.)
-            async with trio.open_nursery() as nursery:
-                for link in self.links.values():
-                    if link.active is not None:
-                        nursery.start_soon(link.active.close, BYE_SHUTDOWN)
-        for scope in self.link_scopes.values():
-            scope.cancel()   # stops pick-up and dialling
-        with trio.move_on_after(STOP_GRACE):
+            # lives in its link's scope, so that scope is cancelled only after the
+            # sessions are over (and have logged their link_down): cut first, it closed
+            # with the peer's bytes unread, the kernel reset the connection, and the
+            # peer, its goodbye dropped with the reset, logged an unclean link_down.
+            # Meanwhile the dial loops do not dial again, and a session whose handshake
+            # was under way is refused when it asks for its slot (run_session).
+            await close_side_by_side([(link.active, BYE_SHUTDOWN)
+                                      for link in self.links.values()
+                                      if link.active is not None])
             for link in self.links.values():
-                with trio.move_on_after(STOP_GRACE):
-                    await link.wait_idle()
+                await link.wait_idle()
+        for scope in self.link_scopes.values():
+            scope.cancel()   # stops pick-up (and dialling)
 
     async def reload(self) -> None:
         systemd.reloading()
@@ -401,13 +407,19 @@ class Daemon:
                                                     if cfg.listen else None))
         assert self.nursery is not None
         new_names = {p.name for p in cfg.peers}
+        # Sessions to end are closed side by side once they are all known: each goodbye
+        # waits (up to a second) for its peer to close its end, so one after the other a
+        # hub of many peers would take that many round trips to reload.
+        closing: list[tuple[SessionRunner, str]] = []
+        ended: list[trio.CancelScope] = []          # removed peers' link scopes
+        redial: list[PeerLink] = []                 # links whose connect changed
         for name in list(self.links):
             if name not in new_names:
                 link = self.links.pop(name)
                 link.removed = True
                 if link.active is not None:
-                    await link.active.close("peer removed from the configuration")
-                self.link_scopes.pop(name).cancel()
+                    closing.append((link.active, "peer removed from the configuration"))
+                ended.append(self.link_scopes.pop(name))
                 self.board.remove_peer(name)
         for peer in cfg.peers:
             existing = self.links.get(peer.name)
@@ -429,11 +441,16 @@ class Daemon:
             # session; priority_hold applies to the live one at its next step.
             if (before != peer or _heartbeat(old) != _heartbeat(cfg)) \
                     and link.active is not None:
-                await link.active.close(BYE_RELOAD)
+                closing.append((link.active, BYE_RELOAD))
             if before != peer and (before is None or before.connect != peer.connect) \
                     and peer.connect:
-                self.link_scopes[peer.name].cancel()
-                await self.nursery.start(self._run_link, link)
+                redial.append(link)
+        await close_side_by_side(closing)
+        for scope in ended:
+            scope.cancel()
+        for link in redial:
+            self.link_scopes[link.name].cancel()
+            await self.nursery.start(self._run_link, link)
         await self.refresh_folder_counts()
         self.log.info("reloaded", peers=len(self.links))
         systemd.ready(f"serving {len(self.links)} peer(s)")
@@ -455,6 +472,7 @@ class Daemon:
             self.log.error("crl_unusable", reason=f"{exc}: connected sessions were not "
                                                   "checked against it")
             return
+        closing: list[tuple[SessionRunner, str]] = []
         for name, serial in revoked.items():
             runner = sessions[name]
             if self.links.get(name) is None or self.links[name].active is not runner:
@@ -462,7 +480,8 @@ class Daemon:
             reason = (f"certificate revoked: serial {serial:x} is listed in the reloaded CRL "
                       f"{cfg.tls.crl.name}")
             self.log.warning("session_revoked", peer=name, remote=runner.remote, reason=reason)
-            await runner.close(reason, error=True)
+            closing.append((runner, reason))
+        await close_side_by_side(closing, error=True)
 
     async def _rebind(self, cfg: Config) -> list[trio.SocketListener] | None:
         """New listeners when [listen] changed (None: unchanged). The old ones keep

@@ -133,7 +133,6 @@ class SessionRunner(SenderMixin, ReceiverMixin):
         self.writer_wake = Wakeup()
         self.ack_watch_wake = Wakeup()
         self.ack_watch_idle = False
-        self.overdue = {}
         self.inbound_drained = Wakeup()
         # One inbound queue and worker per channel (made in run()): a channel whose disk
         # work is slow (a big file's checkpoint fsyncs, a slow consumer disk) never holds
@@ -323,14 +322,15 @@ class SessionRunner(SenderMixin, ReceiverMixin):
                     await self.flush()
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass
-            if self.nursery is not None:
-                # Linger: read on (what comes is dropped) until the peer, told goodbye,
-                # closes its end. Closing with its bytes unread would make our kernel
-                # reset the connection, and a reset makes the peer's kernel drop what
-                # it had not read yet, our goodbye with it: it logged an unclean
-                # link_down "connection reset by peer" for a plain restart.
-                with trio.move_on_after(LINGER):
-                    await self.reader_done.wait()
+        if self.session is not None and self.nursery is not None:
+            # Linger: read on (what comes is dropped) until the peer, told goodbye,
+            # closes its end. Closing with its bytes unread would make our kernel
+            # reset the connection, and a reset makes the peer's kernel drop what it
+            # had not read yet, our goodbye with it: it logged an unclean link_down
+            # "connection reset by peer" for a plain restart. (A second close() while
+            # the first lingers lingers too, rather than cutting it short.)
+            with trio.move_on_after(LINGER):
+                await self.reader_done.wait()
         self.end(reason, error)
 
     async def _cleanup(self) -> None:
@@ -398,7 +398,10 @@ class SessionRunner(SenderMixin, ReceiverMixin):
                     self.end(f"connection lost: {exc.__cause__ or exc}", True)
                 return
             if not len(data) and self.session.state is S.State.CLOSED:
-                return      # the peer closed its end after our goodbye (close() waits)
+                # the peer closed its end after our goodbye (close() waits for this;
+                # end() too, should that close() have been cancelled meanwhile)
+                self.end(self.reason or "session closed", self.error)
+                return
             events = self.session.receive_data(data, trio.current_time())
             self._dispatch(events)
             del events      # frames (their data) belong to the workers now, not to this wait

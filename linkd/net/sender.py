@@ -107,7 +107,6 @@ class RunnerState:
     sender_wake: Wakeup
     ack_watch_wake: Wakeup          # a message awaits an ack: the watch may sleep no more
     ack_watch_idle: bool            # the watch waits for that (it has no deadline)
-    overdue: dict[str, tuple[int, float]]   # channel -> (seq, sent at) logged ack_overdue
     writer_wake: Wakeup
     inbound_drained: Wakeup
     inbound_qs: dict[str, tuple[trio.MemorySendChannel[S.MessageEvent],
@@ -266,9 +265,9 @@ class SenderMixin(RunnerState):
                     self.log.warning("receipt_archive_failed", peer=link.name, channel=ch,
                                      reason=str(exc))
             link.refresh_queued([ch])
-            overdue = self.overdue.get(ch)
+            overdue = link.ack_overdue.get(ch)
             if overdue is not None and overdue[0] in matched:
-                del self.overdue[ch]
+                del link.ack_overdue[ch]
                 self.log.info("ack_resumed", peer=link.name, channel=ch, seq=overdue[0],
                               waited_s=round(trio.current_time() - overdue[1], 1))
             stats = link.status.channel(ch)
@@ -601,7 +600,7 @@ class SenderMixin(RunnerState):
                 if warned.get(name) == item.seq:
                     continue
                 warned[name] = item.seq
-                self.overdue[name] = (item.seq, at)
+                self.link.ack_overdue[name] = (item.seq, at)
                 self.log.warning("ack_overdue", peer=self.link.name, channel=name,
                                  seq=item.seq, name=item.name, waited_s=round(now - at, 1),
                                  awaiting=len(sent),

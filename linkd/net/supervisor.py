@@ -170,6 +170,12 @@ async def run_session(daemon: Host, link: PeerLink, runner: SessionRunner) -> No
         if link.removed:        # a SIGHUP removed the peer while this session waited
             await refuse(runner.stream, "peer is no longer configured")
             return
+        if getattr(daemon, "stopping", False):
+            # its handshake was under way when we began to stop: the goodbyes are
+            # said, and a session taking the slot now would get none (the stop would
+            # wait for it, then cut it)
+            await _refuse_runner(link, runner, "shutting down", error=False, bye=BYE_SHUTDOWN)
+            return
         existing = link.active
         if existing is not None:
             if not new_wins(daemon.cfg.node.name, link.name, existing, runner):
@@ -211,6 +217,7 @@ REDIAL_REASONS = ("reload:", "shutdown:", "reconnect:")
 _PEER_BYE = "peer said goodbye: "
 # `linkctl reconnect --force`: the live session ends, both sides dial or wait at once
 BYE_RECONNECT = "reconnect: an operator asked for a new session"
+BYE_SHUTDOWN = "shutdown: peer is shutting down"
 
 
 def peer_asked_to_redial(reason: str | None) -> bool:

@@ -108,6 +108,27 @@ async def test_acks_that_come_after_ack_overdue_are_logged(tmp_path, autojump_cl
     assert resumed["seq"] == 1 and resumed["waited_s"] >= ACK_OVERDUE + 15
 
 
+async def test_an_ack_that_comes_in_the_next_session_is_logged_too(tmp_path, autojump_clock):
+    # the advice of ack_overdue is a new session (linkctl reconnect --force): the
+    # peer, asked what it holds, answers for the overdue file there
+    link = two_files(tmp_path)
+
+    async def overdue(runner, peer):
+        while len(peer.complete) < 2:  # noqa: ASYNC110 (the peer's side)
+            await trio.sleep(0.01)
+        await trio.sleep(ACK_OVERDUE + 15)
+    with structlog.testing.capture_logs() as logs:
+        await run_against(link, FakePeer(None, ack=False), overdue)
+        holds = {("data", 1): b"a" * 1000, ("data", 2): b"b" * 3000}
+
+        async def resolved(runner, peer):
+            while link.status.channel("data").sent < 2:  # noqa: ASYNC110 (in a thread)
+                await trio.sleep(0.01)
+        await run_against(link, FakePeer(None, committed=2, holds=holds), resolved)
+    events = [e["event"] for e in logs if e["event"] in ("ack_overdue", "ack_resumed")]
+    assert events == ["ack_overdue", "ack_resumed"]
+
+
 async def test_acknowledged_messages_do_not_await(tmp_path, autojump_clock):
     link = two_files(tmp_path)
     peer = FakePeer(None)

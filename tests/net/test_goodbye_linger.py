@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import pytest
 import trio
+import trio.testing
 import trustme
 from memlink import FakePeer, drop, make_link, node_config, peer_config, scan_sync
 from net.test_ack_evidence import run_against
 
+from linkd.daemon import close_side_by_side
 from linkd.net import supervisor
-from linkd.net.connection import LINGER
+from linkd.net.connection import LINGER, SessionRunner
 from linkd.proto import frames as F
+from linkd.proto.framing import DEFAULT_MAX_FRAME, FrameDecoder
 
 
 @pytest.fixture(autouse=True)
@@ -85,6 +88,81 @@ async def test_a_peer_that_never_closes_its_end_holds_a_goodbye_linger_seconds(
         seen["took"] = trio.current_time() - start
     await run_against(link, peer, until)
     assert LINGER <= seen["took"] < LINGER + 0.5, seen
+
+
+async def test_a_second_close_does_not_cut_the_first_short(tmp_path, autojump_clock):
+    # e.g. a shutdown while a reload's goodbye lingers (review of the linger)
+    link = a_link(tmp_path)
+    peer = FakePeer(None)
+    seen: dict[str, float] = {}
+
+    async def until(runner, peer):
+        await until_connected(link)
+        async with trio.open_nursery() as nursery:
+            for name in ("first", "second"):
+                async def close(name=name):
+                    await runner.close("shutdown: peer is shutting down")
+                    seen[name] = trio.current_time()
+                nursery.start_soon(close)
+                await trio.sleep(LINGER / 4)
+            seen["peer_closed_at"] = trio.current_time()
+            await peer.stream.aclose()
+    await run_against(link, peer, until)
+    assert seen["first"] >= seen["peer_closed_at"] and seen["second"] >= seen["peer_closed_at"]
+
+
+async def test_a_goodbye_whose_close_was_cancelled_still_ends_at_the_peers_close(
+        tmp_path, autojump_clock):
+    link = a_link(tmp_path)
+    peer = FakePeer(None)
+
+    async def until(runner, peer):
+        await until_connected(link)
+        with trio.move_on_after(LINGER / 2):
+            await runner.close("shutdown: peer is shutting down")
+        await peer.stream.aclose()
+        await trio.sleep_forever()      # run_against returns once the session has ended
+    runner = await run_against(link, peer, until)
+    assert runner.result == ("shutdown: peer is shutting down", False)
+
+
+async def test_sessions_are_closed_side_by_side(autojump_clock):
+    # a reload or a stop with many peers: each goodbye may linger up to LINGER
+    class Lingering:
+        async def close(self, reason, error=False):
+            await trio.sleep(LINGER)
+    start = trio.current_time()
+    await close_side_by_side([(Lingering(), "reload: test") for _ in range(20)])
+    assert trio.current_time() - start == pytest.approx(LINGER)
+
+
+async def test_a_session_asking_for_its_slot_while_the_daemon_stops_is_refused(tmp_path):
+    # its handshake was under way when the goodbyes were said: taking the slot, it
+    # would get none (the stop waited STOP_GRACE for it, then cut it)
+    link = a_link(tmp_path)
+    left, right = trio.testing.memory_stream_pair()
+    runner = SessionRunner(link, left, remote="memory", dialed_by_us=False, tls_info=None)
+
+    class Stopping:
+        cfg = link.cfg
+        links = {"bravo": link}
+        board = None
+        gate = None
+        stopping = True
+    with trio.fail_after(10):
+        await supervisor.run_session(Stopping(), link, runner)
+        got = await right.receive_some(1 << 16)
+    assert link.active is None
+    assert F.Bye("shutdown: peer is shutting down") in decode_all(got)
+
+
+def decode_all(data):
+    decoder = FrameDecoder(DEFAULT_MAX_FRAME)
+    decoder.feed(data)
+    frames = []
+    while (frame := decoder.next_frame()) is not None:
+        frames.append(frame)
+    return frames
 
 
 async def test_a_stopping_daemon_does_not_redial(tmp_path, autojump_clock):
