@@ -13,7 +13,16 @@ import pytest
 import structlog
 import trio
 import trustme
-from memlink import FAR, FakePeer, drop, make_link, node_config, peer_config, scan_sync
+from memlink import (
+    FAR,
+    FakePeer,
+    drop,
+    inline_thread_hops,
+    make_link,
+    node_config,
+    peer_config,
+    scan_sync,
+)
 from net.test_ack_evidence import run_against
 
 from linkd.cli.ops_cmd import evaluate
@@ -28,12 +37,7 @@ from linkd.status.board import StatusBoard
 
 @pytest.fixture(autouse=True)
 def inline_threads(monkeypatch):
-    """Thread hops inline: under autojump_clock, virtual time would otherwise leap
-    ahead while a worker thread fsyncs (see net/test_resilience_clock.py)."""
-    async def inline(fn, *args, **kwargs):
-        await trio.lowlevel.checkpoint_if_cancelled()
-        return fn(*args)
-    monkeypatch.setattr(trio.to_thread, "run_sync", inline)
+    inline_thread_hops(monkeypatch)     # virtual time stays exact (see memlink)
 
 
 MiB = 1 << 20

@@ -9,11 +9,21 @@ before it cancels the dial loop its session runs in."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import trio
 import trio.testing
 import trustme
-from memlink import FakePeer, drop, make_link, node_config, peer_config, scan_sync
+from memlink import (
+    FakePeer,
+    drop,
+    inline_thread_hops,
+    make_link,
+    node_config,
+    peer_config,
+    scan_sync,
+)
 from net.test_ack_evidence import run_against
 
 from linkd.daemon import close_side_by_side
@@ -25,12 +35,7 @@ from linkd.proto.framing import DEFAULT_MAX_FRAME, FrameDecoder
 
 @pytest.fixture(autouse=True)
 def inline_threads(monkeypatch):
-    """Thread hops inline: under autojump_clock, virtual time would otherwise leap
-    ahead while a worker thread fsyncs (see net/test_resilience_clock.py)."""
-    async def inline(fn, *args, **kwargs):
-        await trio.lowlevel.checkpoint_if_cancelled()
-        return fn(*args)
-    monkeypatch.setattr(trio.to_thread, "run_sync", inline)
+    inline_thread_hops(monkeypatch)     # virtual time stays exact (see memlink)
 
 
 def a_link(tmp_path):
@@ -143,17 +148,17 @@ async def test_a_session_asking_for_its_slot_while_the_daemon_stops_is_refused(t
     left, right = trio.testing.memory_stream_pair()
     runner = SessionRunner(link, left, remote="memory", dialed_by_us=False, tls_info=None)
 
-    class Stopping:
-        cfg = link.cfg
-        links = {"bravo": link}
-        board = None
-        gate = None
-        stopping = True
     with trio.fail_after(10):
-        await supervisor.run_session(Stopping(), link, runner)
+        await supervisor.run_session(stopping_daemon(link), link, runner)
         got = await right.receive_some(1 << 16)
     assert link.active is None
     assert F.Bye("shutdown: peer is shutting down") in decode_all(got)
+
+
+def stopping_daemon(link):
+    """The daemon as the supervisor sees it (supervisor.Host), once it is stopping."""
+    return SimpleNamespace(cfg=link.cfg, links={link.name: link}, board=None, gate=None,
+                           stopping=True)
 
 
 def decode_all(data):
@@ -177,12 +182,6 @@ async def test_a_stopping_daemon_does_not_redial(tmp_path, autojump_clock):
         dials.append(trio.current_time())
         raise OSError("unreachable")
 
-    class Stopping:
-        cfg = link.cfg
-        links = {"bravo": link}
-        board = None
-        gate = None
-        stopping = True
     with trio.move_on_after(60) as waited:
-        await supervisor.dial_loop(Stopping(), link, open_stream=open_stream)
+        await supervisor.dial_loop(stopping_daemon(link), link, open_stream=open_stream)
     assert dials == [] and not waited.cancelled_caught      # it returned at once

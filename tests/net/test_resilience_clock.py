@@ -27,6 +27,7 @@ from memlink import (
     FakePeer,
     Throttled,
     drop,
+    inline_thread_hops,
     make_link,
     node_config,
     peer_config,
@@ -63,17 +64,7 @@ def quiet_logs():
 
 @pytest.fixture(autouse=True)
 def inline_threads(monkeypatch):
-    """Run the daemon's (short, local-disk) thread hops inline.
-
-    With autojump_threshold=0 the MockClock leaps to the next deadline whenever
-    every task is blocked, and a task waiting for a worker thread counts as
-    blocked: virtual time would race ahead while a real fsync runs. Inline, the
-    loop is busy for that moment and virtual time stays exact.
-    """
-    async def inline(fn, *args, **kwargs):
-        await trio.lowlevel.checkpoint_if_cancelled()
-        return fn(*args)
-    monkeypatch.setattr(trio.to_thread, "run_sync", inline)
+    inline_thread_hops(monkeypatch)     # virtual time stays exact (see memlink)
 
 
 def alpha_link(tmp_path, ca, **link_kw):

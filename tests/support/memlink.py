@@ -34,6 +34,21 @@ from linkd.proto.framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
 
 FAR = 1e9     # a deadline that never comes
 
+
+def inline_thread_hops(monkeypatch: Any) -> None:
+    """Run the daemon's (short, local-disk) thread hops inline (call it from an
+    autouse fixture of a module that runs under autojump_clock).
+
+    With autojump_threshold=0 the MockClock leaps to the next deadline whenever
+    every task is blocked, and a task waiting for a worker thread counts as
+    blocked: virtual time would race ahead while a real fsync runs. Inline, the
+    loop is busy for that moment and virtual time stays exact.
+    """
+    async def inline(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        return fn(*args)
+    monkeypatch.setattr(trio.to_thread, "run_sync", inline)
+
 _FAKE_CA: trustme.CA | None = None
 _FAKE: dict[str, Any] = {}
 
