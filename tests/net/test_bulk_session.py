@@ -27,7 +27,7 @@ import trio.testing
 import trustme
 from memlink import drop, make_link, node_config, peer_config, scan_sync
 
-from linkd.net.connection import READ_SIZE, SessionRunner
+from linkd.net.connection import LINGER, READ_SIZE, SessionRunner
 from linkd.net.receiver import INBOUND_BATCH_BYTES
 from linkd.net.sender import READ_AHEAD
 from linkd.net.tls import make_contexts
@@ -46,6 +46,7 @@ class Counts:
     file_reads: list[int] = dataclasses.field(default_factory=list)  # sender, per thread hop
     decoder_copied: int = 0
     delivered: bytes = b""
+    close_took: float = 0.0                  # the sender's goodbye, until rb closed its end
 
 
 class CountingFile:
@@ -157,7 +158,9 @@ async def transfer(tmp_path: Path, payload: bytes) -> Counts:
             await delivered.wait()
             assert rb.session is not None
             counts.decoder_copied = rb.session._decoder.copied
-            await ra.close("done")
+            started = trio.current_time()
+            await ra.close("done")      # (rb, told goodbye, closes its end: no linger)
+            counts.close_took = trio.current_time() - started
             nursery.cancel_scope.cancel()
     counts.delivered = (b.layout.in_dir("data") / "big.bin").read_bytes()
     return counts
@@ -173,6 +176,7 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, Counts]:
 def test_the_file_arrives_whole(big):
     payload, counts = big
     assert hashlib.sha256(counts.delivered).digest() == hashlib.sha256(payload).digest()
+    assert counts.close_took < LINGER / 2   # the goodbye ended at the peer's close
 
 
 def test_the_receiver_reads_256_kib_per_tls_receive_into_one_reused_buffer(big):
