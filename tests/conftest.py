@@ -1,4 +1,5 @@
 import pytest
+from memlink import inline_thread_hops
 from procs import make_pair, stop_all
 
 
@@ -14,3 +15,10 @@ def pair(tmp_path):
 
     yield factory
     stop_all(*made)
+
+
+@pytest.fixture
+def inline_threads(monkeypatch):
+    """Thread hops inline, for a module under autojump_clock (memlink.inline_thread_hops):
+    `pytestmark = pytest.mark.usefixtures("inline_threads")`."""
+    inline_thread_hops(monkeypatch)

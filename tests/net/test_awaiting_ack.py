@@ -17,7 +17,6 @@ from memlink import (
     FAR,
     FakePeer,
     drop,
-    inline_thread_hops,
     make_link,
     node_config,
     peer_config,
@@ -34,10 +33,7 @@ from linkd.proto import session as S
 from linkd.spool import outbound_items
 from linkd.status.board import StatusBoard
 
-
-@pytest.fixture(autouse=True)
-def inline_threads(monkeypatch):
-    inline_thread_hops(monkeypatch)     # virtual time stays exact (see memlink)
+pytestmark = pytest.mark.usefixtures("inline_threads")     # exact virtual time
 
 
 MiB = 1 << 20

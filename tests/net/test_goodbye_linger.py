@@ -18,7 +18,6 @@ import trustme
 from memlink import (
     FakePeer,
     drop,
-    inline_thread_hops,
     make_link,
     node_config,
     peer_config,
@@ -32,10 +31,7 @@ from linkd.net.connection import LINGER, SessionRunner
 from linkd.proto import frames as F
 from linkd.proto.framing import DEFAULT_MAX_FRAME, FrameDecoder
 
-
-@pytest.fixture(autouse=True)
-def inline_threads(monkeypatch):
-    inline_thread_hops(monkeypatch)     # virtual time stays exact (see memlink)
+pytestmark = pytest.mark.usefixtures("inline_threads")     # exact virtual time
 
 
 def a_link(tmp_path):

@@ -27,7 +27,6 @@ from memlink import (
     FakePeer,
     Throttled,
     drop,
-    inline_thread_hops,
     make_link,
     node_config,
     peer_config,
@@ -62,9 +61,7 @@ def quiet_logs():
     structlog.configure(**old)
 
 
-@pytest.fixture(autouse=True)
-def inline_threads(monkeypatch):
-    inline_thread_hops(monkeypatch)     # virtual time stays exact (see memlink)
+pytestmark = pytest.mark.usefixtures("inline_threads")     # exact virtual time
 
 
 def alpha_link(tmp_path, ca, **link_kw):
