@@ -405,6 +405,12 @@ class SessionRunner(SenderMixin, ReceiverMixin):
             events = self.session.receive_data(data, trio.current_time())
             self._dispatch(events)
             del events      # frames (their data) belong to the workers now, not to this wait
+            if self.session.state is S.State.CLOSED and self.session.peer_said_bye:
+                # Both sides have said goodbye (e.g. both stopping at once): the peer
+                # sends nothing after its goodbye, so nothing is left unread to make
+                # our close a reset, and neither side need wait for the other's close.
+                self.end(self.reason or "session closed", self.error)
+                return
             if self.session.pending_output > MAX_PENDING_OUTPUT + CHUNK_SIZE:
                 await self.flush()      # bounded memory: wait for a peer that does not read
             elif self.session.has_output:

@@ -111,6 +111,11 @@ class Session:
         self.late_hash = late_hash      # we take a Msg without its SHA-256 (then a Sum)
         self.peer_channels: dict[str, F.ChannelHello] = {}
         self.close_reason: str | None = None
+        # After our own goodbye, the frames that still come are only looked through
+        # for the peer's: once it has said goodbye too, it sends nothing more, so the
+        # owner can close its end without lingering (both sides stopping at once).
+        self.peer_said_bye = False
+        self._awaiting_bye = False
         self._decoder = FrameDecoder(max_frame)
         self._control = bytearray()
         self._bulk = bytearray()
@@ -213,13 +218,17 @@ class Session:
         if self._step(Input.CLOSE):
             self._queue(F.Bye(reason), control=True)
             self.close_reason = reason
+            self._awaiting_bye = True
 
     # -- input ----------------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray | memoryview, now: float) -> list[Event]:
-        """Bytes from the peer (b"" is the end of the stream); late bytes are ignored.
+        """Bytes from the peer (b"" is the end of the stream); late bytes are ignored
+        (after our goodbye they are only looked through for the peer's: `peer_said_bye`).
         Nothing of `data` is kept: the caller may reuse its buffer."""
         if self.state is State.CLOSED:
+            if self._awaiting_bye and data:
+                self._look_for_bye(data)
             return []
         if not data:
             return [self._fail(Input.PEER_EOF, "connection closed by the peer without a goodbye")]
@@ -236,12 +245,27 @@ class Session:
             events.append(self._fail(Input.PEER_VIOLATION, f"protocol violation: {exc}"))
         return events
 
+    def _look_for_bye(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            self._decoder.feed(data)
+            while (frame := self._decoder.next_frame()) is not None:
+                if isinstance(frame, F.Bye):
+                    self.peer_said_bye = True
+                    break
+        except RemoteProtocolError:
+            pass        # what it says no longer counts; the owner's linger ends it
+        else:
+            if not self.peer_said_bye:
+                return
+        self._awaiting_bye = False
+
     def _handle(self, frame: F.Frame, now: float) -> list[Event]:
         match frame:
             case F.Hello():
                 return self._handle_hello(frame)
             case F.Bye(reason=reason):
                 was = self.state
+                self.peer_said_bye = True
                 self._step(Input.PEER_BYE)
                 self.close_reason = reason
                 if was is State.HANDSHAKE:

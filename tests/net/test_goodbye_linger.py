@@ -29,7 +29,7 @@ from linkd.daemon import close_side_by_side
 from linkd.net import supervisor
 from linkd.net.connection import LINGER, SessionRunner
 from linkd.proto import frames as F
-from linkd.proto.framing import DEFAULT_MAX_FRAME, FrameDecoder
+from linkd.proto.framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
 
 pytestmark = pytest.mark.usefixtures("inline_threads")     # exact virtual time
 
@@ -73,6 +73,32 @@ async def test_a_goodbye_reads_on_until_the_peer_closes_its_end(tmp_path, autoju
     assert seen["reading"] and seen["still_reading"]
     # it ended as soon as the peer closed, not at the linger's limit
     assert 0 <= seen["closed_at"] - seen["peer_closed_at"] < 0.1, seen
+    assert runner.reason == "shutdown: peer is shutting down" and not runner.error
+
+
+async def test_a_goodbye_ends_when_the_peer_says_goodbye_too(tmp_path, autojump_clock):
+    # both daemons stopping at once: each lingered a full LINGER for the other's close
+    link = a_link(tmp_path)
+    peer = FakePeer(None)
+    seen: dict[str, float] = {}
+
+    async def until(runner, peer):
+        await until_connected(link)
+        async with trio.open_nursery() as nursery:
+            async def close():
+                await runner.close("shutdown: peer is shutting down")
+                seen["closed_at"] = trio.current_time()
+            nursery.start_soon(close)
+            while not peer.of(F.Bye):  # noqa: ASYNC110 (the peer's side)
+                await trio.sleep(0.001)
+            await trio.sleep(LINGER / 4)
+            seen["still_reading"] = not runner.reader_done.is_set()
+            seen["bye_at"] = trio.current_time()
+            # the peer's own goodbye, after ours; it keeps its end open (lingering)
+            await peer.send_raw(encode_frame(F.Bye("shutdown: peer is shutting down")))
+    runner = await run_against(link, peer, until)
+    assert seen["still_reading"]
+    assert 0 <= seen["closed_at"] - seen["bye_at"] < 0.1, seen
     assert runner.reason == "shutdown: peer is shutting down" and not runner.error
 
 

@@ -30,6 +30,7 @@ async def test_an_idle_tls_session_reads_small_until_bulk_data_flows():
     ended = []
     runner = SimpleNamespace(
         session=SimpleNamespace(receive_data=lambda data, now: [], pending_output=0,
+                                state=None, peer_said_bye=False,
                                 has_output=False),
         stream=stream, _inbound_backlog=lambda: 0, _dispatch=lambda events: None,
         opened=trio.Event(), end=lambda why, fault: ended.append(why),

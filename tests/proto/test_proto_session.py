@@ -348,6 +348,41 @@ def test_our_close_queues_one_bye_and_then_nothing():
     assert p.b.close_reason == "reload"
 
 
+def test_after_our_goodbye_the_peers_own_goodbye_is_still_noticed():
+    # both sides stopping at once: each said goodbye before reading the other's, and
+    # neither need linger for the other's close once both goodbyes are read
+    p = opened()
+    p.a.close("shutdown: peer is shutting down")
+    p.b.close("shutdown: peer is shutting down")
+    from_b = p.b.data_to_send(0)
+    p.a.data_to_send(0)
+    assert not p.a.peer_said_bye
+    late = encode_frame(F.Ping(7)) + encode_frame(F.Credit("data", 5))
+    assert p.a.receive_data(late, 1.0) == [] and not p.a.peer_said_bye
+    # late bytes are still ignored, the goodbye among them only noticed (here a byte
+    # at a time: the decoder keeps its place across reads)
+    for i in range(len(from_b)):
+        assert p.a.receive_data(from_b[i:i + 1], 1.0) == []
+    assert p.a.peer_said_bye and p.a.state is S.State.CLOSED
+    assert p.a.data_to_send(1.0) == b"" and p.a.close_reason == "shutdown: peer is shutting down"
+
+
+def test_after_our_goodbye_garbage_is_dropped_and_no_goodbye_is_seen():
+    p = opened()
+    p.a.close("reload")
+    p.a.data_to_send(0)
+    assert p.a.receive_data(b"\xff" * 64, 1.0) == []
+    assert p.a.receive_data(encode_frame(F.Bye("late")), 1.0) == []
+    assert not p.a.peer_said_bye        # past garbage nothing is read any more
+
+
+def test_a_goodbye_the_peer_said_first_counts_as_said():
+    p = opened()
+    p.b.close("reload")
+    p.pump()
+    assert p.a.peer_said_bye and p.a.state is S.State.CLOSED
+
+
 def test_hello_carries_channels_and_checkpoint_to_the_peer():
     a = S.Session(node="alpha", peer="bravo", channels=chans(), now=0, checkpoint=b"ck-line")
     b = S.Session(node="bravo", peer="alpha", channels=chans(names=("data",)), now=0)
