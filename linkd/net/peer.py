@@ -102,9 +102,9 @@ class PeerLink:
         self._rescan = Wakeup()
         self.watcher: FolderWatcher | None = None    # the daemon's one inotify instance
         self.oldest_claim: dict[str, float | None] = {}
-        # channel -> (seq, when it was sent, trio time) logged ack_overdue: its ack,
-        # in this session or a later one, is logged ack_resumed
-        self.ack_overdue: dict[str, tuple[int, float]] = {}
+        # (channel, seq) -> when it was sent (trio time), for each message logged
+        # ack_overdue: its ack, in this session or a later one, is logged ack_resumed
+        self.ack_overdue: dict[tuple[str, int], float] = {}
         self.cancel_scope: trio.CancelScope | None = None
         # the dial loop's wake-up and "dial at once" flag (supervisor.redial_now)
         self.redial: trio.Event | None = None

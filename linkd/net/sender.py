@@ -265,11 +265,8 @@ class SenderMixin(RunnerState):
                     self.log.warning("receipt_archive_failed", peer=link.name, channel=ch,
                                      reason=str(exc))
             link.refresh_queued([ch])
-            overdue = link.ack_overdue.get(ch)
-            if overdue is not None and overdue[0] in matched:
-                del link.ack_overdue[ch]
-                self.log.info("ack_resumed", peer=link.name, channel=ch, seq=overdue[0],
-                              waited_s=round(trio.current_time() - overdue[1], 1))
+            if link.ack_overdue:
+                self._ack_resumed(ch, matched)
             stats = link.status.channel(ch)
             sent: list[dict[str, object]] = []     # message_sent lines, logged a run at once
             for r in resolved:
@@ -576,6 +573,18 @@ class SenderMixin(RunnerState):
         return (len(sent), sum(item.size for _, item in sent),
                 max(0.0, trio.current_time() - min(at for at, _ in sent)))
 
+    def _ack_resumed(self, ch: str, matched: dict[int, F.AckEntry]) -> None:
+        """`ack_resumed` for each of `matched` that was logged `ack_overdue`. Acks come
+        in order, so an overdue message before the last one acknowledged that is not
+        among them was answered otherwise (failed, renumbered): it is forgotten."""
+        last = max(matched)
+        now = trio.current_time()
+        for key in [k for k in self.link.ack_overdue if k[0] == ch and k[1] <= last]:
+            at = self.link.ack_overdue.pop(key)
+            if key[1] in matched:
+                self.log.info("ack_resumed", peer=self.link.name, channel=ch, seq=key[1],
+                              waited_s=round(now - at, 1))
+
     async def _ack_watch(self) -> None:
         """Warn (`ack_overdue`) when a channel's oldest message sent whole has awaited
         the peer's ack for ACK_OVERDUE seconds, once for each message found so: a
@@ -600,7 +609,7 @@ class SenderMixin(RunnerState):
                 if warned.get(name) == item.seq:
                     continue
                 warned[name] = item.seq
-                self.link.ack_overdue[name] = (item.seq, at)
+                self.link.ack_overdue.setdefault((name, item.seq), at)
                 self.log.warning("ack_overdue", peer=self.link.name, channel=name,
                                  seq=item.seq, name=item.name, waited_s=round(now - at, 1),
                                  awaiting=len(sent),

@@ -108,6 +108,42 @@ async def test_acks_that_come_after_ack_overdue_are_logged(tmp_path, autojump_cl
     assert resumed["seq"] == 1 and resumed["waited_s"] >= ACK_OVERDUE + 15
 
 
+async def test_an_ack_resolved_while_the_next_message_turns_overdue_is_logged(
+        tmp_path, autojump_clock):
+    # review: the watch found the next message overdue while the first one's ack was
+    # being resolved (a thread hop), took the channel's one overdue slot, and the
+    # first message's ack_resumed was never logged
+    link = two_files(tmp_path)
+    peer = FakePeer(None, ack=False)
+    spool = link.spools["data"]
+    resolve = spool.resolve
+
+    async def slow_resolve(*args, **kwargs):
+        await trio.sleep(15)            # past the watch's next look (ACK_WATCH_INTERVAL)
+        return await resolve(*args, **kwargs)
+    spool.resolve = slow_resolve
+
+    async def until(runner, peer):
+        while len(peer.complete) < 2:  # noqa: ASYNC110 (the peer's side)
+            await trio.sleep(0.01)
+        await trio.sleep(ACK_OVERDUE + 5)
+        peer.ack = True
+        peer._done("data", 1, trio.current_time())
+        await peer.flush()
+        await trio.sleep(40)
+        peer._done("data", 2, trio.current_time())
+        await peer.flush()
+        while link.status.channel("data").sent < 2:  # noqa: ASYNC110 (resolved in a thread)
+            await trio.sleep(0.01)
+    with structlog.testing.capture_logs() as logs:
+        await run_against(link, peer, until)
+    events = [(e["event"], e["seq"]) for e in logs
+              if e["event"] in ("ack_overdue", "ack_resumed")]
+    assert events == [("ack_overdue", 1), ("ack_overdue", 2), ("ack_resumed", 1),
+                      ("ack_resumed", 2)], events
+    assert link.ack_overdue == {}
+
+
 async def test_an_ack_that_comes_in_the_next_session_is_logged_too(tmp_path, autojump_clock):
     # the advice of ack_overdue is a new session (linkctl reconnect --force): the
     # peer, asked what it holds, answers for the overdue file there
