@@ -89,6 +89,7 @@ IDLE_READ = 16 * 1024         # a TLS session's reads until one fills it: then b
 MAX_INBOUND_BACKLOG = 4096    # queued inbound events before the reader stops reading
 MAX_PENDING_OUTPUT = 1 << 20  # queued control bytes (pongs, acks...) before the reader waits
 LINGER = 1.0                  # seconds a goodbye waits for the peer to close its end
+GOODBYE_SEND = 2.0            # seconds a goodbye may take to be written
 # Who pings on an idle link. The side that was dialled (the listener: a hub's side of
 # all its peers) pings after this share of heartbeat_interval of send-idleness, brought
 # forward to a grid of ping_grid(interval) seconds shared by all its sessions (so every
@@ -315,9 +316,14 @@ class SessionRunner(SenderMixin, ReceiverMixin):
         while the goodbye is being sent."""
         if self.reason is None:
             self.reason, self.error = reason, error
+        # After a goodbye nothing else bounds the session (no heartbeat once CLOSED):
+        # should this call be cancelled, the session still ends, by the peer's close
+        # or goodbye (the reader) or at the latest here.
+        self.scope.deadline = min(self.scope.deadline,
+                                  trio.current_time() + GOODBYE_SEND + LINGER)
         if self.session is not None and self.session.state is not S.State.CLOSED:
             self.session.close(reason)
-            with trio.move_on_after(2):
+            with trio.move_on_after(GOODBYE_SEND):
                 try:
                     await self.flush()
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):

@@ -27,7 +27,7 @@ from net.test_ack_evidence import run_against
 
 from linkd.daemon import close_side_by_side
 from linkd.net import supervisor
-from linkd.net.connection import LINGER, SessionRunner
+from linkd.net.connection import GOODBYE_SEND, LINGER, SessionRunner
 from linkd.proto import frames as F
 from linkd.proto.framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
 
@@ -151,6 +151,25 @@ async def test_a_goodbye_whose_close_was_cancelled_still_ends_at_the_peers_close
         await trio.sleep_forever()      # run_against returns once the session has ended
     runner = await run_against(link, peer, until)
     assert runner.result == ("shutdown: peer is shutting down", False)
+
+
+async def test_a_goodbye_whose_close_was_cancelled_ends_even_if_the_peer_never_closes(
+        tmp_path, autojump_clock):
+    # review: once CLOSED a session has no heartbeat, and only the peer's close ended
+    # it; a peer that never closes (partitioned, hung) kept the slot for ever
+    link = a_link(tmp_path)
+    peer = FakePeer(None)
+    seen: dict[str, float] = {}
+
+    async def until(runner, peer):
+        await until_connected(link)
+        seen["start"] = trio.current_time()
+        with trio.move_on_after(LINGER / 2):
+            await runner.close("shutdown: peer is shutting down")
+        await trio.sleep_forever()      # run_against returns once the session has ended
+    runner = await run_against(link, peer, until)
+    assert runner.result == ("shutdown: peer is shutting down", False)
+    assert trio.current_time() - seen["start"] <= GOODBYE_SEND + LINGER + 0.1
 
 
 async def test_sessions_are_closed_side_by_side(autojump_clock):
