@@ -41,7 +41,7 @@ from ..status.board import PeerStatus, StatusBoard
 from ..wakeup import Wakeup
 from .admission import Gate, Ticket
 from .backoff import Backoff
-from .connection import READ_SIZE, SessionRunner
+from .connection import IDLE_READ, LINGER, READ_SIZE, SessionRunner
 from .peer import PeerLink
 from .tls import TLSContexts, TLSRefused, tls_info
 
@@ -80,10 +80,17 @@ def new_wins(node: str, peer: str, existing: SessionRunner, new: SessionRunner) 
     return new_dialer == first
 
 
-async def refuse(stream: trio.abc.Stream, reason: str) -> None:
+async def refuse(stream: trio.abc.Stream, reason: str, linger: float = 0.0) -> None:
+    """Say `reason` in a goodbye and close. `linger`: read on (dropping what comes) for
+    up to that long, until the peer closes its end; closing with its hello unread
+    would reset the connection, and the reset can drop our goodbye on the peer's side
+    (used by a stopping daemon, whose refusals are few; a flood is refused at once)."""
     with trio.move_on_after(2):
         try:
             await stream.send_all(encode_frame(F.Bye(reason)))
+            with trio.move_on_after(linger):
+                while await stream.receive_some(IDLE_READ):
+                    pass
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
     await trio.aclose_forcefully(stream)
@@ -134,11 +141,26 @@ def _alive(link: PeerLink, existing: SessionRunner) -> bool:
 
 
 async def _refuse_runner(link: PeerLink, runner: SessionRunner, reason: str, *, error: bool,
-                         bye: str | None = None) -> None:
+                         bye: str | None = None, linger: float = 0.0) -> None:
     (link.log.warning if error else link.log.info)(
         "session_refused", peer=link.name, remote=runner.remote, reason=reason)
     runner.reason, runner.error = reason, error
-    await refuse(runner.stream, bye or reason)
+    await refuse(runner.stream, bye or reason, linger)
+
+
+async def _refused_late(daemon: Host, link: PeerLink, runner: SessionRunner) -> bool:
+    """Refuse a session about to take the slot when, while it waited, a SIGHUP removed
+    its peer or the daemon began to stop. Its handshake was under way when the
+    goodbyes were said: a session taking the slot now would get none (the stop would
+    wait for it, then cut it)."""
+    if link.removed:
+        await refuse(runner.stream, "peer is no longer configured")
+        return True
+    if getattr(daemon, "stopping", False):
+        await _refuse_runner(link, runner, "shutting down", error=False, bye=BYE_SHUTDOWN,
+                             linger=LINGER)
+        return True
+    return False
 
 
 async def run_session(daemon: Host, link: PeerLink, runner: SessionRunner) -> None:
@@ -167,14 +189,7 @@ async def run_session(daemon: Host, link: PeerLink, runner: SessionRunner) -> No
                                   f"from {existing.remote}", error=True)
                 return
     async with link.slot_lock:
-        if link.removed:        # a SIGHUP removed the peer while this session waited
-            await refuse(runner.stream, "peer is no longer configured")
-            return
-        if getattr(daemon, "stopping", False):
-            # its handshake was under way when we began to stop: the goodbyes are
-            # said, and a session taking the slot now would get none (the stop would
-            # wait for it, then cut it)
-            await _refuse_runner(link, runner, "shutting down", error=False, bye=BYE_SHUTDOWN)
+        if await _refused_late(daemon, link, runner):
             return
         existing = link.active
         if existing is not None:
@@ -192,6 +207,8 @@ async def run_session(daemon: Host, link: PeerLink, runner: SessionRunner) -> No
                     return
             await existing.close("replaced by a newer session")
             await link.wait_idle()
+            if await _refused_late(daemon, link, runner):   # (a stop, a reload meanwhile)
+                return
         link.take_slot(runner)
     try:
         reason, error = await runner.run()
@@ -202,7 +219,10 @@ async def run_session(daemon: Host, link: PeerLink, runner: SessionRunner) -> No
         level("link_down", peer=link.name, remote=runner.remote, reason=reason,
               clean=not error)
     else:
-        link.log.warning("session_failed", peer=link.name, remote=runner.remote, reason=reason)
+        if error and reason.startswith(_REFUSED_STOPPING):
+            error = False   # refused by a peer that is stopping: a restart, not a fault
+        (link.log.warning if error else link.log.info)(
+            "session_failed", peer=link.name, remote=runner.remote, reason=reason)
     if link.active is None:
         idle = "waiting" if link.peer.connect is None else "backoff"
         link.status.set_state(idle, error=reason if error else None)
@@ -215,6 +235,7 @@ async def run_session(daemon: Host, link: PeerLink, runner: SessionRunner) -> No
 # skips its backoff instead of waiting up to reconnect_max.
 REDIAL_REASONS = ("reload:", "shutdown:", "reconnect:")
 _PEER_BYE = "peer said goodbye: "
+_REFUSED_STOPPING = "refused by the peer: shutdown:"
 # `linkctl reconnect --force`: the live session ends, both sides dial or wait at once
 BYE_RECONNECT = "reconnect: an operator asked for a new session"
 BYE_SHUTDOWN = "shutdown: peer is shutting down"

@@ -12,6 +12,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+import structlog
 import trio
 import trio.testing
 import trustme
@@ -29,6 +30,7 @@ from linkd.daemon import close_side_by_side
 from linkd.net import supervisor
 from linkd.net.connection import GOODBYE_SEND, LINGER, SessionRunner
 from linkd.proto import frames as F
+from linkd.proto import session as S
 from linkd.proto.framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
 
 pytestmark = pytest.mark.usefixtures("inline_threads")     # exact virtual time
@@ -182,17 +184,79 @@ async def test_sessions_are_closed_side_by_side(autojump_clock):
     assert trio.current_time() - start == pytest.approx(LINGER)
 
 
-async def test_a_session_asking_for_its_slot_while_the_daemon_stops_is_refused(tmp_path):
+async def test_a_session_asking_for_its_slot_while_the_daemon_stops_is_refused(
+        tmp_path, autojump_clock):
     # its handshake was under way when the goodbyes were said: taking the slot, it
     # would get none (the stop waited STOP_GRACE for it, then cut it)
     link = a_link(tmp_path)
     left, right = trio.testing.memory_stream_pair()
     runner = SessionRunner(link, left, remote="memory", dialed_by_us=False, tls_info=None)
+    seen: dict[str, float] = {}
+
+    async def refused():
+        await supervisor.run_session(stopping_daemon(link), link, runner)
+        seen["refused_at"] = trio.current_time()
 
     with trio.fail_after(10):
-        await supervisor.run_session(stopping_daemon(link), link, runner)
-        got = await right.receive_some(1 << 16)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(refused)
+            got = await right.receive_some(1 << 16)
+            # the refusal reads on until the dialler closes (its hello, sent right
+            # after TLS, left unread would make the close a reset that can drop the
+            # goodbye), for at most LINGER
+            await right.send_all(b"a hello")
+            await trio.sleep(LINGER / 2)
+            seen["closed_at"] = trio.current_time()
+            await right.aclose()
     assert link.active is None
+    assert F.Bye("shutdown: peer is shutting down") in decode_all(got)
+    assert 0 <= seen["refused_at"] - seen["closed_at"] < 0.1, seen
+
+
+async def test_a_refusal_by_a_stopping_peer_is_no_fault(tmp_path):
+    # the dialler, told "shutdown:" before its hello, logged a warning and showed an
+    # error in /status for what is a plain restart of the peer
+    link = a_link(tmp_path)
+
+    class Refused:
+        remote, dialed_by_us, was_open, preread = "memory", True, False, b""
+
+        async def run(self):
+            return "refused by the peer: shutdown: peer is shutting down", True
+    daemon = stopping_daemon(link)
+    daemon.stopping = False
+    with structlog.testing.capture_logs() as logs:
+        await supervisor.run_session(daemon, link, Refused())
+    [failed] = [e for e in logs if e["event"] == "session_failed"]
+    assert failed["log_level"] == "info"
+    assert link.status.document()["last_error"] is None
+
+
+async def test_a_session_replacing_another_while_the_daemon_stops_is_refused(tmp_path):
+    # review: it waited for the session it replaces to close, and the stop began
+    # meanwhile (the stop closed that session too): it took the slot after the goodbyes
+    link = a_link(tmp_path)
+    daemon = stopping_daemon(link)
+    daemon.stopping = False
+
+    class Existing:
+        remote, dialed_by_us = "memory", False
+
+        async def close(self, reason, error=False):
+            daemon.stopping = True      # SIGTERM while this goodbye lingers
+            link.release_slot(self)
+    existing = Existing()
+    link.take_slot(existing)
+    left, right = trio.testing.memory_stream_pair()
+    runner = SessionRunner(link, left, remote="memory", dialed_by_us=False, tls_info=None)
+    hello = S.Session(node="bravo", peer="alpha", now=0,
+                      channels=[F.ChannelHello(name="data", max=1 << 20, credit=1 << 20)])
+    await right.send_all(hello.data_to_send(0))
+
+    with trio.fail_after(10):
+        await supervisor.run_session(daemon, link, runner)
+        got = await right.receive_some(1 << 16)
+    assert link.active is None and link.sessions_opened == 0
     assert F.Bye("shutdown: peer is shutting down") in decode_all(got)
 
 
