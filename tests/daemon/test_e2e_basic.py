@@ -31,3 +31,23 @@ def test_a_peer_restarting_is_not_reported_as_a_tls_refusal(pair):
     assert a.events("tls_refused") == [] and b.events("tls_refused") == []
     a.drop("bravo", "data", "after.txt", b"still flows")
     wait_for(lambda: b.inbound("alpha", "data") == {"after.txt": b"still flows"}, 30)
+
+
+def test_a_stopping_dialler_says_goodbye_before_it_stops_dialling(pair):
+    """A stopping daemon cancelled the dial loop its session runs in before saying
+    goodbye: the session was cut, the dialler logged no link_down of its own and the
+    listener an unclean one ("connection reset by peer", found by an operator's
+    restart trial). Now the goodbye comes first, on both sides, every time (a
+    review found no test that failed with the old order)."""
+    a, b = pair(link={"reconnect_min": 0.01, "reconnect_max": 0.05})
+    for i in range(1, 4):
+        a.stop()
+        downs = a.events("link_down")
+        assert len(downs) == i, downs
+        assert (downs[-1]["reason"], downs[-1]["clean"]) == \
+            ("shutdown: peer is shutting down", True)
+        theirs = wait_for(lambda i=i: b.events("link_down")[i - 1:], 10)
+        assert (theirs[0]["reason"], theirs[0]["clean"]) == \
+            ("peer said goodbye: shutdown: peer is shutting down", True)
+        a.start()
+        b.wait_state("alpha")
