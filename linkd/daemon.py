@@ -91,7 +91,6 @@ class Daemon:
         self.reload_lock = trio.Lock()
         self.reload_scope = trio.CancelScope()   # the running reload; shutdown cancels it
         self.pauses: PauseState | None = None    # loaded once state_dir is locked
-        self.listen_scope = trio.CancelScope()   # the accept loops of the current [listen]
         # each accept loop's own scope: cancelled, it closes its listening socket and
         # lets the sessions it accepted go on (shutdown says goodbye to them first)
         self.accepting: set[trio.CancelScope] = set()
@@ -280,12 +279,12 @@ class Daemon:
             systemd.status(self.summary())
 
     async def _accept_all(self, listeners: list[trio.SocketListener]) -> None:
-        """The accept loops of the current [listen]; a reload that rebinds cancels
-        them (closing the old sockets) and starts new ones."""
-        with trio.CancelScope() as self.listen_scope:
-            async with trio.open_nursery() as nursery:
-                for listener in listeners:
-                    nursery.start_soon(self._accept, listener)
+        """The accept loops of the current [listen]; a reload that rebinds stops them
+        accepting (closing the old sockets; this returns when the sessions they
+        accepted have ended) and starts new ones."""
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(self._accept, listener)
 
     async def refresh_folder_counts(self, link: PeerLink | None = None, *,
                                     changed_only: bool = False,
@@ -400,7 +399,10 @@ class Daemon:
                                                  "until a fresh CRL is loaded (SIGHUP)")
         await self._close_revoked(cfg)
         if listeners is not None:
-            self.listen_scope.cancel()
+            # The old sockets close; the sessions accepted on them go on (cancelling
+            # the old accept loops' whole scope cut them without a goodbye).
+            for accepting in list(self.accepting):
+                accepting.cancel()
             assert self.nursery is not None
             self.nursery.start_soon(self._accept_all, listeners)
             self.log.info("listen_changed", listen=(f"{cfg.listen.address}:{cfg.listen.port}"
