@@ -345,6 +345,8 @@ class SessionRunner(SenderMixin, ReceiverMixin):
                 ch.fh.close()
                 ch.fh = None
             ch.current = None
+            if ch.name not in self.link.status.channels:
+                continue    # removed by a reload: not shown again as an empty channel
             self._show_in_flight(ch)
             self._set_held(ch.name, None)
             stats = self.link.status.channel(ch.name)
@@ -352,7 +354,8 @@ class SessionRunner(SenderMixin, ReceiverMixin):
                 stats.unacked_source = None     # (a newer session may have set its own)
         for name, inbound in list(self.link.inbound.items()):
             # nothing arrives now: the next session says again if storing fails
-            self.link.status.channel(name).inbound_error = None
+            if name in self.link.status.channels:
+                self.link.status.channels[name].inbound_error = None
             try:
                 await trio.to_thread.run_sync(inbound.abort)
             except (OSError, SpoolError) as exc:

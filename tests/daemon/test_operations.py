@@ -420,6 +420,24 @@ def test_a_listen_change_is_rebound_on_reload(tmp_path: Path, daemons: list[Any]
     assert f"pid={b.proc.pid}," not in listeners, listeners
 
 
+def test_a_listen_change_keeps_the_sessions_accepted_before(
+        tmp_path: Path, daemons: list[Any]) -> None:
+    # review: the rebind cancelled the old accept loops' whole scope, and with it the
+    # sessions they had accepted: cut without a goodbye (an unclean link_down on
+    # both sides, for a change that does not concern them)
+    import signal
+    a, b = make_pair(tmp_path)
+    daemons += [a, b]
+    b.port = free_port()
+    b.write_config()
+    b.signal(signal.SIGHUP)
+    wait_for(lambda: b.events("reloaded") or b.events("reload_failed"), 15)
+    assert b.events("listen_changed") and not b.events("reload_failed")
+    a.drop("bravo", "data", "after.txt", b"same session")
+    wait_for(lambda: b.inbound("alpha", "data") == {"after.txt": b"same session"}, 30)
+    assert b.events("link_down") == [] and a.events("link_down") == []
+
+
 def test_a_listen_change_to_a_busy_port_is_refused_with_one_line(
         tmp_path: Path, daemons: list[Any]) -> None:
     import signal
@@ -600,3 +618,18 @@ def test_log_level_from_the_config_filters_info(tmp_path: Path, daemons: list[An
     assert not a.events("started") and not a.events("status_listening")
     assert all(e["level"] in ("warning", "error") and e["node"] == "alpha"
                for e in (json.loads(line) for line in a.log_path.read_text().splitlines()))
+
+
+def test_a_channel_removed_by_a_reload_leaves_status(tmp_path: Path, daemons: list[Any]) -> None:
+    # review: the session the reload ended cleaned up every channel it had sent on,
+    # and looking one up in /status re-created it there, empty
+    a, b = make_pair(tmp_path, channels=[{"name": "data"}, {"name": "extra"}])
+    daemons += [a, b]
+    a.peers[0]["channels"] = [{"name": "data"}]
+    a.reload()
+    a.wait_state("bravo")
+    wait_for(lambda: [c["name"] for c in a.status()["peers"][0]["channels"]] == ["data"], 15,
+             message=lambda: str(a.status()["peers"][0]["channels"]))
+    a.drop("bravo", "data", "after.txt", b"data only")
+    wait_for(lambda: b.inbound("alpha", "data") == {"after.txt": b"data only"}, 30)
+    assert [c["name"] for c in a.status()["peers"][0]["channels"]] == ["data"]
