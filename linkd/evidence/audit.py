@@ -230,7 +230,11 @@ class AuditLog:
     def _encode(obj: Mapping[str, object], line: int, prev: str) -> bytes:
         """The raw bytes of the line after `line` (whose hash is `prev`)."""
         obj = {"line": line + 1, "prev": prev, **obj}
-        return _LINE_ENCODER.encode(obj).replace("\n", "\\n").encode("utf-8")
+        # A file name that is not UTF-8 reaches us with lone surrogates (Python's
+        # surrogateescape): written as the JSON escape `\udcff`, which reads back as
+        # the same string, so the line stays valid UTF-8 JSON and verifies.
+        return _LINE_ENCODER.encode(obj).replace("\n", "\\n").encode("utf-8",
+                                                                     "backslashreplace")
 
     def _write(self, obj: Mapping[str, object]) -> bytes:
         raw = self._encode(obj, self.line, self.prev)

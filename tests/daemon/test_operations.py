@@ -633,3 +633,27 @@ def test_a_channel_removed_by_a_reload_leaves_status(tmp_path: Path, daemons: li
     a.drop("bravo", "data", "after.txt", b"data only")
     wait_for(lambda: b.inbound("alpha", "data") == {"after.txt": b"data only"}, 30)
     assert [c["name"] for c in a.status()["peers"][0]["channels"]] == ["data"]
+
+
+def test_a_file_name_that_is_not_utf8_fails_without_stopping_the_daemon(
+        tmp_path: Path, daemons: list[Any]) -> None:
+    # operator trial: its message_failed line could not be written to the audit log
+    # (a lone surrogate is no UTF-8), and that error stopped the sending daemon; a
+    # `linkctl retry` of the file answered "internal error" and stopped it again
+    a, b = make_pair(tmp_path)
+    daemons += [a, b]
+    name = os.fsdecode(b"bad\xff\xfe.txt")
+    a.drop("bravo", "data", name, b"bad name")
+    failed = wait_for(lambda: a.events("message_failed"), 20, message=a.tail)
+    assert failed[0]["name"] == name and "not valid UTF-8" in failed[0]["reason"]
+    assert (a.failed_dir("bravo", "data") / name).exists()
+    listed = ctl(a, "failed", "--json")
+    assert listed.returncode == 0, listed.stderr
+    retried = ctl(a, "retry", "--peer", "bravo", "--channel", "data", name)
+    assert retried.returncode == 0, retried.stdout + retried.stderr
+    wait_for(lambda: len(a.events("message_failed")) == 2, 20, message=a.tail)
+    a.drop("bravo", "data", "good.txt", b"still running")
+    wait_for(lambda: b.inbound("alpha", "data") == {"good.txt": b"still running"}, 30)
+    assert a.running and a.stop() == 0
+    verified = ctl(a, "audit", "verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
