@@ -416,7 +416,9 @@ class PeerLink:
                 if kind != "event":             # lost, or overflow: check the folders
                     rewatch.set()
                 wake(name)
-            found = watcher.add(self.layout.out_dir(name), on_event)
+            out = self.outbound.get(name)
+            found = watcher.add(self.layout.out_dir(name), on_event,
+                                out.writing if out is not None else None)
             if found is not None:
                 mine.append(found)
             return found

@@ -17,6 +17,10 @@ What wakes a subscriber (the mask):
                                the subscriber told it is `lost`, so that pick-up
                                watches whatever folder is at that path now;
   IN_Q_OVERFLOW                events were lost: every subscriber is woken.
+IN_MODIFY wakes no one: with IN_CREATE and IN_CLOSE_WRITE it keeps a subscriber's
+`writing` (name -> (time, written)) up to date, the files a writer may still hold
+open, which pick-up consults where it cannot take a lease (spool/pickup.py). An
+overflow empties it (pick-up then relies on the quiet period alone).
 
 A folder on a network or FUSE file system (NFS, SMB/CIFS, 9p, Ceph, AFS,
 FUSE...) is not watched: inotify sees only what this host writes there, not
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,11 +77,13 @@ def identity(folder: Path) -> tuple[int, int] | None:
 class Watch:
     """One subscription: a folder, as it was when watched, and who to tell."""
 
-    __slots__ = ("folder", "wd", "ident", "on_event")
+    __slots__ = ("folder", "wd", "ident", "on_event", "writing")
 
     def __init__(self, folder: Path, wd: int, ident: tuple[int, int] | None,
-                 on_event: Subscriber) -> None:
+                 on_event: Subscriber,
+                 writing: dict[str, tuple[float, bool]] | None = None) -> None:
         self.folder, self.wd, self.ident, self.on_event = folder, wd, ident, on_event
+        self.writing = writing
 
     def current(self) -> bool:
         """Is the folder at this path still the one watched? A folder replaced by a
@@ -102,8 +109,8 @@ class FolderWatcher:
             self.log.warning("inotify_unavailable", reason=str(exc))
             return
         f = inotify_simple.flags
-        self.mask = (f.MOVED_TO | f.CLOSE_WRITE | f.CREATE | f.MOVE_SELF | f.DELETE_SELF
-                     | f.ONLYDIR | f.DONT_FOLLOW)
+        self.mask = (f.MOVED_TO | f.CLOSE_WRITE | f.CREATE | f.MODIFY | f.MOVE_SELF
+                     | f.DELETE_SELF | f.ONLYDIR | f.DONT_FOLLOW)
 
     @property
     def available(self) -> bool:
@@ -114,8 +121,10 @@ class FolderWatcher:
             self._said.add((event, folder))
             getattr(self.log, level)(event, folder=str(folder), **kw)
 
-    def add(self, folder: Path, on_event: Subscriber) -> Watch | None:
-        """Watch `folder`; None if it does not exist (yet) or cannot be watched."""
+    def add(self, folder: Path, on_event: Subscriber,
+            writing: dict[str, tuple[float, bool]] | None = None) -> Watch | None:
+        """Watch `folder`; None if it does not exist (yet) or cannot be watched.
+        `writing`: kept up to date with the files a writer may hold open (the top)."""
         if self._notifier is None:
             return None
         remote = REMOTE_FS.get(fs_type(folder) or 0)
@@ -134,7 +143,7 @@ class FolderWatcher:
         if ("inotify_watch_failed", folder) in self._said:
             self._said.discard(("inotify_watch_failed", folder))
             self.log.info("inotify_watch_restored", folder=str(folder))
-        watch = Watch(folder, wd, ident, on_event)
+        watch = Watch(folder, wd, ident, on_event, writing)
         self._subs.setdefault(wd, []).append(watch)
         return watch
 
@@ -160,10 +169,18 @@ class FolderWatcher:
         rank = {"event": 0, "overflow": 1, "lost": 2}
         for event in events:
             if event.mask & f.Q_OVERFLOW:
-                for wd in self._subs:
+                for wd, subs in self._subs.items():
                     if rank[kinds.get(wd, "event")] < rank["overflow"]:
                         kinds[wd] = "overflow"
+                    for watch in subs:
+                        if watch.writing:
+                            watch.writing.clear()
             elif event.wd in self._subs:
+                if event.name and event.mask & (f.CREATE | f.MODIFY | f.CLOSE_WRITE) \
+                        and not event.mask & f.ISDIR:
+                    self._writer(self._subs[event.wd], event.name, event.mask)
+                    if not event.mask & ~f.MODIFY:
+                        continue            # a write: nothing to pick up yet
                 kind = ("lost" if event.mask & (f.MOVE_SELF | f.DELETE_SELF | f.IGNORED)
                         else "event")
                 if rank[kind] >= rank[kinds.get(event.wd, "event")]:
@@ -173,6 +190,20 @@ class FolderWatcher:
                 if kind == "lost":
                     self.remove(watch)
                 watch.on_event(kind)
+
+    @staticmethod
+    def _writer(subs: list[Watch], name: str, mask: int) -> None:
+        f = inotify_simple.flags
+        for watch in subs:
+            writing = watch.writing
+            if writing is None:
+                continue
+            if mask & f.CLOSE_WRITE:
+                writing.pop(name, None)
+            elif mask & f.MODIFY:
+                writing[name] = (time.time(), True)
+            else:                               # created: a writer, or a hard link
+                writing.setdefault(name, (time.time(), False))
 
     def close(self) -> None:
         notifier, self._notifier = self._notifier, None

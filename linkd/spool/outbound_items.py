@@ -28,6 +28,12 @@ WINDOW = 1280                    # queued items kept loaded (> the sender's 1,02
 CHECKPOINT_EVERY = 1024          # claims between two records of `next` (recovery's bound)
 CLAIM_BYTES = 64 << 20           # bytes hashed per examine() call (a big file: itself alone)
 SETTLE = 1.0                     # seconds unchanged, where no lease can be taken
+# Where no lease can be taken, inotify tells of writers too (Outbound.writing): a file
+# written to in out/ and not closed since waits for its writer's close, however long
+# it pauses; one created there and neither written nor closed (a hard link, or a
+# writer yet to write) waits this long.
+CREATED_SETTLE = 10.0
+WRITER_RETRY = 0.5               # how soon to look again at a file a writer holds
 # A file this big is claimed without its SHA-256, which is taken after the claim while
 # the sender already sends it (outbound.py, "The late SHA-256"): its first byte leaves
 # at once instead of ~0.6 s per GiB later. Smaller files are hashed at pick-up.
@@ -209,6 +215,7 @@ class OutboundState:
     _backlog_bytes: int
     _backlog: deque[str]
     _not_ready: dict[str, float]
+    writing: dict[str, tuple[float, bool]]
     _ready: bool
     _refused: str | None
     _saved_next: int

@@ -32,7 +32,9 @@ from .outbound_items import (
     _GONE,
     CLAIM_BATCH,
     CLAIM_BYTES,
+    CREATED_SETTLE,
     SETTLE,
+    WRITER_RETRY,
     Candidate,
     Claimed,
     Examined,
@@ -127,7 +129,14 @@ class PickupMixin(OutboundState):
         now = time.monotonic()
         if relist or not self._backlog:
             queued = set(self._backlog)
-            new = [n for n in self._list_out() if n not in queued]
+            listed_at = time.time()
+            listed = self._list_out()
+            if self.writing:        # forget writers of files no longer in out/
+                present = set(listed)
+                for gone in [n for n, (at, _) in list(self.writing.items())
+                             if n not in present and at < listed_at]:
+                    self.writing.pop(gone, None)
+            new = [n for n in listed if n not in queued]
             for n in new:
                 self._listed[n] = self._sizes_seen.get(n, 0)
             self._backlog_add(new)
@@ -215,6 +224,14 @@ class PickupMixin(OutboundState):
             if leased is None:
                 return 0.2              # someone has it open for writing (a cp running)
             if not leased:
+                # No lease (another owner's file, and no CAP_LEASE): inotify saw a
+                # writer (written, or created, and not closed since) or, failing that,
+                # the file must be unchanged for SETTLE seconds. Without the first a
+                # writer pausing longer than SETTLE was claimed truncated, and what
+                # it wrote after went into a file already sent and deleted.
+                mark = self.writing.get(name)
+                if mark is not None and (mark[1] or time.time() - mark[0] < CREATED_SETTLE):
+                    return WRITER_RETRY
                 settled = time.time() - max(st.st_mtime, st.st_ctime)
                 if settled < SETTLE:
                     return SETTLE - settled + 0.01

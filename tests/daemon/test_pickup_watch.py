@@ -347,3 +347,30 @@ async def test_a_folder_replaced_while_events_overflowed_is_watched_again(tmp_pa
         drop(link, "data", "into-new.txt", b"x")           # only a new watch sees this
         await _queued(link, "into-new.txt")
         nursery.cancel_scope.cancel()
+
+
+def test_the_watcher_keeps_the_files_a_writer_holds_open(watcher, tmp_path):
+    """Where pick-up gets no lease (another owner's file, no CAP_LEASE), the watch's
+    `writing` tells it which files a writer may still hold open (an operator trial:
+    a writer pausing longer than the quiet period was claimed truncated)."""
+    calls, writing = [], {}
+    watcher.add(tmp_path, lambda kind: calls.append(kind), writing)
+
+    def pump():
+        watcher.dispatch(watcher._notifier.read(timeout=0))
+
+    fd = os.open(tmp_path / "slow.bin", os.O_WRONLY | os.O_CREAT, 0o644)
+    pump()
+    assert writing["slow.bin"][1] is False and calls == ["event"]      # created
+    os.write(fd, b"part one")
+    pump()
+    # written: marked, and no one woken for a write (a cp would wake pick-up per write)
+    assert writing["slow.bin"][1] is True and calls == ["event"]
+    os.close(fd)
+    pump()
+    assert writing == {} and calls == ["event", "event"]
+    os.link(tmp_path / "slow.bin", tmp_path / "linked.bin")        # created, never closed
+    pump()
+    assert writing["linked.bin"][1] is False
+    watcher.dispatch([_event(-1, inotify_simple.flags.Q_OVERFLOW)])
+    assert writing == {}            # events were lost: the quiet period alone decides

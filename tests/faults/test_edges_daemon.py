@@ -32,6 +32,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -106,12 +107,40 @@ def both(a: Daemon, b: Daemon) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("how", ["chunked-64MiB", "cp-200MiB", "slow-direct"])
+NO_LEASE = ["setpriv", "--bounding-set=-lease", "--inh-caps=-lease"]
+LEASE_PROBE = """
+import fcntl, sys
+fd = open(sys.argv[1], "rb")
+try:
+    fcntl.fcntl(fd, 1024, fcntl.F_RDLCK)    # F_SETLEASE
+except PermissionError:
+    sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize("how", ["chunked-64MiB", "cp-200MiB", "slow-direct",
+                                 "slow-other-owner"])
 def test_in_place_writer_arrives_complete(tmp_path: Path, how: str) -> None:
     """A file written straight into out/<ch>/ is sent only once its writer closed it:
     it arrives complete, byte-identical, exactly once (today: IN_CREATE picks it up at
-    0 or a few bytes, it is delivered truncated and logged message_sent)."""
-    a, b = two(tmp_path, [{"name": "data"}])
+    0 or a few bytes, it is delivered truncated and logged message_sent).
+
+    slow-other-owner (an operator trial): the producer is another user and the daemon
+    lacks CAP_LEASE (the shipped unit), so no lease tells that a writer holds the file;
+    one pausing longer than the quiet period was claimed truncated, and what it wrote
+    after went into a file already sent and deleted."""
+    a, b = two(tmp_path, [{"name": "data"}], start=how != "slow-other-owner")
+    if how == "slow-other-owner":
+        if os.geteuid() != 0 or shutil.which("setpriv") is None:
+            pytest.skip("needs root (a file of another owner) and setpriv (no CAP_LEASE)")
+        probe = tmp_path / "lease-probe"
+        probe.write_bytes(b"x")
+        os.chown(probe, 65534, 65534)
+        taken = subprocess.run([*NO_LEASE, sys.executable, "-c", LEASE_PROBE, str(probe)])
+        if taken.returncode != 1:
+            pytest.skip("setpriv did not take CAP_LEASE away here")
+        a.wrap = list(NO_LEASE)
+        start_connected(a, b)
     try:
         out = a.out_dir("bravo", "data")
         name = "big.bin"
@@ -125,12 +154,18 @@ def test_in_place_writer_arrives_complete(tmp_path: Path, how: str) -> None:
             size = 200 * MiB
             payload_sha = write_file(src, size)
             proc = subprocess.Popen(["cp", str(src), str(out / name)])
-        else:
+        elif how == "slow-direct":
             # open, 1000 bytes, pause past the 2 s rescan (twice), then 200 KiB, close
             size = 1000 + 200 * 1024
             proc = start_writer(out / name, size, chunk=50 * 1024, pause=0.2, first=1000,
                                 first_pause=4.5, seed=2)
             payload_sha = sha(writer_payload(size, 2))
+        else:
+            # as the trial's producer: 50,000 bytes at a time, 2 s apart (past SETTLE)
+            size = 5 * 50_000
+            proc = start_writer(out / name, size, chunk=50_000, pause=2.0, seed=3,
+                                owner=65534)
+            payload_sha = sha(writer_payload(size, 3))
         assert proc.wait(60) == 0, "the writer failed"
         # message_sent is logged just after the queue is emptied: wait for both
         wait_for(lambda: delivered(b, "data") and drained(a, ["data"])

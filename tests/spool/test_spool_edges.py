@@ -150,6 +150,46 @@ def test_1_a_file_written_again_meanwhile_waits_settle_seconds_again(layout, clo
     assert [c.size for c in ob.examine().ready] == [len(b"part one and two")]
 
 
+def test_1_without_a_lease_a_file_a_writer_holds_waits_for_its_close(layout, clock,
+                                                                        monkeypatch):
+    # operator trial: a producer of another uid paused longer than SETTLE with the
+    # file open; claimed, it was delivered truncated and the rest of it was lost.
+    # The watcher (inotify) marks a file written and not closed since.
+    monkeypatch.setattr(Outbound, "_lease", staticmethod(lambda fd: False))
+    put(layout, "slow.bin", b"part one")
+    ob = outbound(layout)
+    ob.writing["slow.bin"] = (clock.time(), True)
+    clock.offset = outbound_module.SETTLE * 100     # however long the writer pauses
+    found = ob.examine()
+    assert found.ready == [] and 0 < found.retry_after <= outbound_module.WRITER_RETRY
+    del ob.writing["slow.bin"]                      # IN_CLOSE_WRITE
+    clock.offset += 1
+    assert [c.name for c in ob.examine().ready] == ["slow.bin"]
+
+
+def test_1_without_a_lease_a_file_created_and_not_written_waits_a_while(layout, clock,
+                                                                         monkeypatch):
+    # created in out/ and neither written nor closed: a writer yet to write, or a hard
+    # link (`ln`, which no close follows): waited for CREATED_SETTLE, then taken
+    monkeypatch.setattr(Outbound, "_lease", staticmethod(lambda fd: False))
+    put(layout, "linked.bin", b"whole")
+    ob = outbound(layout)
+    ob.writing["linked.bin"] = (clock.time(), False)
+    clock.offset = outbound_module.SETTLE * 2
+    assert ob.examine().ready == []
+    clock.offset = outbound_module.CREATED_SETTLE + 1
+    assert [c.name for c in ob.examine(relist=True).ready] == ["linked.bin"]
+
+
+def test_1_writers_of_files_gone_from_out_are_forgotten(layout, clock):
+    put(layout, "here.bin")
+    ob = outbound(layout)
+    ob.writing.update({"here.bin": (clock.time() - 5, True),
+                       "gone.bin": (clock.time() - 5, True)})
+    ob.examine(relist=True)
+    assert set(ob.writing) == {"here.bin"}
+
+
 # -- (3) acknowledgements name what they resolve ------------------------------
 
 def test_3_resolving_unknown_or_unclaimed_seqs_is_harmless(layout):

@@ -521,11 +521,13 @@ def open_paths(pid: int) -> set[str]:
 
 WRITER = r"""
 import os, random, sys, time
-path, size, chunk, pause, first, first_pause, seed = sys.argv[1:8]
-size, chunk, first, seed = int(size), int(chunk), int(first), int(seed)
+path, size, chunk, pause, first, first_pause, seed, owner = sys.argv[1:9]
+size, chunk, first, seed, owner = int(size), int(chunk), int(first), int(seed), int(owner)
 pause, first_pause = float(pause), float(first_pause)
 data = random.Random(seed).randbytes(size)
 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+if owner >= 0:
+    os.fchown(fd, owner, owner)     # another user's file: the daemon gets no lease on it
 done = 0
 if first:
     done = os.write(fd, data[:first])
@@ -545,10 +547,12 @@ def writer_payload(size: int, seed: int) -> bytes:
 
 
 def start_writer(path: Path, size: int, *, chunk: int = 1 << 20, pause: float = 0.05,
-                 first: int = 0, first_pause: float = 0.0, seed: int = 0,
+                 first: int = 0, first_pause: float = 0.0, seed: int = 0, owner: int = -1,
                  ) -> subprocess.Popen[bytes]:
     """A separate process that writes `size` bytes straight into `path` (in place, like
     `cp`): open, optionally `first` bytes then `first_pause` seconds, then `chunk`-byte
-    writes with `pause` after each, then close. Its content is writer_payload(size, seed)."""
+    writes with `pause` after each, then close. Its content is writer_payload(size, seed).
+    `owner` (root only): the file is given to that uid and gid once created."""
     return subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(size), str(chunk),
-                             str(pause), str(first), str(first_pause), str(seed)])
+                             str(pause), str(first), str(first_pause), str(seed),
+                             str(owner)])
