@@ -189,7 +189,6 @@ class PeerLink:
 
     def refresh_queued(self, channels: list[str] | None = None) -> None:
         """Recount `queued` (and the oldest queued file's age) for `channels`."""
-        now = time.time()
         for name in list(self.outbound) if channels is None else channels:
             out = self.outbound.get(name)
             if out is None:
@@ -202,8 +201,7 @@ class PeerLink:
             stats.queued = count + waiting_count
             stats.queued_bytes = size + waiting_bytes
             self.oldest_claim[name] = oldest
-            if hasattr(stats, "oldest_queued_age_s"):
-                stats.oldest_queued_age_s = None if oldest is None else round(now - oldest, 3)
+            stats.oldest_queued_at = oldest
 
     def iter_queue_entries(self, channel: str | None = None) -> Iterator[JSONObject]:
         """Blocking: every queued file of this peer (CONTRACT §10 `linkctl queue`),

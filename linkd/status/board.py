@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -50,7 +51,7 @@ class ChannelStats:
     `note_*` helpers count acknowledged (sent) and delivered (received) files.
     `failed` is the number of files in failed/<channel>/ now (recounted from the
     folder, so it survives a restart). `paused`, `held`, `in_flight` and
-    `oldest_queued_age_s` are filled by the sender (None: nothing to say);
+    `oldest_queued_at` are filled by the sender (None: nothing to say);
     `inbound_error` by the receiver: why it could not store the last message it
     received (disk full...), until a message is stored again. `awaiting_ack`
     (messages sent whole that the peer has not acknowledged yet) is read when a
@@ -73,10 +74,18 @@ class ChannelStats:
     paused: bool = False
     held: str | None = None                     # why the channel's files wait, e.g. not offered
     in_flight: dict[str, Any] | None = None     # {name, seq, size, sent_bytes}
-    oldest_queued_age_s: float | None = None
+    oldest_queued_at: float | None = None       # time.time() the oldest queued file was claimed
     inbound_error: str | None = None            # the receiver's storage failed: why
     unacked_source: Callable[[str], tuple[int, int, float | None]] | None = \
         dataclasses.field(default=None, repr=False, compare=False)
+
+    @property
+    def oldest_queued_age_s(self) -> float | None:
+        """Seconds since the oldest queued file was claimed, as of now: it grows while
+        nothing moves (a paused channel, a link down), which is what the queue-age
+        alarms watch for."""
+        at = self.oldest_queued_at
+        return None if at is None else round(max(0.0, time.time() - at), 3)
 
     def unacked(self) -> tuple[int, int, float | None]:
         """(messages awaiting the peer's ack, their bytes, the oldest one's age in

@@ -657,3 +657,20 @@ def test_a_file_name_that_is_not_utf8_fails_without_stopping_the_daemon(
     assert a.running and a.stop() == 0
     verified = ctl(a, "audit", "verify")
     assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_the_queue_age_grows_while_nothing_moves(tmp_path: Path, daemons: list[Any]) -> None:
+    # operator trial: the oldest queued file's age was computed when the queue last
+    # changed and then stayed (0.002 s for a paused channel's file after minutes), so
+    # `linkctl check --max-queue-age` and the LinkdQueueStuck alert could never fire
+    a, b = make_pair(tmp_path)
+    daemons += [a, b]
+    assert ctl(a, "pause", "--peer", "bravo", "--channel", "data").returncode == 0
+    a.drop("bravo", "data", "held.txt", b"waits")
+    wait_for(lambda: a.status()["peers"][0]["channels"][0]["queued"] == 1, 15)
+    first = a.status()["peers"][0]["channels"][0]["oldest_queued_age_s"]
+    wait_for(lambda: a.status()["peers"][0]["channels"][0]["oldest_queued_age_s"]
+             > first + 1.0, 15)
+    check = wait_for(lambda: (r := ctl(a, "check", "--max-queue-age", "1")).returncode == 2
+                     and r, 15)
+    assert check.stdout.startswith("CRITICAL"), check.stdout

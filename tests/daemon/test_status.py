@@ -241,6 +241,24 @@ def test_metrics_parse_with_linkd_names_and_values() -> None:
         in parse_metrics(board.metrics())[1]
 
 
+def test_the_oldest_queued_age_is_read_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    # operator trial: it was the age when the queue last changed, frozen after that
+    import linkd.status.board as board_mod
+    board = make_board()
+    connect_bravo(board)
+    data = board.peers["bravo"].channel("data")
+    now = [1_000_000.0]
+    monkeypatch.setattr(board_mod.time, "time", lambda: now[0])
+    data.oldest_queued_at = now[0] - 2
+    assert data.document()["oldest_queued_age_s"] == 2
+    now[0] += 600                   # nothing moved since (a paused channel, a link down)
+    assert data.document()["oldest_queued_age_s"] == 602
+    assert ("linkd_channel_oldest_queued_age_seconds", {"peer": "bravo", "channel": "data"},
+            602.0) in parse_metrics(board.metrics())[1]
+    data.oldest_queued_at = None
+    assert data.document()["oldest_queued_age_s"] is None
+
+
 def test_metrics_escape_label_values() -> None:
     weird = 'a"b\\c\nd'
     board = StatusBoard("n", weird)
