@@ -146,6 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"linkctl: {exc}", file=sys.stderr)
         return 1
+    except PermissionError as exc:
+        # e.g. `audit verify` or `receipt show` by a user outside the daemon's state
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"linkctl: cannot read{where}: permission denied: run it as the daemon's "
+              "user or root (the state folder is theirs alone)", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"linkctl: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 2

@@ -60,6 +60,17 @@ def _inodes(directory: Path) -> dict[int, str]:
         return {}
 
 
+def _readable(folder: Path) -> bool:
+    """Whether this user can list `folder` (True if it does not exist: nothing to list)."""
+    try:
+        os.stat(folder)
+    except FileNotFoundError:
+        return True
+    except PermissionError:
+        return False            # a folder above it is closed to this user
+    return os.access(folder, os.R_OK | os.X_OK)
+
+
 def _queue_dirs(layout: SpoolLayout, channel: str) -> list[Path]:
     """Where claimed files wait: the spool's queue/<ch>/ (CONTRACT rev. 2) and, for a
     daemon of the previous layout, its state-dir claim folder."""
@@ -117,6 +128,17 @@ def run_send(cfg: Config, peer_name: str, channel: str, files: list[str], wait: 
         print(f"linkctl: {out_dir} does not exist: start linkd once to create the spool",
               file=sys.stderr)
         return 1
+    if wait:
+        # Refused before anything is queued: a producer in spool_group may write into
+        # out/ but not read where the daemon keeps its files (queue/, failed/), so it
+        # could not follow them; failing after queueing invites a retry, a duplicate.
+        for folder in [*_queue_dirs(layout, channel), layout.failed_dir(channel)]:
+            if not _readable(folder):
+                print(f"linkctl: --wait follows each file through {folder}, which this user "
+                      f"cannot read: run it as the daemon's user or root, or send without "
+                      f"--wait and follow with `linkctl queue`; nothing was queued",
+                      file=sys.stderr)
+                return 1
     queued: list[tuple[str, int]] = []
     for source in sources:
         try:

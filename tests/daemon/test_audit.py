@@ -334,3 +334,18 @@ def test_a_log_failed_by_a_full_disk_resumes_and_still_verifies(tmp_path, monkey
     code, out = verify(capsys, "--log", str(log.path))
     assert code == 0, out
 
+
+
+def test_a_state_folder_this_user_cannot_read_is_one_line(logs, monkeypatch, capsys):
+    # operator trial: `linkctl -c CONFIG audit verify` (and `receipt show`) run by a
+    # user outside the daemon's state folder ended in a PermissionError traceback
+    _alog, _blog, a, _b = logs
+    folder = a.state / "audit"
+
+    def closed(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(A, "rotated_files", closed)
+    code = linkctl(["-c", str(a.config_path), "audit", "verify"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1, err
+    assert str(folder) in err and "permission denied" in err and "root" in err

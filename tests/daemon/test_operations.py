@@ -344,6 +344,22 @@ def test_a_producer_in_spool_group_drops_a_file(daemons: list[Any], cleanup: lis
                              "--inh-caps=-all", "--bounding-set=-all", python, "-c", script,
                              str(out)], capture_output=True, text=True)
     assert denied.returncode != 0
+    # `linkctl send --wait` as that producer (operator trial: it queued the file, then
+    # failed reading queue/ with a traceback and exit 1; a retry made a duplicate)
+    producer = ["setpriv", "--reuid=65534", "--regid=65534", f"--groups={group.gr_gid}",
+                "--inh-caps=-all", "--bounding-set=-all", sys.executable]
+    if subprocess.run([*producer, "-c", "import linkd"], capture_output=True).returncode:
+        return          # the test interpreter is not usable by another user
+    source = root / "w.txt"
+    source.write_text("wait for me")
+    source.chmod(0o644)
+    waited = subprocess.run([*producer, "-m", "linkd.cli.linkctl_main", "-c",
+                             str(a.config_path), "send", "--peer", "bravo", "--channel",
+                             "data", str(source), "--wait", "--timeout", "30"],
+                            capture_output=True, text=True, timeout=60)
+    assert waited.returncode == 1 and len(waited.stderr.splitlines()) == 1, waited
+    assert "nothing was queued" in waited.stderr and "Traceback" not in waited.stderr
+    assert not (out / "w.txt").exists()
 
 
 # --------------------------------------------------------------------------- config, pki
