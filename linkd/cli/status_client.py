@@ -170,11 +170,17 @@ def _number(value: Any) -> float:
 
 
 def _transfers(channels: list[dict[str, Any]]) -> list[str]:
-    """Under a peer's channel table: the message each channel is sending, and the
-    messages sent whole that the peer has not acknowledged yet (a peer that stores
-    nothing and says nothing shows here first)."""
+    """Under a peer's channel table: why a channel cannot store what it receives,
+    the message each channel is sending, and the messages sent whole that the peer
+    has not acknowledged yet (a peer that stores nothing and says nothing shows here
+    first)."""
     lines = []
     for c in channels:
+        if c.get("inbound_error"):
+            # this side cannot store what the peer sends (a full disk...): the
+            # operator who must fix it reads this table, not the peer's
+            lines.append(f"  {c.get('name')}: CANNOT STORE what the peer sends: "
+                         f"{c['inbound_error']}")
         flight = c.get("in_flight")
         if isinstance(flight, dict):
             done = human_bytes(int(_number(flight.get("sent_bytes"))))

@@ -301,6 +301,21 @@ def test_format_status_names_peers_states_and_channels() -> None:
     assert "  lower priorities held back 0.4s in all" in text, text
 
 
+def test_format_status_shows_a_channel_that_cannot_store() -> None:
+    # operator trial: a full disk on the receiving side showed in its /status JSON,
+    # check and metrics, but its own status table looked normal
+    board = make_board()
+    connect_bravo(board)
+    board.peers["bravo"].channel("data").inbound_error = \
+        "writing seq 3 on bravo/data failed: No space left on device"
+    text = format_status(json.loads(json.dumps(board.document())), now=T0)
+    assert "  data: CANNOT STORE what the peer sends: writing seq 3 on bravo/data failed: " \
+           "No space left on device" in text, text
+    board.peers["bravo"].channel("data").note_received(10)    # it stores again
+    assert "CANNOT STORE" not in format_status(json.loads(json.dumps(board.document())),
+                                               now=T0)
+
+
 def test_format_status_copes_with_no_peers_and_odd_values() -> None:
     assert "no peers" in format_status({"node": "n", "version": "1", "peers": []})
     assert "bravo" in format_status({"peers": [{"name": "bravo", "channels": None}]})
