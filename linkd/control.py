@@ -35,6 +35,7 @@ import datetime as dt
 import errno
 import json
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -172,8 +173,7 @@ def list_failed(layout: Any, peer: str, channels: list[str]) -> list[dict[str, A
         folder = Path(layout.failed_dir(channel))
         try:
             with os.scandir(folder) as it:
-                found = [e for e in it if e.is_file(follow_symlinks=False)
-                         and not e.name.startswith(".") and not e.name.endswith(".reason")]
+                found = [e for e in it if _a_failed_file(e)]
         except (FileNotFoundError, NotADirectoryError):
             continue
         rows = []
@@ -193,12 +193,20 @@ def list_failed(layout: Any, peer: str, channels: list[str]) -> list[dict[str, A
     return entries
 
 
+def _a_failed_file(entry: os.DirEntry[str]) -> bool:
+    """What a failed/ (or quarantine/) folder holds for the operator: anything but a
+    folder, a dot-file or a .reason file. Not only regular files: a symbolic link or a
+    FIFO dropped into out/ is moved there too, with its reason (an operator trial found
+    them uncounted and unlisted)."""
+    return not entry.is_dir(follow_symlinks=False) and not entry.name.startswith(".") \
+        and not entry.name.endswith(".reason")
+
+
 def count_files(folder: Path) -> int:
-    """Blocking: regular files in `folder` that are not dot-files or .reason files."""
+    """Blocking: the entries of `folder` an operator must look at (_a_failed_file)."""
     try:
         with os.scandir(folder) as it:
-            return sum(1 for e in it if e.is_file(follow_symlinks=False)
-                       and not e.name.startswith(".") and not e.name.endswith(".reason"))
+            return sum(1 for e in it if _a_failed_file(e))
     except OSError:
         return 0
 
@@ -213,8 +221,15 @@ def retry_failed(layout: Any, channel: str, names: list[str]) -> list[tuple[str,
             continue
         src, dst = failed / name, out / name
         try:
-            if not src.is_file() or src.is_symlink():
+            try:
+                st = os.lstat(src)
+            except FileNotFoundError:
                 results.append((name, f"not in {failed}"))
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+                results.append((name, f"{src} is {what}, which linkd never sends: put a copy "
+                                      f"of the file itself into {out} and delete this one"))
                 continue
             _renameat2(src, dst)
         except FileExistsError:

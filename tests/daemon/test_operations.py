@@ -690,3 +690,27 @@ def test_the_queue_age_grows_while_nothing_moves(tmp_path: Path, daemons: list[A
     check = wait_for(lambda: (r := ctl(a, "check", "--max-queue-age", "1")).returncode == 2
                      and r, 15)
     assert check.stdout.startswith("CRITICAL"), check.stdout
+
+
+def test_a_symlink_and_a_fifo_in_failed_are_counted_listed_and_not_retried(
+        tmp_path: Path, daemons: list[Any]) -> None:
+    # operator trial: both went to failed/ with their reasons, but `linkctl failed`,
+    # the FAILED column, check and the metric counted regular files only, and
+    # `linkctl retry` said the link was "not in failed/"
+    a, b = make_pair(tmp_path)
+    daemons += [a, b]
+    out = a.out_dir("bravo", "data")
+    target = tmp_path / "target.txt"
+    target.write_text("not sent through a link")
+    os.symlink(target, out / "sym.txt")
+    os.mkfifo(out / "pipe")
+    folder = a.failed_dir("bravo", "data")
+    wait_for(lambda: {"sym.txt", "pipe"} <= set(os.listdir(folder)), 20, message=a.tail)
+    wait_for(lambda: peer(a, "bravo")["channels"][0]["failed"] == 2, 15)
+    listed = json.loads(ctl(a, "failed", "--json").stdout)
+    rows = listed["failed"] if isinstance(listed, dict) else listed
+    assert sorted(r["name"] for r in rows) == ["pipe", "sym.txt"], listed
+    assert all(r["reason"] for r in rows), rows
+    retried = ctl(a, "retry", "--peer", "bravo", "--channel", "data", "sym.txt")
+    assert retried.returncode == 1 and "symbolic link" in retried.stderr, retried
+    assert os.path.islink(folder / "sym.txt")
