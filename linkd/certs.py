@@ -342,14 +342,8 @@ def check_spool(cfg: Config) -> list[str]:
     node = cfg.node
     problems = [p for p in (_dir_problem(node.spool_dir, "node.spool_dir", "0750"),
                             _dir_problem(node.state_dir, "node.state_dir", "0700")) if p]
-    spool, state = _nearest(node.spool_dir), _nearest(node.state_dir)
-    if not isinstance(spool, str) and not isinstance(state, str) \
-            and spool[1].st_dev != state[1].st_dev:
-        problems.append(
-            f"{_show(node.state_dir)} (node.state_dir): is on another filesystem than "
-            f"{_show(node.spool_dir)} (node.spool_dir): linkd claims a file with an atomic "
-            "rename() from out/ into the state folder, which cannot cross filesystems: put "
-            "state_dir on the spool's filesystem (the default is <spool_dir>/.linkd)")
+    # (state_dir may be on another file system: since CONTRACT revision 2 a claim
+    # renames a file from out/ into the spool's own queue/, never into state_dir)
     sock = node.status_socket
     shown = _show(sock)
     size = len(os.fsencode(sock))
@@ -358,15 +352,10 @@ def check_spool(cfg: Config) -> list[str]:
                         f"{_SUN_PATH_MAX} a UNIX socket allows: choose a shorter path")
     parent = sock.parent
     if parent not in (node.state_dir, node.spool_dir):    # those two are checked above
-        found = _nearest(parent)
-        if not isinstance(found, str) and found[0] == parent:
-            problem = _dir_problem(parent, "node.status_socket", "0750")
-            if problem:
-                problems.append(problem)
-        elif not parent.is_relative_to(node.state_dir):   # linkd makes it under state_dir
-            problems.append(f"{shown} (node.status_socket): folder {_show(parent)} does not "
-                            "exist: create it (e.g. systemd RuntimeDirectory=linkd) or put "
-                            "the socket under state_dir")
+        # linkd creates a missing folder itself (0700): a problem only if it cannot
+        problem = _dir_problem(parent, "node.status_socket", "0750")
+        if problem:
+            problems.append(problem)
     try:
         st = os.lstat(sock)
     except OSError:
