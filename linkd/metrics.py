@@ -110,7 +110,8 @@ class BoardCollector(Collector):
         yield start
         audit = GaugeMetricFamily("linkd_audit_log_failed",
                                   "1 while the audit log cannot be written (every delivery "
-                                  "is refused until linkd restarts), else 0.")
+                                  "is refused until it can again: after a full disk, by "
+                                  "itself; else after a restart), else 0.")
         audit.add_metric([], 1.0 if board.audit_problem() else 0.0)
         yield audit
 

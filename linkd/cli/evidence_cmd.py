@@ -162,9 +162,9 @@ def _hash_file(path: Path) -> tuple[str, int]:
 
 # -- audit -------------------------------------------------------------------------
 
-def _files(log: Path) -> list[Path]:
+def _files(log: Path, option: str = "--log") -> list[Path]:
     if not log.exists():
-        raise _Fail(f"no audit log at {log} (give --log FILE)")
+        raise _Fail(f"no audit log at {log} (give {option} FILE)")
     if log.is_dir():
         return [*A.rotated_files(log), log / "audit.jsonl"]
     if log.name == "audit.jsonl":
@@ -173,7 +173,7 @@ def _files(log: Path) -> list[Path]:
 
 
 def audit_verify(log: Path, peer_log: Path | None) -> int:
-    peer = _files(peer_log) if peer_log is not None else None
+    peer = _files(peer_log, "--peer-log") if peer_log is not None else None
     verdict = A.verify(_files(log), peer)
     if not verdict.ok:
         raise _Fail(f"audit log NOT OK: {verdict.message}")

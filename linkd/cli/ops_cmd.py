@@ -213,6 +213,15 @@ def _when(value: Any) -> dt.datetime | None:
         return None
 
 
+def _short(text: str, limit: int) -> str:
+    """`text` cut to about `limit` characters at a word's end, with an ellipsis (a reason
+    cut mid-word, "self-signed certifi", read as a typo)."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit].rsplit(" ", 1)[0] if " " in text[:limit] else text[:limit]
+    return cut.rstrip(" ,;:") + "…"
+
+
 def evaluate(doc: dict[str, Any], heartbeat_timeout: float, max_queue_age: float | None,
              now: dt.datetime | None = None) -> tuple[int, str]:
     """(Nagios code, line) for a /status document (CONTRACT §1)."""
@@ -232,7 +241,7 @@ def evaluate(doc: dict[str, Any], heartbeat_timeout: float, max_queue_age: float
             if down_for > heartbeat_timeout:
                 what = f"{name} down for {int(down_for)}s"
                 if p.get("last_error"):
-                    what += f" ({_clean(str(p['last_error']))[:80]})"
+                    what += f" ({_short(_clean(str(p['last_error'])), 80)})"
                 critical.append(what)
         for c in p.get("channels") or []:
             queued += int(c.get("queued") or 0)
@@ -243,19 +252,20 @@ def evaluate(doc: dict[str, Any], heartbeat_timeout: float, max_queue_age: float
             if c.get("failed"):
                 warning.append(f"{name}/{c.get('name')} {c['failed']} in failed/")
             if c.get("held") and not c.get("paused"):
-                warning.append(f"{name}/{c.get('name')} held: {_clean(str(c['held']))[:200]}")
+                held = _short(_clean(str(c["held"])), 200)
+                warning.append(f"{name}/{c.get('name')} held: {held}")
             unacked = c.get("oldest_unacked_age_s")
             if isinstance(unacked, (int, float)) and unacked > UNACKED_WARN_S:
                 warning.append(f"{name}/{c.get('name')} {c.get('awaiting_ack')} awaiting the "
                                f"peer's ack, the oldest for {int(unacked)}s")
             if c.get("inbound_error"):
                 warning.append(f"{name}/{c.get('name')} cannot store what arrives: "
-                               f"{_clean(str(c['inbound_error']))[:200]}")
+                               f"{_short(_clean(str(c['inbound_error'])), 200)}")
         if p.get("quarantined"):
             warning.append(f"{name} {p['quarantined']} in quarantine/")
     audit = doc.get("audit") or {}
     if audit.get("failed"):
-        critical.append(f"deliveries refused: {_clean(str(audit['failed']))[:160]}")
+        critical.append(f"deliveries refused: {_short(_clean(str(audit['failed'])), 160)}")
     tls = doc.get("tls") or {}
     dates = [("our certificate", tls.get("cert_not_after")),
              ("CRL", tls.get("crl_next_update"))]

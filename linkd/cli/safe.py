@@ -20,6 +20,10 @@ from typing import Any
 
 def _escape(c: str) -> str:
     n = ord(c)
+    if 0xDC80 <= n <= 0xDCFF:
+        # a byte of a file name that is not UTF-8 (Python's surrogateescape): shown as
+        # that byte, which bash's $'...' takes back (linkctl retry ... $'bad\xff.txt')
+        return f"\\x{n - 0xDC00:02x}"
     if n < 0x100:
         return f"\\x{n:02x}"
     if n < 0x10000:

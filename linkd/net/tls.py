@@ -120,6 +120,12 @@ def identify(der: bytes | None, candidates: list[PeerConfig],
     return PeerIdentity(peer=peer, subject=_subject(cert), not_after=not_after, sha256=digest)
 
 
+# X509_V_ERR_* meaning the chain does not lead to our CA: UNABLE_TO_GET_ISSUER_CERT,
+# CERT_SIGNATURE_FAILURE, DEPTH_ZERO_SELF_SIGNED_CERT, SELF_SIGNED_CERT_IN_CHAIN,
+# UNABLE_TO_GET_ISSUER_CERT_LOCALLY, UNABLE_TO_VERIFY_LEAF_SIGNATURE
+_ISSUER_ERRORS = frozenset({2, 7, 18, 19, 20, 21})
+
+
 def _verify_message(errnum: int) -> str:
     text = _lib.X509_verify_cert_error_string(errnum)
     return _ffi.string(text).decode("ascii", "replace") if text else f"error {errnum}"
@@ -133,12 +139,16 @@ class Verifier:
     configured: list[PeerConfig] | None = None
     error: str | None = None
     identity: PeerIdentity | None = None
+    ca: str | None = None               # our [tls].ca, named when a chain does not lead there
 
     def check(self, cert: crypto.X509, errnum: int, depth: int, ok: int) -> bool:
         if not ok:
             if self.error is None:
                 self.error = f"certificate verify failed: {_verify_message(errnum)}" + (
-                    f" (at chain depth {depth})" if depth else "")
+                    f" (at chain depth {depth})" if depth else "") + (
+                    f": the peer's certificate was not issued by our [tls].ca"
+                    f"{f' ({self.ca})' if self.ca else ''}; both sites need the "
+                    f"link's CA" if errnum in _ISSUER_ERRORS else "")
             return False
         if depth != 0:
             return True
@@ -212,17 +222,18 @@ class TLSContexts:
     server: SSL.Context
     client: SSL.Context
     require_post_quantum: bool = False
+    ca: str | None = None
 
     def server_stream(self, transport: trio.abc.Stream,
                       candidates: list[PeerConfig]) -> TLSStream:
         return TLSStream(transport, self.server, server_side=True,
-                         app_data=Verifier(list(candidates)))
+                         app_data=Verifier(list(candidates), ca=self.ca))
 
     def client_stream(self, transport: trio.abc.Stream, peer: PeerConfig,
                       server_hostname: str | None = None,
                       configured: list[PeerConfig] | None = None) -> TLSStream:
         return TLSStream(transport, self.client, server_hostname=server_hostname,
-                         app_data=Verifier([peer], configured))
+                         app_data=Verifier([peer], configured, ca=self.ca))
 
     async def finish_handshake(self, stream: TLSStream) -> PeerIdentity:
         """Run the handshake and return who the peer is, or raise TLSRefused (the reason).
@@ -270,7 +281,7 @@ def _no_shared_group(detail: str) -> bool:
 
 def make_contexts(cfg: Config) -> TLSContexts:
     return TLSContexts(server=_context(cfg), client=_context(cfg),
-                       require_post_quantum=cfg.tls.require_post_quantum)
+                       require_post_quantum=cfg.tls.require_post_quantum, ca=str(cfg.tls.ca))
 
 
 def tls_info(stream: TLSStream, identity: PeerIdentity) -> JSONObject:

@@ -103,7 +103,29 @@ def describe_openssl_error(exc: BaseException) -> str:
     text = "; ".join(reasons)
     if text == "unexpected eof while reading":
         return EOF_WITHOUT_CLOSE_NOTIFY
+    for alert, meaning in _ALERTS.items():
+        if alert in text:
+            return f"{text}: {meaning}"
     return text
+
+
+# Alerts the peer sends when it refuses us: what each says about our side (OpenSSL's
+# own words are about the protocol, and read as if the fault were ours to find here)
+_ALERTS = {
+    "alert unknown ca": "the peer does not trust the CA that issued our certificate "
+                        "(its [tls].ca is not ours): both sites need the link's CA",
+    "alert certificate revoked": "the peer's CRL revokes our certificate: issue a new one",
+    "alert certificate expired": "the peer finds our certificate expired (or its clock is "
+                                 "off): renew it",
+    "alert bad certificate": "the peer refused our certificate; its log (tls_refused) "
+                             "says why",
+    "alert certificate unknown": "the peer refused our certificate; its log (tls_refused) "
+                                 "says why",
+    "alert internal error": "the peer refused the session, e.g. our certificate names "
+                            "another node than the one it expects here; its log "
+                            "(tls_refused) says why",
+    "alert access denied": "the peer refused the session; its log (tls_refused) says why",
+}
 
 
 class _State(enum.Enum):

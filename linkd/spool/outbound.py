@@ -169,6 +169,17 @@ from .recovery_out import RecoveryMixin
 SPARE_RECORDS = 256     # retired .meta files kept per channel for reuse (queue/<ch>/.spare-N)
 
 
+def _changed(st: os.stat_result, item: Claimed) -> str:
+    """Why a queued file no longer is the one claimed, in the words that fit."""
+    if st.st_ino != item.ino:
+        how = "replaced by another file"
+    elif st.st_size != item.size:
+        how = f"now {st.st_size} bytes, {item.size} when queued"
+    else:
+        how = f"written to in place: the same size, {st.st_size} bytes, a newer modification time"
+    return f"it was changed after it was queued ({how})"
+
+
 class Outbound(PickupMixin, RecoveryMixin):
     """One peer's outbound channel (see the module docstring)."""
 
@@ -405,8 +416,7 @@ class Outbound(PickupMixin, RecoveryMixin):
                 raise FileChanged("it is no longer a regular file")
             if item.ino and (st.st_ino, st.st_size, st.st_mtime_ns) != \
                     (item.ino, item.size, item.mtime_ns):
-                raise FileChanged(f"it was changed after it was queued (now {st.st_size} "
-                                  f"bytes, claimed with {item.size})")
+                raise FileChanged(_changed(st, item))
             if item.ctime_ns and st.st_ctime_ns != item.ctime_ns:
                 raise FileChanged("it was changed after it was queued (its ctime moved: "
                                   "written to, or its times set)")

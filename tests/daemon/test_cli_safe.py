@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import ssl
 import subprocess
@@ -37,6 +38,10 @@ def test_printable_escapes_c0_del_c1_and_other_non_printables():
     assert printable(Path("x\x1by")) == "x\\x1by"
     assert raw_controls(printable(EVIL)) == [] and "\n" not in printable(EVIL)
     assert printable_lines("a\x1b\nb") == "a\\x1b\nb"
+    # a file name that is not UTF-8 shows its bytes, as bash's $'...' writes them
+    # (an operator trial read bad\udcff\udcfe.txt, which no shell gives back)
+    name = os.fsdecode(b"bad\xff\xfe.txt")
+    assert printable(name) == "bad\\xff\\xfe.txt"
 
 
 def test_safe_doc_escapes_every_string_keys_included():
@@ -123,3 +128,17 @@ def test_check_warns_of_a_held_channel_and_of_a_receiver_that_cannot_store():
     assert code == 1 and "p/c cannot store what arrives: [Errno 28] No space" in line, line
     # a channel an operator paused is not a problem to warn of
     assert evaluate(doc(paused=True, held="paused"), 15.0, None)[0] == 0
+
+
+def test_check_shortens_a_long_reason_at_a_word_end():
+    # operator trial: "(… self-signed certifi)" read as a typo
+    reason = ("TLS with 127.0.0.1:17443 refused: certificate verify failed: self-signed "
+              "certificate in certificate chain (at chain depth 1)")
+    doc = {"node": "n", "peers": [{"name": "bravo", "state": "backoff",
+                                   "down_since": "2026-12-02T10:00:00Z",
+                                   "last_error": reason, "channels": []}]}
+    code, line = evaluate(safe_doc(doc), 15.0, None)
+    assert code == 2
+    shown = line.split("(", 1)[1].split("…)", 1)[0]
+    assert line.count("…)") == 1 and reason.startswith(shown) and shown.endswith("self-signed"), \
+        line

@@ -172,7 +172,23 @@ async def test_a_certificate_from_another_ca_fails_on_both_sides(tmp_path):
     out = await handshake(bravo, alpha)
     assert isinstance(out.client, TLSRefused)
     assert str(out.client).startswith("certificate verify failed: ")
+    # said plainly, naming our CA file (an operator trial read only OpenSSL's words)
+    assert f"not issued by our [tls].ca ({alpha.tls.ca})" in str(out.client), out.client
     assert isinstance(out.server, TLSRefused)
+
+
+def test_the_peers_alerts_say_what_they_mean_for_us():
+    from OpenSSL import SSL
+
+    from linkd.net.tls_stream import describe_openssl_error
+    unknown = SSL.Error([("SSL routines", "", "tlsv1 alert unknown ca")])
+    assert describe_openssl_error(unknown) == (
+        "tlsv1 alert unknown ca: the peer does not trust the CA that issued our "
+        "certificate (its [tls].ca is not ours): both sites need the link's CA")
+    internal = SSL.Error([("SSL routines", "", "tlsv1 alert internal error")])
+    assert "tls_refused" in describe_openssl_error(internal)
+    other = SSL.Error([("SSL routines", "", "wrong version number")])
+    assert describe_openssl_error(other) == "wrong version number"
 
 
 async def test_an_expired_peer_certificate_is_refused(tmp_path):
