@@ -136,7 +136,7 @@ def _subscribed(watcher, names):
 
 @pytest.fixture
 def watcher():
-    w = FolderWatcher()
+    w = FolderWatcher(track_writes=True)
     yield w
     w.close()
 
