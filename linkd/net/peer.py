@@ -35,6 +35,7 @@ from ..evidence import audit as audit_mod
 from ..evidence.audit import AuditTail
 from ..jsontypes import JSONObject
 from ..spool import Claimed, FailedFile, Inbound, Outbound, ResourceBusy, SpoolLayout
+from ..spool.outbound_items import OVERFLOW
 from ..status import PeerStatus
 from ..wakeup import Wakeup
 from .spoolio import ChannelSpool
@@ -415,6 +416,12 @@ class PeerLink:
                     rewatch.set()
                 wake(name)
             out = self.outbound.get(name)
+            if out is not None and name in ever:
+                # a folder watched anew (it was replaced): its writers were not seen,
+                # the old marks are another folder's; where no lease can be had,
+                # pick-up waits longer a while (as after an overflow)
+                out.writing.clear()
+                out.writing[OVERFLOW] = (time.monotonic(), True)
             found = watcher.add(self.layout.out_dir(name), on_event,
                                 out.writing if out is not None else None)
             if found is not None:

@@ -17,31 +17,21 @@ What wakes a subscriber (the mask):
                                the subscriber told it is `lost`, so that pick-up
                                watches whatever folder is at that path now;
   IN_Q_OVERFLOW                events were lost: every subscriber is woken.
-IN_MODIFY wakes no one: with IN_CREATE and IN_CLOSE_WRITE it keeps a subscriber's
-`writing` (name -> (time, written)) up to date, the files a writer may still hold
-open, which pick-up consults where it cannot take a lease (spool/pickup.py). An
-overflow empties it (pick-up then relies on the quiet period alone). IN_MODIFY is
-one event per write() of a producer writing in place (~5 µs each here: 0.3-0.5 s of
-CPU for 256 MiB written 4 KiB at a time), so it is watched only by a daemon without
-CAP_LEASE (one with it leases every file, and needs no marks), and a batch of only
-writes is followed by a short pause, in which the kernel merges a file's repeated
-IN_MODIFY into one.
-
-A folder on a network or FUSE file system (NFS, SMB/CIFS, 9p, Ceph, AFS,
-FUSE...) is not watched: inotify sees only what this host writes there, not
-what an application on another host puts into out/. `add` returns None for
-it, and pick-up lists it every RESCAN_INTERVAL as if inotify were missing.
-
-Some replacements of a folder raise no event on its watch (its parent renamed,
-a mount over it, a delete while another process holds it open), and a queue
-overflow loses events: `Watch.current()` (an lstat) tells pick-up to watch the
-folder now at that path; pick-up checks it every few seconds and after an
-overflow.
+IN_MODIFY wakes no one: with IN_CREATE, IN_CLOSE_WRITE and IN_MOVED_TO it keeps a
+subscriber's `writing` (name -> (time.monotonic(), written)) up to date, the files a
+writer may still hold open, which pick-up consults where it cannot take a lease
+(spool/pickup.py). A queue overflow loses events, so it keeps the marks and adds one
+under the empty name (OVERFLOW, no file's name): pick-up is more careful for a while
+(a longer quiet period) and the overflow is logged. IN_MODIFY is one event per
+write() of a producer writing in place (~5 µs each here: 0.3-0.5 s of CPU for 256
+MiB written 4 KiB at a time), so it is watched only by a daemon that may lease any
+file (CAP_LEASE, leases enabled), which needs no marks.
 """
 
 from __future__ import annotations
 
 import errno
+import math
 import os
 import time
 from collections.abc import Callable
@@ -51,6 +41,7 @@ import trio
 
 from .. import log as logmod
 from ..spool.fs import fs_type as fs_type  # re-exported (statfs f_type)
+from ..spool.outbound_items import OVERFLOW
 
 try:
     import inotify_simple
@@ -98,12 +89,17 @@ class Watch:
 
 
 CAP_LEASE = 28
-MODIFY_PAUSE = 0.02     # after a batch of writes only: they coalesce meanwhile
+OVERFLOW_LOG_EVERY = 60.0
 
 
 def has_cap_lease() -> bool:
-    """Whether this process may take a lease on any file (CAP_LEASE effective)."""
+    """Whether this process may take a lease on any file: CAP_LEASE effective and
+    leases enabled (fs.leases-enable). A file system without leases still refuses
+    them (pick-up then uses the quiet period alone, as on a network file system)."""
     try:
+        with open("/proc/sys/fs/leases-enable") as f:
+            if f.read().strip() == "0":
+                return False
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("CapEff:"):
@@ -123,6 +119,7 @@ class FolderWatcher:
         # same one for the same folder (a reload restarting a peer's pick-up)
         self._subs: dict[int, list[Watch]] = {}
         self._said: set[tuple[str, Path]] = set()    # (event, folder) logged once each
+        self._overflow_logged = -math.inf
         self.mask = 0
         if inotify_simple is None:
             return
@@ -134,6 +131,7 @@ class FolderWatcher:
         f = inotify_simple.flags
         if track_writes is None:
             track_writes = not has_cap_lease()
+        self.tracking = track_writes
         self.mask = (f.MOVED_TO | f.CLOSE_WRITE | f.CREATE | f.MOVE_SELF | f.DELETE_SELF
                      | f.ONLYDIR | f.DONT_FOLLOW | (f.MODIFY if track_writes else 0))
 
@@ -187,26 +185,30 @@ class FolderWatcher:
             except OSError:       # the folder is already gone: so is the watch
                 pass
 
-    def dispatch(self, events: list[inotify_simple.Event]) -> bool:
-        """Tell the subscribers concerned, each once per batch of events; True if the
-        batch held nothing but writes (IN_MODIFY)."""
+    def dispatch(self, events: list[inotify_simple.Event]) -> None:
+        """Tell the subscribers concerned, each once per batch of events."""
         f = inotify_simple.flags
         kinds: dict[int, str] = {}
-        writes_only = bool(events)
         rank = {"event": 0, "overflow": 1, "lost": 2}
         for event in events:
-            if event.mask != f.MODIFY:
-                writes_only = False
             if event.mask & f.Q_OVERFLOW:
+                now = time.monotonic()
                 for wd, subs in self._subs.items():
                     if rank[kinds.get(wd, "event")] < rank["overflow"]:
                         kinds[wd] = "overflow"
                     for watch in subs:
-                        if watch.writing:
-                            watch.writing.clear()
+                        if watch.writing is not None:
+                            watch.writing[OVERFLOW] = (now, True)
+                if self.tracking and now - self._overflow_logged >= OVERFLOW_LOG_EVERY:
+                    self._overflow_logged = now
+                    self.log.warning("inotify_overflow", reason=(
+                        "the inotify event queue overflowed (many files written in place "
+                        "at once?): pick-up waits longer before it takes a file it cannot "
+                        "lease; grant linkd CAP_LEASE (systemd/examples/spool-group.conf) "
+                        "or have producers rename files into out/"))
             elif event.wd in self._subs:
-                if event.name and event.mask & (f.CREATE | f.MODIFY | f.CLOSE_WRITE) \
-                        and not event.mask & f.ISDIR:
+                if event.name and event.mask & (f.CREATE | f.MODIFY | f.CLOSE_WRITE
+                                                | f.MOVED_TO) and not event.mask & f.ISDIR:
                     self._writer(self._subs[event.wd], event.name, event.mask)
                     if not event.mask & ~f.MODIFY:
                         continue            # a write: nothing to pick up yet
@@ -219,7 +221,6 @@ class FolderWatcher:
                 if kind == "lost":
                     self.remove(watch)
                 watch.on_event(kind)
-        return writes_only
 
     @staticmethod
     def _writer(subs: list[Watch], name: str, mask: int) -> None:
@@ -228,12 +229,14 @@ class FolderWatcher:
             writing = watch.writing
             if writing is None:
                 continue
-            if mask & f.CLOSE_WRITE:
+            if mask & (f.CLOSE_WRITE | f.MOVED_TO):
+                # closed by its writer; or renamed in over the name: a whole file of
+                # its own (a writer holding the name's old file writes elsewhere now)
                 writing.pop(name, None)
             elif mask & f.MODIFY:
-                writing[name] = (time.time(), True)
+                writing[name] = (time.monotonic(), True)
             else:                               # created: a writer, or a hard link
-                writing.setdefault(name, (time.time(), False))
+                writing.setdefault(name, (time.monotonic(), False))
 
     def close(self) -> None:
         notifier, self._notifier = self._notifier, None
@@ -250,7 +253,6 @@ class FolderWatcher:
         try:
             while True:
                 await trio.lowlevel.wait_readable(notifier.fileno())
-                if self.dispatch(notifier.read(timeout=0)):
-                    await trio.sleep(MODIFY_PAUSE)
+                self.dispatch(notifier.read(timeout=0))
         finally:
             self.close()

@@ -28,11 +28,16 @@ WINDOW = 1280                    # queued items kept loaded (> the sender's 1,02
 CHECKPOINT_EVERY = 1024          # claims between two records of `next` (recovery's bound)
 CLAIM_BYTES = 64 << 20           # bytes hashed per examine() call (a big file: itself alone)
 SETTLE = 1.0                     # seconds unchanged, where no lease can be taken
-# Where no lease can be taken, inotify tells of writers too (Outbound.writing): a file
-# written to in out/ and not closed since waits for its writer's close, however long
-# it pauses; one created there and neither written nor closed (a hard link, or a
-# writer yet to write) waits this long.
+# Where no lease can be taken, inotify tells of writers too (Outbound.writing, kept by
+# net/watcher.py; PickupMixin._writer_wait): a file written to in out/ and not closed
+# since waits for its writer's close, or until unchanged for WRITER_GIVEUP; one
+# created there and still empty waits up to CREATED_SETTLE; after events were lost
+# (OVERFLOW), every file must be unchanged for OVERFLOW_SETTLE, for OVERFLOW_WINDOW.
 CREATED_SETTLE = 10.0
+WRITER_GIVEUP = 600.0
+OVERFLOW = ""                    # the mark of lost events (no file's name)
+OVERFLOW_SETTLE = 30.0
+OVERFLOW_WINDOW = 600.0
 WRITER_RETRY = 0.5               # how soon to look again at a file a writer holds
 # A file this big is claimed without its SHA-256, which is taken after the claim while
 # the sender already sends it (outbound.py, "The late SHA-256"): its first byte leaves

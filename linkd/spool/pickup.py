@@ -33,7 +33,11 @@ from .outbound_items import (
     CLAIM_BATCH,
     CLAIM_BYTES,
     CREATED_SETTLE,
+    OVERFLOW,
+    OVERFLOW_SETTLE,
+    OVERFLOW_WINDOW,
     SETTLE,
+    WRITER_GIVEUP,
     WRITER_RETRY,
     Candidate,
     Claimed,
@@ -129,12 +133,13 @@ class PickupMixin(OutboundState):
         now = time.monotonic()
         if relist or not self._backlog:
             queued = set(self._backlog)
-            listed_at = time.time()
+            listed_at = time.monotonic()
             listed = self._list_out()
             if self.writing:        # forget writers of files no longer in out/
                 present = set(listed)
                 for gone in [n for n, (at, _) in list(self.writing.items())
-                             if n not in present and at < listed_at]:
+                             if n not in present and at < listed_at
+                             and (n != OVERFLOW or listed_at - at >= OVERFLOW_WINDOW)]:
                     self.writing.pop(gone, None)
             new = [n for n in listed if n not in queued]
             for n in new:
@@ -229,12 +234,9 @@ class PickupMixin(OutboundState):
                 # the file must be unchanged for SETTLE seconds. Without the first a
                 # writer pausing longer than SETTLE was claimed truncated, and what
                 # it wrote after went into a file already sent and deleted.
-                mark = self.writing.get(name)
-                if mark is not None and (mark[1] or time.time() - mark[0] < CREATED_SETTLE):
-                    return WRITER_RETRY
-                settled = time.time() - max(st.st_mtime, st.st_ctime)
-                if settled < SETTLE:
-                    return SETTLE - settled + 0.01
+                wait = self._writer_wait(name, st)
+                if wait is not None:
+                    return wait
             problem = self._size_problem(st.st_size, peer_max)
             if problem is not None:
                 os.close(fd)
@@ -304,6 +306,33 @@ class PickupMixin(OutboundState):
             return sha256
         finally:
             self.fs.close(fd)
+
+    def _writer_wait(self, name: str, st: os.stat_result) -> float | None:
+        """Without a lease: how long to wait before looking at `name` again, or None
+        to take it now. The marks of the watcher (net/watcher.py) say which files a
+        writer may still hold: one written and not closed since waits until it is
+        closed, or unchanged for WRITER_GIVEUP (a close we missed; a truncate() by
+        path, which no close follows); one created and still empty waits up to
+        CREATED_SETTLE (a writer yet to write; a created file that is not empty and
+        was never written here came in whole: a hard link, `linkctl send`). Every
+        file must then be unchanged for SETTLE seconds, OVERFLOW_SETTLE for a while
+        after events were lost (a queue overflow, a folder watched anew)."""
+        now = time.monotonic()
+        changed = time.time() - max(st.st_mtime, st.st_ctime)
+        mark = self.writing.get(name)
+        if mark is not None:
+            at, written = mark
+            if written and changed < WRITER_GIVEUP:
+                return WRITER_RETRY
+            if not written and st.st_size == 0 and now - at < CREATED_SETTLE:
+                return WRITER_RETRY
+        settle = SETTLE
+        lost = self.writing.get(OVERFLOW)
+        if lost is not None and now - lost[0] < OVERFLOW_WINDOW:
+            settle = OVERFLOW_SETTLE
+        if changed < settle:
+            return min(settle - changed + 0.01, WRITER_RETRY * 4)
+        return None
 
     @staticmethod
     def _lease(fd: int) -> bool | None:

@@ -372,5 +372,16 @@ def test_the_watcher_keeps_the_files_a_writer_holds_open(watcher, tmp_path):
     os.link(tmp_path / "slow.bin", tmp_path / "linked.bin")        # created, never closed
     pump()
     assert writing["linked.bin"][1] is False
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-whole.bin"
+    elsewhere.write_bytes(b"whole")
+    os.rename(elsewhere, tmp_path / "linked.bin")      # a whole file renamed in, over it
+    pump()
+    assert writing == {}
+    fd = os.open(tmp_path / "held.bin", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, b"x")
+    pump()
+    # events were lost: the marks stay (review: clearing them let a pausing writer's
+    # file be taken), and the overflow is marked for pick-up to be careful a while
     watcher.dispatch([_event(-1, inotify_simple.flags.Q_OVERFLOW)])
-    assert writing == {}            # events were lost: the quiet period alone decides
+    assert writing["held.bin"][1] is True and "" in writing
+    os.close(fd)
