@@ -8,9 +8,10 @@ goes through `printable()`: control characters -- C0 (including tab, newline,
 carriage return and ESC), DEL, C1 (U+0080..U+009F, which some terminals obey
 as escape sequences) -- and every other character Python does not count as
 printable (bidi overrides such as U+202E, zero-width and unassigned code
-points) become `\\xNN`, `\\uNNNN` or `\\UNNNNNNNN` escapes. JSON output needs
-nothing: json.dumps escapes control characters itself (and, with the default
-ensure_ascii, everything else that is not ASCII).
+points) become `\\xNN` (ASCII, and the bytes of a file name that is not
+UTF-8), `\\uNNNN` or `\\UNNNNNNNN` escapes, and a backslash of such a text
+`\\\\`. JSON output needs nothing: json.dumps escapes control characters itself
+(and, with the default ensure_ascii, everything else that is not ASCII).
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ def _escape(c: str) -> str:
         # a byte of a file name that is not UTF-8 (Python's surrogateescape): shown as
         # that byte, which bash's $'...' takes back (linkctl retry ... $'bad\xff.txt')
         return f"\\x{n - 0xDC00:02x}"
-    if n < 0x100:
+    if n < 0x80:
         return f"\\x{n:02x}"
-    if n < 0x10000:
+    if n < 0x10000:     # (C1 and Latin-1 as \u00NN: \xNN is a raw byte, above)
         return f"\\u{n:04x}"
     return f"\\U{n:08x}"
 
@@ -37,7 +38,10 @@ def printable(text: object) -> str:
     s = text if isinstance(text, str) else str(text)
     if s.isprintable():
         return s
-    return "".join(c if c.isprintable() else _escape(c) for c in s)
+    # once escaped, a backslash of the text is doubled: `bad\xff` (four characters)
+    # and the byte 0xff must not print alike
+    return "".join(c if c.isprintable() and c != "\\" else "\\\\" if c == "\\"
+                   else _escape(c) for c in s)
 
 
 def printable_lines(text: str) -> str:

@@ -216,6 +216,10 @@ class Session:
         """A clean goodbye from our side (shutdown, reload). A quiet no-op once closed."""
         reason = named_reason(reason)
         if self._step(Input.CLOSE):
+            # The bye is the last frame: bulk frames still queued would follow it (control
+            # goes first), and a peer that closes on reading the bye would leave them
+            # unread, which resets the connection. Unacknowledged, they are sent again.
+            self._bulk = bytearray()
             self._queue(F.Bye(reason), control=True)
             self.close_reason = reason
             self._awaiting_bye = True

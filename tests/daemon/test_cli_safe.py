@@ -31,7 +31,7 @@ def test_printable_escapes_c0_del_c1_and_other_non_printables():
     assert printable("report.txt") == "report.txt"
     assert printable("a\x1b[2Jb") == "a\\x1b[2Jb"
     assert printable("a\nb\tc\r") == "a\\x0ab\\x09c\\x0d"
-    assert printable("\x7f\x80\x9b\xa0") == "\\x7f\\x80\\x9b\\xa0"
+    assert printable("\x7f\x80\x9b\xa0") == "\\x7f\\u0080\\u009b\\u00a0"
     assert printable("\u202e\u200b") == "\\u202e\\u200b"
     assert printable("\U000e0001") == "\\U000e0001"
     assert printable("été ✓ 日本") == "été ✓ 日本"              # printable text is kept
@@ -42,6 +42,9 @@ def test_printable_escapes_c0_del_c1_and_other_non_printables():
     # (an operator trial read bad\udcff\udcfe.txt, which no shell gives back)
     name = os.fsdecode(b"bad\xff\xfe.txt")
     assert printable(name) == "bad\\xff\\xfe.txt"
+    # and a name of those very characters, or with a C1 control, prints otherwise
+    assert printable("bad\\xff\x1b") == "bad\\\\xff\\x1b"
+    assert printable("\x85") == "\\u0085"
 
 
 def test_safe_doc_escapes_every_string_keys_included():

@@ -336,6 +336,16 @@ def test_a_refusal_during_the_handshake_is_an_error_with_the_peers_reason():
     assert a.close_reason == "unknown node" and a.data_to_send(0) == b""
 
 
+def test_our_bye_is_the_last_frame_we_send():
+    # review: control frames go ahead of bulk ones, so a msg and its data queued
+    # before the close followed the bye; a peer closing on the bye left them unread
+    p = opened()
+    p.a.send_msg("data", 1, "x.bin", 3, b"\0" * 32)
+    p.a.send_data("data", b"abc")
+    p.a.close("shutdown: peer is shutting down")
+    assert frames_of(p.a.data_to_send(0)) == [F.Bye("shutdown: peer is shutting down")]
+
+
 def test_our_close_queues_one_bye_and_then_nothing():
     p = opened()
     p.a.close("reload")
@@ -649,9 +659,8 @@ def test_every_control_frame_overtakes_queued_bulk_frames():
     p.a.send_nack("data", 1, "no", True)
     assert p.a.handle_timer(5.0) == []
     assert p.a.get_timer() == 10.0                     # the ping counts as sent at once
-    p.a.close("bye")
     kinds = [type(f) for f in frames_of(p.a.data_to_send(5.0))]
-    assert kinds == [F.Pong, F.Ack, F.Nack, F.Ping, F.Bye, F.Msg, F.Data]
+    assert kinds == [F.Pong, F.Ack, F.Nack, F.Ping, F.Msg, F.Data]
 
 
 def test_a_violation_bye_overtakes_queued_bulk_frames():
