@@ -448,6 +448,16 @@ class Daemon:
                     and peer.connect:
                 redial.append(link)
         await close_side_by_side(closing)
+        # A session ended by its goodbye logs its link_down in the task that ran it,
+        # within the link's scope: cancelled at once, that line was lost (an operator
+        # trial: a reload changing `connect` logged no link_down, in the audit log
+        # neither). Wait for those sessions to have said how they ended.
+        cut = {link.name for link in redial} | {r.link.name for r, _ in closing
+                                                 if r.link.removed}
+        with trio.move_on_after(STOP_GRACE):
+            for runner, _ in closing:
+                if runner.link.name in cut:
+                    await runner.reported.wait()
         for scope in ended:
             scope.cancel()
         for link in redial:

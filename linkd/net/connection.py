@@ -146,6 +146,7 @@ class SessionRunner(SenderMixin, ReceiverMixin):
         self.hold = PriorityHold(share=link.cfg.link.priority_hold)
         self.opened = trio.Event()
         self.reader_done = trio.Event()     # the reader has stopped (EOF, error, end)
+        self.reported = trio.Event()        # run_session has logged how it ended
         self.reason: str | None = None
         self.error = True
         # Kept by the peer, not the session: the retry limit must hold across reconnects.

@@ -214,6 +214,7 @@ async def run_session(daemon: Host, link: PeerLink, runner: SessionRunner) -> No
         reason, error = await runner.run()
     finally:
         link.release_slot(runner)
+        runner.reported.set()   # (set before the lines below, which run without a pause)
     if runner.was_open:
         level = link.log.warning if error else link.log.info
         level("link_down", peer=link.name, remote=runner.remote, reason=reason,

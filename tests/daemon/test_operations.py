@@ -714,3 +714,19 @@ def test_a_symlink_and_a_fifo_in_failed_are_counted_listed_and_not_retried(
     retried = ctl(a, "retry", "--peer", "bravo", "--channel", "data", "sym.txt")
     assert retried.returncode == 1 and "symbolic link" in retried.stderr, retried
     assert os.path.islink(folder / "sym.txt")
+
+
+def test_a_reload_changing_connect_logs_the_old_sessions_end(
+        tmp_path: Path, daemons: list[Any]) -> None:
+    # operator trial: the session ended by the reload's goodbye logged its link_down
+    # in its dial loop, which the reload cancelled at once: no link_down (audit log
+    # neither) on the side whose `connect` changed, 4 times in 5
+    a, b = make_pair(tmp_path)
+    daemons += [a, b]
+    for i, host in enumerate(["localhost", "127.0.0.1", "localhost"], start=1):
+        a.peers[0]["connect"] = f"{host}:{b.port}"
+        a.reload()
+        wait_for(lambda i=i: len(a.events("link_up")) == i + 1, 20, message=a.tail)
+        downs = a.events("link_down")
+        assert len(downs) == i, downs
+        assert downs[-1]["reason"].startswith("reload:") and downs[-1]["clean"], downs[-1]
