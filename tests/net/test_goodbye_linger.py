@@ -220,6 +220,7 @@ async def test_a_refusal_by_a_stopping_peer_is_no_fault(tmp_path):
 
     class Refused:
         remote, dialed_by_us, was_open, preread = "memory", True, False, b""
+        reported = trio.Event()
 
         async def run(self):
             return "refused by the peer: shutdown: peer is shutting down", True
