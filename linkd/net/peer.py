@@ -35,7 +35,7 @@ from ..evidence import audit as audit_mod
 from ..evidence.audit import AuditTail
 from ..jsontypes import JSONObject
 from ..spool import Claimed, FailedFile, Inbound, Outbound, ResourceBusy, SpoolLayout
-from ..spool.outbound_items import OVERFLOW
+from ..spool.outbound_items import OVERFLOW, SUSPECT
 from ..status import PeerStatus
 from ..wakeup import Wakeup
 from .spoolio import ChannelSpool
@@ -416,12 +416,13 @@ class PeerLink:
                     rewatch.set()
                 wake(name)
             out = self.outbound.get(name)
-            if out is not None and name in ever:
-                # a folder watched anew (it was replaced): its writers were not seen,
-                # the old marks are another folder's; where no lease can be had,
-                # pick-up waits longer a while (as after an overflow)
+            if out is not None:
+                # a folder watched anew (start-up, replaced): the writers of what is in
+                # it were not seen (a producer writing in place across a restart was
+                # delivered truncated); where no lease can be had, pick-up asks those
+                # files a longer quiet period (as after an overflow)
                 out.writing.clear()
-                out.writing[OVERFLOW] = (time.monotonic(), True)
+                out.writing[OVERFLOW] = (time.monotonic(), SUSPECT)
             found = watcher.add(self.layout.out_dir(name), on_event,
                                 out.writing if out is not None else None)
             if found is not None:

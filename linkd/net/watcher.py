@@ -18,11 +18,11 @@ What wakes a subscriber (the mask):
                                watches whatever folder is at that path now;
   IN_Q_OVERFLOW                events were lost: every subscriber is woken.
 IN_MODIFY wakes no one: with IN_CREATE, IN_CLOSE_WRITE and IN_MOVED_TO it keeps a
-subscriber's `writing` (name -> (time.monotonic(), written)) up to date, the files a
+subscriber's `writing` (name -> (time.monotonic(), kind)) up to date, the files a
 writer may still hold open, which pick-up consults where it cannot take a lease
 (spool/pickup.py). A queue overflow loses events, so it keeps the marks and adds one
-under the empty name (OVERFLOW, no file's name): pick-up is more careful for a while
-(a longer quiet period) and the overflow is logged. IN_MODIFY is one event per
+under the empty name (OVERFLOW, no file's name): pick-up then asks a longer quiet
+period of every file in out/ at that moment, and the overflow is logged. IN_MODIFY is one event per
 write() of a producer writing in place (~5 µs each here: 0.3-0.5 s of CPU for 256
 MiB written 4 KiB at a time), so it is watched only by a daemon that may lease any
 file (CAP_LEASE, leases enabled), which needs no marks.
@@ -41,7 +41,7 @@ import trio
 
 from .. import log as logmod
 from ..spool.fs import fs_type as fs_type  # re-exported (statfs f_type)
-from ..spool.outbound_items import OVERFLOW
+from ..spool.outbound_items import CREATED, OVERFLOW, SUSPECT, WRITTEN
 
 try:
     import inotify_simple
@@ -77,7 +77,7 @@ class Watch:
 
     def __init__(self, folder: Path, wd: int, ident: tuple[int, int] | None,
                  on_event: Subscriber,
-                 writing: dict[str, tuple[float, bool]] | None = None) -> None:
+                 writing: dict[str, tuple[float, int]] | None = None) -> None:
         self.folder, self.wd, self.ident, self.on_event = folder, wd, ident, on_event
         self.writing = writing
 
@@ -145,7 +145,7 @@ class FolderWatcher:
             getattr(self.log, level)(event, folder=str(folder), **kw)
 
     def add(self, folder: Path, on_event: Subscriber,
-            writing: dict[str, tuple[float, bool]] | None = None) -> Watch | None:
+            writing: dict[str, tuple[float, int]] | None = None) -> Watch | None:
         """Watch `folder`; None if it does not exist (yet) or cannot be watched.
         `writing`: kept up to date with the files a writer may hold open (the top)."""
         if self._notifier is None:
@@ -198,7 +198,7 @@ class FolderWatcher:
                         kinds[wd] = "overflow"
                     for watch in subs:
                         if watch.writing is not None:
-                            watch.writing[OVERFLOW] = (now, True)
+                            watch.writing[OVERFLOW] = (now, SUSPECT)
                 if self.tracking and now - self._overflow_logged >= OVERFLOW_LOG_EVERY:
                     self._overflow_logged = now
                     self.log.warning("inotify_overflow", reason=(
@@ -234,9 +234,9 @@ class FolderWatcher:
                 # its own (a writer holding the name's old file writes elsewhere now)
                 writing.pop(name, None)
             elif mask & f.MODIFY:
-                writing[name] = (time.monotonic(), True)
+                writing[name] = (time.monotonic(), WRITTEN)
             else:                               # created: a writer, or a hard link
-                writing.setdefault(name, (time.monotonic(), False))
+                writing.setdefault(name, (time.monotonic(), CREATED))
 
     def close(self) -> None:
         notifier, self._notifier = self._notifier, None

@@ -206,10 +206,12 @@ class Outbound(PickupMixin, RecoveryMixin):
         self._sizes_seen: dict[str, int] = {}   # the last listing's sizes
         self._backlog_bytes = 0
         self._not_ready: dict[str, float] = {}  # name -> when to look again
-        # name -> (time.time() of the inotify event, written to): files of out/ that a
-        # writer may still hold open, kept by the daemon's watcher (net/watcher.py:
-        # IN_CREATE, IN_MODIFY; IN_CLOSE_WRITE ends it); read where no lease can be had
-        self.writing: dict[str, tuple[float, bool]] = {}
+        # name -> (time.monotonic() of the mark, CREATED/WRITTEN/SUSPECT): files of out/
+        # that a writer may still hold open, kept by the daemon's watcher (net/watcher.py:
+        # IN_CREATE, IN_MODIFY; IN_CLOSE_WRITE, IN_MOVED_TO end it) and by examine()
+        # (SUSPECT after lost events); read where no lease can be had
+        self.writing: dict[str, tuple[float, int]] = {}
+        self._blocking: set[str] = set()        # not-ready names waiting a quiet period
         self._ready = False
         self._refused: str | None = None        # a symlinked spool folder (see the top)
         self._spares: list[str] = []            # retired .meta files to write records into

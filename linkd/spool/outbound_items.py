@@ -37,8 +37,17 @@ CREATED_SETTLE = 10.0
 WRITER_GIVEUP = 600.0
 OVERFLOW = ""                    # the mark of lost events (no file's name)
 OVERFLOW_SETTLE = 30.0
-OVERFLOW_WINDOW = 600.0
 WRITER_RETRY = 0.5               # how soon to look again at a file a writer holds
+# the kinds of mark: created (and not closed since), written (and not closed since),
+# suspect (in out/ when events were lost: at start-up, a folder watched anew, an
+# inotify queue overflow; its writer, if any, was not seen)
+CREATED, WRITTEN, SUSPECT = 0, 1, 2
+
+
+class Quiet(float):
+    """A wait for a file's quiet period (no lease): it looks complete, so the files
+    after it in arrival order wait too (their own quiet periods end later anyway;
+    taken first, they were delivered out of hand-over order)."""
 # A file this big is claimed without its SHA-256, which is taken after the claim while
 # the sender already sends it (outbound.py, "The late SHA-256"): its first byte leaves
 # at once instead of ~0.6 s per GiB later. Smaller files are hashed at pick-up.
@@ -220,7 +229,8 @@ class OutboundState:
     _backlog_bytes: int
     _backlog: deque[str]
     _not_ready: dict[str, float]
-    writing: dict[str, tuple[float, bool]]
+    _blocking: set[str]
+    writing: dict[str, tuple[float, int]]
     _ready: bool
     _refused: str | None
     _saved_next: int

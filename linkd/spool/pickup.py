@@ -32,18 +32,21 @@ from .outbound_items import (
     _GONE,
     CLAIM_BATCH,
     CLAIM_BYTES,
+    CREATED,
     CREATED_SETTLE,
     OVERFLOW,
     OVERFLOW_SETTLE,
-    OVERFLOW_WINDOW,
     SETTLE,
+    SUSPECT,
     WRITER_GIVEUP,
     WRITER_RETRY,
+    WRITTEN,
     Candidate,
     Claimed,
     Examined,
     FailedFile,
     OutboundState,
+    Quiet,
     digest_fd,
     is_resource_error,
 )
@@ -135,11 +138,15 @@ class PickupMixin(OutboundState):
             queued = set(self._backlog)
             listed_at = time.monotonic()
             listed = self._list_out()
-            if self.writing:        # forget writers of files no longer in out/
-                present = set(listed)
+            if self.writing:
+                if self.writing.pop(OVERFLOW, None) is not None:
+                    # events were lost: what is in out/ now may have a writer unseen
+                    for n in listed:
+                        if self.writing.get(n, (0, CREATED))[1] == CREATED:
+                            self.writing[n] = (listed_at, SUSPECT)
+                present = set(listed)   # forget the marks of files no longer in out/
                 for gone in [n for n, (at, _) in list(self.writing.items())
-                             if n not in present and at < listed_at
-                             and (n != OVERFLOW or listed_at - at >= OVERFLOW_WINDOW)]:
+                             if n not in present and at < listed_at]:
                     self.writing.pop(gone, None)
             new = [n for n in listed if n not in queued]
             for n in new:
@@ -148,12 +155,16 @@ class PickupMixin(OutboundState):
         result = Examined([], [])
         hashed = 0
         skipped: list[str] = []
+        blocked = False
         while self._backlog and len(result.ready) < limit and hashed < max_bytes:
             name = self._backlog.popleft()
             self._backlog_bytes -= self._listed.get(name, 0)
             again = self._not_ready.get(name)
             if again is not None and again > now:
                 skipped.append(name)
+                if name in self._blocking:
+                    blocked = True      # later files wait for it (Quiet)
+                    break
                 continue
             try:
                 got = self._examine_one(name, peer_max, result.failed)
@@ -167,23 +178,31 @@ class PickupMixin(OutboundState):
                 raise SpoolError(f"cannot pick up {self._out / name}: {exc.strerror}") from None
             if isinstance(got, Candidate):
                 self._not_ready.pop(name, None)
+                self._blocking.discard(name)
                 self._listed.pop(name, None)
                 result.ready.append(got)
                 hashed += got.size if got.sha256 else 0
             elif isinstance(got, float):
                 self._not_ready[name] = now + got
                 skipped.append(name)
+                if isinstance(got, Quiet):
+                    self._blocking.add(name)
+                    blocked = True
+                    break
+                self._blocking.discard(name)
             else:
                 self._not_ready.pop(name, None)
+                self._blocking.discard(name)
                 self._listed.pop(name, None)
         # files not ready yet stay in the backlog, at its front (they arrived first)
         self._backlog_add(skipped, front=True)
         waits = [t - now for t in self._not_ready.values()]
         result.retry_after = max(0.05, min(waits)) if waits else None
-        result.more = len(self._backlog) > len(skipped)
+        result.more = not blocked and len(self._backlog) > len(skipped)
         if len(self._not_ready) > 4 * len(self._backlog) + 64:      # forget vanished names
             keep = set(self._backlog)
             self._not_ready = {n: t for n, t in self._not_ready.items() if n in keep}
+            self._blocking &= keep
         return result
 
     def _examine_one(self, name: str, peer_max: int | None,
@@ -314,24 +333,24 @@ class PickupMixin(OutboundState):
         closed, or unchanged for WRITER_GIVEUP (a close we missed; a truncate() by
         path, which no close follows); one created and still empty waits up to
         CREATED_SETTLE (a writer yet to write; a created file that is not empty and
-        was never written here came in whole: a hard link, `linkctl send`). Every
-        file must then be unchanged for SETTLE seconds, OVERFLOW_SETTLE for a while
-        after events were lost (a queue overflow, a folder watched anew)."""
+        was never written here came in whole: a hard link, `linkctl send`). Then the
+        file must be unchanged for SETTLE seconds, or OVERFLOW_SETTLE if it was in
+        out/ when events were lost (SUSPECT: start-up, an overflow): a Quiet wait,
+        which the files after it wait for too (arrival order)."""
         now = time.monotonic()
         changed = time.time() - max(st.st_mtime, st.st_ctime)
+        settle = SETTLE
         mark = self.writing.get(name)
         if mark is not None:
-            at, written = mark
-            if written and changed < WRITER_GIVEUP:
+            at, kind = mark
+            if kind == WRITTEN and changed < WRITER_GIVEUP:
                 return WRITER_RETRY
-            if not written and st.st_size == 0 and now - at < CREATED_SETTLE:
+            if kind == CREATED and st.st_size == 0 and now - at < CREATED_SETTLE:
                 return WRITER_RETRY
-        settle = SETTLE
-        lost = self.writing.get(OVERFLOW)
-        if lost is not None and now - lost[0] < OVERFLOW_WINDOW:
-            settle = OVERFLOW_SETTLE
+            if kind == SUSPECT:
+                settle = OVERFLOW_SETTLE
         if changed < settle:
-            return min(settle - changed + 0.01, WRITER_RETRY * 4)
+            return Quiet(min(settle - changed + 0.01, WRITER_RETRY * 4))
         return None
 
     @staticmethod

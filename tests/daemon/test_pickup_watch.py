@@ -30,6 +30,7 @@ from procs import Daemon, free_port, make_pki, stop_all
 import linkd.net.peer as peermod
 import linkd.net.watcher as watchmod
 from linkd.net.watcher import FolderWatcher
+from linkd.spool.outbound_items import CREATED, WRITTEN
 
 inotify_simple = pytest.importorskip("inotify_simple")
 
@@ -361,17 +362,17 @@ def test_the_watcher_keeps_the_files_a_writer_holds_open(watcher, tmp_path):
 
     fd = os.open(tmp_path / "slow.bin", os.O_WRONLY | os.O_CREAT, 0o644)
     pump()
-    assert writing["slow.bin"][1] is False and calls == ["event"]      # created
+    assert writing["slow.bin"][1] == CREATED and calls == ["event"]      # created
     os.write(fd, b"part one")
     pump()
     # written: marked, and no one woken for a write (a cp would wake pick-up per write)
-    assert writing["slow.bin"][1] is True and calls == ["event"]
+    assert writing["slow.bin"][1] == WRITTEN and calls == ["event"]
     os.close(fd)
     pump()
     assert writing == {} and calls == ["event", "event"]
     os.link(tmp_path / "slow.bin", tmp_path / "linked.bin")        # created, never closed
     pump()
-    assert writing["linked.bin"][1] is False
+    assert writing["linked.bin"][1] == CREATED
     elsewhere = tmp_path.parent / f"{tmp_path.name}-whole.bin"
     elsewhere.write_bytes(b"whole")
     os.rename(elsewhere, tmp_path / "linked.bin")      # a whole file renamed in, over it
@@ -383,5 +384,5 @@ def test_the_watcher_keeps_the_files_a_writer_holds_open(watcher, tmp_path):
     # events were lost: the marks stay (review: clearing them let a pausing writer's
     # file be taken), and the overflow is marked for pick-up to be careful a while
     watcher.dispatch([_event(-1, inotify_simple.flags.Q_OVERFLOW)])
-    assert writing["held.bin"][1] is True and "" in writing
+    assert writing["held.bin"][1] == WRITTEN and "" in writing
     os.close(fd)

@@ -203,12 +203,36 @@ def test_1_without_a_lease_lost_events_ask_for_a_longer_quiet_period(layout, clo
     monkeypatch.setattr(Outbound, "_lease", staticmethod(lambda fd: False))
     put(layout, "unmarked.bin", b"its writer's events were lost")
     ob = outbound(layout)
-    ob.writing[outbound_module.OVERFLOW] = (clock.monotonic(), True)
+    ob.writing[outbound_module.OVERFLOW] = (clock.monotonic(), outbound_module.SUSPECT)
     clock.offset = outbound_module.SETTLE * 5
-    assert ob.examine().ready == []
+    assert ob.examine(relist=True).ready == []
+    assert ob.writing["unmarked.bin"][1] == outbound_module.SUSPECT
+    put(layout, "after.bin", b"its writer was seen: no events lost since")
+    clock.offset = outbound_module.SETTLE * 10
+    # (and, in arrival order, it waits for the suspect before it)
+    assert ob.examine(relist=True).ready == []
     clock.offset = outbound_module.OVERFLOW_SETTLE + 1
-    assert [c.name for c in ob.examine(relist=True).ready] == ["unmarked.bin"]
-    assert outbound_module.OVERFLOW in ob.writing      # not pruned as a missing file
+    assert [c.name for c in ob.examine(relist=True).ready] == ["unmarked.bin", "after.bin"]
+
+
+def test_1_without_a_lease_files_are_taken_in_arrival_order(layout, clock, monkeypatch):
+    # operator trial: 87 of 5,000 files renamed in one by one by another user arrived
+    # out of order: a file waiting out its quiet period was overtaken by a later one
+    # whose quiet period ended while the first one's next look was still due
+    monkeypatch.setattr(Outbound, "_lease", staticmethod(lambda fd: False))
+    put(layout, "a.bin", b"first")
+    ob = outbound(layout)
+    ctime = os.stat(layout.out_dir(CH) / "a.bin").st_ctime
+    clock.offset = ctime - clock._real.time()          # at once: a.bin is not quiet
+    assert ob.examine().ready == []                     # (looked at again in ~1.01 s)
+    put(layout, "b.bin", b"second")                     # renamed in just after
+    later = os.stat(layout.out_dir(CH) / "b.bin").st_ctime
+    if later - ctime > 0.005:
+        pytest.skip("the two files' arrival times are too far apart here")
+    clock.offset = later + outbound_module.SETTLE + 0.001 - clock._real.time()
+    assert ob.examine(relist=True).ready == []          # b.bin is quiet, a.bin not due
+    clock.offset += 0.05
+    assert [c.name for c in ob.examine().ready] == ["a.bin", "b.bin"]
 
 
 def test_1_writers_of_files_gone_from_out_are_forgotten(layout, clock):
