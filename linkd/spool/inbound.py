@@ -105,6 +105,7 @@ from .layout import (
     FOLDER_MODE,
     SpoolLayout,
     check_channel,
+    group_folder_mode,
     make_folder,
     plain_name_problem,
     safe_name,
@@ -202,6 +203,8 @@ class Inbound:
         # (take_recovered(); recover() runs in worker threads, hence the lock)
         self.recovered: list[Delivered] = []
         self._recovered_lock = threading.Lock()
+        self._group: str | None = None          # the spool_group whose gid is _gid
+        self._gid: int | None = None
 
     @property
     def committed(self) -> int:
@@ -342,6 +345,7 @@ class Inbound:
                     unlink_quietly(self.fs, self._partial_path(ck["seq"]))
                     self._st = self._st.saved(self.fs, partial=None)
                 fd = self.fs.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW)
+                self._give_group(fd)
                 digest = hashlib.sha256()
             writer = None
             if direct.wanted(size - offset):
@@ -354,6 +358,19 @@ class Inbound:
             raise self._broken(f"starting seq {seq}", exc) from None
         self._xfer = _Transfer(seq, name, size, sha, fd, path, offset, offset, digest, writer)
         return offset
+
+    def _give_group(self, fd: int) -> None:
+        """With [node] spool_group, a delivered file belongs to that group (in/ is
+        2750 for it, and file_mode gives the group read access): made in tmp/, which
+        is ours alone, it had the daemon's own group, and the group's consumers could
+        not read it (an operator trial)."""
+        group = getattr(self.layout, "spool_group", None)
+        if group is None:
+            return
+        if self._group != group:       # (looked up once: getgrnam reads /etc/group)
+            self._group, self._gid = group, group_folder_mode("in", group)[1]
+        if self._gid is not None:
+            os.fchown(fd, -1, self._gid)
 
     def _check(self, *folders: Path) -> None:
         """Refuse (SymlinkedFolder, channel refused until recover()) if a folder we are

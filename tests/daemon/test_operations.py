@@ -730,3 +730,26 @@ def test_a_reload_changing_connect_logs_the_old_sessions_end(
         downs = a.events("link_down")
         assert len(downs) == i, downs
         assert downs[-1]["reason"].startswith("reload:") and downs[-1]["clean"], downs[-1]
+
+
+def test_files_delivered_with_spool_group_belong_to_it(tmp_path: Path,
+                                                      daemons: list[Any]) -> None:
+    # second operator trial: in/<ch>/ is 2750 for the group, but each delivered file
+    # kept the daemon's own group (made in tmp/, ours alone), so the group's consumers
+    # could not read what was delivered to them
+    try:
+        group = grp.getgrnam("users")
+    except KeyError:
+        pytest.skip("no 'users' group")
+    a, b = make_pair(tmp_path, start=False)
+    daemons += [a, b]
+    b.node_extra["spool_group"] = "users"
+    b.start()
+    a.start()
+    a.wait_state("bravo")
+    a.drop("bravo", "data", "for-consumers.txt", os.urandom(1000))
+    delivered = b.in_dir("alpha", "data") / "for-consumers.txt"
+    wait_for(delivered.exists, 30)
+    st = delivered.stat()
+    assert st.st_gid == group.gr_gid and st.st_mode & 0o777 == 0o640, (st.st_gid,
+                                                                       oct(st.st_mode))
