@@ -458,6 +458,11 @@ class Daemon:
             for runner, _ in closing:
                 if runner.link.name in cut:
                     await runner.reported.wait()
+        # what the ended sessions did on their way out (a transfer in flight shows its
+        # progress) may have shown a channel the reload removed again: drop it
+        for peer in cfg.peers:
+            if peer.name in self.links and peer.name in self.board.peers:
+                self.board.sync_channels(peer.name, [c.name for c in peer.channels])
         for scope in ended:
             scope.cancel()
         for link in redial:

@@ -154,6 +154,14 @@ class PeerLink:
         self.peer = peer
         removed = set(self.channels) - {c.name for c in peer.channels}
         for name in removed:
+            out = self.outbound.get(name)
+            queued = out.queue_stats()[0] if out is not None else 0
+            if queued:
+                # they stay where they are (nothing is lost), out of every listing
+                self.log.warning("channel_removed", channel=name, queued=queued, reason=(
+                    f"channel {name} was removed with {queued} file(s) still queued: they "
+                    f"stay in {self.layout.queue_dir(name)} and go out once the channel "
+                    f"is configured again"))
             self.channels.pop(name, None)
             self.outbound.pop(name, None)
             self.inbound.pop(name, None)

@@ -753,3 +753,27 @@ def test_files_delivered_with_spool_group_belong_to_it(tmp_path: Path,
     st = delivered.stat()
     assert st.st_gid == group.gr_gid and st.st_mode & 0o777 == 0o640, (st.st_gid,
                                                                        oct(st.st_mode))
+
+
+def test_a_channel_removed_mid_transfer_leaves_status_and_says_what_stays_queued(
+        tmp_path: Path, daemons: list[Any]) -> None:
+    # second operator trial: removed by a reload while a 1 GiB file was on its way,
+    # the channel came back in /status and the metrics (0 queued), the file was in
+    # no listing, and the reload said nothing about it
+    from procs import write_file
+    a, b = make_pair(tmp_path, channels=[{"name": "data"}, {"name": "bulk"}],
+                     link={"heartbeat_interval": 5.0, "heartbeat_timeout": 15.0})
+    daemons += [a, b]
+    staged = tmp_path / "big.bin"
+    write_file(staged, 256 << 20)
+    os.rename(staged, a.out_dir("bravo", "bulk") / "big.bin")
+    wait_for(lambda: a.events("message_queued"), 20, message=a.tail)
+    a.peers[0]["channels"] = [{"name": "data"}]
+    a.reload()                          # (returns once it has logged `reloaded`)
+    if [e for e in a.events("message_sent") if e["name"] == "big.bin"]:
+        pytest.skip("the file was delivered before the reload")
+    a.wait_state("bravo")
+    assert [c["name"] for c in peer(a, "bravo")["channels"]] == ["data"]
+    removed = a.events("channel_removed")
+    assert [(e["channel"], e["queued"]) for e in removed] == [("bulk", 1)], removed
+    assert "go out once the channel is configured again" in removed[0]["reason"]
