@@ -86,6 +86,7 @@ _shtab_linkctl_audit_verify_options=(
   "(- : *)"{-h,--help}"[show this help message and exit]"
   "--log[the log (default \<state_dir\>\/audit\/audit.jsonl) or an export bundle]:log:"
   "--peer-log[the peer\'s log\: detects a cut tail through its witnesses]:peer_log:"
+  "--ca[the link CA certificate (PEM)\: every checkpoint must be signed by a certificate it issued (without it, the log is only checked against itself)]:ca:"
 )
 
 # guard to ensure default positional specs are added only once per session

@@ -46,6 +46,10 @@ def add_parsers(sub: Any) -> None:
                     help="the log (default <state_dir>/audit/audit.jsonl) or an export bundle")
     av.add_argument("--peer-log", type=Path, default=None,
                     help="the peer's log: detects a cut tail through its witnesses")
+    av.add_argument("--ca", type=Path, default=None,
+                    help="the link CA certificate (PEM): every checkpoint must be signed "
+                         "by a certificate it issued (without it, the log is only checked "
+                         "against itself)")
     ex = au_sub.add_parser("export", help="write a self-contained bundle of a time range")
     ex.add_argument("--since", default=None, help="ISO 8601 time (inclusive)")
     ex.add_argument("--until", default=None, help="ISO 8601 time (inclusive)")
@@ -62,7 +66,7 @@ def run(args: argparse.Namespace, load_config: Any) -> int:
                                 args.seq, args.name)
         if args.audit_command == "verify":
             log = args.log or load_config(args).node.state_dir / "audit" / "audit.jsonl"
-            return audit_verify(log, args.peer_log)
+            return audit_verify(log, args.peer_log, args.ca)
         log = args.log or load_config(args).node.state_dir / "audit" / "audit.jsonl"
         return audit_export(log, args.since, args.until, args.output)
     except _Fail as exc:
@@ -172,9 +176,15 @@ def _files(log: Path, option: str = "--log") -> list[Path]:
     return [log]
 
 
-def audit_verify(log: Path, peer_log: Path | None) -> int:
+def audit_verify(log: Path, peer_log: Path | None, ca: Path | None = None) -> int:
     peer = _files(peer_log, "--peer-log") if peer_log is not None else None
-    verdict = A.verify(_files(log), peer)
+    anchors = None
+    if ca is not None:
+        try:
+            anchors = keys.load_certs(ca)
+        except keys.KeyError_ as exc:
+            raise _Fail(f"--ca: {exc}") from None
+    verdict = A.verify(_files(log), peer, anchors=anchors)
     if not verdict.ok:
         raise _Fail(f"audit log NOT OK: {verdict.message}")
     print(verdict.message)

@@ -547,6 +547,11 @@ class _Chain:
     last_checkpoint: str = "none"
     by_number: dict[int, str] = dataclasses.field(default_factory=dict)  # line -> hash
     first: int = 1
+    signed_through: int | None = None           # the last checkpoint's line number
+    # the certificates that signed checkpoints, with the time of the last each signed
+    signers: dict[str, tuple[x509.Certificate, str]] = dataclasses.field(
+        default_factory=dict)
+    bundle: bool = False                        # an export bundle: a slice, not a whole log
 
 
 EXPORT_FORMAT = "linkd-audit-export/1"
@@ -596,6 +601,7 @@ def verify_chain(files: list[Path], extra_certs: dict[str, x509.Certificate] | N
         if bundle is not None:
             data, bundle_certs = bundle
             certs.update(bundle_certs)
+            chain.bundle = True
         if data and not data.endswith(b"\n"):
             n = data.count(b"\n") + 1
             return Verdict(False, f"{path}: line {n}: cut short (no newline at its end)"), chain
@@ -648,6 +654,8 @@ def verify_chain(files: list[Path], extra_certs: dict[str, x509.Certificate] | N
                 if problem:
                     return Verdict(False, f"{where}: {problem}"), chain
                 chain.last_checkpoint = f"line {number} at {obj.get('timestamp')}"
+                chain.signed_through = number
+                chain.signers[str(signer)] = (signing, str(obj.get("timestamp")))
                 chain.node = chain.node or obj.get("node")
             chain.by_number[number] = h
             expected_prev, expected_line = h, number + 1
@@ -656,10 +664,28 @@ def verify_chain(files: list[Path], extra_certs: dict[str, x509.Certificate] | N
 
 
 def verify(files: list[Path], peer_files: list[Path] | None = None,
-           extra_certs: dict[str, x509.Certificate] | None = None) -> Verdict:
+           extra_certs: dict[str, x509.Certificate] | None = None,
+           anchors: list[x509.Certificate] | None = None) -> Verdict:
+    """Verify a node's log (or a bundle); `peer_files`: the peer's, for its witnesses;
+    `anchors`: the link CA, which must have issued every certificate that signed a
+    checkpoint (a log is otherwise only consistent with itself: anyone can make one
+    that verifies, signed with a key of their own). The message says who signed and
+    which lines no signature covers yet."""
     verdict, chain = verify_chain(files, extra_certs)
     if not verdict.ok:
         return verdict
+    if anchors is not None:
+        if not chain.signers:
+            return Verdict(False, "no checkpoint in the log: nothing in it is signed, so "
+                                  "nothing can be checked against the CA")
+        for cert, stamp in chain.signers.values():
+            try:
+                at = dt.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+            except ValueError:
+                at = dt.datetime.now(dt.UTC)
+            problem = keys.chain_problem(cert, [], anchors, at)
+            if problem:
+                return Verdict(False, f"checkpoints signed by {_who(cert)}: {problem}")
     if peer_files:
         peer_verdict, _peer = verify_chain(peer_files)
         if not peer_verdict.ok:
@@ -667,8 +693,24 @@ def verify(files: list[Path], peer_files: list[Path] | None = None,
         problem = _witness_problem(chain, peer_files)
         if problem:
             return Verdict(False, problem)
-    return Verdict(True, f"audit log OK: {chain.lines} lines, last checkpoint "
-                         f"{chain.last_checkpoint}", chain.lines, chain.node)
+    message = f"audit log OK: {chain.lines} lines, last checkpoint {chain.last_checkpoint}"
+    last = chain.first + chain.lines - 1
+    through = chain.signed_through
+    if through is None:
+        message += "; no line is signed (no checkpoint)"
+    elif through < last:
+        message += (f"; lines {through + 1}-{last} after it are not signed yet (no "
+                    f"checkpoint covers them: they prove nothing until one does)")
+    if chain.signers:
+        message += "; signed by " + ", ".join(sorted({_who(c) for c, _ in
+                                                     chain.signers.values()}))
+        if anchors is None:
+            message += " (not checked against a CA: give --ca)"
+    return Verdict(True, message, chain.lines, chain.node)
+
+
+def _who(cert: x509.Certificate) -> str:
+    return f"{cert.subject.rfc4514_string()} (issued by {cert.issuer.rfc4514_string()})"
 
 
 def _witness_problem(chain: _Chain, peer_files: list[Path]) -> str | None:
@@ -688,6 +730,8 @@ def _witness_problem(chain: _Chain, peer_files: list[Path]) -> str | None:
             if not isinstance(number, int):
                 continue
             if number > last:
+                if chain.bundle:
+                    continue        # a slice ends where it was cut: not a cut tail
                 return (f"tail cut: {path} line {n} witnessed our line {number} (checkpoint "
                         f"of {ck.get('timestamp')}), but the log ends at line {last}")
             want = chain.by_number.get(number)

@@ -154,6 +154,48 @@ def test_an_export_bundle_verifies_offline(logs, tmp_path, capsys):
     assert verify(capsys, "--log", str(bundle))[0] == 1
 
 
+def test_verify_names_the_signer_and_checks_it_against_the_ca(logs, tmp_path, capsys):
+    # second operator trial: a log or bundle signed with a key of anyone's own (another
+    # CA) verified "OK" and never said who signed it
+    from linkd import pki
+    alog, _blog, a, _b = logs
+    code, text = verify(capsys, "--log", str(alog))
+    assert code == 0 and "signed by CN=alpha" in text and "give --ca" in text, text
+    code, text = verify(capsys, "--log", str(alog), "--ca", str(a.pki_dir / "ca.crt"))
+    assert code == 0 and "give --ca" not in text, text
+    other = tmp_path / "other-ca"
+    pki.init_ca(other)
+    code, text = verify(capsys, "--log", str(alog), "--ca", str(other / "ca.crt"))
+    assert code == 1 and "does not chain to the given CA" in text, text
+
+
+def test_verify_says_which_lines_no_signature_covers(logs, tmp_path, capsys):
+    # second operator trial: the checkpoint at the end removed and lines after the one
+    # before it edited (their chain recomputed), a bundle verified "OK" for them all
+    alog = logs[0]
+    raw = alog.read_bytes().split(b"\n")[:-1]
+    cut = tmp_path / "audit.jsonl"
+    cut.write_bytes(b"\n".join(raw[:-1]) + b"\n")        # without its last checkpoint
+    code, text = verify(capsys, "--log", str(cut))
+    last_ck = max(i for i, x in enumerate(raw[:-1], start=1)
+                  if b'"event":"audit_checkpoint"' in x)
+    assert code == 0 and f"lines {last_ck + 1}-{len(raw) - 1} after it are not signed" \
+        in text, text
+
+
+def test_an_export_bundle_verifies_against_the_peers_log(logs, tmp_path, capsys):
+    # second operator trial: a slice ending before the log's end was "tail cut"
+    # against the peer's witnesses of later checkpoints
+    alog, blog, _a, _b = logs
+    times = [json.loads(x)["timestamp"] for x in alog.read_text().splitlines()]
+    bundle = tmp_path / "bundle.json"
+    assert linkctl(["audit", "export", "--log", str(alog), "--since", times[5],
+                    "--until", times[15], "-o", str(bundle)]) == 0
+    capsys.readouterr()
+    code, text = verify(capsys, "--log", str(bundle), "--peer-log", str(blog))
+    assert code == 0, text
+
+
 def test_receipt_show_and_verify_a_real_delivery(logs, capsys, tmp_path):
     _alog, _blog, a, b = logs
     assert linkctl(["-c", str(a.config_path), "receipt", "show", "--peer", "bravo",
