@@ -20,6 +20,7 @@ from cryptography import x509
 from ..evidence import audit as A
 from ..evidence import keys
 from ..evidence import receipts as R
+from .safe import printable
 
 
 def add_parsers(sub: Any) -> None:
@@ -82,11 +83,17 @@ class _Fail(Exception):
 
 def receipt_show(state_dir: Path, peer: str, channel: str, seq: int | None,
                  name: str | None) -> int:
-    doc = R.ReceiptStore(state_dir / "receipts").find(peer, channel, seq, name)
-    if doc is None:
-        what = f"seq {seq}" if seq is not None else f"name {name!r}"
+    found = R.ReceiptStore(state_dir / "receipts").find_all(peer, channel, seq, name)
+    if not found:
+        what = f"seq {seq}" if seq is not None else f"name {printable(name)}"
         raise _Fail(f"no receipt for {what} on {peer}/{channel} in {state_dir / 'receipts'} "
-                    f"(only files acknowledged since receipts were introduced have one)")
+                    f"(a file has one once its peer acknowledged it; `linkctl queue` shows "
+                    f"what is not acknowledged yet)")
+    doc = found[-1]
+    if len(found) > 1 and seq is None:
+        seqs = ", ".join(str(d["receipt"].get("seq")) for d in found)
+        print(f"linkctl: {len(found)} receipts match {printable(name)} (seq {seqs}): this is "
+              f"the newest; give --seq N for another", file=sys.stderr)
     print(json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False))
     return 0
 

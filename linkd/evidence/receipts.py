@@ -320,11 +320,18 @@ class ReceiptStore:
     def find(self, peer: str, channel: str, seq: int | None = None,
              name: str | None = None) -> dict[str, Any] | None:
         """The newest receipt for this seq or sent name (a torn last line is skipped)."""
-        found = None
+        found = self.find_all(peer, channel, seq, name)
+        return found[-1] if found else None
+
+    def find_all(self, peer: str, channel: str, seq: int | None = None,
+                 name: str | None = None) -> list[dict[str, Any]]:
+        """Every receipt for this seq or name (sent or delivered), oldest first: one
+        name may have been sent several times (delivered as NAME, NAME~1...)."""
+        found: list[dict[str, Any]] = []
         try:
             f = open(self.path(peer, channel), "rb")  # noqa: SIM115
         except FileNotFoundError:
-            return None
+            return found
         with f:
             for raw in f:
                 try:
@@ -335,5 +342,5 @@ class ReceiptStore:
                 if (seq is not None and r.get("seq") == seq) or \
                         (name is not None and name in (r.get("sent_name"),
                                                        r.get("delivered_name"))):
-                    found = doc
+                    found.append(doc)
         return found

@@ -196,6 +196,27 @@ def test_an_export_bundle_verifies_against_the_peers_log(logs, tmp_path, capsys)
     assert code == 0, text
 
 
+def test_receipt_show_of_a_name_sent_twice_says_so(tmp_path, capsys):
+    # second operator trial: dup.txt sent three times (delivered as dup.txt, dup~1.txt,
+    # dup~2.txt): `receipt show --name dup.txt` picked one without a word
+    store = R.ReceiptStore(tmp_path / "receipts")
+    path = store.path("bravo", "data")
+    path.parent.mkdir(parents=True)
+    with open(path, "w") as f:
+        for seq, delivered in ((4, "dup.txt"), (7, "dup~1.txt"), (9, "dup~2.txt")):
+            f.write(json.dumps({"receipt": {"seq": seq, "sent_name": "dup.txt",
+                                            "delivered_name": delivered}}) + "\n")
+    assert [d["receipt"]["seq"] for d in store.find_all("bravo", "data", name="dup.txt")] \
+        == [4, 7, 9]
+    from linkd.cli.evidence_cmd import receipt_show
+    assert receipt_show(tmp_path, "bravo", "data", None, "dup.txt") == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["receipt"]["seq"] == 9
+    assert "3 receipts match dup.txt (seq 4, 7, 9)" in out.err and "--seq" in out.err
+    assert receipt_show(tmp_path, "bravo", "data", 7, None) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_receipt_show_and_verify_a_real_delivery(logs, capsys, tmp_path):
     _alog, _blog, a, b = logs
     assert linkctl(["-c", str(a.config_path), "receipt", "show", "--peer", "bravo",
