@@ -17,6 +17,7 @@ import difflib
 import ipaddress
 import json
 import math
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -527,8 +528,9 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{label}: is a folder, not a config file: "
                           "pass the TOML file itself with -c/--config") from None
     except PermissionError:
-        raise ConfigError(f"{label}: permission denied reading the config file: "
-                          "make it readable by the user linkd runs as") from None
+        raise ConfigError(f"{label}: permission denied reading the config file as uid "
+                          f"{os.getuid()}: make it readable to the user linkd runs as, and "
+                          "run linkctl as that user or root") from None
     except (OSError, ValueError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         raise ConfigError(f"{label}: cannot read the config file ({_one_line(str(reason))}): "

@@ -512,9 +512,12 @@ class Daemon:
             return await trio.open_tcp_listeners(cfg.listen.port, host=cfg.listen.address)
         except OSError as exc:
             where = f"{cfg.listen.address}:{cfg.listen.port}"
+            fix = ("use an address of this host" if exc.errno == errno.EADDRNOTAVAIL
+                   else "grant it or use a port above 1023" if exc.errno == errno.EACCES
+                   else "free the port")
             raise ConfigError(f"[listen] changed but {where} cannot be bound "
-                              f"({exc.strerror or exc}): kept listening as before; free the "
-                              "port or change [listen] and reload again") from None
+                              f"({exc.strerror or exc}): kept listening as before; {fix} "
+                              "or change [listen] and reload again") from None
 
 
 def run(config_path: str, log_format: str | None, log_level: str | None = None) -> int:

@@ -215,6 +215,8 @@ def audit_export(log: Path, since: str | None, until: str | None, output: Path |
     audit_key line it needs: `verify --log BUNDLE` checks it offline. Lines are kept
     verbatim: the chain is intact inside the slice."""
     lo, hi = _time(since, "--since"), _time(until, "--until")
+    if lo is not None and hi is not None and lo > hi:
+        raise _Fail(f"--since {since} is after --until {until}: swap them")
     lines: list[bytes] = []
     for path in _files(log):
         lines += path.read_bytes().split(b"\n")[:-1]
@@ -231,6 +233,10 @@ def audit_export(log: Path, since: str | None, until: str | None, output: Path |
         except ValueError:
             return None
     start, end = 0, len(objs) - 1
+    last = next((t for t in map(when, reversed(objs)) if t is not None), None)
+    if lo is not None and last is not None and lo > last:
+        raise _Fail(f"--since {since} is after the log's last line ({last:%Y-%m-%dT%H:%M:%SZ}):"
+                    f" nothing to export")
     if lo is not None:
         for i, o in enumerate(objs):
             t = when(o)

@@ -26,20 +26,28 @@ def _fail(line: str) -> int:
     return 1
 
 
+def _denied(socket_path: Path) -> str:
+    """Permission denied on the socket: name the group that may read it."""
+    try:
+        import grp
+        group = f"the {grp.getgrgid(os.stat(socket_path).st_gid).gr_name} group"
+    except (OSError, KeyError):
+        group = "the socket's group"
+    return f"permission denied on {socket_path} (run as root or as a member of {group})"
+
+
 def _get(socket_path: Path, url_path: str) -> bytes | int:
     """The body of a 200 answer, or 1 after printing the one-line reason."""
     try:
         code, body = http_get(socket_path, url_path)
     except PermissionError:
-        return _fail(f"permission denied on {socket_path} "
-                     f"(run as root or as a member of the linkd group)")
+        return _fail(_denied(socket_path))
     except (TimeoutError, http.client.HTTPException, ConnectionResetError) as exc:
         reason = "no answer in time" if isinstance(exc, TimeoutError) else "no valid answer"
         return _fail(f"no linkd answers on {socket_path}: {reason} ({_HINT})")
     except OSError as exc:
         if exc.errno == errno.EACCES:
-            return _fail(f"permission denied on {socket_path} "
-                         f"(run as root or as a member of the linkd group)")
+            return _fail(_denied(socket_path))
         reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
         return _fail(f"no linkd answers on {socket_path}: {reason} ({_HINT})")
     if code != 200:

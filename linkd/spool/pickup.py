@@ -212,7 +212,9 @@ class PickupMixin(OutboundState):
         path = self._out / name
         problem = plain_name_problem(name)
         if problem:
-            failed.append(self._fail_unclaimed(name, None, f"file name {problem}"))
+            failed.append(self._fail_unclaimed(
+                name, None, f"file name {problem}: it cannot be sent under this name; "
+                            f"rename it (a plain UTF-8 name) and put it into out/ again"))
             return None
         try:
             st = os.lstat(path)

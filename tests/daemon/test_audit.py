@@ -217,6 +217,20 @@ def test_receipt_show_of_a_name_sent_twice_says_so(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_an_export_of_an_empty_range_is_one_line(logs, tmp_path, capsys):
+    # second operator trial: --since after --until exported one line, a --since in the
+    # future 17 earlier lines, both "successfully"
+    alog = logs[0]
+    out = tmp_path / "b.json"
+    assert linkctl(["audit", "export", "--log", str(alog), "--since", "2026-12-02T12:00:00Z",
+                    "--until", "2026-12-02T11:00:00Z", "-o", str(out)]) == 1
+    assert "swap them" in capsys.readouterr().err and not out.exists()
+    assert linkctl(["audit", "export", "--log", str(alog), "--since", "2099-01-01T00:00:00Z",
+                    "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nothing to export" in err and not out.exists()
+
+
 def test_receipt_show_and_verify_a_real_delivery(logs, capsys, tmp_path):
     _alog, _blog, a, b = logs
     assert linkctl(["-c", str(a.config_path), "receipt", "show", "--peer", "bravo",

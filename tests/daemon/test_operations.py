@@ -662,6 +662,7 @@ def test_a_file_name_that_is_not_utf8_fails_without_stopping_the_daemon(
     a.drop("bravo", "data", name, b"bad name")
     failed = wait_for(lambda: a.events("message_failed"), 20, message=a.tail)
     assert failed[0]["name"] == name and "not valid UTF-8" in failed[0]["reason"]
+    assert "rename it" in failed[0]["reason"]
     assert (a.failed_dir("bravo", "data") / name).exists()
     listed = ctl(a, "failed", "--json")
     assert listed.returncode == 0, listed.stderr

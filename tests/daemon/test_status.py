@@ -536,7 +536,8 @@ def test_linkctl_without_a_daemon_prints_one_line(sock_path: Path,
 
 
 @pytest.mark.parametrize("error, expected", [
-    (PermissionError(13, "Permission denied"), "run as root or as a member of the linkd group"),
+    (PermissionError(13, "Permission denied"),
+     "run as root or as a member of the socket's group"),
     (TimeoutError("timed out"), "no answer in time"),
     (OSError("AF_UNIX path too long"), "AF_UNIX path too long"),
 ])
