@@ -212,6 +212,7 @@ class Outbound(PickupMixin, RecoveryMixin):
         # (SUSPECT after lost events); read where no lease can be had
         self.writing: dict[str, tuple[float, int]] = {}
         self._blocking: set[str] = set()        # not-ready names waiting a quiet period
+        self._quiet_seen: dict[str, tuple[int, int, int]] = {}  # (size, mtime, ctime) then
         self._ready = False
         self._refused: str | None = None        # a symlinked spool folder (see the top)
         self._spares: list[str] = []            # retired .meta files to write records into

@@ -230,6 +230,7 @@ class OutboundState:
     _backlog: deque[str]
     _not_ready: dict[str, float]
     _blocking: set[str]
+    _quiet_seen: dict[str, tuple[int, int, int]]
     writing: dict[str, tuple[float, int]]
     _ready: bool
     _refused: str | None

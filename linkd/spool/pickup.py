@@ -179,6 +179,7 @@ class PickupMixin(OutboundState):
             if isinstance(got, Candidate):
                 self._not_ready.pop(name, None)
                 self._blocking.discard(name)
+                self._quiet_seen.pop(name, None)
                 self._listed.pop(name, None)
                 result.ready.append(got)
                 hashed += got.size if got.sha256 else 0
@@ -193,6 +194,7 @@ class PickupMixin(OutboundState):
             else:
                 self._not_ready.pop(name, None)
                 self._blocking.discard(name)
+                self._quiet_seen.pop(name, None)
                 self._listed.pop(name, None)
         # files not ready yet stay in the backlog, at its front (they arrived first)
         self._backlog_add(skipped, front=True)
@@ -203,6 +205,7 @@ class PickupMixin(OutboundState):
             keep = set(self._backlog)
             self._not_ready = {n: t for n, t in self._not_ready.items() if n in keep}
             self._blocking &= keep
+            self._quiet_seen = {n: v for n, v in self._quiet_seen.items() if n in keep}
         return result
 
     def _examine_one(self, name: str, peer_max: int | None,
@@ -257,7 +260,7 @@ class PickupMixin(OutboundState):
                 # it wrote after went into a file already sent and deleted.
                 wait = self._writer_wait(name, st)
                 if wait is not None:
-                    return wait
+                    return self._holds_order(name, st, wait)
             problem = self._size_problem(st.st_size, peer_max)
             if problem is not None:
                 os.close(fd)
@@ -354,6 +357,20 @@ class PickupMixin(OutboundState):
         if changed < settle:
             return Quiet(min(settle - changed + 0.01, WRITER_RETRY * 4))
         return None
+
+    def _holds_order(self, name: str, st: os.stat_result, wait: float) -> float:
+        """A Quiet wait holds the files after it only while the file stays as it was
+        when first seen waiting: one that changes meanwhile is still being written
+        (not handed over yet), and holding the queue behind it would stall every
+        later file for as long as it keeps changing."""
+        if not isinstance(wait, Quiet):
+            return wait
+        now = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        seen = self._quiet_seen.setdefault(name, now)
+        if seen != now:
+            self._quiet_seen[name] = now
+            return float(wait)
+        return wait
 
     @staticmethod
     def _lease(fd: int) -> bool | None:

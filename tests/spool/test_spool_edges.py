@@ -235,6 +235,23 @@ def test_1_without_a_lease_files_are_taken_in_arrival_order(layout, clock, monke
     assert [c.name for c in ob.examine().ready] == ["a.bin", "b.bin"]
 
 
+def test_1_without_a_lease_a_file_that_keeps_changing_holds_no_one(layout, clock,
+                                                                     monkeypatch):
+    # review: a Quiet wait holds the files after it (arrival order); one on a file
+    # that is rewritten again and again would have held every later file for ever
+    monkeypatch.setattr(Outbound, "_lease", staticmethod(lambda fd: False))
+    path = put(layout, "log.txt", b"line 1\n")
+    ob = outbound(layout)
+    assert ob.examine().ready == []                     # not quiet yet: holds the rest
+    put(layout, "report.bin", b"handed over whole")
+    with open(path, "ab") as f:                         # its writer goes on, and on
+        f.write(b"line 2\n")
+    later = clock._real.time() + 10                     # (changed again just before we look)
+    os.utime(path, (later, later))
+    clock.offset = outbound_module.SETTLE + 0.5         # log.txt due again, report quiet
+    assert [c.name for c in ob.examine(relist=True).ready] == ["report.bin"]
+
+
 def test_1_writers_of_files_gone_from_out_are_forgotten(layout, clock):
     put(layout, "here.bin")
     ob = outbound(layout)
