@@ -29,7 +29,7 @@ CHECKPOINT_EVERY = 1024          # claims between two records of `next` (recover
 CLAIM_BYTES = 64 << 20           # bytes hashed per examine() call (a big file: itself alone)
 SETTLE = 1.0                     # seconds unchanged, where no lease can be taken
 # Where no lease can be taken, inotify tells of writers too (Outbound.writing, kept by
-# net/watcher.py; PickupMixin._writer_wait): a file written to in out/ and not closed
+# net/watcher.py; spool/writers.py): a file written to in out/ and not closed
 # since waits for its writer's close, or until unchanged for WRITER_GIVEUP; one
 # created there and still empty waits up to CREATED_SETTLE; after events were lost
 # (OVERFLOW), every file must be unchanged for OVERFLOW_SETTLE, for OVERFLOW_WINDOW.

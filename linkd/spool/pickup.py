@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from ..errors import FileChanged as FileChanged  # re-exported
 from ..errors import ResourceBusy as ResourceBusy
 from ..errors import SpoolError as SpoolError
-from . import outbound_items
+from . import outbound_items, writers
 from .files import (
     place_with_reason,
 )
@@ -33,14 +33,8 @@ from .outbound_items import (
     CLAIM_BATCH,
     CLAIM_BYTES,
     CREATED,
-    CREATED_SETTLE,
     OVERFLOW,
-    OVERFLOW_SETTLE,
-    SETTLE,
     SUSPECT,
-    WRITER_GIVEUP,
-    WRITER_RETRY,
-    WRITTEN,
     Candidate,
     Claimed,
     Examined,
@@ -258,9 +252,9 @@ class PickupMixin(OutboundState):
                 # the file must be unchanged for SETTLE seconds. Without the first a
                 # writer pausing longer than SETTLE was claimed truncated, and what
                 # it wrote after went into a file already sent and deleted.
-                wait = self._writer_wait(name, st)
+                wait = writers.writer_wait(self.writing, name, st)
                 if wait is not None:
-                    return self._holds_order(name, st, wait)
+                    return writers.holds_order(self._quiet_seen, name, st, wait)
             problem = self._size_problem(st.st_size, peer_max)
             if problem is not None:
                 os.close(fd)
@@ -330,47 +324,6 @@ class PickupMixin(OutboundState):
             return sha256
         finally:
             self.fs.close(fd)
-
-    def _writer_wait(self, name: str, st: os.stat_result) -> float | None:
-        """Without a lease: how long to wait before looking at `name` again, or None
-        to take it now. The marks of the watcher (net/watcher.py) say which files a
-        writer may still hold: one written and not closed since waits until it is
-        closed, or unchanged for WRITER_GIVEUP (a close we missed; a truncate() by
-        path, which no close follows); one created and still empty waits up to
-        CREATED_SETTLE (a writer yet to write; a created file that is not empty and
-        was never written here came in whole: a hard link, `linkctl send`). Then the
-        file must be unchanged for SETTLE seconds, or OVERFLOW_SETTLE if it was in
-        out/ when events were lost (SUSPECT: start-up, an overflow): a Quiet wait,
-        which the files after it wait for too (arrival order)."""
-        now = time.monotonic()
-        changed = time.time() - max(st.st_mtime, st.st_ctime)
-        settle = SETTLE
-        mark = self.writing.get(name)
-        if mark is not None:
-            at, kind = mark
-            if kind == WRITTEN and changed < WRITER_GIVEUP:
-                return WRITER_RETRY
-            if kind == CREATED and st.st_size == 0 and now - at < CREATED_SETTLE:
-                return WRITER_RETRY
-            if kind == SUSPECT:
-                settle = OVERFLOW_SETTLE
-        if changed < settle:
-            return Quiet(min(settle - changed + 0.01, WRITER_RETRY * 4))
-        return None
-
-    def _holds_order(self, name: str, st: os.stat_result, wait: float) -> float:
-        """A Quiet wait holds the files after it only while the file stays as it was
-        when first seen waiting: one that changes meanwhile is still being written
-        (not handed over yet), and holding the queue behind it would stall every
-        later file for as long as it keeps changing."""
-        if not isinstance(wait, Quiet):
-            return wait
-        now = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        seen = self._quiet_seen.setdefault(name, now)
-        if seen != now:
-            self._quiet_seen[name] = now
-            return float(wait)
-        return wait
 
     @staticmethod
     def _lease(fd: int) -> bool | None:

@@ -22,6 +22,7 @@ from linkd.errors import SpoolError
 from linkd.spool import Inbound, Outbound, ResourceBusy, SpoolLayout
 from linkd.spool import outbound as outbound_module
 from linkd.spool import pickup as pickup_module
+from linkd.spool import writers as writers_module
 
 CH = "data"
 
@@ -77,6 +78,7 @@ def clock(monkeypatch):
     clock = Clock()
     monkeypatch.setattr(outbound_module, "time", clock)
     monkeypatch.setattr(pickup_module, "time", clock)
+    monkeypatch.setattr(writers_module, "time", clock)
     return clock
 
 
