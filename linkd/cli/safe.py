@@ -36,10 +36,10 @@ def printable(text: object) -> str:
     """`text` (made a str) with every non-printable character escaped: one line, safe
     for a terminal."""
     s = text if isinstance(text, str) else str(text)
-    if s.isprintable():
+    if s.isprintable() and "\\" not in s:
         return s
-    # once escaped, a backslash of the text is doubled: `bad\xff` (four characters)
-    # and the byte 0xff must not print alike
+    # a backslash of the text is doubled: `bad\xff` (those four characters) and the
+    # byte 0xff must not print alike
     return "".join(c if c.isprintable() and c != "\\" else "\\\\" if c == "\\"
                    else _escape(c) for c in s)
 

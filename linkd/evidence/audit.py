@@ -548,8 +548,9 @@ class _Chain:
     by_number: dict[int, str] = dataclasses.field(default_factory=dict)  # line -> hash
     first: int = 1
     signed_through: int | None = None           # the last checkpoint's line number
-    # the certificates that signed checkpoints, with the time of the last each signed
-    signers: dict[str, tuple[x509.Certificate, str]] = dataclasses.field(
+    # the certificates that signed checkpoints, with the times of the first and the
+    # last checkpoint each signed
+    signers: dict[str, tuple[x509.Certificate, str, str]] = dataclasses.field(
         default_factory=dict)
     bundle: bool = False                        # an export bundle: a slice, not a whole log
 
@@ -655,7 +656,9 @@ def verify_chain(files: list[Path], extra_certs: dict[str, x509.Certificate] | N
                     return Verdict(False, f"{where}: {problem}"), chain
                 chain.last_checkpoint = f"line {number} at {obj.get('timestamp')}"
                 chain.signed_through = number
-                chain.signers[str(signer)] = (signing, str(obj.get("timestamp")))
+                stamp = str(obj.get("timestamp"))
+                first = chain.signers.get(str(signer), (signing, stamp, stamp))[1]
+                chain.signers[str(signer)] = (signing, first, stamp)
                 chain.node = chain.node or obj.get("node")
             chain.by_number[number] = h
             expected_prev, expected_line = h, number + 1
@@ -678,14 +681,15 @@ def verify(files: list[Path], peer_files: list[Path] | None = None,
         if not chain.signers:
             return Verdict(False, "no checkpoint in the log: nothing in it is signed, so "
                                   "nothing can be checked against the CA")
-        for cert, stamp in chain.signers.values():
-            try:
-                at = dt.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-            except ValueError:
-                at = dt.datetime.now(dt.UTC)
-            problem = keys.chain_problem(cert, [], anchors, at)
-            if problem:
-                return Verdict(False, f"checkpoints signed by {_who(cert)}: {problem}")
+        for cert, first_at, last_at in chain.signers.values():
+            for stamp in (first_at, last_at):   # valid from its first signature to its last
+                try:
+                    at = dt.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+                except ValueError:
+                    at = dt.datetime.now(dt.UTC)
+                problem = keys.chain_problem(cert, [], anchors, at)
+                if problem:
+                    return Verdict(False, f"checkpoints signed by {_who(cert)}: {problem}")
     if peer_files:
         peer_verdict, _peer = verify_chain(peer_files)
         if not peer_verdict.ok:
@@ -702,7 +706,7 @@ def verify(files: list[Path], peer_files: list[Path] | None = None,
         message += (f"; lines {through + 1}-{last} after it are not signed yet (no "
                     f"checkpoint covers them: they prove nothing until one does)")
     if chain.signers:
-        message += "; signed by " + ", ".join(sorted({_who(c) for c, _ in
+        message += "; signed by " + ", ".join(sorted({_who(c) for c, _, _ in
                                                      chain.signers.values()}))
         if anchors is None:
             message += " (not checked against a CA: give --ca)"

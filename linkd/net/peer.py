@@ -424,17 +424,18 @@ class PeerLink:
                     rewatch.set()
                 wake(name)
             out = self.outbound.get(name)
-            if out is not None:
-                # a folder watched anew (start-up, replaced): the writers of what is in
-                # it were not seen (a producer writing in place across a restart was
-                # delivered truncated); where no lease can be had, pick-up asks those
-                # files a longer quiet period (as after an overflow)
-                out.writing.clear()
-                out.writing[OVERFLOW] = (time.monotonic(), SUSPECT)
             found = watcher.add(self.layout.out_dir(name), on_event,
-                                out.writing if out is not None else None)
+                                out.writing if out is not None else None,
+                                out.writing_lock if out is not None else None)
             if found is not None:
                 mine.append(found)
+                if out is not None:
+                    # a folder watched anew (start-up, replaced, pick-up restarted): the
+                    # writers of what is in it now may not have been seen (a producer
+                    # writing in place across a restart was delivered truncated); where
+                    # no lease can be had, pick-up asks those files a longer quiet
+                    # period. The marks it has are kept: a stale one only delays.
+                    out.writing[OVERFLOW] = (time.monotonic(), SUSPECT)
             return found
 
         async def channel_task(name: str, wakeup: Wakeup) -> None:

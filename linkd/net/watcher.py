@@ -33,6 +33,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -73,13 +74,15 @@ def identity(folder: Path) -> tuple[int, int] | None:
 class Watch:
     """One subscription: a folder, as it was when watched, and who to tell."""
 
-    __slots__ = ("folder", "wd", "ident", "on_event", "writing")
+    __slots__ = ("folder", "wd", "ident", "on_event", "writing", "lock")
 
     def __init__(self, folder: Path, wd: int, ident: tuple[int, int] | None,
                  on_event: Subscriber,
-                 writing: dict[str, tuple[float, int]] | None = None) -> None:
+                 writing: dict[str, tuple[float, int]] | None = None,
+                 lock: threading.Lock | None = None) -> None:
         self.folder, self.wd, self.ident, self.on_event = folder, wd, ident, on_event
         self.writing = writing
+        self.lock = lock or threading.Lock()    # `writing` is read in worker threads too
 
     def current(self) -> bool:
         """Is the folder at this path still the one watched? A folder replaced by a
@@ -145,7 +148,8 @@ class FolderWatcher:
             getattr(self.log, level)(event, folder=str(folder), **kw)
 
     def add(self, folder: Path, on_event: Subscriber,
-            writing: dict[str, tuple[float, int]] | None = None) -> Watch | None:
+            writing: dict[str, tuple[float, int]] | None = None,
+            lock: threading.Lock | None = None) -> Watch | None:
         """Watch `folder`; None if it does not exist (yet) or cannot be watched.
         `writing`: kept up to date with the files a writer may hold open (the top)."""
         if self._notifier is None:
@@ -166,7 +170,7 @@ class FolderWatcher:
         if ("inotify_watch_failed", folder) in self._said:
             self._said.discard(("inotify_watch_failed", folder))
             self.log.info("inotify_watch_restored", folder=str(folder))
-        watch = Watch(folder, wd, ident, on_event, writing)
+        watch = Watch(folder, wd, ident, on_event, writing, lock)
         self._subs.setdefault(wd, []).append(watch)
         return watch
 
@@ -224,19 +228,24 @@ class FolderWatcher:
 
     @staticmethod
     def _writer(subs: list[Watch], name: str, mask: int) -> None:
-        f = inotify_simple.flags
         for watch in subs:
             writing = watch.writing
             if writing is None:
                 continue
-            if mask & (f.CLOSE_WRITE | f.MOVED_TO):
-                # closed by its writer; or renamed in over the name: a whole file of
-                # its own (a writer holding the name's old file writes elsewhere now)
-                writing.pop(name, None)
-            elif mask & f.MODIFY:
-                writing[name] = (time.monotonic(), WRITTEN)
-            else:                               # created: a writer, or a hard link
-                writing.setdefault(name, (time.monotonic(), CREATED))
+            with watch.lock:
+                FolderWatcher._mark(writing, name, mask)
+
+    @staticmethod
+    def _mark(writing: dict[str, tuple[float, int]], name: str, mask: int) -> None:
+        f = inotify_simple.flags
+        if mask & (f.CLOSE_WRITE | f.MOVED_TO):
+            # closed by its writer; or renamed in over the name: a whole file of its
+            # own (a writer holding the name's old file writes elsewhere now)
+            writing.pop(name, None)
+        elif mask & f.MODIFY:
+            writing[name] = (time.monotonic(), WRITTEN)
+        else:                                   # created: a writer, or a hard link
+            writing.setdefault(name, (time.monotonic(), CREATED))
 
     def close(self) -> None:
         notifier, self._notifier = self._notifier, None

@@ -345,7 +345,11 @@ class Inbound:
                     unlink_quietly(self.fs, self._partial_path(ck["seq"]))
                     self._st = self._st.saved(self.fs, partial=None)
                 fd = self.fs.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW)
-                self._give_group(fd)
+                try:
+                    self._give_group(fd)
+                except BaseException:
+                    self.fs.close(fd)
+                    raise
                 digest = hashlib.sha256()
             writer = None
             if direct.wanted(size - offset):
@@ -370,7 +374,13 @@ class Inbound:
         if self._group != group:       # (looked up once: getgrnam reads /etc/group)
             self._group, self._gid = group, group_folder_mode("in", group)[1]
         if self._gid is not None:
-            os.fchown(fd, -1, self._gid)
+            try:
+                os.fchown(fd, -1, self._gid)
+            except PermissionError:
+                raise SpoolError(f"cannot give a delivered file the group {group} "
+                                 f"([node].spool_group): the user linkd runs as must be a "
+                                 f"member of it (usermod -aG {group} <user>), then restart "
+                                 f"linkd") from None
 
     def _check(self, *folders: Path) -> None:
         """Refuse (SymlinkedFolder, channel refused until recover()) if a folder we are

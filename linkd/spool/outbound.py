@@ -116,6 +116,7 @@ import errno
 import hashlib
 import os
 import stat
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -128,6 +129,7 @@ from ..errors import ResourceBusy as ResourceBusy
 from ..errors import SpoolError as SpoolError
 from ..errors import SymlinkedFolder
 from . import inbound as _inbound
+from . import writers
 from .files import (
     dump_json,
     is_int,
@@ -212,7 +214,8 @@ class Outbound(PickupMixin, RecoveryMixin):
         # (SUSPECT after lost events); read where no lease can be had
         self.writing: dict[str, tuple[float, int]] = {}
         self._blocking: set[str] = set()        # not-ready names waiting a quiet period
-        self._quiet_seen: dict[str, tuple[int, int, int]] = {}  # (size, mtime, ctime) then
+        self._quiet_seen: writers.Seen = {}     # how long each waiting file has been so
+        self.writing_lock = threading.Lock()    # writing: the watcher's thread and ours
         self._ready = False
         self._refused: str | None = None        # a symlinked spool folder (see the top)
         self._spares: list[str] = []            # retired .meta files to write records into

@@ -6,6 +6,7 @@ import errno
 import hashlib
 import os
 import re
+import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -230,7 +231,8 @@ class OutboundState:
     _backlog: deque[str]
     _not_ready: dict[str, float]
     _blocking: set[str]
-    _quiet_seen: dict[str, tuple[int, int, int]]
+    _quiet_seen: dict[str, tuple[tuple[int, int, int], float]]
+    writing_lock: threading.Lock
     writing: dict[str, tuple[float, int]]
     _ready: bool
     _refused: str | None

@@ -131,13 +131,18 @@ class PickupMixin(OutboundState):
         if relist or not self._backlog:
             queued = set(self._backlog)
             listed_at = time.monotonic()
+            # (taken before listing: a file arriving meanwhile, its events lost, is listed)
+            lost = self.writing.pop(OVERFLOW, None) is not None
             listed = self._list_out()
-            if self.writing:
-                if self.writing.pop(OVERFLOW, None) is not None:
-                    # events were lost: what is in out/ now may have a writer unseen
+            if lost:
+                # events were lost: what is in out/ now may have a writer unseen (a
+                # written mark set meanwhile by the watcher, in the event loop's
+                # thread, is kept: the lock)
+                with self.writing_lock:
                     for n in listed:
                         if self.writing.get(n, (0, CREATED))[1] == CREATED:
                             self.writing[n] = (listed_at, SUSPECT)
+            if self.writing:
                 present = set(listed)   # forget the marks of files no longer in out/
                 for gone in [n for n, (at, _) in list(self.writing.items())
                              if n not in present and at < listed_at]:
@@ -192,8 +197,14 @@ class PickupMixin(OutboundState):
                 self._listed.pop(name, None)
         # files not ready yet stay in the backlog, at its front (they arrived first)
         self._backlog_add(skipped, front=True)
-        waits = [t - now for t in self._not_ready.values()]
-        result.retry_after = max(0.05, min(waits)) if waits else None
+        if blocked:
+            # the pass stopped at a file waiting out its quiet period: look again when
+            # it is due (the entries behind it may be stale, long due)
+            result.retry_after = max(0.05, self._not_ready[skipped[-1]] - now)
+        else:
+            waits = [t - now for t in self._not_ready.values() if t > now]
+            result.retry_after = max(0.05, min(waits)) if waits else (
+                0.05 if self._not_ready else None)
         result.more = not blocked and len(self._backlog) > len(skipped)
         if len(self._not_ready) > 4 * len(self._backlog) + 64:      # forget vanished names
             keep = set(self._backlog)
@@ -252,9 +263,9 @@ class PickupMixin(OutboundState):
                 # the file must be unchanged for SETTLE seconds. Without the first a
                 # writer pausing longer than SETTLE was claimed truncated, and what
                 # it wrote after went into a file already sent and deleted.
-                wait = writers.writer_wait(self.writing, name, st)
+                wait = writers.writer_wait(self.writing, self._quiet_seen, name, st)
                 if wait is not None:
-                    return writers.holds_order(self._quiet_seen, name, st, wait)
+                    return wait
             problem = self._size_problem(st.st_size, peer_max)
             if problem is not None:
                 os.close(fd)

@@ -7,19 +7,25 @@ CAP_LEASE, the watcher's inotify marks (net/watcher.py; `Outbound.writing`, name
 (time.monotonic(), kind)) and a quiet period stand in:
 
 * WRITTEN (IN_MODIFY, no IN_CLOSE_WRITE since): its writer still holds it; it waits
-  for the close however long the writer pauses, or until it is unchanged for
+  for the close however long the writer pauses, or until it has been quiet for
   WRITER_GIVEUP (a close we missed; a truncate() by path, which no close follows);
 * CREATED (IN_CREATE only) and still empty: a writer yet to write; it waits up to
   CREATED_SETTLE (a created file that is not empty, never written here, came in
   whole: a hard link, `linkctl send`);
 * SUSPECT: it was in out/ when events may have been lost (start-up, a folder
   watched anew, an inotify queue overflow): it must be quiet for OVERFLOW_SETTLE;
-* any file must then be unchanged for SETTLE seconds.
+* any file must then be quiet for SETTLE seconds.
+
+Quiet: unchanged (size, mtime, ctime) for that long, by the later of its time stamps
+(wall clock) or, for time stamps ahead of ours (`touch -d`, `cp -p` from a host
+whose clock is ahead, our clock stepped back), by how long we have seen it
+unchanged (monotonic): a time ahead of ours must not hold a file, and every file
+after it, until that time comes.
 
 A quiet-period wait is a Quiet: the files after it in arrival order wait for it
 too (taken first, a later file overtook it: out of hand-over order), unless it
-changes while it waits (then it is being written, not handed over: it holds no
-one, or a file rewritten again and again would stall every later file).
+changed since we last looked (then it is being written, not handed over: it holds
+no one, or a file rewritten again and again would stall every later file).
 """
 
 from __future__ import annotations
@@ -39,37 +45,36 @@ from .outbound_items import (
     Quiet,
 )
 
+# name -> ((size, mtime_ns, ctime_ns), time.monotonic() it was first seen so)
+Seen = dict[str, tuple[tuple[int, int, int], float]]
 
-def writer_wait(writing: dict[str, tuple[float, int]], name: str,
+
+def writer_wait(writing: dict[str, tuple[float, int]], seen: Seen, name: str,
                 st: os.stat_result) -> float | None:
     """How long to wait before looking at `name` again, or None to take it now (the
-    rules at the top)."""
+    rules at the top). `seen` is updated."""
     now = time.monotonic()
-    changed = time.time() - max(st.st_mtime, st.st_ctime)
+    sig = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    last = seen.get(name)
+    changed_here = last is not None and last[0] != sig
+    if last is None or changed_here:
+        seen[name] = (sig, now)
+        steady = 0.0
+    else:
+        steady = now - last[1]
+    wall = time.time() - max(st.st_mtime, st.st_ctime)
+    quiet = max(steady, wall if wall >= 0 else 0.0)
     settle = SETTLE
     mark = writing.get(name)
     if mark is not None:
         at, kind = mark
-        if kind == WRITTEN and changed < WRITER_GIVEUP:
+        if kind == WRITTEN and quiet < WRITER_GIVEUP:
             return WRITER_RETRY
         if kind == CREATED and st.st_size == 0 and now - at < CREATED_SETTLE:
             return WRITER_RETRY
         if kind == SUSPECT:
             settle = OVERFLOW_SETTLE
-    if changed < settle:
-        return Quiet(min(settle - changed + 0.01, WRITER_RETRY * 4))
+    if quiet < settle:
+        wait = min(settle - quiet + 0.01, WRITER_RETRY * 4)
+        return wait if changed_here else Quiet(wait)
     return None
-
-
-def holds_order(quiet_seen: dict[str, tuple[int, int, int]], name: str,
-                st: os.stat_result, wait: float) -> float:
-    """`wait`, as a Quiet (holding the files after it) only while the file stays as it
-    was when first seen waiting (`quiet_seen`: name -> (size, mtime, ctime))."""
-    if not isinstance(wait, Quiet):
-        return wait
-    now = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    seen = quiet_seen.setdefault(name, now)
-    if seen != now:
-        quiet_seen[name] = now
-        return float(wait)
-    return wait

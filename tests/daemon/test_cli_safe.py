@@ -45,6 +45,7 @@ def test_printable_escapes_c0_del_c1_and_other_non_printables():
     # and a name of those very characters, or with a C1 control, prints otherwise
     assert printable("bad\\xff\x1b") == "bad\\\\xff\\x1b"
     assert printable("\x85") == "\\u0085"
+    assert printable("x\\xff") == "x\\\\xff" != printable(os.fsdecode(b"x\xff"))
 
 
 def test_safe_doc_escapes_every_string_keys_included():

@@ -383,3 +383,26 @@ def test_a_journal_file_removed_behind_our_back_answers_nothing(layout):
     ib.commit([receive(ib, 1, "a", b"a")])
     layout.journal_file(CH).unlink()
     assert ib.lookup(1) is None and ib.journaled() == []
+
+
+def test_a_spool_group_the_daemon_is_not_in_is_one_line_and_leaks_nothing(layout,
+                                                                          monkeypatch):
+    # review: the fchown of each partial to spool_group failed (EPERM: linkd not a
+    # member) after the partial was opened, before anything would close it: every
+    # delivery leaked a descriptor, with "Operation not permitted" and no fix
+    import grp
+    try:
+        group = grp.getgrgid(os.getgid()).gr_name
+    except KeyError:
+        pytest.skip("our group has no name")
+    layout.spool_group = group
+    ib = inbound(layout)
+
+    def refuse(fd, uid, gid):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(os, "fchown", refuse)
+    before = len(os.listdir("/proc/self/fd"))
+    for seq in (1, 2, 3):
+        with pytest.raises(SpoolError, match=f"must be a member of it .*usermod -aG {group}"):
+            ib.begin(seq, "a.txt", 1, sha(b"a"))
+    assert len(os.listdir("/proc/self/fd")) == before
