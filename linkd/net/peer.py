@@ -427,6 +427,13 @@ class PeerLink:
             found = watcher.add(self.layout.out_dir(name), on_event,
                                 out.writing if out is not None else None,
                                 out.writing_lock if out is not None else None)
+            if found is None and out is not None and watcher.available \
+                    and not watcher.remote(self.layout.out_dir(name)):
+                # a local folder whose watch failed (max_user_watches used up...):
+                # writers go unseen; where no lease can be had, every file there must
+                # be quiet for longer (a network file system keeps the plain quiet
+                # period: inotify never sees its writers, as documented)
+                out.writing[OVERFLOW] = (time.monotonic(), SUSPECT)
             if found is not None:
                 mine.append(found)
                 if out is not None:

@@ -103,6 +103,11 @@ def has_cap_lease() -> bool:
         with open("/proc/sys/fs/leases-enable") as f:
             if f.read().strip() == "0":
                 return False
+        # in a user namespace CapEff shows CAP_LEASE, but the kernel asks for it in
+        # the host's: only the full identity map is the host's own
+        with open("/proc/self/uid_map") as f:
+            if f.read().split() != ["0", "0", "4294967295"]:
+                return False
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("CapEff:"):
@@ -146,6 +151,12 @@ class FolderWatcher:
         if (event, folder) not in self._said:
             self._said.add((event, folder))
             getattr(self.log, level)(event, folder=str(folder), **kw)
+
+    @staticmethod
+    def remote(folder: Path) -> bool:
+        """Whether `folder` is on a file system whose changes made elsewhere raise no
+        event here (REMOTE_FS)."""
+        return (fs_type(folder) or 0) in REMOTE_FS
 
     def add(self, folder: Path, on_event: Subscriber,
             writing: dict[str, tuple[float, int]] | None = None,
@@ -202,7 +213,8 @@ class FolderWatcher:
                         kinds[wd] = "overflow"
                     for watch in subs:
                         if watch.writing is not None:
-                            watch.writing[OVERFLOW] = (now, SUSPECT)
+                            with watch.lock:
+                                watch.writing[OVERFLOW] = (now, SUSPECT)
                 if self.tracking and now - self._overflow_logged >= OVERFLOW_LOG_EVERY:
                     self._overflow_logged = now
                     self.log.warning("inotify_overflow", reason=(
@@ -244,8 +256,8 @@ class FolderWatcher:
             writing.pop(name, None)
         elif mask & f.MODIFY:
             writing[name] = (time.monotonic(), WRITTEN)
-        else:                                   # created: a writer, or a hard link
-            writing.setdefault(name, (time.monotonic(), CREATED))
+        else:       # created: a writer, or a hard link; a new file under that name
+            writing[name] = (time.monotonic(), CREATED)
 
     def close(self) -> None:
         notifier, self._notifier = self._notifier, None

@@ -231,7 +231,7 @@ class OutboundState:
     _backlog: deque[str]
     _not_ready: dict[str, float]
     _blocking: set[str]
-    _quiet_seen: dict[str, tuple[tuple[int, int, int], float]]
+    _quiet_seen: dict[str, tuple[tuple[int, int, int], float, float]]
     writing_lock: threading.Lock
     writing: dict[str, tuple[float, int]]
     _ready: bool

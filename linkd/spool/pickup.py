@@ -132,9 +132,14 @@ class PickupMixin(OutboundState):
             queued = set(self._backlog)
             listed_at = time.monotonic()
             # (taken before listing: a file arriving meanwhile, its events lost, is listed)
-            lost = self.writing.pop(OVERFLOW, None) is not None
-            listed = self._list_out()
-            if lost:
+            lost = self.writing.pop(OVERFLOW, None)
+            try:
+                listed = self._list_out()
+            except BaseException:
+                if lost is not None:        # not looked at: still to do
+                    self.writing.setdefault(OVERFLOW, lost)
+                raise
+            if lost is not None:
                 # events were lost: what is in out/ now may have a writer unseen (a
                 # written mark set meanwhile by the watcher, in the event loop's
                 # thread, is kept: the lock)
@@ -144,9 +149,10 @@ class PickupMixin(OutboundState):
                             self.writing[n] = (listed_at, SUSPECT)
             if self.writing:
                 present = set(listed)   # forget the marks of files no longer in out/
-                for gone in [n for n, (at, _) in list(self.writing.items())
-                             if n not in present and at < listed_at]:
-                    self.writing.pop(gone, None)
+                with self.writing_lock:
+                    for gone in [n for n, (at, _) in list(self.writing.items())
+                                 if n not in present and at < listed_at]:
+                        self.writing.pop(gone, None)
             new = [n for n in listed if n not in queued]
             for n in new:
                 self._listed[n] = self._sizes_seen.get(n, 0)
@@ -179,6 +185,9 @@ class PickupMixin(OutboundState):
                 self._not_ready.pop(name, None)
                 self._blocking.discard(name)
                 self._quiet_seen.pop(name, None)
+                if name in self.writing:    # (claimed: a later file of that name is new)
+                    with self.writing_lock:
+                        self.writing.pop(name, None)
                 self._listed.pop(name, None)
                 result.ready.append(got)
                 hashed += got.size if got.sha256 else 0

@@ -16,11 +16,16 @@ CAP_LEASE, the watcher's inotify marks (net/watcher.py; `Outbound.writing`, name
   watched anew, an inotify queue overflow): it must be quiet for OVERFLOW_SETTLE;
 * any file must then be quiet for SETTLE seconds.
 
-Quiet: unchanged (size, mtime, ctime) for that long, by the later of its time stamps
-(wall clock) or, for time stamps ahead of ours (`touch -d`, `cp -p` from a host
-whose clock is ahead, our clock stepped back), by how long we have seen it
-unchanged (monotonic): a time ahead of ours must not hold a file, and every file
-after it, until that time comes.
+Quiet: unchanged (size, mtime, ctime) for that long: its age by the wall clock when
+first seen so (the later of its time stamps; 0 for a time ahead of ours: `touch -d`,
+`cp -p` from a host whose clock is ahead, our clock stepped back), plus how long we
+have seen it unchanged since, on the monotonic clock (a wall clock stepped forward
+must not make a file look quiet). A written mark counts from its last IN_MODIFY.
+
+What this cannot see (only a lease is sure): two writers of one file (the first
+close clears the mark), a file renamed while its writer still has it open, a
+writer already writing when events were lost that pauses longer than
+OVERFLOW_SETTLE.
 
 A quiet-period wait is a Quiet: the files after it in arrival order wait for it
 too (taken first, a later file overtook it: out of hand-over order), unless it
@@ -45,8 +50,9 @@ from .outbound_items import (
     Quiet,
 )
 
-# name -> ((size, mtime_ns, ctime_ns), time.monotonic() it was first seen so)
-Seen = dict[str, tuple[tuple[int, int, int], float]]
+# name -> ((size, mtime_ns, ctime_ns), time.monotonic() it was first seen so, its
+# wall-clock age then)
+Seen = dict[str, tuple[tuple[int, int, int], float, float]]
 
 
 def writer_wait(writing: dict[str, tuple[float, int]], seen: Seen, name: str,
@@ -58,17 +64,14 @@ def writer_wait(writing: dict[str, tuple[float, int]], seen: Seen, name: str,
     last = seen.get(name)
     changed_here = last is not None and last[0] != sig
     if last is None or changed_here:
-        seen[name] = (sig, now)
-        steady = 0.0
-    else:
-        steady = now - last[1]
-    wall = time.time() - max(st.st_mtime, st.st_ctime)
-    quiet = max(steady, wall if wall >= 0 else 0.0)
+        age = max(0.0, time.time() - max(st.st_mtime, st.st_ctime))
+        last = seen[name] = (sig, now, age)
+    quiet = last[2] + (now - last[1])
     settle = SETTLE
     mark = writing.get(name)
     if mark is not None:
         at, kind = mark
-        if kind == WRITTEN and quiet < WRITER_GIVEUP:
+        if kind == WRITTEN and now - at < WRITER_GIVEUP:
             return WRITER_RETRY
         if kind == CREATED and st.st_size == 0 and now - at < CREATED_SETTLE:
             return WRITER_RETRY

@@ -64,10 +64,11 @@ class Clock:
 
     def __init__(self):
         self.offset = 0.0
+        self.step = 0.0                 # the wall clock only, stepped (NTP at boot...)
         self._real = outbound_module.time
 
     def time(self):
-        return self._real.time() + self.offset
+        return self._real.time() + self.offset + self.step
 
     def monotonic(self):
         return self._real.monotonic() + self.offset
@@ -307,8 +308,29 @@ def test_1_lost_events_keep_a_writers_mark(layout, clock, monkeypatch):
     assert [c.name for c in ob.examine(relist=True).ready] == ["other.bin"]
 
 
-def test_1_writers_of_files_gone_from_out_are_forgotten(layout, clock):
-    put(layout, "here.bin")
+def test_1_without_a_lease_a_wall_clock_stepped_forward_makes_nothing_quiet(
+        layout, clock, monkeypatch):
+    # review: quiet was the wall-clock age, so a clock stepped forward (NTP just after
+    # a boot, when every file is a start-up suspect) made a file still being written
+    # look quiet, and it was claimed truncated
+    monkeypatch.setattr(Outbound, "_lease", staticmethod(lambda fd: False))
+    put(layout, "held.bin", b"being written")
+    put(layout, "suspect.bin", b"in out/ at start-up")
+    ob = outbound(layout)
+    ob.writing["held.bin"] = (clock.monotonic(), outbound_module.WRITTEN)
+    ob.writing[outbound_module.OVERFLOW] = (clock.monotonic(), outbound_module.SUSPECT)
+    assert ob.examine(relist=True).ready == []
+    clock.step = outbound_module.WRITER_GIVEUP * 2          # the wall clock jumps ahead
+    clock.offset = 1.0
+    assert ob.examine(relist=True).ready == []
+    clock.offset = outbound_module.OVERFLOW_SETTLE + 1      # quiet by the monotonic clock
+    assert [c.name for c in ob.examine(relist=True).ready] == ["suspect.bin"]
+    assert "suspect.bin" not in ob.writing                  # claimed: its mark is gone
+
+
+def test_1_writers_of_files_gone_from_out_are_forgotten(layout, clock, monkeypatch):
+    monkeypatch.setattr(Outbound, "_lease", staticmethod(lambda fd: False))
+    put(layout, "here.bin")                             # (its writer holds it: not taken)
     ob = outbound(layout)
     now = clock.monotonic()
     w = outbound_module.WRITTEN
