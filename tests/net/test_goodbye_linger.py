@@ -9,6 +9,7 @@ before it cancels the dial loop its session runs in."""
 
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 
 import pytest
@@ -49,6 +50,20 @@ async def until_connected(link):
         await trio.sleep(0.01)
 
 
+@contextlib.asynccontextmanager
+async def saying_goodbye(runner, peer, seen):
+    """runner.close() going on in the background (seen["closed_at"]: when it returned),
+    entered once the peer has our goodbye."""
+    async with trio.open_nursery() as nursery:
+        async def close():
+            await runner.close("shutdown: peer is shutting down")
+            seen["closed_at"] = trio.current_time()
+        nursery.start_soon(close)
+        while not peer.of(F.Bye):  # noqa: ASYNC110 (the peer's side)
+            await trio.sleep(0.001)
+        yield
+
+
 async def test_a_goodbye_reads_on_until_the_peer_closes_its_end(tmp_path, autojump_clock):
     link = a_link(tmp_path)
     peer = FakePeer(None)
@@ -56,13 +71,7 @@ async def test_a_goodbye_reads_on_until_the_peer_closes_its_end(tmp_path, autoju
 
     async def until(runner, peer):
         await until_connected(link)
-        async with trio.open_nursery() as nursery:
-            async def close():
-                await runner.close("shutdown: peer is shutting down")
-                seen["closed_at"] = trio.current_time()
-            nursery.start_soon(close)
-            while not peer.of(F.Bye):  # noqa: ASYNC110 (the peer's side)
-                await trio.sleep(0.001)
+        async with saying_goodbye(runner, peer, seen):
             await trio.sleep(LINGER / 2)
             # told goodbye, the peer still has bytes on the way: they are read
             seen["reading"] = not runner.reader_done.is_set()
@@ -86,13 +95,7 @@ async def test_a_goodbye_ends_when_the_peer_says_goodbye_too(tmp_path, autojump_
 
     async def until(runner, peer):
         await until_connected(link)
-        async with trio.open_nursery() as nursery:
-            async def close():
-                await runner.close("shutdown: peer is shutting down")
-                seen["closed_at"] = trio.current_time()
-            nursery.start_soon(close)
-            while not peer.of(F.Bye):  # noqa: ASYNC110 (the peer's side)
-                await trio.sleep(0.001)
+        async with saying_goodbye(runner, peer, seen):
             await trio.sleep(LINGER / 4)
             seen["still_reading"] = not runner.reader_done.is_set()
             seen["bye_at"] = trio.current_time()
