@@ -75,6 +75,12 @@ class Clock:
 
 
 @pytest.fixture
+def no_lease(monkeypatch):
+    """As for a producer's file without CAP_LEASE: no read lease can be taken."""
+    monkeypatch.setattr(Outbound, "_lease", staticmethod(lambda fd: False))
+
+
+@pytest.fixture
 def clock(monkeypatch):
     clock = Clock()
     monkeypatch.setattr(outbound_module, "time", clock)
@@ -124,9 +130,9 @@ def test_1_a_file_open_for_writing_is_not_ready_until_closed(layout, clock):
         assert f.read() == b"first half second half"
 
 
+@pytest.mark.usefixtures("no_lease")
 def test_1_without_a_lease_a_file_is_taken_only_after_settle_seconds_unchanged(
-        layout, clock, monkeypatch):
-    monkeypatch.setattr(Outbound, "_lease", staticmethod(lambda fd: False))
+        layout, clock):
     put(layout, "slow.bin", b"written by another user")
     ob = outbound(layout)
     clock.offset = outbound_module.SETTLE / 2
@@ -138,9 +144,8 @@ def test_1_without_a_lease_a_file_is_taken_only_after_settle_seconds_unchanged(
     assert [c.name for c in ob.examine().ready] == ["slow.bin"]
 
 
-def test_1_a_file_written_again_meanwhile_waits_settle_seconds_again(layout, clock,
-                                                                      monkeypatch):
-    monkeypatch.setattr(Outbound, "_lease", staticmethod(lambda fd: False))
+@pytest.mark.usefixtures("no_lease")
+def test_1_a_file_written_again_meanwhile_waits_settle_seconds_again(layout, clock):
     path = put(layout, "slow.bin", b"part one")
     ob = outbound(layout)
     clock.offset = outbound_module.SETTLE / 2
@@ -153,12 +158,11 @@ def test_1_a_file_written_again_meanwhile_waits_settle_seconds_again(layout, clo
     assert [c.size for c in ob.examine().ready] == [len(b"part one and two")]
 
 
-def test_1_without_a_lease_a_file_a_writer_holds_waits_for_its_close(layout, clock,
-                                                                        monkeypatch):
+@pytest.mark.usefixtures("no_lease")
+def test_1_without_a_lease_a_file_a_writer_holds_waits_for_its_close(layout, clock):
     # operator trial: a producer of another uid paused longer than SETTLE with the
     # file open; claimed, it was delivered truncated and the rest of it was lost.
     # The watcher (inotify) marks a file written and not closed since.
-    monkeypatch.setattr(Outbound, "_lease", staticmethod(lambda fd: False))
     put(layout, "slow.bin", b"part one")
     ob = outbound(layout)
     ob.writing["slow.bin"] = (clock.monotonic(), outbound_module.WRITTEN)
@@ -170,11 +174,10 @@ def test_1_without_a_lease_a_file_a_writer_holds_waits_for_its_close(layout, clo
     assert [c.name for c in ob.examine().ready] == ["slow.bin"]
 
 
-def test_1_without_a_lease_a_written_file_unchanged_for_long_is_taken(layout, clock,
-                                                                      monkeypatch):
+@pytest.mark.usefixtures("no_lease")
+def test_1_without_a_lease_a_written_file_unchanged_for_long_is_taken(layout, clock):
     # review: a close that was never seen (a truncate() by path, which no close
     # follows) must not hold a file for ever
-    monkeypatch.setattr(Outbound, "_lease", staticmethod(lambda fd: False))
     put(layout, "truncated.bin", b"short now")
     ob = outbound(layout)
     ob.writing["truncated.bin"] = (clock.monotonic(), outbound_module.WRITTEN)
@@ -184,11 +187,11 @@ def test_1_without_a_lease_a_written_file_unchanged_for_long_is_taken(layout, cl
     assert [c.name for c in ob.examine().ready] == ["truncated.bin"]
 
 
-def test_1_without_a_lease_an_empty_created_file_waits_a_while(layout, clock, monkeypatch):
+@pytest.mark.usefixtures("no_lease")
+def test_1_without_a_lease_an_empty_created_file_waits_a_while(layout, clock):
     # created in out/ and neither written nor closed: a writer yet to write waits up
     # to CREATED_SETTLE; a created file that is not empty came in whole (a hard link,
     # `linkctl send`), and waits only the quiet period (review: 10 s for every send)
-    monkeypatch.setattr(Outbound, "_lease", staticmethod(lambda fd: False))
     put(layout, "empty.bin", b"")
     put(layout, "linked.bin", b"whole")
     ob = outbound(layout)
@@ -200,11 +203,10 @@ def test_1_without_a_lease_an_empty_created_file_waits_a_while(layout, clock, mo
     assert [c.name for c in ob.examine(relist=True).ready] == ["empty.bin", "linked.bin"]
 
 
-def test_1_without_a_lease_lost_events_ask_for_a_longer_quiet_period(layout, clock,
-                                                                     monkeypatch):
+@pytest.mark.usefixtures("no_lease")
+def test_1_without_a_lease_lost_events_ask_for_a_longer_quiet_period(layout, clock):
     # review: an inotify overflow lost the marks of a pausing writer; for a while
     # after one, a file with no mark must be unchanged for OVERFLOW_SETTLE
-    monkeypatch.setattr(Outbound, "_lease", staticmethod(lambda fd: False))
     put(layout, "unmarked.bin", b"its writer's events were lost")
     ob = outbound(layout)
     ob.writing[outbound_module.OVERFLOW] = (clock.monotonic(), outbound_module.SUSPECT)
@@ -219,11 +221,11 @@ def test_1_without_a_lease_lost_events_ask_for_a_longer_quiet_period(layout, clo
     assert [c.name for c in ob.examine(relist=True).ready] == ["unmarked.bin", "after.bin"]
 
 
-def test_1_without_a_lease_files_are_taken_in_arrival_order(layout, clock, monkeypatch):
+@pytest.mark.usefixtures("no_lease")
+def test_1_without_a_lease_files_are_taken_in_arrival_order(layout, clock):
     # operator trial: 87 of 5,000 files renamed in one by one by another user arrived
     # out of order: a file waiting out its quiet period was overtaken by a later one
     # whose quiet period ended while the first one's next look was still due
-    monkeypatch.setattr(Outbound, "_lease", staticmethod(lambda fd: False))
     put(layout, "a.bin", b"first")
     ob = outbound(layout)
     ctime = os.stat(layout.out_dir(CH) / "a.bin").st_ctime
@@ -239,11 +241,10 @@ def test_1_without_a_lease_files_are_taken_in_arrival_order(layout, clock, monke
     assert [c.name for c in ob.examine().ready] == ["a.bin", "b.bin"]
 
 
-def test_1_without_a_lease_a_file_that_keeps_changing_holds_no_one(layout, clock,
-                                                                     monkeypatch):
+@pytest.mark.usefixtures("no_lease")
+def test_1_without_a_lease_a_file_that_keeps_changing_holds_no_one(layout, clock):
     # review: a Quiet wait holds the files after it (arrival order); one on a file
     # that is rewritten again and again would have held every later file for ever
-    monkeypatch.setattr(Outbound, "_lease", staticmethod(lambda fd: False))
     path = put(layout, "log.txt", b"line 1\n")
     ob = outbound(layout)
     assert ob.examine().ready == []                     # not quiet yet: holds the rest
@@ -256,12 +257,12 @@ def test_1_without_a_lease_a_file_that_keeps_changing_holds_no_one(layout, clock
     assert [c.name for c in ob.examine(relist=True).ready] == ["report.bin"]
 
 
+@pytest.mark.usefixtures("no_lease")
 def test_1_without_a_lease_a_time_stamp_ahead_of_ours_holds_nothing_for_long(
-        layout, clock, monkeypatch):
+        layout, clock):
     # review: an mtime in the future (touch -d, cp -p from a host whose clock is
     # ahead) never looked quiet, and, as a Quiet wait, held every later file until
     # that date came
-    monkeypatch.setattr(Outbound, "_lease", staticmethod(lambda fd: False))
     path = put(layout, "skew.bin", b"from a clock ahead")
     ahead = clock._real.time() + 86400
     os.utime(path, (ahead, ahead))
@@ -273,11 +274,10 @@ def test_1_without_a_lease_a_time_stamp_ahead_of_ours_holds_nothing_for_long(
     assert [c.name for c in ob.examine().ready] == ["skew.bin", "normal.bin"]
 
 
-def test_1_without_a_lease_a_held_pass_looks_again_when_its_file_is_due(
-        layout, clock, monkeypatch):
+@pytest.mark.usefixtures("no_lease")
+def test_1_without_a_lease_a_held_pass_looks_again_when_its_file_is_due(layout, clock):
     # review: stale entries behind the file that held the pass made the next look due
     # at once (50 ms), and every look relisted out/
-    monkeypatch.setattr(Outbound, "_lease", staticmethod(lambda fd: False))
     put(layout, "a.bin", b"a")
     put(layout, "b.bin", b"b")
     ob = outbound(layout)
@@ -291,11 +291,11 @@ def test_1_without_a_lease_a_held_pass_looks_again_when_its_file_is_due(
     assert found.retry_after > 1, found.retry_after
 
 
-def test_1_lost_events_keep_a_writers_mark(layout, clock, monkeypatch):
+@pytest.mark.usefixtures("no_lease")
+def test_1_lost_events_keep_a_writers_mark(layout, clock):
     # review: making every file in out/ a suspect after lost events must not turn a
     # file its writer still holds (a written mark) into a mere suspect, which a
     # 30 s pause of that writer would then let through
-    monkeypatch.setattr(Outbound, "_lease", staticmethod(lambda fd: False))
     put(layout, "held.bin", b"part one")
     put(layout, "other.bin", b"whole")
     ob = outbound(layout)
@@ -308,12 +308,11 @@ def test_1_lost_events_keep_a_writers_mark(layout, clock, monkeypatch):
     assert [c.name for c in ob.examine(relist=True).ready] == ["other.bin"]
 
 
-def test_1_without_a_lease_a_wall_clock_stepped_forward_makes_nothing_quiet(
-        layout, clock, monkeypatch):
+@pytest.mark.usefixtures("no_lease")
+def test_1_without_a_lease_a_wall_clock_stepped_forward_makes_nothing_quiet(layout, clock):
     # review: quiet was the wall-clock age, so a clock stepped forward (NTP just after
     # a boot, when every file is a start-up suspect) made a file still being written
     # look quiet, and it was claimed truncated
-    monkeypatch.setattr(Outbound, "_lease", staticmethod(lambda fd: False))
     put(layout, "held.bin", b"being written")
     put(layout, "suspect.bin", b"in out/ at start-up")
     ob = outbound(layout)
@@ -328,8 +327,8 @@ def test_1_without_a_lease_a_wall_clock_stepped_forward_makes_nothing_quiet(
     assert "suspect.bin" not in ob.writing                  # claimed: its mark is gone
 
 
-def test_1_writers_of_files_gone_from_out_are_forgotten(layout, clock, monkeypatch):
-    monkeypatch.setattr(Outbound, "_lease", staticmethod(lambda fd: False))
+@pytest.mark.usefixtures("no_lease")
+def test_1_writers_of_files_gone_from_out_are_forgotten(layout, clock):
     put(layout, "here.bin")                             # (its writer holds it: not taken)
     ob = outbound(layout)
     now = clock.monotonic()
