@@ -251,7 +251,9 @@ def evaluate(doc: dict[str, Any], heartbeat_timeout: float, max_queue_age: float
                 critical.append(f"{name}/{c.get('name')} oldest queued file {int(age)}s old")
             if c.get("failed"):
                 warning.append(f"{name}/{c.get('name')} {c['failed']} in failed/")
-            if c.get("held") and not c.get("paused"):
+            if c.get("held") and not c.get("paused") and (c.get("queued") or 0) > 0:
+                # (a channel the peer lacks, with nothing queued, holds nothing back:
+                # the documented order of removing a channel passes through that)
                 held = _short(_clean(str(c["held"])), 200)
                 warning.append(f"{name}/{c.get('name')} held: {held}")
             unacked = c.get("oldest_unacked_age_s")

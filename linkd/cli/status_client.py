@@ -152,7 +152,9 @@ def format_status(doc: dict[str, Any], now: dt.datetime | None = None) -> str:
                  "LAST SENT", "LAST RECEIVED"]]
         for c in p.get("channels") or []:
             flags = " (paused)" if c.get("paused") else ""
-            flags += f" (held: {c['held']})" if c.get("held") else ""
+            # (the whole reason is under the table: a long one made it hundreds of
+            # columns wide)
+            flags += " (held)" if c.get("held") else ""
             rows.append([str(c.get("name")) + flags,
                          f"{c.get('queued', 0)} ({human_bytes(c.get('queued_bytes', 0))})",
                          f"{c.get('sent', 0)} ({human_bytes(c.get('sent_bytes', 0))})",
@@ -176,6 +178,8 @@ def _transfers(channels: list[dict[str, Any]]) -> list[str]:
     first)."""
     lines = []
     for c in channels:
+        if c.get("held") and not c.get("paused"):
+            lines.append(f"  {c.get('name')}: held: {c['held']}")
         if c.get("inbound_error"):
             # this side cannot store what the peer sends (a full disk...): the
             # operator who must fix it reads this table, not the peer's

@@ -146,3 +146,13 @@ def test_check_shortens_a_long_reason_at_a_word_end():
     shown = line.split("(", 1)[1].split("…)", 1)[0]
     assert line.count("…)") == 1 and reason.startswith(shown) and shown.endswith("self-signed"), \
         line
+
+
+def test_check_does_not_warn_of_a_held_channel_with_nothing_queued():
+    # second operator trial: the documented order of removing a channel (sender first)
+    # left the receiver warning "held" about a channel with nothing queued
+    doc = {"node": "n", "peers": [{"name": "p", "state": "connected", "channels": [
+        {"name": "c", "queued": 0, "held": "p does not offer channel 'c'"}]}]}
+    assert evaluate(doc, 15.0, None)[0] == 0
+    doc["peers"][0]["channels"][0]["queued"] = 2
+    assert evaluate(doc, 15.0, None)[0] == 1

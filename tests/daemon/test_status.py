@@ -316,6 +316,19 @@ def test_format_status_shows_a_channel_that_cannot_store() -> None:
                                                now=T0)
 
 
+def test_format_status_puts_a_held_reason_under_the_table() -> None:
+    # second operator trial: a long held reason, in the channel column, made the
+    # table hundreds of columns wide
+    board = make_board()
+    connect_bravo(board)
+    reason = "bravo cannot store it now: " + "No space left on device; " * 8
+    board.peers["bravo"].channel("data").held = reason
+    text = format_status(json.loads(json.dumps(board.document())), now=T0)
+    assert f"  data: held: {reason}" in text, text
+    table = [line for line in text.splitlines() if line.lstrip().startswith("data (held)")]
+    assert table and len(table[0]) < 120, text
+
+
 def test_format_status_copes_with_no_peers_and_odd_values() -> None:
     assert "no peers" in format_status({"node": "n", "version": "1", "peers": []})
     assert "bravo" in format_status({"peers": [{"name": "bravo", "channels": None}]})
