@@ -290,3 +290,17 @@ def test_linkctl_check_warns_of_an_overdue_ack():
         line
     doc["peers"][0]["channels"][0]["oldest_unacked_age_s"] = 3.0
     assert evaluate(doc, 15.0, None, now)[0] == 0
+
+
+def test_a_held_message_the_peer_holds_in_part_shows_what_it_holds():
+    # second operator trial: `linkctl queue` showed SENT 0 B for a held 1 GiB file of
+    # which the peer already held 620 MB (its busy nack's resume point)
+    from types import SimpleNamespace
+
+    from linkd.net.connection import SessionRunner
+    state = SimpleNamespace(current=None, in_flight={}, offset=0, resume=(5, 620 << 20))
+    runner = SimpleNamespace(out={"bulk": state})
+    assert SessionRunner.progress(runner, "bulk", 5) == (620 << 20, False)
+    assert SessionRunner.progress(runner, "bulk", 6) == (0, False)
+    state.resume = None
+    assert SessionRunner.progress(runner, "bulk", 5) == (0, False)
