@@ -32,9 +32,9 @@ SETTLE = 1.0                     # seconds unchanged, where no lease can be take
 # Where no lease can be taken, inotify tells of writers too (Outbound.writing, kept by
 # net/watcher.py; spool/writers.py): a file written to in out/ and not closed
 # since waits for its writer's close, or until unchanged for WRITER_GIVEUP; one
-# created there and still empty waits up to CREATED_SETTLE; after events were lost
+# created there and still empty waits the same (its writer has not written yet);
+# after events were lost
 # (OVERFLOW), every file must be unchanged for OVERFLOW_SETTLE, for OVERFLOW_WINDOW.
-CREATED_SETTLE = 10.0
 WRITER_GIVEUP = 600.0
 OVERFLOW = ""                    # the mark of lost events (no file's name)
 OVERFLOW_SETTLE = 30.0

@@ -153,6 +153,12 @@ class PickupMixin(OutboundState):
                     for gone in [n for n, (at, _) in list(self.writing.items())
                                  if n not in present and at < listed_at]:
                         self.writing.pop(gone, None)
+            # a fresh listing (inotify woke us: a writer closed, a file came) looks
+            # again at once at what waited for a writer: its close may be why we were
+            # woken, and a later file must not overtake it (a quiet-period wait keeps
+            # its own time: nothing wakes it earlier)
+            self._not_ready = {n: t for n, t in self._not_ready.items()
+                               if n in self._blocking}
             new = [n for n in listed if n not in queued]
             for n in new:
                 self._listed[n] = self._sizes_seen.get(n, 0)

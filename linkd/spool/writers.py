@@ -9,9 +9,10 @@ CAP_LEASE, the watcher's inotify marks (net/watcher.py; `Outbound.writing`, name
 * WRITTEN (IN_MODIFY, no IN_CLOSE_WRITE since): its writer still holds it; it waits
   for the close however long the writer pauses, or until it has been quiet for
   WRITER_GIVEUP (a close we missed; a truncate() by path, which no close follows);
-* CREATED (IN_CREATE only) and still empty: a writer yet to write; it waits up to
-  CREATED_SETTLE (a created file that is not empty, never written here, came in
-  whole: a hard link, `linkctl send`);
+* CREATED (IN_CREATE only) and still empty: a writer yet to write (`slow_command >
+  out/x`: its first byte may come minutes later); it waits like a written one (a
+  created file that is not empty, never written here, came in whole: a hard link,
+  `linkctl send`);
 * SUSPECT: it was in out/ when events may have been lost (start-up, a folder
   watched anew, an inotify queue overflow): it must be quiet for OVERFLOW_SETTLE;
 * any file must then be quiet for SETTLE seconds.
@@ -40,7 +41,6 @@ import time
 
 from .outbound_items import (
     CREATED,
-    CREATED_SETTLE,
     OVERFLOW_SETTLE,
     SETTLE,
     SUSPECT,
@@ -73,7 +73,7 @@ def writer_wait(writing: dict[str, tuple[float, int]], seen: Seen, name: str,
         at, kind = mark
         if kind == WRITTEN and now - at < WRITER_GIVEUP:
             return WRITER_RETRY
-        if kind == CREATED and st.st_size == 0 and now - at < CREATED_SETTLE:
+        if kind == CREATED and st.st_size == 0 and now - at < WRITER_GIVEUP:
             return WRITER_RETRY
         if kind == SUSPECT:
             settle = OVERFLOW_SETTLE
