@@ -45,6 +45,12 @@ def a_link(tmp_path):
     return link
 
 
+def a_case(tmp_path):
+    """A link with a file to send, a fake peer, and where a test notes what it saw."""
+    seen: dict[str, float | bool] = {}
+    return a_link(tmp_path), FakePeer(None), seen
+
+
 async def until_connected(link):
     while link.status.channel("data").sent < 1:  # noqa: ASYNC110 (resolved in a thread)
         await trio.sleep(0.01)
@@ -65,9 +71,7 @@ async def saying_goodbye(runner, peer, seen):
 
 
 async def test_a_goodbye_reads_on_until_the_peer_closes_its_end(tmp_path, autojump_clock):
-    link = a_link(tmp_path)
-    peer = FakePeer(None)
-    seen: dict[str, float | bool] = {}
+    link, peer, seen = a_case(tmp_path)
 
     async def until(runner, peer):
         await until_connected(link)
@@ -89,9 +93,7 @@ async def test_a_goodbye_reads_on_until_the_peer_closes_its_end(tmp_path, autoju
 
 async def test_a_goodbye_ends_when_the_peer_says_goodbye_too(tmp_path, autojump_clock):
     # both daemons stopping at once: each lingered a full LINGER for the other's close
-    link = a_link(tmp_path)
-    peer = FakePeer(None)
-    seen: dict[str, float] = {}
+    link, peer, seen = a_case(tmp_path)
 
     async def until(runner, peer):
         await until_connected(link)
@@ -109,9 +111,7 @@ async def test_a_goodbye_ends_when_the_peer_says_goodbye_too(tmp_path, autojump_
 
 async def test_a_peer_that_never_closes_its_end_holds_a_goodbye_linger_seconds(
         tmp_path, autojump_clock):
-    link = a_link(tmp_path)
-    peer = FakePeer(None)
-    seen: dict[str, float] = {}
+    link, peer, seen = a_case(tmp_path)
 
     async def until(runner, peer):
         await until_connected(link)
@@ -124,9 +124,7 @@ async def test_a_peer_that_never_closes_its_end_holds_a_goodbye_linger_seconds(
 
 async def test_a_second_close_does_not_cut_the_first_short(tmp_path, autojump_clock):
     # e.g. a shutdown while a reload's goodbye lingers (review of the linger)
-    link = a_link(tmp_path)
-    peer = FakePeer(None)
-    seen: dict[str, float] = {}
+    link, peer, seen = a_case(tmp_path)
 
     async def until(runner, peer):
         await until_connected(link)
@@ -162,9 +160,7 @@ async def test_a_goodbye_whose_close_was_cancelled_ends_even_if_the_peer_never_c
         tmp_path, autojump_clock):
     # review: once CLOSED a session has no heartbeat, and only the peer's close ended
     # it; a peer that never closes (partitioned, hung) kept the slot for ever
-    link = a_link(tmp_path)
-    peer = FakePeer(None)
-    seen: dict[str, float] = {}
+    link, peer, seen = a_case(tmp_path)
 
     async def until(runner, peer):
         await until_connected(link)

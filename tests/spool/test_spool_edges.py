@@ -295,16 +295,23 @@ def test_1_without_a_lease_a_held_pass_looks_again_when_its_file_is_due(layout, 
     assert found.retry_after > 1, found.retry_after
 
 
+def held_and_lost(layout, clock, other):
+    """out/ holds held.bin, which a writer still holds (a written mark), and `other`,
+    unmarked; then events were lost (an overflow, a start-up)."""
+    put(layout, "held.bin", b"being written")
+    put(layout, other, b"whole, its writer unseen")
+    ob = outbound(layout)
+    ob.writing["held.bin"] = (clock.monotonic(), outbound_module.WRITTEN)
+    ob.writing[outbound_module.OVERFLOW] = (clock.monotonic(), outbound_module.SUSPECT)
+    return ob
+
+
 @pytest.mark.usefixtures("no_lease")
 def test_1_lost_events_keep_a_writers_mark(layout, clock):
     # review: making every file in out/ a suspect after lost events must not turn a
     # file its writer still holds (a written mark) into a mere suspect, which a
     # 30 s pause of that writer would then let through
-    put(layout, "held.bin", b"part one")
-    put(layout, "other.bin", b"whole")
-    ob = outbound(layout)
-    ob.writing["held.bin"] = (clock.monotonic(), outbound_module.WRITTEN)
-    ob.writing[outbound_module.OVERFLOW] = (clock.monotonic(), outbound_module.SUSPECT)
+    ob = held_and_lost(layout, clock, "other.bin")
     ob.examine(relist=True)
     assert ob.writing["held.bin"][1] == outbound_module.WRITTEN
     assert ob.writing["other.bin"][1] == outbound_module.SUSPECT
@@ -317,11 +324,7 @@ def test_1_without_a_lease_a_wall_clock_stepped_forward_makes_nothing_quiet(layo
     # review: quiet was the wall-clock age, so a clock stepped forward (NTP just after
     # a boot, when every file is a start-up suspect) made a file still being written
     # look quiet, and it was claimed truncated
-    put(layout, "held.bin", b"being written")
-    put(layout, "suspect.bin", b"in out/ at start-up")
-    ob = outbound(layout)
-    ob.writing["held.bin"] = (clock.monotonic(), outbound_module.WRITTEN)
-    ob.writing[outbound_module.OVERFLOW] = (clock.monotonic(), outbound_module.SUSPECT)
+    ob = held_and_lost(layout, clock, "suspect.bin")
     assert ob.examine(relist=True).ready == []
     clock.step = outbound_module.WRITER_GIVEUP * 2          # the wall clock jumps ahead
     clock.offset = 1.0
