@@ -780,6 +780,10 @@ class SenderMixin(RunnerState):
         and PREFETCH_BYTES) in one thread hop; later steps take theirs from memory.
         An entry is only used for the very item it was read for (a renumbered or
         failed item is another object), and the read-ahead is dropped on a nack."""
+        out = self.link.outbound.get(state.name)
+        fresh = out.take_fresh(item) if out is not None else None
+        if fresh is not None:
+            return fresh        # as examined at pick-up: no thread hop, no second read
         got = state.prefetched.pop(item.seq, None)
         if got is None or got[0] is not item:
             self.writer_wake.set()          # what is queued goes out during the hop
@@ -803,7 +807,7 @@ class SenderMixin(RunnerState):
             except (RuntimeError, KeyError):
                 break           # the pending set is changing in a worker thread
             if nxt is None or nxt.size > CHUNK_SIZE or size + nxt.size > PREFETCH_BYTES \
-                    or nxt.seq == resume_seq:
+                    or nxt.seq == resume_seq or out.has_fresh(nxt.seq):
                 break
             batch.append(nxt)
             size += nxt.size

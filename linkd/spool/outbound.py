@@ -118,6 +118,7 @@ import os
 import stat
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import replace
@@ -151,6 +152,7 @@ from .outbound_items import *  # noqa: F403  (the module's public names, re-expo
 from .outbound_items import (
     CHECKPOINT_EVERY,
     CLAIM_BATCH,
+    FRESH,
     MAX_SEQ,
     Candidate,
     Claimed,
@@ -180,6 +182,12 @@ def _changed(st: os.stat_result, item: Claimed) -> str:
     else:
         how = f"written to in place: the same size, {st.st_size} bytes, a newer modification time"
     return f"it was changed after it was queued ({how})"
+
+
+def _give_back(held: list[int]) -> None:
+    """An Outbound's finalizer: never takes FRESH.lock (see FreshBudget.returned)."""
+    FRESH.give_back(held[0])
+    held[0] = 0
 
 
 class Outbound(PickupMixin, RecoveryMixin):
@@ -222,6 +230,11 @@ class Outbound(PickupMixin, RecoveryMixin):
         self._qs = str(self._q)                 # queue/<ch> as text: records are named
         #                                         per file, and a pathlib join costs more
         self._spare_n = 0
+        # seq -> (the item, its content as examined): see take_fresh(); what it holds is
+        # counted in the daemon's FRESH budget, given back when this object goes
+        self._fresh: dict[int, tuple[Claimed, bytes]] = {}
+        self._fresh_held = [0]
+        weakref.finalize(self, _give_back, self._fresh_held)
 
     def configure(self, max_bytes: int, archive_sent: bool) -> None:
         """A reload changed the channel's limits: they apply from now on."""
@@ -331,6 +344,52 @@ class Outbound(PickupMixin, RecoveryMixin):
     def _forget(self, seq: int) -> None:
         if self._pending.pop(seq, None) is None:
             self._rest.remove(seq)
+        if self._fresh:
+            self._take_fresh(seq)
+
+    # -- fresh content: what examine() read, handed to the sender -------------
+    def _keep_fresh(self, items: list[tuple[Claimed, bytes]]) -> None:
+        """Keep the content examine() read and hashed of files claimed unchanged since,
+        for the sender (take_fresh), as far as the daemon's FRESH budget allows."""
+        if not items:
+            return
+        with FRESH.lock:
+            FRESH.settle()
+            for item, data in items:
+                if FRESH.used + len(data) > FRESH.limit:
+                    break
+                FRESH.used += len(data)
+                self._fresh_held[0] += len(data)
+                self._fresh[item.seq] = (item, data)
+
+    def _take_fresh(self, seq: int) -> tuple[Claimed, bytes] | None:
+        with FRESH.lock:
+            FRESH.settle()
+            got = self._fresh.pop(seq, None)
+            if got is not None:
+                FRESH.used -= len(got[1])
+                self._fresh_held[0] -= len(got[1])
+        return got
+
+    def take_fresh(self, item: Claimed) -> bytes | None:
+        """The content of queued `item` as examine() read it, the very bytes its
+        SHA-256 was taken over, once; None if none was kept (a big file, the budget
+        spent, a restart). A file changed after its claim is then delivered as it was
+        claimed, and resolve() finds the change (message_changed, CONTRACT §3)."""
+        if item.seq not in self._fresh:
+            return None
+        got = self._take_fresh(item.seq)
+        return got[1] if got is not None and got[0] is item else None
+
+    def has_fresh(self, seq: int) -> bool:
+        return seq in self._fresh
+
+    def _drop_fresh(self) -> None:
+        with FRESH.lock:
+            FRESH.settle()
+            FRESH.used -= self._fresh_held[0]
+            self._fresh_held[0] = 0
+            self._fresh.clear()
 
     def wants_fill(self) -> bool:
         """Is the window short while more is queued (a load was cut by an error)?"""
@@ -475,6 +534,8 @@ class Outbound(PickupMixin, RecoveryMixin):
             st = os.lstat(item.path)
         except OSError:
             return True
+        if item.seen_ctime_ns and st.st_ctime_ns != item.seen_ctime_ns:
+            return True
         return bool(item.ino) and (st.st_ino, st.st_size, st.st_mtime_ns) != \
             (item.ino, item.size, item.mtime_ns)
 
@@ -485,6 +546,7 @@ class Outbound(PickupMixin, RecoveryMixin):
 
     def recover(self) -> list[str]:
         self._spares.clear()        # recovery deletes the dot-files of queue/<ch>/
+        self._drop_fresh()          # (a failed claim may have kept some)
         return super().recover()
 
     # -- claim records: reusing the files of resolved ones ----------------
@@ -608,6 +670,7 @@ class Outbound(PickupMixin, RecoveryMixin):
             return done, failed
         self._check(self._out, self._q)
         moved = False       # a file has left out/: a failure from here on needs recover()
+        fresh: list[tuple[Claimed, bytes]] = []     # (claimed unchanged, as examined)
         try:
             now = time.time()
             items = []
@@ -641,18 +704,22 @@ class Outbound(PickupMixin, RecoveryMixin):
                     unlink_quietly(self.fs, self._rec(item.seq, "meta"))
                     continue        # vanished since examine(): nothing to send
                 moved = True
+                # only now: setting an xattr changes the ctime, which is the file's
+                # place in the arrival order while it is still in out/ (and before
+                # the lstat: the ctime it gives is the claimed file's from now on)
+                set_name_xattr(item.path, item.name)
                 st = os.lstat(item.path)
                 if not stat.S_ISREG(st.st_mode):
                     failed.append(self._fail_claimed(item, "is not a regular file"))
                     continue
-                # only now: setting an xattr changes the ctime, which is the file's
-                # place in the arrival order while it is still in out/
-                set_name_xattr(item.path, item.name)
                 if rewritten or (st.st_ino, st.st_size, st.st_mtime_ns) != \
                         (item.ino, item.size, item.mtime_ns):
                     item = self._rehash(item)  # replaced or written since examine()
-                elif not item.sha256:
-                    item = replace(item, ctime_ns=os.lstat(item.path).st_ctime_ns)
+                else:
+                    item = replace(item, seen_ctime_ns=st.st_ctime_ns,
+                                   ctime_ns=0 if item.sha256 else st.st_ctime_ns)
+                    if c.data is not None:
+                        fresh.append((item, c.data))
                 done.append(item)
             self.next_seq = max(self.next_seq, items[-1].seq + 1)
             self.fs.fsync_dir(self._q)
@@ -671,6 +738,7 @@ class Outbound(PickupMixin, RecoveryMixin):
             raise self._broken("claiming", exc) from None
         for item in done:
             self._add(item)
+        self._keep_fresh(fresh)
         self._fill()
         return done, failed
 
@@ -876,7 +944,8 @@ class Outbound(PickupMixin, RecoveryMixin):
             raise SpoolError(f"cannot renumber seq {item.seq} to {new_seq} on "
                              f"{self.layout.peer}/{self.channel}")
         # (a rename moves the ctime: a late hash then checks inode, size and mtime)
-        new = replace(item, seq=new_seq, path=self._rec(new_seq, "data"), ctime_ns=0)
+        new = replace(item, seq=new_seq, path=self._rec(new_seq, "data"), ctime_ns=0,
+                      seen_ctime_ns=0)
         self._check(self._q)
         try:
             write_new(self.fs, self._rec(new_seq, "meta"),

@@ -9,7 +9,7 @@ import re
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -90,6 +90,11 @@ class Claimed:
     # memory only. A write, even one whose mtime was put back, moves it: the late
     # hash would otherwise take the content as rewritten for the content queued.
     ctime_ns: int = 0
+    # Any file claimed here: its ctime once claimed, in memory only, for changed()
+    # (message_changed): a write after the claim, even one whose mtime was put back,
+    # moves it. (Not checked when the file is read: a chmod must not fail a message;
+    # nor compared: an item read back from its record is the same item.)
+    seen_ctime_ns: int = field(default=0, compare=False)
 
 
 class _Pending(dict[int, Claimed]):
@@ -154,6 +159,9 @@ class Candidate:
     ino: int
     mtime_ns: int
     ctime_ns: int = 0       # a big file's, as examine() saw it (claim() compares it)
+    # a small file's content as examine() read and hashed it (FRESH_KEEP bytes a call at
+    # most): the sender sends these bytes without reading the file again
+    data: bytes | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -195,6 +203,63 @@ def digest_fd(fs: FS, fd: int, stop: Callable[[], bool] | None = None) -> tuple[
             return size, digest.hexdigest()
         digest.update(chunk)
         size += len(chunk)
+
+
+def digest_keep(fs: FS, fd: int, keep: int, expect: int) -> tuple[int, str, bytes | None]:
+    """digest_fd(), keeping what was read if it is `keep` bytes or fewer (else None).
+    A file expected (fstat) to be that small is read `expect` + 1 bytes at a time: a
+    read allocates what it asks for, and a kept 4 KiB piece of a 1 MiB allocation
+    left a hole in the heap that the next 1 MiB read could not use."""
+    digest, size = hashlib.sha256(), 0
+    parts: list[bytes] | None = [] if expect <= keep else None
+    want = expect + 1 if parts is not None else READ_SIZE
+    while True:
+        chunk = fs.read(fd, want)
+        if not chunk:
+            data = b"".join(parts) if parts is not None else None
+            return size, digest.hexdigest(), data
+        digest.update(chunk)
+        size += len(chunk)
+        if parts is not None:
+            if size <= keep:
+                parts.append(chunk)
+            else:
+                parts, want = None, READ_SIZE
+
+
+class FreshBudget:
+    """How many bytes of fresh content (Candidate.data kept after its claim, until the
+    sender takes it) all channels of the daemon hold at once: one bound for the
+    process, whatever the number of peers and channels. Thread-safe (claims run in
+    worker threads, the sender takes in the event loop)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0               # (with `lock` held: call settle() first)
+        self.lock = threading.Lock()
+        # What a collected Outbound held, given back without the lock: its finalizer
+        # runs wherever the garbage collector does, which may be inside this very
+        # lock (the full suite hung: a claim's allocation under the lock collected an
+        # old Outbound, whose finalizer waited for the lock its own thread held).
+        self.returned: deque[int] = deque()
+
+    def give_back(self, n: int) -> None:
+        """Lock-free (a finalizer's): counted off at the next settle()."""
+        self.returned.append(n)
+
+    def settle(self) -> None:
+        """With `lock` held: count off what was given back."""
+        while self.returned:
+            self.used -= self.returned.popleft()
+
+    def in_use(self) -> int:
+        with self.lock:
+            self.settle()
+            return self.used
+
+
+FRESH_KEEP = 256 << 10           # bytes of small files kept per examine() call ...
+FRESH = FreshBudget(2 << 20)     # ... and by every channel together until sent
 
 
 def set_name_xattr(path: Path, name: str) -> None:

@@ -33,6 +33,7 @@ from .outbound_items import (
     CLAIM_BATCH,
     CLAIM_BYTES,
     CREATED,
+    FRESH_KEEP,
     OVERFLOW,
     SUSPECT,
     Candidate,
@@ -42,6 +43,7 @@ from .outbound_items import (
     OutboundState,
     Quiet,
     digest_fd,
+    digest_keep,
     is_resource_error,
 )
 
@@ -165,6 +167,7 @@ class PickupMixin(OutboundState):
             self._backlog_add(new)
         result = Examined([], [])
         hashed = 0
+        kept = 0                # bytes of small files kept for the sender (FRESH_KEEP)
         skipped: list[str] = []
         blocked = False
         while self._backlog and len(result.ready) < limit and hashed < max_bytes:
@@ -178,7 +181,7 @@ class PickupMixin(OutboundState):
                     break
                 continue
             try:
-                got = self._examine_one(name, peer_max, result.failed)
+                got = self._examine_one(name, peer_max, result.failed, FRESH_KEEP - kept)
             except OSError as exc:
                 self._backlog_add([name], front=True)
                 self._backlog_add(skipped, front=True)
@@ -197,6 +200,7 @@ class PickupMixin(OutboundState):
                 self._listed.pop(name, None)
                 result.ready.append(got)
                 hashed += got.size if got.sha256 else 0
+                kept += len(got.data) if got.data is not None else 0
             elif isinstance(got, float):
                 self._not_ready[name] = now + got
                 skipped.append(name)
@@ -228,10 +232,11 @@ class PickupMixin(OutboundState):
             self._quiet_seen = {n: v for n, v in self._quiet_seen.items() if n in keep}
         return result
 
-    def _examine_one(self, name: str, peer_max: int | None,
-                     failed: list[FailedFile]) -> Candidate | float | None:
-        """A Candidate; a float: not ready, look again in that many seconds; None:
-        gone, or moved to failed/."""
+    def _examine_one(self, name: str, peer_max: int | None, failed: list[FailedFile],
+                     keep: int = 0) -> Candidate | float | None:
+        """A Candidate (with the content it hashed, if `keep` bytes or fewer); a
+        float: not ready, look again in that many seconds; None: gone, or moved to
+        failed/."""
         path = self._out / name
         problem = plain_name_problem(name)
         if problem:
@@ -292,7 +297,7 @@ class PickupMixin(OutboundState):
                 # writer has it open (the lease), and it is checked again then.
                 return Candidate(name, st.st_size, "", st.st_ino, st.st_mtime_ns,
                                  st.st_ctime_ns)
-            size, sha256 = digest_fd(self.fs, fd)
+            size, sha256, data = digest_keep(self.fs, fd, keep, st.st_size)
             if leased and fcntl.fcntl(fd, _F_GETLEASE) != fcntl.F_RDLCK:
                 return 0.2              # a writer opened it while we hashed
             after = os.fstat(fd)
@@ -304,7 +309,7 @@ class PickupMixin(OutboundState):
                 fd = -1
                 failed.append(self._fail_unclaimed(name, size, problem))
                 return None
-            return Candidate(name, size, sha256, st.st_ino, st.st_mtime_ns)
+            return Candidate(name, size, sha256, st.st_ino, st.st_mtime_ns, data=data)
         except OSError as exc:
             if is_resource_error(exc):
                 raise

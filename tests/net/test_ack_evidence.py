@@ -17,6 +17,7 @@ from memlink import FakePeer, drop, make_link, node_config, peer_config, scan_sy
 from linkd.net.connection import SessionRunner
 from linkd.proto import frames as F
 from linkd.proto.framing import encode_frame
+from linkd.spool.outbound_items import FRESH
 
 
 @pytest.fixture
@@ -202,7 +203,9 @@ async def test_a_file_that_cannot_be_read_is_failed_and_wedges_nothing(tmp_path,
     assert {peer.names[k] for k in peer.complete} >= {"next.bin", "good.bin"}
 
 
-async def test_resource_errors_delay_a_send_but_never_fail_the_file(tmp_path, quick_retry):
+async def test_resource_errors_delay_a_send_but_never_fail_the_file(tmp_path, quick_retry,
+                                                                   monkeypatch):
+    monkeypatch.setattr(FRESH, "limit", 0)      # read from the queue, as after a restart
     ca = trustme.CA()
     link = make_link(node_config(tmp_path, ca, "alpha", [peer_config("bravo")]), "bravo")
     drop(link, "data", "fine.bin", b"fine")

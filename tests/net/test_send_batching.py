@@ -1,15 +1,21 @@
 """Small files are sent a batch per thread hop (issue 13): counted, never timed.
 
 A real PeerLink + SessionRunner against a FakePeer over memory streams (or two real
-PeerLinks). The sender reads small queued files whole, several per hop, each file
+PeerLinks). The sender sends a small file's content as pick-up read and hashed it
+(no second read, no thread hop); what pick-up did not keep (after a restart, or
+over the budget: the `no_fresh` tests) it reads whole, several per hop, each file
 once, its SHA-256 checked against the claim before anything of it is on the wire,
 and writes runs of small messages out together; acknowledgements are resolved,
 receipts and all, in one hop per batch; the receiver checks its folders once per
 batch, not once per message.
 """
 
+import gc
 import os
+import threading
 
+import pytest
+import structlog
 import trio
 import trio.testing
 import trustme
@@ -22,6 +28,13 @@ from linkd.proto import frames as F
 from linkd.proto import session as S
 from linkd.proto.framing import DEFAULT_MAX_FRAME, FrameDecoder
 from linkd.spool import Inbound, Outbound, SpoolLayout
+from linkd.spool.outbound_items import FRESH
+
+
+@pytest.fixture
+def no_fresh(monkeypatch):
+    """Pick-up keeps nothing for the sender (as after a restart): it reads."""
+    monkeypatch.setattr(FRESH, "limit", 0)
 
 
 def _link(tmp_path):
@@ -54,7 +67,8 @@ async def _until_sent(link, n):
     return until
 
 
-async def test_small_files_are_read_a_batch_per_hop_and_each_file_once(tmp_path, monkeypatch):
+async def test_small_files_are_read_a_batch_per_hop_and_each_file_once(tmp_path, monkeypatch,
+                                                                     no_fresh):
     link = _link(tmp_path)
     n = 150
     payloads = {f"m{i:03d}.bin": os.urandom(4096) for i in range(n)}
@@ -74,6 +88,63 @@ async def test_small_files_are_read_a_batch_per_hop_and_each_file_once(tmp_path,
     assert opens == []                                  # no per-file open hop
     got = {peer.names[k]: bytes(peer.bodies[k]) for k in peer.complete}
     assert got == payloads
+
+
+async def test_small_files_go_out_as_picked_up_without_being_read_again(tmp_path, monkeypatch):
+    link = _link(tmp_path)
+    n = 150
+    payloads = {f"m{i:03d}.bin": os.urandom(4096) for i in range(n)}
+    for name, data in payloads.items():
+        drop(link, "data", name, data)
+    before = FRESH.in_use()
+    scan_sync(link)
+    assert FRESH.in_use() == before + n * 4096          # kept at pick-up, counted
+    reads = _count_calls(monkeypatch, Outbound, "read_whole")
+    opens = _count_calls(monkeypatch, Outbound, "open")
+    peer = FakePeer(None)
+    runner = await run_against(link, peer, await _until_sent(link, n))
+    assert not hasattr(runner, "result"), runner.result
+    assert reads == [] and opens == []              # no second read, no thread hop
+    got = {peer.names[k]: bytes(peer.bodies[k]) for k in peer.complete}
+    assert got == payloads
+    assert FRESH.in_use() == before                     # all of it given back
+
+
+async def test_what_pick_up_keeps_is_bounded_for_the_whole_daemon(tmp_path, monkeypatch):
+    """Over the budget, the rest is read from the queue as after a restart: every
+    file still goes out, each read at most once."""
+    monkeypatch.setattr(FRESH, "limit", FRESH.in_use() + 10 * 4096)
+    link = _link(tmp_path)
+    payloads = {f"m{i:03d}.bin": os.urandom(4096) for i in range(40)}
+    for name, data in payloads.items():
+        drop(link, "data", name, data)
+    scan_sync(link)
+    assert FRESH.in_use() == FRESH.limit
+    reads = _count_calls(monkeypatch, Outbound, "read_whole")
+    peer = FakePeer(None)
+    await run_against(link, peer, await _until_sent(link, 40))
+    read = sorted(i.name for (items,) in reads for i in items)
+    assert read == sorted(payloads)[10:]            # the first ten were kept
+    got = {peer.names[k]: bytes(peer.bodies[k]) for k in peer.complete}
+    assert got == payloads
+
+
+async def test_a_small_file_changed_after_its_claim_goes_as_claimed_and_is_logged(tmp_path):
+    """Same size, mtime put back: only its ctime says so. The peer gets the content
+    the SHA-256 was taken over at pick-up; the change is logged (CONTRACT §3)."""
+    link = _link(tmp_path)
+    for name in ("a.bin", "b.bin", "c.bin"):
+        drop(link, "data", name, name[0].encode() * 100)
+    scan_sync(link)
+    item = next(i for i in link.outbound["data"].pending() if i.name == "b.bin")
+    _overwrite_keeping_mtime(item.path, b"X" * 100)
+    peer = FakePeer(None)
+    with structlog.testing.capture_logs() as logs:
+        await run_against(link, peer, await _until_sent(link, 3))
+    got = {peer.names[k]: bytes(peer.bodies[k]) for k in peer.complete}
+    assert got == {"a.bin": b"a" * 100, "b.bin": b"b" * 100, "c.bin": b"c" * 100}
+    assert [e["name"] for e in logs if e["event"] == "message_changed"] == ["b.bin"]
+    assert not (link.layout.failed_dir("data") / "b.bin").exists()
 
 
 async def test_acks_resolve_with_their_receipts_in_one_hop_per_batch(tmp_path, monkeypatch):
@@ -97,7 +168,8 @@ async def test_acks_resolve_with_their_receipts_in_one_hop_per_batch(tmp_path, m
     assert len(resolves) == sum("resolve" in h for h in hops)
 
 
-async def test_a_small_file_changed_after_pick_up_is_failed_before_it_is_sent(tmp_path):
+async def test_a_small_file_changed_after_pick_up_is_failed_before_it_is_sent(tmp_path,
+                                                                             no_fresh):
     """Same size, mtime put back: only the content differs from the claim. The batch
     read checks the SHA-256, so nothing of it goes on the wire; the files around it
     are sent."""
@@ -121,7 +193,8 @@ async def test_a_small_file_changed_after_pick_up_is_failed_before_it_is_sent(tm
     assert "SHA-256" in reason, reason
 
 
-async def test_a_big_file_ends_a_batch_and_is_streamed_in_order(tmp_path, monkeypatch):
+async def test_a_big_file_ends_a_batch_and_is_streamed_in_order(tmp_path, monkeypatch,
+                                                                no_fresh):
     link = _link(tmp_path)
     monkeypatch.setattr(sender_mod, "PREFETCH_BYTES", 3000)
     sizes = [1000, 1000, 1000, 1000, 300_000, 1000]
@@ -233,3 +306,29 @@ async def test_a_write_never_holds_one_channels_messages_behind_anothers(tmp_pat
             mixed.append(channels)
     assert mixed == []
     assert len(writes) < 80                     # still fewer writes than messages
+
+
+def test_an_outbound_collected_inside_the_budgets_lock_does_not_hang_its_thread(tmp_path):
+    """The full suite hung: a claim allocated under FRESH.lock, the allocation ran the
+    garbage collector, which finalized an old Outbound, whose finalizer waited for the
+    lock that its own thread held."""
+    link = _link(tmp_path)
+    drop(link, "data", "a.bin", b"a" * 100)
+    scan_sync(link)
+    before = FRESH.in_use()
+    out = link.outbound.pop("data")
+    link.spools.pop("data")
+    assert out.has_fresh(1)
+    del link
+    done = threading.Event()
+
+    def collect_under_the_lock():
+        nonlocal out
+        with FRESH.lock:
+            del out                     # the last reference: its finalizer runs here
+            gc.collect()
+        done.set()
+    worker = threading.Thread(target=collect_under_the_lock, daemon=True)
+    worker.start()
+    assert done.wait(10), "the finalizer waited for the lock its thread held"
+    assert FRESH.in_use() == before - 100           # given back all the same

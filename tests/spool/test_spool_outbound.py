@@ -685,12 +685,15 @@ def test_out_of_descriptors_after_a_rename_leaves_nothing_unsent(layout):
 
 
 def test_content_differs_reads_what_inode_size_and_mtime_cannot_tell(layout):
-    """The sender's second look after the peer refused a checksum (net/sender.py)."""
+    """The sender's second look after the peer refused a checksum (net/sender.py).
+    Items read back after a restart: the ctime noted at the claim is gone with it."""
     put(layout, "a.bin", b"A" * 5000)
     put(layout, "b.bin", b"B" * 5000)
     put(layout, "c.bin", b"C" * 5000)
+    outbound(layout).scan()
     ob = outbound(layout)
-    a, b, c = ob.scan()[0]
+    assert ob.recover() == []
+    a, b, c = ob.pending()
     assert not ob.content_differs(a)                    # as claimed
     st = os.stat(b.path)
     with open(b.path, "r+b") as fh:                     # same size, mtime put back
@@ -700,6 +703,18 @@ def test_content_differs_reads_what_inode_size_and_mtime_cannot_tell(layout):
     assert not ob.changed(b) and ob.content_differs(b)
     os.unlink(c.path)                                   # gone: changed
     assert ob.content_differs(c)
+
+
+def test_changed_sees_a_rewrite_that_put_the_mtime_back_by_the_claims_ctime(layout):
+    put(layout, "a.bin", b"A" * 5000)
+    ob = outbound(layout)
+    (a,) = ob.scan()[0]
+    assert not ob.changed(a)
+    st = os.stat(a.path)
+    with open(a.path, "r+b") as fh:                     # same size, mtime put back
+        fh.write(b"x")
+    os.utime(a.path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert ob.changed(a)
 
 
 def test_content_differs_does_not_call_an_unreadable_file_changed(layout):
