@@ -242,7 +242,8 @@ class PeerLink:
                 yield {"peer": self.name, "channel": name, "seq": None,
                        "name": fname, "size": size,
                        "age_s": round(max(0.0, now - ctime), 3), "sent_bytes": 0,
-                       "state": "held" if held else "waiting", "reason": held,
+                       "state": "held" if held else "waiting",
+                       "reason": held or out.waiting_reason(fname),
                        "sha256": None}
 
     async def log_recovered(self) -> None:

@@ -223,6 +223,8 @@ class Outbound(PickupMixin, RecoveryMixin):
         self.writing: dict[str, tuple[float, int]] = {}
         self._blocking: set[str] = set()        # not-ready names waiting a quiet period
         self._quiet_seen: writers.Seen = {}     # how long each waiting file has been so
+        self._why: dict[str, str] = {}          # why a file of out/ was not taken (queue)
+        self._blocked_by: str | None = None     # the quiet file the last pass stopped at
         self.writing_lock = threading.Lock()    # writing: the watcher's thread and ours
         self._ready = False
         self._refused: str | None = None        # a symlinked spool folder (see the top)

@@ -297,6 +297,8 @@ class OutboundState:
     _not_ready: dict[str, float]
     _blocking: set[str]
     _quiet_seen: dict[str, tuple[tuple[int, int, int], float, float]]
+    _why: dict[str, str]
+    _blocked_by: str | None
     writing_lock: threading.Lock
     writing: dict[str, tuple[float, int]]
     _ready: bool

@@ -2,7 +2,11 @@
 finds complete files in out/<ch>/ in arrival order and hashes them one at a time
 (one descriptor), reading only: it runs without the channel's lock. A read lease
 tells whether a writer still has a file open; resource errors raise
-ResourceBusy. `PickupMixin` holds these methods of Outbound."""
+ResourceBusy. `PickupMixin` holds these methods of Outbound.
+
+About 400 lines on purpose: examine() is one pass over the backlog, and what it
+keeps between passes (not-ready times, quiet periods, the files a quiet one
+holds back, why each waits) is read and written only here."""
 
 from __future__ import annotations
 
@@ -191,6 +195,7 @@ class PickupMixin(OutboundState):
                                        f"{self.channel}: {exc.strerror}: will retry") from None
                 raise SpoolError(f"cannot pick up {self._out / name}: {exc.strerror}") from None
             if isinstance(got, Candidate):
+                self._why.pop(name, None)
                 self._not_ready.pop(name, None)
                 self._blocking.discard(name)
                 self._quiet_seen.pop(name, None)
@@ -204,12 +209,14 @@ class PickupMixin(OutboundState):
             elif isinstance(got, float):
                 self._not_ready[name] = now + got
                 skipped.append(name)
+                self._why.setdefault(name, "being written to")
                 if isinstance(got, Quiet):
                     self._blocking.add(name)
                     blocked = True
                     break
                 self._blocking.discard(name)
             else:
+                self._why.pop(name, None)
                 self._not_ready.pop(name, None)
                 self._blocking.discard(name)
                 self._quiet_seen.pop(name, None)
@@ -220,7 +227,14 @@ class PickupMixin(OutboundState):
             # the pass stopped at a file waiting out its quiet period: look again when
             # it is due (the entries behind it may be stale, long due)
             result.retry_after = max(0.05, self._not_ready[skipped[-1]] - now)
+            # what was not looked at behind it waits for it (waiting_reason)
+            self._blocked_by = skipped[-1]
+            if self._why:
+                looked = set(skipped)
+                for n in [n for n in self._why if n not in looked]:
+                    del self._why[n]
         else:
+            self._blocked_by = None
             waits = [t - now for t in self._not_ready.values() if t > now]
             result.retry_after = max(0.05, min(waits)) if waits else (
                 0.05 if self._not_ready else None)
@@ -230,7 +244,20 @@ class PickupMixin(OutboundState):
             self._not_ready = {n: t for n, t in self._not_ready.items() if n in keep}
             self._blocking &= keep
             self._quiet_seen = {n: v for n, v in self._quiet_seen.items() if n in keep}
+            self._why = {n: v for n, v in self._why.items() if n in keep}
         return result
+
+    def waiting_reason(self, name: str) -> str | None:
+        """Why the file `name` in out/<ch>/ has not been picked up, as pick-up last
+        saw it (None: not looked at yet, or nothing holds it back). For `linkctl
+        queue`; read from the status thread (plain dict reads)."""
+        why = self._why.get(name)
+        if why is not None:
+            return why
+        ahead = self._blocked_by
+        if ahead is not None and ahead != name and name in self._listed:
+            return f"after {ahead!r}, which waits: files go in arrival order"
+        return None
 
     def _examine_one(self, name: str, peer_max: int | None, failed: list[FailedFile],
                      keep: int = 0) -> Candidate | float | None:
@@ -276,7 +303,9 @@ class PickupMixin(OutboundState):
                 return None             # swapped meanwhile: look again at the next scan
             leased = self._lease(fd)
             if leased is None:
-                return 0.2              # someone has it open for writing (a cp running)
+                # someone has it open for writing (a cp running)
+                self._why[name] = "a process has it open for writing"
+                return 0.2
             if not leased:
                 # No lease (another owner's file, and no CAP_LEASE): inotify saw a
                 # writer (written, or created, and not closed since) or, failing that,
@@ -285,6 +314,7 @@ class PickupMixin(OutboundState):
                 # it wrote after went into a file already sent and deleted.
                 wait = writers.writer_wait(self.writing, self._quiet_seen, name, st)
                 if wait is not None:
+                    self._why[name] = writers.why_waiting(self.writing, name, st)
                     return wait
             problem = self._size_problem(st.st_size, peer_max)
             if problem is not None:
@@ -299,10 +329,12 @@ class PickupMixin(OutboundState):
                                  st.st_ctime_ns)
             size, sha256, data = digest_keep(self.fs, fd, keep, st.st_size)
             if leased and fcntl.fcntl(fd, _F_GETLEASE) != fcntl.F_RDLCK:
-                return 0.2              # a writer opened it while we hashed
+                self._why[name] = "a process opened it for writing while it was read"
+                return 0.2
             after = os.fstat(fd)
             if (after.st_size, after.st_mtime_ns) != (size, st.st_mtime_ns):
-                return 0.2              # written while we hashed (no lease here)
+                self._why[name] = "written to while it was read"
+                return 0.2
             problem = self._size_problem(size, peer_max)
             if problem is not None:
                 os.close(fd)

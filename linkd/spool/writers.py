@@ -55,6 +55,22 @@ from .outbound_items import (
 Seen = dict[str, tuple[tuple[int, int, int], float, float]]
 
 
+def why_waiting(writing: dict[str, tuple[float, int]], name: str, st: os.stat_result) -> str:
+    """Why writer_wait() holds `name` back, in words for `linkctl queue` (the same
+    rules, read the same way)."""
+    mark = writing.get(name)
+    kind = mark[1] if mark is not None and time.monotonic() - mark[0] < WRITER_GIVEUP \
+        else None
+    if kind == WRITTEN:
+        return "its writer has not closed it yet"
+    if kind == CREATED and st.st_size == 0:
+        return "created and still empty: its writer has not written yet"
+    if mark is not None and mark[1] == SUSPECT:
+        return (f"must be unchanged for {OVERFLOW_SETTLE:.0f} s: its writer could not be "
+                f"watched (start-up, or inotify events lost)")
+    return f"must be unchanged for {SETTLE:g} s (no read lease on another user's file)"
+
+
 def writer_wait(writing: dict[str, tuple[float, int]], seen: Seen, name: str,
                 st: os.stat_result) -> float | None:
     """How long to wait before looking at `name` again, or None to take it now (the

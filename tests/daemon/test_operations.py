@@ -778,3 +778,25 @@ def test_a_channel_removed_mid_transfer_leaves_status_and_says_what_stays_queued
     removed = a.events("channel_removed")
     assert [(e["channel"], e["queued"]) for e in removed] == [("bulk", 1)], removed
     assert "go out once the channel is configured again" in removed[0]["reason"]
+
+
+def test_linkctl_queue_says_why_a_file_in_out_waits(tmp_path: Path, daemons: list[Any]) -> None:
+    # closing note of the last stop: a file in out/ that pick-up held back showed as
+    # "waiting" with no reason, so an operator could not tell a cp still running
+    # from a stuck daemon
+    a, b = make_pair(tmp_path)
+    daemons += [a, b]
+    path = a.out_dir("bravo", "data") / "copying.bin"
+    with open(path, "wb") as writer:                # a cp still writing, in place
+        writer.write(b"first half")
+        writer.flush()
+        shown = wait_for(lambda: "open for writing" in (r := ctl(a, "queue")).stdout and r, 20)
+        assert "copying.bin" in shown.stdout, shown.stdout
+        assert "waiting (a process has it open for writing)" in shown.stdout, shown.stdout
+        listed = json.loads(ctl(a, "queue", "--json").stdout)
+        assert [(e["name"], e["seq"], e["reason"]) for e in listed] == [
+            ("copying.bin", None, "a process has it open for writing")]
+        writer.write(b" and the rest")
+    wait_for(lambda: (b.in_dir("alpha", "data") / "copying.bin").exists(), 20)
+    assert (b.in_dir("alpha", "data") / "copying.bin").read_bytes() == \
+        b"first half and the rest"

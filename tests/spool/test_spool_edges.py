@@ -130,6 +130,48 @@ def test_1_a_file_open_for_writing_is_not_ready_until_closed(layout, clock):
         assert f.read() == b"first half second half"
 
 
+def test_1_a_waiting_file_says_why_it_waits(layout, clock):
+    """`linkctl queue` lists files of out/ not picked up yet with what holds them."""
+    ob = outbound(layout)
+    path = layout.out_dir(CH) / "copying.bin"
+    put(layout, "later.bin", b"later")
+    assert ob.waiting_reason("copying.bin") is None         # not looked at yet
+    with open(path, "wb") as writer:
+        writer.write(b"first half ")
+        writer.flush()
+        assert [c.name for c in ob.examine(relist=True).ready] == ["later.bin"]
+        assert ob.waiting_reason("copying.bin") == "a process has it open for writing"
+    clock.offset += 5
+    assert [c.name for c in ob.examine().ready] == ["copying.bin"]
+    assert ob.waiting_reason("copying.bin") is None and ob._why == {}
+
+
+@pytest.mark.usefixtures("no_lease")
+def test_1_without_a_lease_a_waiting_file_says_what_it_waits_for(layout, clock):
+    put(layout, "held.bin", b"part one")
+    put(layout, "empty.bin", b"")
+    ob = outbound(layout)
+    ob.writing["held.bin"] = (clock.monotonic(), outbound_module.WRITTEN)
+    assert ob.examine().ready == []
+    assert ob.waiting_reason("held.bin") == "its writer has not closed it yet"
+    # arrival order: empty.bin came later and waits behind held.bin's quiet period
+    del ob.writing["held.bin"]
+    clock.offset += 0.1
+    assert ob.examine(relist=True).ready == []
+    assert ob.waiting_reason("held.bin").startswith("must be unchanged for 1 s")
+    assert ob.waiting_reason("empty.bin") == \
+        "after 'held.bin', which waits: files go in arrival order"
+    ob.writing[outbound_module.OVERFLOW] = (clock.monotonic(), outbound_module.SUSPECT)
+    clock.offset += 0.5
+    assert ob.examine(relist=True).ready == []     # not due yet: not looked at again
+    assert ob.waiting_reason("held.bin").startswith("must be unchanged for 1 s")
+    clock.offset += 1
+    assert ob.examine(relist=True).ready == []
+    assert ob.waiting_reason("held.bin") == (
+        "must be unchanged for 30 s: its writer could not be watched (start-up, or "
+        "inotify events lost)")
+
+
 @pytest.mark.usefixtures("no_lease")
 def test_1_without_a_lease_a_file_is_taken_only_after_settle_seconds_unchanged(
         layout, clock):
