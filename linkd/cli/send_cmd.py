@@ -81,9 +81,12 @@ def _queue_dirs(layout: SpoolLayout, channel: str) -> list[Path]:
     return dirs
 
 
-def outcome(layout: SpoolLayout, channel: str, ino: int) -> tuple[str, str | None]:
-    """('waiting'|'failed'|'done', reason)."""
-    if ino in _inodes(layout.out_dir(channel)):
+def outcome(layout: SpoolLayout, channel: str, ino: int,
+            name: str | None = None) -> tuple[str, str | None]:
+    """('waiting'|'failed'|'done', reason) of the file queued as inode `ino` (and
+    `name`: in out/ another file of that inode is not it)."""
+    waiting = _inodes(layout.out_dir(channel))
+    if ino in waiting and (name is None or waiting[ino] == name):
         return "waiting", None
     for queue_dir in _queue_dirs(layout, channel):
         if ino in _inodes(queue_dir):
@@ -140,9 +143,17 @@ def run_send(cfg: Config, peer_name: str, channel: str, files: list[str], wait: 
                       file=sys.stderr)
                 return 1
     queued: list[tuple[str, int]] = []
+    # An inode number is free for reuse once its file is deleted: a file of ours that
+    # the daemon delivered (and deleted) while the next ones were copied in may have
+    # lent its number to a later one (operator trial: followed by inode alone, the
+    # earlier file was never seen done, and --wait hung or timed out on files long
+    # delivered). Its number taken by another file proves it gone: done.
+    gone: set[int] = set()          # indexes into queued
     for source in sources:
         try:
-            queued.append(queue_file(out_dir, source))
+            name, ino = queue_file(out_dir, source)
+            gone.update(k for k, (_, i) in enumerate(queued) if i == ino)
+            queued.append((name, ino))
         except FileExistsError:
             print(f"linkctl: {_clean(source.name)} is already queued in {out_dir}: wait for "
                   "it to go or rename the new file", file=sys.stderr)
@@ -166,17 +177,17 @@ def run_send(cfg: Config, peer_name: str, channel: str, files: list[str], wait: 
                                                   for (n, _), source in zip(queued, sources,
                                                                             strict=True)])
     deadline = None if timeout is None else time.monotonic() + timeout
-    left = dict(queued)
+    left = dict(enumerate(queued))  # index -> (name, inode): one send may name a file twice
     failures = 0
-    inode_names = {ino: name for name, ino in queued}
     try:
+        for k in sorted(gone):
+            progress.done(left.pop(k)[0])
         while left:
-            for ino in list(inode_names):
-                state, reason = outcome(layout, channel, ino)
+            for k, (name, ino) in list(left.items()):
+                state, reason = outcome(layout, channel, ino, name)
                 if state == "waiting":
                     continue
-                name = inode_names.pop(ino)
-                left.pop(name, None)
+                del left[k]
                 if state == "failed":
                     failures += 1
                     progress.failed(name, reason or "moved to failed/")
@@ -187,9 +198,9 @@ def run_send(cfg: Config, peer_name: str, channel: str, files: list[str], wait: 
             if deadline is not None and time.monotonic() > deadline:
                 progress.close()
                 print(f"linkctl: timed out waiting for {peer_name} to acknowledge "
-                      f"{_clean(', '.join(left))}", file=sys.stderr)
+                      f"{_clean(', '.join(n for n, _ in left.values()))}", file=sys.stderr)
                 return 1
-            progress.poll(list(left))
+            progress.poll([n for n, _ in left.values()])
             time.sleep(POLL)
     finally:
         progress.close()
