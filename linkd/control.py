@@ -294,6 +294,12 @@ class Controller:
             paused = path == "/pause"
             await trio.to_thread.run_sync(self.daemon.pauses.set_paused, link.name, channel,
                                           paused)
+            # an operator's act: in the log and the audit trail (docs/EVIDENCE.md)
+            if channel is None:
+                link.log.info("paused" if paused else "resumed", peer=link.name)
+            else:
+                link.log.info("channel_paused" if paused else "channel_resumed",
+                              peer=link.name, channel=channel)
             hook = getattr(self.daemon, "on_pause_changed", None)
             if hook is not None:
                 result = hook(link.name)

@@ -215,6 +215,14 @@ def test_failed_retry_pause_reconnect_and_check(tmp_path: Path, daemons: list[An
     assert channel(a, "bravo", "data")["paused"] is True, "pause lost in a restart"
     assert ctl(a, "resume", "--peer", "bravo").returncode == 0
     assert channel(a, "bravo", "data")["paused"] is False
+    # fourth operator trial: neither was logged, though EVIDENCE.md lists them among
+    # the audit events
+    assert [e.get("peer") for e in a.events("resumed")] == ["bravo"]
+    audit = [json.loads(line) for line in
+             (a.state / "audit" / "audit.jsonl").read_text().splitlines()]
+    assert [(e["event"], e.get("channel")) for e in audit
+            if e["event"] in ("channel_paused", "resumed")] == [
+        ("channel_paused", "data"), ("resumed", None)]
     a.wait_state("bravo")
     # b goes away: check turns CRITICAL (exit 2), and UNKNOWN (3) once a is stopped too
     b.stop()
