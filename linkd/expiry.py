@@ -1,8 +1,11 @@
 """Expiry of our certificate, the peers' certificates and the CRL (CONTRACT §1, §6, §10).
 
-Three places use the same dates and the same 30-day horizon: `linkd --check`
+Three places use the same dates and the same horizons: `linkd --check`
 (warn within 30 days, fail once expired), the daemon's `cert_expiring` events
-(once at 30, 7 and 1 days left, per item), and `linkctl check` / metrics.
+(once at 30, 7 and 1 days left, per item), and `linkctl check` / metrics. A CRL
+is short-lived by design (`linkctl pki crl` signs one for 30 days, to be
+published again well before): its horizon is 7 days, or a CRL fresh from the
+defaults would be a warning from the day it is installed.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from .config import Config
 
 WARN_DAYS = 30
 THRESHOLDS = (30, 7, 1)         # days left at which cert_expiring is logged
+CRL_WARN_DAYS = 7               # ... for the CRL (see the top)
+CRL_THRESHOLDS = (7, 1)
 
 
 def _utcnow() -> dt.datetime:
@@ -57,16 +62,18 @@ def expiry_lines(cfg: Config, now: dt.datetime | None = None) -> tuple[list[str]
     warnings: list[str] = []
     problems: list[str] = []
     cert, crl = tls_dates(cfg)
-    for label, key, when, fix in (
-            (str(cfg.tls.cert), "tls.cert", cert, "issue a new certificate and reload"),
-            (str(cfg.tls.crl), "tls.crl", crl, "publish a fresh CRL from the CA and reload")):
+    for label, key, when, fix, horizon in (
+            (str(cfg.tls.cert), "tls.cert", cert, "issue a new certificate and reload",
+             WARN_DAYS),
+            (str(cfg.tls.crl), "tls.crl", crl, "publish a fresh CRL from the CA and reload",
+             CRL_WARN_DAYS)):
         if when is None:
             continue
         left = days_left(when, now)
         day = when.strftime("%Y-%m-%d")
         if left <= 0:
             problems.append(f"{label} ({key}): expired on {day}: {fix}")
-        elif left <= WARN_DAYS:
+        elif left <= horizon:
             warnings.append(f"warning: {label} ({key}): expires on {day}, in {int(left)} "
                             f"day(s): {fix} before then")
     return warnings, problems
@@ -89,7 +96,7 @@ class ExpiryWatch:
         if when is None:
             return
         left = days_left(when, now)
-        crossed = [t for t in THRESHOLDS if left <= t]
+        crossed = [t for t in (CRL_THRESHOLDS if what == "crl" else THRESHOLDS) if left <= t]
         if not crossed:
             return
         threshold = min(crossed)

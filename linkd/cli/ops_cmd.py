@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..expiry import WARN_DAYS
+from ..expiry import CRL_WARN_DAYS, WARN_DAYS
 from .safe import printable, safe_doc
 from .status_client import _span, _table, http_request, human_bytes
 from .status_cmd import _HINT, _emit, _fail
@@ -269,17 +269,18 @@ def evaluate(doc: dict[str, Any], heartbeat_timeout: float, max_queue_age: float
     if audit.get("failed"):
         critical.append(f"deliveries refused: {_short(_clean(str(audit['failed'])), 160)}")
     tls = doc.get("tls") or {}
-    dates = [("our certificate", tls.get("cert_not_after")),
-             ("CRL", tls.get("crl_next_update"))]
-    dates += [(f"{p.get('name')}'s certificate", p.get("cert_not_after")) for p in peers]
-    for label, value in dates:
+    dates = [("our certificate", tls.get("cert_not_after"), WARN_DAYS),
+             ("CRL", tls.get("crl_next_update"), CRL_WARN_DAYS)]
+    dates += [(f"{p.get('name')}'s certificate", p.get("cert_not_after"), WARN_DAYS)
+              for p in peers]
+    for label, value, horizon in dates:
         when = _when(value)
         if when is None:
             continue
         days = (when - now).total_seconds() / 86400
         if days <= 0:
             critical.append(f"{label} expired {when:%Y-%m-%d}")
-        elif days <= WARN_DAYS:
+        elif days <= horizon:
             warning.append(f"{label} expires {when:%Y-%m-%d}")
     summary = f"{up}/{len(peers)} peers connected, {queued} queued"
     perf = f"peers_up={up};;;0;{len(peers)} queued={queued};;;0"

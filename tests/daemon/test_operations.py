@@ -808,3 +808,44 @@ def test_linkctl_queue_says_why_a_file_in_out_waits(tmp_path: Path, daemons: lis
     wait_for(lambda: (b.in_dir("alpha", "data") / "copying.bin").exists(), 20)
     assert (b.in_dir("alpha", "data") / "copying.bin").read_bytes() == \
         b"first half and the rest"
+
+
+def test_a_crl_fresh_from_the_defaults_is_not_a_warning(tmp_path: Path) -> None:
+    # fourth operator trial: `linkctl pki crl` signs for 30 days, and the CRL was
+    # warned about within 30 days: a site following the defaults never saw OK
+    import dataclasses
+
+    import trustme
+    from memlink import node_config
+
+    from linkd.cli.ops_cmd import evaluate
+    from linkd.expiry import ExpiryWatch, expiry_lines
+
+    directory = tmp_path / "pki"
+    pki.init_ca(directory)
+    crl = pki.write_crl(directory)                  # the default validity
+    cfg = node_config(tmp_path, trustme.CA(), "alpha", [])
+    cfg = dataclasses.replace(cfg, tls=dataclasses.replace(cfg.tls, crl=crl))
+    now = dt.datetime.now(dt.UTC)
+    assert expiry_lines(cfg, now) == ([], [])
+    [warned] = expiry_lines(cfg, now + dt.timedelta(days=24))[0]
+    assert "(tls.crl): expires on" in warned, warned
+    doc = {"node": "n", "peers": [], "tls": {"crl_next_update": (
+        now + dt.timedelta(days=30)).isoformat().replace("+00:00", "Z")}}
+    assert evaluate(doc, 15.0, None, now)[0] == 0
+    assert evaluate(doc, 15.0, None, now + dt.timedelta(days=24))[0] == 1
+    logged: list[str] = []
+
+    class Log:
+        @staticmethod
+        def warning(event: str, **kw: Any) -> None:
+            logged.append(f"{kw['what']} {kw['threshold_days']}")
+
+    class Board:
+        node, cert_not_after, peers = "n", None, {}
+        crl_next_update = now + dt.timedelta(days=30)
+    watch = ExpiryWatch(Log)
+    watch.check(Board, now)
+    assert logged == []
+    watch.check(Board, now + dt.timedelta(days=24))
+    assert logged == ["crl 7"]
