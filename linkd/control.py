@@ -295,11 +295,9 @@ class Controller:
             await trio.to_thread.run_sync(self.daemon.pauses.set_paused, link.name, channel,
                                           paused)
             # an operator's act: in the log and the audit trail (docs/EVIDENCE.md)
-            if channel is None:
-                link.log.info("paused" if paused else "resumed", peer=link.name)
-            else:
-                link.log.info("channel_paused" if paused else "channel_resumed",
-                              peer=link.name, channel=channel)
+            event = ("paused" if paused else "resumed") if channel is None else \
+                ("channel_paused" if paused else "channel_resumed")
+            link.log.info(event, peer=link.name, **({"channel": channel} if channel else {}))
             hook = getattr(self.daemon, "on_pause_changed", None)
             if hook is not None:
                 result = hook(link.name)
@@ -313,10 +311,25 @@ class Controller:
             return await self.retry(link, params)
         return 404, {"error": f"unknown endpoint {path}"}
 
+    def _unknown_channel(self, peer: str | None, channel: str | None) -> str | None:
+        """Why `channel` names nothing (of `peer`, or of any peer), or None (a typo
+        listed nothing and said "empty", exit 0: it looked like all clear)."""
+        if channel is None:
+            return None
+        known = sorted({c for name, link in self.daemon.links.items() if peer in (None, name)
+                        for c in link.channels})
+        if channel in known:
+            return None
+        which = f"peer {peer} has no channel" if peer is not None else "no peer has a channel"
+        return f"{which} {channel!r} (configured: {', '.join(known) or 'none'})"
+
     async def queue(self, params: dict[str, Any]) -> tuple[int, Any]:
         peer, channel = params.get("peer") or None, params.get("channel") or None
         if peer is not None and peer not in self.daemon.links:
             return 404, {"error": f"no peer named {peer!r}"}
+        problem = self._unknown_channel(peer, channel)
+        if problem:
+            return 404, {"error": problem}
         source = getattr(self.daemon, "queue_chunks", None)
         if source is None:
             return 200, []
@@ -329,6 +342,9 @@ class Controller:
             links = [link for link in links if link.name == peer]
             if not links:
                 return 404, {"error": f"no peer named {peer!r}"}
+        problem = self._unknown_channel(peer, channel)
+        if problem:
+            return 404, {"error": problem}
         entries: list[dict[str, Any]] = []
         for link in links:
             chans = [c for c in link.channels if channel is None or c == channel]

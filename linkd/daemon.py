@@ -15,6 +15,7 @@ as one.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import errno
 import itertools
@@ -381,10 +382,13 @@ class Daemon:
             problems = [p for p in problems if CRL_EXPIRED not in p]
             if problems:
                 raise ConfigError(problems[0])
-            if cfg.node != self.cfg.node:
-                raise ConfigError("[node] settings cannot change on reload: restart linkd")
-            if cfg.status != self.cfg.status:
-                raise ConfigError("[status] settings cannot change on reload: restart linkd")
+            for section, now, was in (("node", cfg.node, self.cfg.node),
+                                      ("status", cfg.status, self.cfg.status)):
+                if now != was:
+                    keys = ", ".join(f.name for f in dataclasses.fields(now)
+                                     if getattr(now, f.name) != getattr(was, f.name))
+                    raise ConfigError(f"[{section}] {keys} cannot change on reload: restart "
+                                      f"linkd (or put the old value back)")
             tls = make_contexts(cfg)
             listeners = await self._rebind(cfg)
         except (LinkdError, OSError) as exc:

@@ -57,7 +57,7 @@ def parser() -> argparse.ArgumentParser:
 
     chk = sub.add_parser("check", help="one line and a Nagios-plugin exit code (0 OK, "
                          "1 WARNING, 2 CRITICAL, 3 UNKNOWN)")
-    chk.add_argument("--max-queue-age", type=float, default=None, metavar="SECONDS",
+    chk.add_argument("--max-queue-age", type=_seconds, default=None, metavar="SECONDS",
                      help="CRITICAL when a queued file is older than this")
 
     send = sub.add_parser("send", help="queue files for a peer")
@@ -65,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
     send.add_argument("--channel", required=True)
     send.add_argument("--wait", action="store_true",
                       help="return only once the peer has acknowledged every file")
-    send.add_argument("--timeout", type=float, default=None,
+    send.add_argument("--timeout", type=_seconds, default=None,
                       help="with --wait: give up after this many seconds (exit 1)")
     send.add_argument("files", nargs="+", metavar="FILE")
 
@@ -114,6 +114,17 @@ def socket_path(args: argparse.Namespace) -> Path:
 
 
 OPS = ("queue", "failed", "retry", "pause", "resume", "reconnect", "check")
+
+
+def _seconds(text: str) -> float:
+    """A number of seconds above 0 (argparse prints the error and the usage)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text}: give a number of seconds above 0")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

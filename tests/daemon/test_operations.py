@@ -193,6 +193,13 @@ def test_failed_retry_pause_reconnect_and_check(tmp_path: Path, daemons: list[An
     listed = json.loads(ctl(a, "failed", "--json").stdout)
     assert [(f["name"], f["size"]) for f in listed] == [("big.txt", 50)] and listed[0]["reason"]
     assert "big.txt" in ctl(a, "failed").stdout
+    # fourth operator trial: a mistyped channel listed nothing and said "no failed
+    # files", exit 0; a negative --max-queue-age was taken
+    for what in ("failed", "queue"):
+        typo = ctl(a, what, "--channel", "dta")
+        assert typo.returncode == 1 and typo.stderr.splitlines() == [
+            "linkctl: no peer has a channel 'dta' (configured: data)"], typo
+    assert ctl(a, "check", "--max-queue-age", "-5").returncode == 2
     wait_for(lambda: channel(a, "bravo", "data")["failed"] == 1, 10)
     warn = ctl(a, "check")
     assert warn.returncode == 1 and warn.stdout.startswith("WARNING"), warn
@@ -849,3 +856,19 @@ def test_a_crl_fresh_from_the_defaults_is_not_a_warning(tmp_path: Path) -> None:
     assert logged == []
     watch.check(Board, now + dt.timedelta(days=24))
     assert logged == ["crl 7"]
+
+
+def test_a_node_change_refused_on_reload_names_the_key(tmp_path: Path,
+                                                       daemons: list[Any]) -> None:
+    # fourth operator trial: "[node] settings cannot change on reload" did not say which
+    # of them had changed (it was spool_group)
+    import signal
+    a, b = make_pair(tmp_path)
+    daemons += [a, b]
+    a.node_extra["log_level"] = "debug"
+    a.node_extra["audit_checkpoint_lines"] = 10
+    a.write_config()
+    a.signal(signal.SIGHUP)
+    failed = wait_for(lambda: a.events("reload_failed"), 15)[0]
+    assert failed["reason"] == ("[node] log_level, audit_checkpoint_lines cannot change on "
+                                "reload: restart linkd (or put the old value back)"), failed
