@@ -228,6 +228,15 @@ class Daemon:
                     problems = await in_thread(link.prepare)
                     for problem in problems:
                         self.log.warning("recovery", peer=link.name, problem=problem)
+                    for ch, queued, waiting in await in_thread(link.left_behind):
+                        link.status.left_behind[ch] = queued + waiting
+                        # a channel removed with files in it: said at the reload, and
+                        # again at every start (an operator trial found them forgotten)
+                        self.log.warning("channel_removed", peer=link.name, channel=ch,
+                                         queued=queued, waiting=waiting, reason=(
+                            f"channel {ch} is not configured, and {queued + waiting} "
+                            f"file(s) wait in its folders under {link.layout.peer_dir}: "
+                            f"configure it again to send them, or move them away"))
                     if tail is not None:    # every delivery since the tail began has its line
                         link.reconcile_audit(tail, await in_thread(link.journaled))
                     await link.log_recovered()

@@ -265,6 +265,9 @@ def evaluate(doc: dict[str, Any], heartbeat_timeout: float, max_queue_age: float
                                f"{_short(_clean(str(c['inbound_error'])), 200)}")
         if p.get("quarantined"):
             warning.append(f"{name} {p['quarantined']} in quarantine/")
+        for ch, files in sorted((p.get("left_behind") or {}).items()):
+            warning.append(f"{name}/{_clean(str(ch))}: {files} file(s) of a channel no "
+                           f"longer configured")
     audit = doc.get("audit") or {}
     if audit.get("failed"):
         critical.append(f"deliveries refused: {_short(_clean(str(audit['failed'])), 160)}")

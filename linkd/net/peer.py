@@ -21,6 +21,7 @@ would reach into the others.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, TypeVar, TypeVarTuple
@@ -148,6 +149,36 @@ class PeerLink:
             problems += self.inbound[name].recover()
         return problems
 
+    def left_behind(self) -> list[tuple[str, int, int]]:
+        """Blocking: (channel, files queued, files in out/) of each folder pair of a
+        channel no longer configured that still holds files: a removed channel's
+        files stay on disk (reconfigure), and after a restart nothing else says so."""
+        found = []
+        try:
+            with os.scandir(self.layout.peer_dir / "queue") as it:
+                names = {e.name for e in it if e.is_dir(follow_symlinks=False)}
+            with os.scandir(self.layout.peer_dir / "out") as it:
+                names |= {e.name for e in it if e.is_dir(follow_symlinks=False)}
+        except OSError:
+            return []
+        for name in sorted(names - set(self.channels)):
+            if name.startswith("."):
+                continue
+            counts = []
+            for folder, keep in ((self.layout.peer_dir / "queue" / name,
+                                  lambda n: n.endswith(".data")),
+                                 (self.layout.peer_dir / "out" / name,
+                                  lambda n: not n.startswith("."))):
+                try:
+                    with os.scandir(folder) as it:
+                        counts.append(sum(1 for e in it if keep(e.name)
+                                          and e.is_file(follow_symlinks=False)))
+                except OSError:
+                    counts.append(0)
+            if any(counts):
+                found.append((name, counts[0], counts[1]))
+        return found
+
     async def reconfigure(self, cfg: Config, peer: PeerConfig) -> None:
         """Apply a reloaded config: new channels are added; removed ones stop being sent."""
         self.cfg = cfg
@@ -155,7 +186,10 @@ class PeerLink:
         removed = set(self.channels) - {c.name for c in peer.channels}
         for name in removed:
             out = self.outbound.get(name)
-            queued = out.queue_stats()[0] if out is not None else 0
+            stats = out.queue_stats() if out is not None else (0, 0, None, 0, 0)
+            queued = stats[0]
+            if queued + stats[3]:
+                self.status.left_behind[name] = queued + stats[3]   # (status, check)
             if queued:
                 # they stay where they are (nothing is lost), out of every listing
                 self.log.warning("channel_removed", channel=name, queued=queued, reason=(
@@ -168,6 +202,8 @@ class PeerLink:
             self.spools.pop(name, None)
             self.status.channels.pop(name, None)
         added = [c for c in peer.channels if c.name not in self.outbound]
+        for c in added:
+            self.status.left_behind.pop(c.name, None)
         self.channels = {c.name: c for c in peer.channels}
         self._set_channels(peer.channels)
         if added:

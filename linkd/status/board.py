@@ -150,6 +150,8 @@ class PeerStatus:
     cert_not_after: dt.datetime | str | None = None  # the peer's certificate, last seen
     quarantined: int = 0                    # files in quarantine/ now
     priority_held_s: float = 0.0            # lower priorities held back ([link] priority_hold)
+    # channel -> files left in the folders of a channel no longer configured
+    left_behind: dict[str, int] = dataclasses.field(default_factory=dict)
     # called with the new state whenever `state` changes (the outage watch waits on it)
     listeners: list[Callable[[str], None]] = dataclasses.field(
         default_factory=list, repr=False, compare=False)
@@ -214,6 +216,7 @@ class PeerStatus:
                 "cert_not_after": _iso(cert) if isinstance(cert, dt.datetime) else cert,
                 "quarantined": self.quarantined,
                 "priority_held_s": round(self.priority_held_s, 3),
+                "left_behind": dict(self.left_behind),
                 "tls": tls, "next_attempt_at": _iso(self.next_attempt_at),
                 "channels": [c.document() for c in self.channels.values()]}
 

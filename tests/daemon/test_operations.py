@@ -872,3 +872,30 @@ def test_a_node_change_refused_on_reload_names_the_key(tmp_path: Path,
     failed = wait_for(lambda: a.events("reload_failed"), 15)[0]
     assert failed["reason"] == ("[node] log_level, audit_checkpoint_lines cannot change on "
                                 "reload: restart linkd (or put the old value back)"), failed
+
+
+def test_files_of_a_removed_channel_are_recalled_at_every_start_and_by_check(
+        tmp_path: Path, daemons: list[Any]) -> None:
+    # fourth operator trial: channel_removed was logged once, at the reload; after a
+    # restart `queue` said "queue empty" and `check` OK while files sat in queue/newch/
+    a, b = make_pair(tmp_path, channels=[{"name": "data"}, {"name": "newch"}])
+    daemons += [a, b]
+    assert ctl(a, "pause", "--peer", "bravo", "--channel", "newch").returncode == 0
+    for i in range(3):
+        a.drop("bravo", "newch", f"n{i}.txt", b"waits")
+    wait_for(lambda: channel(a, "bravo", "newch")["queued"] == 3, 15)
+    a.peers[0]["channels"] = [{"name": "data"}]
+    a.reload()
+    assert peer(a, "bravo")["left_behind"] == {"newch": 3}
+    warned = ctl(a, "check")
+    assert warned.returncode == 1 and \
+        "bravo/newch: 3 file(s) of a channel no longer configured" in warned.stdout, warned
+    a.stop()
+    a.start()
+    again = [e for e in a.events("channel_removed") if e.get("queued") == 3]
+    assert again and "configure it again to send them" in again[-1]["reason"], again
+    assert peer(a, "bravo")["left_behind"] == {"newch": 3}
+    assert ctl(a, "check").returncode == 1
+    a.peers[0]["channels"] = [{"name": "data"}, {"name": "newch"}]
+    a.reload()
+    assert peer(a, "bravo")["left_behind"] == {}
