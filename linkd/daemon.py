@@ -41,6 +41,7 @@ from .errors import (
     StatusSocketError,
 )
 from .evidence import audit as audit_mod
+from .evidence import keys as ekeys
 from .evidence import service as evidence
 from .expiry import ExpiryWatch, tls_dates
 from .metrics import tls_refusal_kind
@@ -64,6 +65,7 @@ HOUSEKEEPING_FOLDERS = 50   # folders one recount pass checks (more: a share eac
 QUEUE_CHUNK = 500           # queue entries listed and encoded per thread hop (GET /queue)
 # Goodbye reasons a peer's dialler takes as "back at once, redial now" (supervisor.py).
 BYE_RELOAD = "reload: configuration reloaded, redial at once"
+BYE_RENEWED = "reload: our certificate was renewed, redial at once"
 
 
 def _heartbeat(cfg: Config) -> tuple[float, float]:
@@ -399,6 +401,7 @@ class Daemon:
                     raise ConfigError(f"[{section}] {keys} cannot change on reload: restart "
                                       f"linkd (or put the old value back)")
             tls = make_contexts(cfg)
+            signer = await in_thread(ekeys.Signer.from_files, cfg.tls.cert, cfg.tls.key)
             listeners = await self._rebind(cfg)
         except (LinkdError, OSError) as exc:
             self.log.error("reload_failed", reason=str(exc))
@@ -407,6 +410,9 @@ class Daemon:
         old = self.cfg
         self.cfg, self.tls = cfg, tls
         self.board.cert_not_after, self.board.crl_next_update = tls_dates(cfg)
+        # A new certificate (a renewal): checkpoints are signed by its key from here on
+        # (receipts are signed by the key of the session's own certificate).
+        renewed = await evidence.renew_signer(self, signer)
         if crl_expired:
             self.log.error("crl_expired", reason=f"{crl_expired[0]}; new sessions are refused "
                                                  "until a fresh CRL is loaded (SIGHUP)")
@@ -460,6 +466,14 @@ class Daemon:
             if before != peer and (before is None or before.connect != peer.connect) \
                     and peer.connect:
                 redial.append(link)
+        if renewed:
+            # The peer checks our receipts and checkpoints with the certificate of the
+            # session: one still running under the old certificate refused every
+            # checkpoint signed by the new key (an operator trial: audit_witness_refused
+            # until a restart). A new session shows the peer the new one.
+            ending = {id(runner) for runner, _ in closing}
+            closing += [(link.active, BYE_RENEWED) for link in self.links.values()
+                        if link.active is not None and id(link.active) not in ending]
         await close_side_by_side(closing)
         # A session ended by its goodbye logs its link_down in the task that ran it,
         # within the link's scope: cancelled at once, that line was lost (an operator

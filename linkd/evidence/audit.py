@@ -8,7 +8,10 @@ inserting, deleting or reordering a line therefore breaks the chain at that
 line. Special lines:
 
 * `audit_key`: written when the log is opened, carries the node's certificate
-  (`cert`, PEM) and its `cert_sha256`: the log carries what verifies it.
+  (`cert`, PEM) and its `cert_sha256`: the log carries what verifies it. Also
+  when a reload renews the certificate (`renew()`): a checkpoint signed by the
+  old key (`why` "renewing") covers every line before it, then the new
+  `audit_key`, then a checkpoint signed by the new key ("renewed").
 * `audit_checkpoint`: every `audit_checkpoint_lines` lines and at clean
   shutdown; `signer`, `alg` and `sig` (base64) = the node key's signature over
   the canonical JSON (canonical.py) of the line's object without `sig`. It
@@ -153,6 +156,7 @@ class AuditLog:
         self.latest_checkpoint: bytes | None = None   # raw line of the newest checkpoint
         self.checkpoints = 0        # how many were made since open (to notice new ones)
         self._busy = False
+        self._key_due = False       # the signer changed: its audit_key line is not written yet
 
     # -- opening ----------------------------------------------------------------
 
@@ -179,6 +183,34 @@ class AuditLog:
         self._write({"event": "audit_key", "node": self.node, "timestamp": _now(),
                      "cert_sha256": self.signer.cert_sha256, "alg": self.signer.alg,
                      "cert": self.signer.cert.public_bytes(Encoding.PEM).decode("ascii")})
+        self._key_due = False
+
+    def renew(self, signer: keys.Signer) -> bytes | None:
+        """Sign checkpoints with `signer` from now on (a reload installed a new
+        certificate and key). A checkpoint signed by the old key covers the lines
+        before the switch (returned: the sessions still running under the old
+        certificate can witness it); then the new certificate's `audit_key` line, so
+        the log still carries what verifies each checkpoint, and a checkpoint signed
+        by the new key. A log that cannot be written now switches all the same: its
+        next checkpoint (resume()) or open() writes the `audit_key` line first."""
+        with self.lock:
+            old = self.signer
+            if old is not None and old.cert_sha256 == signer.cert_sha256:
+                return None
+            line = None
+            if old is not None and self.fd >= 0 and self.failed is None:
+                try:
+                    line = self.checkpoint("renewing")
+                except OSError:
+                    pass                # (failed: the switch below is still made)
+            self.signer = signer
+            self._key_due = True
+            if self.fd >= 0 and self.failed is None:
+                try:
+                    self.checkpoint("renewed")
+                except OSError:
+                    pass
+            return line
 
     def _read_tail(self) -> bytes | None:
         """Find the last line's number and hash; cut a torn fragment (returned)."""
@@ -319,13 +351,15 @@ class AuditLog:
                 # may be behind it (only resume() or open() re-reads the tail).
                 raise OSError(self.failed.errno, f"audit log {self.path}: "
                                                  f"{self.failed.strerror or self.failed}")
-            obj = {"line": self.line + 1, "prev": self.prev, "event": "audit_checkpoint",
-                   "node": self.node, "timestamp": _now(), "why": why,
-                   "signer": self.signer.cert_sha256, "alg": self.signer.alg}
-            sig = self.signer.sign(canonical_json(obj))
-            obj["sig"] = base64.b64encode(sig).decode("ascii")
-            del obj["line"], obj["prev"]
             try:
+                if self._key_due:       # (renew() while the log could not be written)
+                    self._write_key()
+                obj = {"line": self.line + 1, "prev": self.prev, "event": "audit_checkpoint",
+                       "node": self.node, "timestamp": _now(), "why": why,
+                       "signer": self.signer.cert_sha256, "alg": self.signer.alg}
+                sig = self.signer.sign(canonical_json(obj))
+                obj["sig"] = base64.b64encode(sig).decode("ascii")
+                del obj["line"], obj["prev"]
                 raw = self._write(obj)
                 self.since_checkpoint = 0
                 self.sync()

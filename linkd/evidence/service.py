@@ -3,8 +3,9 @@
 Trio glue around audit.AuditLog (which is pure): `open_audit` before the first
 log line, `audit_loop` (fsync at most a second behind; every new checkpoint sent
 to each connected peer to witness), `checkpoint_and_send` at the start of a
-clean shutdown (so the peer witnesses our state before the goodbye), `close_audit`
-(a last checkpoint, fsync) after the last line.
+clean shutdown (so the peer witnesses our state before the goodbye),
+`renew_signer` when a reload installs a new certificate, `close_audit` (a last
+checkpoint, fsync) after the last line.
 """
 
 from __future__ import annotations
@@ -30,6 +31,26 @@ def open_audit(cfg: Any) -> A.AuditLog:
     log.open()
     A.install(log)
     return log
+
+
+async def renew_signer(daemon: Any, signer: keys.Signer) -> bool:
+    """After a reload: sign checkpoints with `signer` (the reloaded [tls] cert and
+    key) if it is another certificate than the log's; True if so. The last checkpoint
+    signed by the old key goes to the sessions still running under the old
+    certificate (their peer checks it with that one), before the caller ends them;
+    the new certificate is kept in certs/ as the first one was."""
+    log = A.current()
+    if log is None or (log.signer is not None and log.signer.cert_sha256 == signer.cert_sha256):
+        return False
+    last_old = await trio.to_thread.run_sync(log.renew, signer)
+    try:
+        certs = keys.CertStore(daemon.cfg.node.state_dir / "certs")
+        await trio.to_thread.run_sync(certs.keep, signer.cert_der)
+    except OSError as exc:      # (the log's audit_key line carries it all the same)
+        daemon.log.error("audit_log_failed", reason=f"cannot keep the renewed certificate "
+                                                    f"in {certs.folder}: {exc}")
+    _send(daemon, last_old)
+    return True
 
 
 def _send(daemon: Any, line: bytes | None) -> None:

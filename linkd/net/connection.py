@@ -507,7 +507,13 @@ class SessionRunner(SenderMixin, ReceiverMixin):
         self.verifier = R.Verifier(x509.load_der_x509_certificate(der))
 
     def send_checkpoint(self, line: bytes) -> None:
-        """Send our newest signed audit checkpoint for the peer to witness."""
+        """Send our newest signed audit checkpoint for the peer to witness: only one
+        signed by this session's key (after a renewal, the peer of a session still
+        under the old certificate would refuse the new key's: the reload ends it)."""
+        import json
+        if self.signer is not None and \
+                json.loads(line).get("signer") != self.signer.cert_sha256:
+            return
         if self.session is not None and self.opened.is_set():
             self.session.send_checkpoint(line)
             self.writer_wake.set()
