@@ -426,3 +426,118 @@ def test_a_state_folder_this_user_cannot_read_is_one_line(logs, monkeypatch, cap
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1, err
     assert str(folder) in err and "permission denied" in err and "root" in err
+
+
+# -- a renewed certificate (an operator trial: a leaked key, revoked and re-issued) --
+
+def _renewal_pki(tmp_path):
+    from linkd import pki
+    directory = tmp_path / "pki"
+    pki.init_ca(directory)
+    pki.issue(directory, "alpha")
+    old = keys.Signer.from_files(directory / "alpha.crt", directory / "alpha.key")
+    pki.issue(directory, "alpha", force=True)
+    new = keys.Signer.from_files(directory / "alpha.crt", directory / "alpha.key")
+    assert old.cert_sha256 != new.cert_sha256
+    return directory, old, new
+
+
+def _signers(path):
+    """[(event, why or cert_sha256, signer)] of the key and checkpoint lines."""
+    out = []
+    for raw in path.read_bytes().splitlines():
+        o = json.loads(raw)
+        if o["event"] == "audit_key":
+            out.append(("audit_key", o["cert_sha256"], None))
+        elif o["event"] == "audit_checkpoint":
+            out.append(("audit_checkpoint", o["why"], o["signer"]))
+    return out
+
+
+def test_a_renewed_key_signs_the_checkpoints_after_it_and_the_log_verifies(tmp_path, capsys):
+    """The reload of a renewed certificate left checkpoints signed by the old, revoked
+    key until a restart: the old key signs up to the switch, the new one after it,
+    and the log carries both certificates (verified against the CA)."""
+    pki_dir, old, new = _renewal_pki(tmp_path)
+    log = A.AuditLog(tmp_path / "audit", "alpha", old, checkpoint_lines=3)
+    log.open()
+    for seq in range(4):
+        log.record({"event": "message_sent", "peer": "bravo", "seq": seq})
+    last_old = log.renew(new)
+    assert last_old is not None
+    assert json.loads(last_old)["signer"] == old.cert_sha256
+    assert log.renew(new) is None               # the same certificate again: nothing
+    for seq in range(4, 8):
+        log.record({"event": "message_sent", "peer": "bravo", "seq": seq})
+    log.close()
+    marks = _signers(log.path)
+    switch = marks.index(("audit_key", new.cert_sha256, None))
+    assert marks[switch - 1] == ("audit_checkpoint", "renewing", old.cert_sha256)
+    assert marks[switch + 1] == ("audit_checkpoint", "renewed", new.cert_sha256)
+    assert {s for e, _, s in marks[:switch] if e == "audit_checkpoint"} == {old.cert_sha256}
+    assert {s for e, _, s in marks[switch:] if e == "audit_checkpoint"} == {new.cert_sha256}
+    assert marks[-1] == ("audit_checkpoint", "shutdown", new.cert_sha256)
+    code, out = verify(capsys, "--log", str(log.path), "--ca", str(pki_dir / "ca.crt"))
+    assert code == 0 and "lines" in out and "not signed yet" not in out, out
+
+
+def test_a_key_renewed_while_the_log_cannot_be_written_is_logged_before_it_signs(
+        tmp_path, monkeypatch, capsys):
+    """A renewal while the disk is full: the log resumes with the new key, and the
+    new certificate's audit_key line comes before the first checkpoint it signs."""
+    pki_dir, old, new = _renewal_pki(tmp_path)
+    log = A.AuditLog(tmp_path / "audit", "alpha", old)
+    log.open()
+    full_disk_once(monkeypatch, fragment=False)
+    log.record({"event": "message_sent", "peer": "bravo", "seq": 1})     # fails the log
+    assert log.failed is not None
+    assert log.renew(new) is None               # nothing written (nothing can be)
+    assert log.resume() is True
+    log.close()
+    marks = _signers(log.path)
+    assert marks[-3:] == [("audit_key", new.cert_sha256, None),
+                          ("audit_checkpoint", "resumed", new.cert_sha256),
+                          ("audit_checkpoint", "shutdown", new.cert_sha256)]
+    code, out = verify(capsys, "--log", str(log.path), "--ca", str(pki_dir / "ca.crt"))
+    assert code == 0, out
+
+
+def test_after_a_key_renewal_and_reload_the_peer_witnesses_every_checkpoint(tmp_path, capsys):
+    """The operator trial, as docs/OPERATIONS.md says for a leaked key: revoke, issue
+    anew, install the certificate, key and CRL on both sites, reload both. The peer
+    refused every checkpoint after it (audit_witness_refused, still signed by the
+    revoked key) until alpha was restarted."""
+    from linkd import pki
+    a, b = make_pair(tmp_path)
+    try:
+        pki.revoke(a.pki_dir, "alpha")
+        pki.issue(a.pki_dir, "alpha", force=True)
+        renewed = keys.cert_sha256(keys.der(keys.load_certs(a.pki_dir / "alpha.crt")[0]))
+        for d in (a, b):
+            d.tls_extra["crl"] = d.pki_dir / "ca.crl"
+        a.reload()
+        # bravo sees the new certificate at once: it witnesses a checkpoint of the new key
+        wait_for(lambda: any(e["checkpoint"]["signer"] == renewed
+                             for e in b.events("audit_witness")), 15)
+        b.reload()
+        a.wait_state("bravo")
+        b.wait_state("alpha")
+        a.drop("bravo", "data", "after.txt", b"sent after the renewal")
+        wait_for(lambda: "after.txt" in b.inbound("alpha", "data"), 15)
+        assert a.stop() == 0 and b.stop() == 0
+    finally:
+        stop_all(a, b)
+    assert not a.events("audit_witness_refused") and not b.events("audit_witness_refused")
+    alog, blog = a.state / "audit" / "audit.jsonl", b.state / "audit" / "audit.jsonl"
+    marks = _signers(alog)
+    switch = marks.index(("audit_key", renewed, None))
+    assert {s for e, _, s in marks[switch:] if e == "audit_checkpoint"} == {renewed}
+    assert marks[-1] == ("audit_checkpoint", "shutdown", renewed)
+    assert (a.state / "certs" / f"{renewed}.pem").exists()
+    # the witnessed checkpoints match alpha's lines, across the renewal
+    assert any(e["checkpoint"]["signer"] != renewed for e in b.events("audit_witness"))
+    ca = str(a.pki_dir / "ca.crt")
+    code, out = verify(capsys, "--log", str(alog), "--peer-log", str(blog), "--ca", ca)
+    assert code == 0, out
+    code, out = verify(capsys, "--log", str(blog), "--peer-log", str(alog), "--ca", ca)
+    assert code == 0, out

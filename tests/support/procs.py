@@ -79,6 +79,7 @@ class Daemon:
         self.listen_address = "127.0.0.1"    # e.g. an address inside a test netns
         self.node_extra: dict[str, Any] = {}  # more [node] keys, e.g. spool_group
         self.status_extra: dict[str, Any] = {}  # [status] keys, e.g. metrics_listen
+        self.tls_extra: dict[str, Any] = {}   # more [tls] keys, e.g. crl
         self.env: dict[str, str] = {}         # more environment for the daemon
 
     def add_peer(self, name: str, channels: list[dict[str, Any]], connect: str | None = None,
@@ -95,7 +96,8 @@ class Daemon:
             lines += ["", "[status]"] + [f"{k} = {_toml(v)}" for k, v in self.status_extra.items()]
         lines += ["", "[tls]", f"cert = {_toml(self.pki_dir / (self.name + '.crt'))}",
                   f"key = {_toml(self.pki_dir / (self.name + '.key'))}",
-                  f"ca = {_toml(self.pki_dir / 'ca.crt')}", ""]
+                  f"ca = {_toml(self.pki_dir / 'ca.crt')}"]
+        lines += [f"{k} = {_toml(v)}" for k, v in self.tls_extra.items()] + [""]
         if self.port:
             lines += ["[listen]", f"address = {_toml(self.listen_address)}", f"port = {self.port}",
                       ""]
