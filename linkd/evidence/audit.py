@@ -76,7 +76,7 @@ AUDIT_EVENTS = frozenset({
     "paused", "resumed", "channel_paused", "channel_resumed", "retried", "retry",
     "started", "stopping", "stopped", "recovery", "protocol_violation", "ack_mismatch",
     "receipt_invalid", "inbound_storage_failed", "cert_expiring", "audit_witness",
-    "audit_witness_refused",
+    "audit_witness_refused", "audit_went_back",
 })
 
 

@@ -538,6 +538,24 @@ class SessionRunner(SenderMixin, ReceiverMixin):
         if problem is not None:
             self.log.warning("audit_witness_refused", peer=self.link.name, reason=problem)
             return
+        assert isinstance(obj, dict)
+        number, digest = obj.get("line"), audit_mod.line_hash(line)
+        last = self.link.witnessed
+        if isinstance(number, int):
+            if last is not None and (number < last[0]
+                                     or (number == last[0] and digest != last[1])):
+                # Its log went back (a state_dir restored from an older copy, a cut
+                # tail): a witness exists to notice that (an operator trial: a restored
+                # log was witnessed without a word). Both checkpoints stay in our log.
+                again = " (another one)" if number == last[0] else ""
+                self.log.warning("audit_went_back", peer=self.link.name, line=number,
+                                 witnessed_line=last[0], reason=(
+                    f"{self.link.name}'s audit log went back: it signed line {number}"
+                    f"{again} after we witnessed its line {last[0]}: "
+                    f"its state_dir was restored from an older copy, or its log was "
+                    f"cut; what it logged after line {number} is gone from its side "
+                    f"(our audit_witness lines keep what it showed us)"))
+            self.link.witnessed = (number, digest)
         self.log.info("audit_witness", peer=self.link.name, checkpoint=obj)
 
     def _on_open(self) -> None:

@@ -81,6 +81,9 @@ def log_delivered(log: FilteringBoundLogger, peer: str, channel: str, name: obje
 
 class PeerLink:
     def __init__(self, cfg: Config, peer: PeerConfig, status: PeerStatus) -> None:
+        # the peer's newest audit checkpoint we witnessed (line, its bytes' SHA-256):
+        # one for a lower line later means its log went back (connection._witness)
+        self.witnessed: tuple[int, str] | None = None
         self.cfg = cfg
         self.peer = peer
         self.name = peer.name

@@ -5,6 +5,7 @@ peer has a receipt for."""
 
 import json
 import os
+import shutil
 import signal
 import time
 
@@ -541,3 +542,34 @@ def test_after_a_key_renewal_and_reload_the_peer_witnesses_every_checkpoint(tmp_
     assert code == 0, out
     code, out = verify(capsys, "--log", str(blog), "--peer-log", str(alog), "--ca", ca)
     assert code == 0, out
+
+
+def test_a_peer_whose_audit_log_went_back_is_called_out(tmp_path):
+    # fourth operator trial: bravo's state_dir was restored from an older copy; alpha
+    # had witnessed bravo's checkpoint of line 4438, then witnessed one of line 4408
+    # without a word, although noticing that is what a witness is for
+    a, b = make_pair(tmp_path, start=False)
+    for d in (a, b):
+        with_checkpoints(d, 5)
+    try:
+        start_connected(a, b)
+        assert b.stop() == 0
+        backup = tmp_path / "bravo-state-backup"
+        shutil.copytree(b.state, backup, symlinks=True)
+        b.start()
+        a.wait_state("bravo")
+        for i in range(6):
+            b.drop("alpha", "data", f"g{i}.txt", b"later")
+        wait_for(lambda: len(a.inbound("bravo", "data")) == 6, 30)
+        top = max(e["checkpoint"]["line"] for e in a.events("audit_witness"))
+        assert b.stop() == 0
+        shutil.rmtree(b.state)
+        shutil.copytree(backup, b.state, symlinks=True)    # the restore
+        b.start()
+        went = wait_for(lambda: a.events("audit_went_back"), 20)[0]
+        assert went["witnessed_line"] >= top and went["line"] < went["witnessed_line"], went
+        assert "state_dir was restored from an older copy" in went["reason"]
+        lines = (a.state / "audit" / "audit.jsonl").read_text()
+        assert '"audit_went_back"' in lines
+    finally:
+        stop_all(a, b)
