@@ -497,6 +497,9 @@ class Daemon:
             await self.nursery.start(self._run_link, link)
         await self.refresh_folder_counts()
         self.log.info("reloaded", peers=len(self.links))
+        # a signed checkpoint now (the peer witnesses it): what the log holds so far can
+        # be exported with both ends signed without a restart (docs/EVIDENCE.md)
+        await evidence.checkpoint_and_send(self, "reload")
         systemd.ready(f"serving {len(self.links)} peer(s)")
 
 

@@ -264,6 +264,11 @@ def audit_export(log: Path, since: str | None, until: str | None, output: Path |
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, output)
         print(f"wrote {output}: {end - start + 1} lines", file=sys.stderr)
+    if objs and objs[end].get("event") != "audit_checkpoint":
+        # (fourth operator trial: exported to the unsigned end, exit 0, no word)
+        print(f"linkctl: warning: the bundle ends unsigned (no checkpoint after "
+              f"{until or 'its last line'} yet): `systemctl reload linkd` (SIGHUP) signs "
+              f"one now; export again after it", file=sys.stderr)
     return 0
 
 

@@ -640,12 +640,18 @@ def verify_chain(files: list[Path], extra_certs: dict[str, x509.Certificate] | N
         if data and not data.endswith(b"\n"):
             n = data.count(b"\n") + 1
             return Verdict(False, f"{path}: line {n}: cut short (no newline at its end)"), chain
+        # a bundle (audit export) is JSON: its lines are counted as entries, each
+        # named with its audit line number too (a position alone misled: off by the
+        # slice's start)
+        kind = "entry" if bundle is not None else "line"
         for n, raw in enumerate(data.split(b"\n")[:-1], start=1):
-            where = f"{path}: line {n}"
+            where = f"{path}: {kind} {n}"
             obj, problem = _parse(raw, where)
             if obj is None:
                 return Verdict(False, problem or where), chain
             number = obj["line"]
+            if bundle is not None:
+                where += f" (audit line {number})"
             if expected_line is None:
                 expected_line, expected_prev = number, obj["prev"]
                 chain.first = number
@@ -661,9 +667,11 @@ def verify_chain(files: list[Path], extra_certs: dict[str, x509.Certificate] | N
                             f"found {number})")
                 return Verdict(False, f"{where}: {what}"), chain
             if obj["prev"] != expected_prev:
-                return Verdict(False, f"{where}: does not chain to the line before it (line "
-                                      f"{n - 1} of the file was edited, or lines were "
-                                      f"inserted, deleted or reordered there)"), chain
+                before = f"line {n - 1} of the file" if bundle is None else \
+                    f"entry {n - 1}, audit line {number - 1},"
+                return Verdict(False, f"{where}: does not chain to the line before it "
+                                      f"({before} was edited, or lines were inserted, "
+                                      f"deleted or reordered there)"), chain
             h = line_hash(raw)
             event = obj.get("event")
             if event == "audit_key":

@@ -150,9 +150,14 @@ def test_an_export_bundle_verifies_offline(logs, tmp_path, capsys):
     code, text = verify(capsys, "--log", str(bundle))
     assert code == 0, text
     doc = json.loads(bundle.read_text())
+    edited = json.loads(doc["lines"][3])["line"]
     doc["lines"][3] = doc["lines"][3].replace('"timestamp":"20', '"timestamp":"19')
     bundle.write_text(json.dumps(doc))
-    assert verify(capsys, "--log", str(bundle))[0] == 1
+    code, text = verify(capsys, "--log", str(bundle))
+    # fourth operator trial: the message counted positions in the bundle as "lines"
+    # and named the line before the edited one
+    assert code == 1 and (f"entry 5 (audit line {edited + 1}): does not chain to the line "
+                          f"before it (entry 4, audit line {edited}, was edited") in text, text
 
 
 def test_verify_names_the_signer_and_checks_it_against_the_ca(logs, tmp_path, capsys):
@@ -571,5 +576,34 @@ def test_a_peer_whose_audit_log_went_back_is_called_out(tmp_path):
         assert "state_dir was restored from an older copy" in went["reason"]
         lines = (a.state / "audit" / "audit.jsonl").read_text()
         assert '"audit_went_back"' in lines
+    finally:
+        stop_all(a, b)
+
+
+def test_an_export_to_an_unsigned_end_says_so_and_a_reload_signs_one(tmp_path, capsys):
+    # fourth operator trial: with no checkpoint after --until yet, export took the log
+    # to its unsigned end and exited 0 without a word (EVIDENCE.md: "both ends are
+    # signed"), and only a restart wrote a checkpoint
+    a, b = make_pair(tmp_path)
+    try:
+        a.wait_state("bravo")
+        a.drop("bravo", "data", "x.txt", b"x")
+        wait_for(lambda: b.inbound("alpha", "data"), 20)
+        alog = a.state / "audit" / "audit.jsonl"
+        wait_for(lambda: json.loads(alog.read_text().splitlines()[-1])["event"]
+                 != "audit_checkpoint", 10)
+        bundle = tmp_path / "b.json"
+        capsys.readouterr()
+        assert linkctl(["audit", "export", "--log", str(alog), "-o", str(bundle)]) == 0
+        assert "the bundle ends unsigned" in capsys.readouterr().err
+        a.reload()
+        last = wait_for(lambda: [x for x in map(json.loads, alog.read_text().splitlines())
+                                 if x["event"] == "audit_checkpoint"
+                                 and x.get("why") == "reload"], 10)[-1]
+        wait_for(lambda: any(e["checkpoint"]["line"] == last["line"]
+                             for e in b.events("audit_witness")), 10)   # witnessed
+        assert linkctl(["audit", "export", "--log", str(alog), "-o", str(bundle)]) == 0
+        assert "ends unsigned" not in capsys.readouterr().err
+        assert verify(capsys, "--log", str(bundle))[0] == 0
     finally:
         stop_all(a, b)
