@@ -88,7 +88,8 @@ def receipt_show(state_dir: Path, peer: str, channel: str, seq: int | None,
         what = f"seq {seq}" if seq is not None else f"name {printable(name)}"
         raise _Fail(f"no receipt for {what} on {peer}/{channel} in {state_dir / 'receipts'} "
                     f"(a file has one once its peer acknowledged it; `linkctl queue` shows "
-                    f"what is not acknowledged yet)")
+                    f"what is not acknowledged yet; the audit log's message_sent line shows "
+                    f"an acknowledgement whose receipt was lost with a restored state_dir)")
     doc = found[-1]
     if len(found) > 1 and seq is None:
         seqs = ", ".join(str(d["receipt"].get("seq")) for d in found)
