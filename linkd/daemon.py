@@ -51,7 +51,7 @@ from .net.peer import PeerLink, in_thread
 from .net.supervisor import BYE_SHUTDOWN, dial_loop, handle_inbound, outage_watch
 from .net.tls import TLSContexts, make_contexts
 from .net.watcher import FolderWatcher
-from .spool import SpoolLayout, lock_state_dir
+from .spool import LockHandle, SpoolLayout, lock_spool_dir, lock_state_dir
 from .status import (
     StatusBoard,
     open_metrics_listener,
@@ -178,7 +178,11 @@ class Daemon:
     async def serve(self) -> None:
         cfg = self.cfg
         lock = lock_state_dir(cfg.node.state_dir)
+        spool_lock: LockHandle | None = None
         try:
+            # The spool too: a second daemon with its own state_dir (a copied config)
+            # would claim from the same out/ into the same queue/ (layout.lock_spool_dir).
+            spool_lock = lock_spool_dir(cfg.node.spool_dir)
             try:
                 self.pauses = PauseState(cfg.node.state_dir)
             except ValueError as exc:
@@ -194,6 +198,8 @@ class Daemon:
         finally:
             self._stop_observing()
             evidence.close_audit()
+            if spool_lock is not None:
+                spool_lock.release()
             lock.release() if hasattr(lock, "release") else None
 
     async def _serve(self) -> None:

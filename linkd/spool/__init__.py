@@ -6,12 +6,19 @@ Synchronous on purpose: the daemon calls into it from worker threads
 
 from .fs import FS
 from .inbound import ChecksumMismatch, Completed, Delivered, Inbound, InboundRefused
-from .layout import LockHandle, SpoolLayout, lock_state_dir, plain_name_problem, tilde_name
+from .layout import (
+    LockHandle,
+    SpoolLayout,
+    lock_spool_dir,
+    lock_state_dir,
+    plain_name_problem,
+    tilde_name,
+)
 from .outbound import Claimed, FailedFile, FileChanged, Outbound, Resolved, ResourceBusy
 
 __all__ = [
     "FS", "ChecksumMismatch", "Claimed", "Completed", "Delivered", "FailedFile",
     "FileChanged", "Resolved", "ResourceBusy",
-    "Inbound", "InboundRefused", "LockHandle", "Outbound", "SpoolLayout", "lock_state_dir",
-    "plain_name_problem", "tilde_name",
+    "Inbound", "InboundRefused", "LockHandle", "Outbound", "SpoolLayout", "lock_spool_dir",
+    "lock_state_dir", "plain_name_problem", "tilde_name",
 ]

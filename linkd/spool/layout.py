@@ -11,6 +11,8 @@ Spool (applications see it), per peer::
     <spool>/<peer>/failed/<ch>/     <name> + <name>.reason
     <spool>/<peer>/quarantine/      <name> + <name>.reason
     <spool>/<peer>/tmp/             inbound partials <ch>.<seq>.part
+    <spool>/.linkd.lock             flock: one daemon per spool (holds its pid; a
+                                    dot-name, so never a peer's folder)
 
 State (ours alone, 0700; small records only, may be another file system)::
 
@@ -41,7 +43,7 @@ import errno
 import fcntl
 import grp
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ..errors import SpoolError
@@ -287,7 +289,8 @@ def make_folder(path: Path, mode: int, fs: FS | None = None) -> None:
 
 
 class LockHandle:
-    """An flock held on <state_dir>/linkd.lock until `release()` (or exit)."""
+    """An flock held on a lock file (<state_dir>/linkd.lock or <spool_dir>/.linkd.lock)
+    until `release()` (or exit)."""
 
     def __init__(self, path: Path, fd: int) -> None:
         self.path, self.fd = path, fd
@@ -304,11 +307,12 @@ class LockHandle:
         self.release()
 
 
-def lock_state_dir(state_dir: Path) -> LockHandle:
-    """Take the one-daemon lock (creating state_dir 0700 if missing)."""
-    state_dir = Path(state_dir)
-    make_folder(state_dir, STATE_MODE)
-    path = state_dir / "linkd.lock"
+SPOOL_LOCK = ".linkd.lock"      # a dot-name: never a peer folder (peer names cannot start with '.')
+
+
+def _take_lock(path: Path, busy: Callable[[str], str]) -> LockHandle:
+    """flock `path` (exclusive, non-blocking) and write our pid into it; held by
+    another: SpoolError(busy(the holder's pid as its lock file says))."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
@@ -321,11 +325,33 @@ def lock_state_dir(state_dir: Path) -> LockHandle:
             other = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
         finally:
             os.close(fd)
-        raise SpoolError(f"state dir {state_dir} is in use by another linkd (pid {other}): "
-                         f"stop it first") from None
+        raise SpoolError(busy(other)) from None
     except OSError as exc:
         os.close(fd)
         raise SpoolError(f"cannot lock {path}: {exc.strerror}") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return LockHandle(path, fd)
+
+
+def lock_state_dir(state_dir: Path) -> LockHandle:
+    """Take the one-daemon lock (creating state_dir 0700 if missing)."""
+    state_dir = Path(state_dir)
+    make_folder(state_dir, STATE_MODE)
+    return _take_lock(state_dir / "linkd.lock",
+                      lambda pid: f"state dir {state_dir} is in use by another linkd "
+                                  f"(pid {pid}): stop it first")
+
+
+def lock_spool_dir(spool_dir: Path) -> LockHandle:
+    """Take the one-daemon-per-spool lock, <spool_dir>/.linkd.lock (creating spool_dir
+    0750 if missing; `create()` gives it spool_group later). The state-dir lock alone
+    let a second daemon with its own state_dir claim from the same out/ into the same
+    queue/: files sent twice, claims failed as "missing", the first daemon stuck."""
+    spool_dir = Path(spool_dir)
+    make_folder(spool_dir, FOLDER_MODE)
+    return _take_lock(spool_dir / SPOOL_LOCK,
+                      lambda pid: f"another linkd (pid {pid}) already uses the spool "
+                                  f"{spool_dir}: two daemons on one spool would send files "
+                                  f"twice; give this one its own [node].spool_dir, or stop "
+                                  f"the other")

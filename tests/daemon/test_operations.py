@@ -27,12 +27,12 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from procs import free_port, make_pair, stop_all, wait_for
+from procs import Daemon, entries, free_port, make_pair, stop_all, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from linkd import pki
 from linkd.net.supervisor import outage_watch, still_down_schedule
-from linkd.status import PeerStatus
+from linkd.status import PeerStatus, http_get
 
 
 def ctl(d: Any, *args: str, user: list[str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -899,3 +899,44 @@ def test_files_of_a_removed_channel_are_recalled_at_every_start_and_by_check(
     a.peers[0]["channels"] = [{"name": "data"}, {"name": "newch"}]
     a.reload()
     assert peer(a, "bravo")["left_behind"] == {}
+
+
+def test_a_second_daemon_on_the_same_spool_refuses_with_one_line(
+        tmp_path: Path, daemons: list[Any]) -> None:
+    # an operator trial: a copy of the config with its own port, state_dir and status
+    # socket but the same spool_dir started; both daemons claimed from one out/ into
+    # one queue/ (duplicates, claims failed as "missing", 27 files left waiting)
+    a, b = make_pair(tmp_path)
+    daemons += [a, b]
+    names = [f"f{i}.txt" for i in range(20)]
+    twin = Daemon(tmp_path / "twin", "bravo", b.pki_dir, port=free_port())
+    twin.spool = b.spool                        # the one thing the copy kept
+    twin.peers = b.peers
+    daemons.append(twin)
+    for name in names:                          # what both would have claimed
+        b.drop("alpha", "data", name, name.encode())
+    twin.start(wait=False)
+
+    def exited_or_serving() -> bool:
+        assert twin.proc is not None
+        if twin.proc.poll() is not None:
+            return True
+        try:
+            return http_get(twin.socket, "/healthz", timeout=2)[0] == 200
+        except OSError:
+            return False
+
+    wait_for(exited_or_serving, 30, message=twin.tail)
+    assert twin.proc is not None and twin.proc.returncode == 1, twin.tail()
+    assert twin.log_path.read_text().splitlines() == [
+        f"linkd: another linkd (pid {b.proc.pid}) already uses the spool {b.spool}: two "
+        "daemons on one spool would send files twice; give this one its own "
+        "[node].spool_dir, or stop the other"]
+    assert (b.spool / ".linkd.lock").read_text() == f"{b.proc.pid}\n"
+    # the first daemon goes on: every file arrives once, under its own name
+    wait_for(lambda: set(a.inbound("bravo", "data")) == set(names), 30, message=b.tail)
+    assert a.inbound("bravo", "data") == {name: name.encode() for name in names}
+    assert entries(b.out_dir("alpha", "data")) == []
+    assert b.healthy()
+    a.drop("bravo", "data", "back.txt", b"back")
+    wait_for(lambda: "back.txt" in b.inbound("alpha", "data"), 20, message=b.tail)

@@ -10,7 +10,13 @@ import pytest
 from spoolkit import FaultyFS
 
 from linkd.errors import SpoolError
-from linkd.spool import SpoolLayout, lock_state_dir, plain_name_problem, tilde_name
+from linkd.spool import (
+    SpoolLayout,
+    lock_spool_dir,
+    lock_state_dir,
+    plain_name_problem,
+    tilde_name,
+)
 from linkd.spool.fs import FS
 
 
@@ -145,6 +151,35 @@ def test_lock_is_exclusive_and_names_the_holder(tmp_path):
     first.release()
     with lock_state_dir(state):
         pass
+
+
+def test_spool_lock_is_exclusive_and_says_what_to_do(tmp_path, strict_umask):
+    # an operator trial: a second daemon with a copied config (its own state_dir, the
+    # same spool_dir) started, both claimed from one out/, the peer got duplicates
+    spool = tmp_path / "var" / "sp{0}ol"       # braces: the message is no format string
+    first = lock_spool_dir(spool)
+    assert mode(spool) == 0o750
+    assert (spool / ".linkd.lock").read_text() == f"{os.getpid()}\n"
+    with pytest.raises(SpoolError) as refused:
+        lock_spool_dir(spool)
+    assert str(refused.value) == (
+        f"another linkd (pid {os.getpid()}) already uses the spool {spool}: two daemons on "
+        "one spool would send files twice; give this one its own [node].spool_dir, or "
+        "stop the other")
+    first.release()
+    with lock_spool_dir(spool):
+        pass
+
+
+def test_spool_lock_sits_beside_the_default_state_dir_and_the_peer_folders(tmp_path):
+    # state_dir defaults to <spool>/.linkd: both locks are taken, neither is a folder
+    # create() or recovery would take for a peer's
+    spool = tmp_path / "spool"
+    with lock_state_dir(spool / ".linkd"), lock_spool_dir(spool):
+        layout = SpoolLayout(spool, spool / ".linkd", "europol")
+        layout.create(["alerts"], archive_sent=False)
+        assert sorted(os.listdir(spool)) == [".linkd", ".linkd.lock", "europol"]
+        assert mode(spool / ".linkd.lock") == 0o600
 
 
 @pytest.mark.parametrize("name,problem", [
