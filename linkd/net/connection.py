@@ -60,6 +60,7 @@ receiver.py; what stays is the task set above and the plumbing they share
 
 from __future__ import annotations
 
+import json
 import math
 from typing import TYPE_CHECKING
 
@@ -510,7 +511,6 @@ class SessionRunner(SenderMixin, ReceiverMixin):
         """Send our newest signed audit checkpoint for the peer to witness: only one
         signed by this session's key (after a renewal, the peer of a session still
         under the old certificate would refuse the new key's: the reload ends it)."""
-        import json
         if self.signer is not None and \
                 json.loads(line).get("signer") != self.signer.cert_sha256:
             return
@@ -520,7 +520,6 @@ class SessionRunner(SenderMixin, ReceiverMixin):
 
     def _witness(self, line: bytes) -> None:
         """Record the peer's signed checkpoint in our audit log (a witness)."""
-        import json
         problem = None
         try:
             obj = json.loads(line)
